@@ -1,0 +1,286 @@
+"""The ``logitcache`` command. Each subcommand imports what it needs only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+logitcache: capture a teacher's top-k next-token distributions with vLLM and keep them,
+compressed, in a Zarr store for knowledge distillation.
+
+Row t of a sequence is the teacher's distribution over the token after position t (aligned with
+a student's logits[:, t]): the top-k token ids in descending probability, their log-probabilities
+over the whole vocabulary at temperature 1, and the log-probability of the actual next token.
+"""
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (vLLM)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="teacher dtype in vLLM: auto, float32, bfloat16, float16 (default: auto)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length to run the teacher with (default: the model's)",
+    )
+    g.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=1.0,
+        help="CPU engine only: KV cache size in GiB (default: 1)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.85,
+        help="GPU engine only: fraction of GPU memory vLLM may use (default: 0.85)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most sequences vLLM batches at once (default: vLLM's)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="most tokens per engine step (default: vLLM's)",
+    )
+
+
+def _engine_options(args: argparse.Namespace, top_k: int):
+    from logitcache.server.engine import VLLMOptions
+
+    return VLLMOptions(
+        max_top_k=top_k,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logitcache",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the engine's own log lines"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "precompute",
+        help="capture a dataset's teacher distributions into a store (offline, resumable)",
+        description=(
+            "Run the teacher over every sequence of a JSONL or Parquet file and store the top-k "
+            'distribution at every position. Rows hold {"text": ...} (tokenised with the '
+            'teacher\'s tokenizer, special tokens included) or {"input_ids": [...]}; Parquet '
+            "files need a 'text' or 'input_ids' column. The whole file is checked first; a bad row "
+            "stops the run with file:line and nothing written (or is skipped with --skip-invalid). "
+            "Interrupted runs resume: rerun the same command."
+        ),
+    )
+    p.add_argument("--teacher", required=True, help="teacher model directory or Hugging Face id")
+    p.add_argument("--data", required=True, type=Path, help="input .jsonl or .parquet file")
+    p.add_argument("--out", required=True, help="store URL (a directory path or file:// URL)")
+    p.add_argument("--dataset", required=True, help="dataset name (letters, digits, . _ -)")
+    p.add_argument("--top-k", type=int, required=True, help="entries kept per position (1..256)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens (default and cap: the teacher's context - 1)",
+    )
+    p.add_argument(
+        "--overflow",
+        choices=("error", "truncate", "split"),
+        default="error",
+        help="longer sequences: fail (default), keep the first --max-len tokens, or split into consecutive pieces",
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip bad rows (counted in the provenance) instead of failing",
+    )
+    p.add_argument(
+        "--license",
+        default=None,
+        help="teacher licence to record (default: the model card's 'license:')",
+    )
+    p.add_argument(
+        "--segment-positions",
+        type=int,
+        default=1 << 16,
+        help="positions per sealed segment (default: 65536)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=256,
+        help="sequences queued in the engine at once (default: 256)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_options(p)
+    p.set_defaults(handler=_precompute)
+
+    p = sub.add_parser(
+        "inspect", help="describe a store: capture spaces, datasets, sizes, provenance"
+    )
+    p.add_argument("store", metavar="STORE_URL")
+    p.add_argument("--dataset", default=None, help="describe only this dataset")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser(
+        "demo-teacher",
+        help="build the small demo teacher (Llama architecture, local tokenizer) with no network",
+        description="Generate a synthetic language, train a tokenizer and a small Llama model on it; deterministic for a seed.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_demo_teacher)
+
+    p = sub.add_parser(
+        "demo-data", help='write documents of the demo language as JSONL ({"text": ...} per line)'
+    )
+    p.add_argument("out_file", metavar="OUT_FILE", type=Path)
+    p.add_argument("--documents", type=int, default=200)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="use a seed other than the teacher's to get held-out text",
+    )
+    p.set_defaults(handler=_demo_data)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench", required=True, metavar="BENCH"
+    )
+    p = bench.add_parser(
+        "capture",
+        help="positions/s of vLLM alone vs precompute end to end; bytes/position of the store",
+        description="Same engine, same inputs, one run: (a) vLLM with the capture's logprob settings, (b) precompute end to end (capture, encode, write, seal).",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher directory or id (default: the demo teacher, built if needed)",
+    )
+    p.add_argument("--sequences", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternating rounds of (a) and (b); the best of each is reported",
+    )
+    _add_engine_options(p)
+    p.set_defaults(handler=_bench_capture)
+    return parser
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from logitcache.server.precompute import PrecomputeRequest, run_precompute
+
+    req = PrecomputeRequest(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.out,
+        dataset=args.dataset,
+        top_k=args.top_k,
+        max_len=args.max_len,
+        overflow=args.overflow,
+        skip_invalid=args.skip_invalid,
+        segment_positions=args.segment_positions,
+        max_in_flight=args.max_in_flight,
+        license=args.license,
+        engine=_engine_options(args, args.top_k),
+        progress=not args.no_progress,
+    )
+    r = run_precompute(req)
+    skipped = sum(r.report.skipped.values())
+    print(
+        f"dataset {r.dataset}: {r.sequences:,} sequences, {r.positions:,} positions; computed "
+        f"{r.computed_sequences:,} sequences ({r.computed_positions:,} positions) in {r.seconds:.1f} s "
+        f"({r.positions_per_s:,.0f} positions/s), reused {r.reused_sequences:,}, "
+        f"{r.segments_written} segments sealed"
+        + (f"; skipped {skipped} rows {dict(r.report.skipped)}" if skipped else "")
+        + (f"; truncated {r.report.truncated}" if r.report.truncated else "")
+        + (f"; split {r.report.split}" if r.report.split else "")
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from logitcache.server.store import open_store
+    from logitcache.server.summary import format_summary, store_summary
+
+    summary = store_summary(open_store(args.store), args.dataset)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
+def _demo_teacher(args: argparse.Namespace) -> int:
+    from logitcache.server.demo_teacher import build_demo_teacher
+
+    path = build_demo_teacher(args.out_dir, seed=args.seed)
+    print(f"demo teacher written to {path}")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from logitcache.server.demo_language import generate_documents
+
+    docs = generate_documents(args.documents, seed=args.seed)
+    args.out_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out_file, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    print(f"wrote {len(docs)} documents to {args.out_file}")
+    return 0
+
+
+def _bench_capture(args: argparse.Namespace) -> int:
+    from logitcache.server.bench_capture import run_capture_benchmark
+
+    run_capture_benchmark(args, _engine_options(args, args.top_k))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from logitcache.server.errors import LogitCacheError
+
+    try:
+        return args.handler(args)
+    except LogitCacheError as e:
+        print(f"logitcache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "logitcache: interrupted; sealed work is kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Capture spaces and record keys.
+
+Everything in a store lives under a capture space: the exact teacher, tokenizer and encoding that
+produced it. Records from different spaces never mix, and a record's key is a hash of its space
+and its token ids, so the same sequence in two datasets is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class CaptureSpace:
+    """Everything that determines the numbers stored for a token sequence."""
+
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    mode: str  # "topk" (sampled modes come later)
+    k: int
+    engine_dtype: str
+    codec: str
+
+    @property
+    def space_id(self) -> str:
+        """A short stable id: the hash of the canonical JSON form of the fields."""
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    def to_json(self) -> dict:
+        return {"space_id": self.space_id, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CaptureSpace:
+        fields = {k: v for k, v in obj.items() if k != "space_id"}
+        space = cls(**fields)
+        if "space_id" in obj and obj["space_id"] != space.space_id:
+            raise ValueError(f"capture space {obj['space_id']} does not match its own fields")
+        return space
+
+
+def record_key(space_id: str, input_ids: np.ndarray) -> bytes:
+    """The content address of a sequence within a capture space (16 raw bytes)."""
+    ids = np.ascontiguousarray(input_ids, dtype="<i4")
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"logitcache-key1")
+    h.update(space_id.encode())
+    h.update(ids.tobytes())
+    return h.digest()

@@ -1,0 +1,327 @@
+"""Dataset precomputation: walk a whole input file through the teacher into sealed segments.
+
+Progress and resume come from the store itself: a record whose key is already sealed is never
+computed again, so rerunning an interrupted command (Ctrl-C, kill -9, a crash) continues where it
+stopped and ends with the same dataset as an uninterrupted run.
+
+The pipeline keeps the engine busy: up to ``max_in_flight`` sequences are queued in vLLM at all
+times, while encoding and writing of full segments happen in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from logitcache.client.codec import QuantizedTopKCodec
+from logitcache.client.space import CaptureSpace, record_key
+from logitcache.server.engine import TeacherEngine, VLLMEngine, VLLMOptions
+from logitcache.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from logitcache.server.inputs import InputReport, load_sequences
+from logitcache.server.segments import CapturedRecord
+from logitcache.server.store import Store, open_store, validate_dataset_name
+from logitcache.server.teacher import TeacherInfo, resolve_teacher
+
+DEFAULT_SEGMENT_POSITIONS = 1 << 16
+
+
+@dataclass(frozen=True)
+class PrecomputeRequest:
+    teacher: str
+    data: Path
+    out: str
+    dataset: str
+    top_k: int
+    max_len: int | None = None
+    overflow: str = "error"
+    skip_invalid: bool = False
+    segment_positions: int = DEFAULT_SEGMENT_POSITIONS
+    max_in_flight: int = 256
+    license: str | None = None
+    engine: VLLMOptions = field(default_factory=VLLMOptions)
+    progress: bool = True
+
+
+@dataclass
+class PrecomputeResult:
+    dataset: str
+    sequences: int
+    positions: int
+    computed_sequences: int
+    computed_positions: int
+    reused_sequences: int
+    segments_written: int
+    seconds: float
+    report: InputReport
+
+    @property
+    def positions_per_s(self) -> float:
+        return self.computed_positions / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
+    """Read and check the input file completely (before any engine starts or anything is written)."""
+    if not 1 <= req.top_k:
+        raise InvalidArgument("--top-k must be at least 1")
+    limit = info.max_model_len - 1
+    if req.max_len is not None:
+        if req.max_len < 1:
+            raise InvalidArgument("--max-len must be at least 1")
+        limit = min(limit, req.max_len)
+    return load_sequences(
+        req.data,
+        vocab_size=info.vocab_size,
+        max_len=limit,
+        tokenize=_tokenizer_of(info),
+        overflow=req.overflow,
+        skip_invalid=req.skip_invalid,
+    )
+
+
+def run_precompute(req: PrecomputeRequest) -> PrecomputeResult:
+    """Precompute a dataset with an engine of its own (the offline CLI)."""
+    return asyncio.run(precompute(req))
+
+
+async def precompute(
+    req: PrecomputeRequest, engine: TeacherEngine | None = None
+) -> PrecomputeResult:
+    """Precompute a dataset; starts (and stops) a vLLM engine unless one is given."""
+    validate_dataset_name(req.dataset)
+    info = resolve_teacher(req.teacher)
+    report = prepare_inputs(req, info)
+    store = open_store(req.out, writable=True)
+    sequences = [s.input_ids for s in report.sequences]
+    existing = _existing_space(store, req, info)
+    if existing is not None:
+        keys = [record_key(existing.space_id, s) for s in sequences]
+        if store.dataset(req.dataset).keys != [k.hex() for k in keys]:
+            raise AlreadyExists(
+                f"dataset {req.dataset!r} exists in {store.url} with different sequences; "
+                "choose another name"
+            )
+        if store.dataset(req.dataset).complete:
+            return _result(req, store, report, 0, 0, 0, 0.0)
+    own_engine = engine is None
+    if engine is None:
+        engine = VLLMEngine(info, _engine_options(req))
+    try:
+        space = CaptureSpace(
+            teacher_fingerprint=info.teacher_fingerprint,
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            vocab_size=info.vocab_size,
+            mode="topk",
+            k=req.top_k,
+            engine_dtype=engine.dtype,
+            codec=QuantizedTopKCodec.name,
+        )
+        if existing is not None and existing != space:
+            raise FailedPrecondition(
+                f"dataset {req.dataset!r} was started with engine dtype {existing.engine_dtype}; "
+                f"this engine runs {space.engine_dtype} (pass --dtype {existing.engine_dtype})"
+            )
+        keys = [record_key(space.space_id, s) for s in sequences]
+        if existing is None:
+            store.create_dataset(
+                req.dataset,
+                space,
+                keys,
+                positions=sum(len(s) for s in sequences),
+                provenance=_provenance(req, info, report),
+            )
+        store.clean_unsealed()
+        started = time.perf_counter()
+        todo = _missing(store, keys, sequences)
+        written = await capture_into_store(
+            engine, store, space, todo, req.segment_positions, req.max_in_flight, req.progress
+        )
+        seconds = time.perf_counter() - started
+        store.mark_complete(req.dataset)
+        computed_positions = sum(len(s) for _, s in todo)
+        return _result(req, store, report, len(todo), computed_positions, written, seconds)
+    finally:
+        if own_engine:
+            engine.shutdown()
+
+
+async def capture_into_store(
+    engine: TeacherEngine,
+    store: Store,
+    space: CaptureSpace,
+    todo: list[tuple[bytes, np.ndarray]],
+    segment_positions: int,
+    max_in_flight: int,
+    progress: bool,
+) -> int:
+    """Capture ``todo`` (key, ids) pairs and seal them into segments; returns segments written.
+
+    Engine work is bounded by ``max_in_flight`` queued sequences; at most two full segments wait
+    for the writer thread, so memory stays bounded when storage is slower than the engine.
+    """
+    from tqdm import tqdm
+
+    loop = asyncio.get_running_loop()
+    bar = tqdm(
+        total=sum(len(s) for _, s in todo),
+        unit="pos",
+        unit_scale=True,
+        desc="capture",
+        disable=not progress,
+        smoothing=0.1,
+    )
+    slots = asyncio.Semaphore(max_in_flight)
+    pending_seals: list[asyncio.Future] = []
+    segments_written = 0
+    builder = store.new_segment(space)
+
+    async def one(key: bytes, ids: np.ndarray) -> CapturedRecord:
+        try:
+            rows = await engine.capture(ids, space.k)
+        finally:
+            slots.release()
+        return CapturedRecord(key=key, input_ids=ids, rows=rows)
+
+    async def seal(full) -> None:
+        nonlocal segments_written
+        while len(pending_seals) >= 2:
+            await pending_seals.pop(0)
+        fut = loop.run_in_executor(writer, full.seal)
+        pending_seals.append(fut)
+        segments_written += 1
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as writer:
+        tasks: set[asyncio.Task] = set()
+        try:
+            for key, ids in todo:
+                await slots.acquire()
+                tasks.add(asyncio.create_task(one(key, ids)))
+                done = {t for t in tasks if t.done()}
+                for task in done:
+                    tasks.discard(task)
+                    builder = await _collect(
+                        task.result(), builder, segment_positions, seal, bar, store, space
+                    )
+            for task in asyncio.as_completed(tasks):
+                builder = await _collect(
+                    await task, builder, segment_positions, seal, bar, store, space
+                )
+            tasks.clear()
+            if builder.records:
+                await seal(builder)
+            for fut in pending_seals:
+                await fut
+        finally:
+            for task in tasks:
+                task.cancel()
+            bar.close()
+    return segments_written
+
+
+async def _collect(record, builder, segment_positions, seal, bar, store, space):
+    builder.add(record)
+    bar.update(len(record.input_ids))
+    if builder.positions >= segment_positions:
+        await seal(builder)
+        return store.new_segment(space)
+    return builder
+
+
+def _missing(
+    store: Store, keys: list[bytes], sequences: list[np.ndarray]
+) -> list[tuple[bytes, np.ndarray]]:
+    """Unique (key, ids) pairs not sealed yet, in dataset order."""
+    seen: set[bytes] = set()
+    todo = []
+    for key, ids in zip(keys, sequences, strict=True):
+        if key not in seen and not store.contains(key):
+            seen.add(key)
+            todo.append((key, ids))
+    return todo
+
+
+def _existing_space(store: Store, req: PrecomputeRequest, info: TeacherInfo) -> CaptureSpace | None:
+    """The capture space of an existing dataset of this name, if it matches this request."""
+    if req.dataset not in store.datasets():
+        return None
+    space = store.dataset(req.dataset).space
+    same = (
+        space.teacher_fingerprint == info.teacher_fingerprint
+        and space.tokenizer_fingerprint == info.tokenizer_fingerprint
+        and space.k == req.top_k
+        and space.codec == QuantizedTopKCodec.name
+    )
+    if not same:
+        raise AlreadyExists(
+            f"dataset {req.dataset!r} exists in {store.url} with another teacher, tokenizer or "
+            f"top-k (k={space.k}); choose another name"
+        )
+    return space
+
+
+def _engine_options(req: PrecomputeRequest) -> VLLMOptions:
+    opts = req.engine
+    if opts.max_top_k < req.top_k:
+        opts = VLLMOptions(**{**opts.__dict__, "max_top_k": req.top_k})
+    return opts
+
+
+def _tokenizer_of(info: TeacherInfo) -> Callable[[list[str]], list[list[int]]]:
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+        return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    return tokenize
+
+
+def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) -> dict:
+    return {
+        "teacher": info.name,
+        "teacher_architecture": info.architecture,
+        "teacher_fingerprint": info.teacher_fingerprint,
+        "tokenizer_fingerprint": info.tokenizer_fingerprint,
+        "license": req.license or info.license,
+        "policy_decision": None,
+        "requester": getpass.getuser(),
+        "source": {
+            "path": str(req.data),
+            "sha256": _file_sha256(req.data),
+            "skipped_rows": dict(report.skipped),
+            "truncated_rows": report.truncated,
+            "split_rows": report.split,
+            "overflow": req.overflow,
+            "max_len": req.max_len,
+        },
+        "capture": {"mode": "topk", "top_k": req.top_k, "tool": "logitcache precompute"},
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _result(req, store, report, computed, computed_positions, written, seconds) -> PrecomputeResult:
+    ds = store.dataset(req.dataset)
+    return PrecomputeResult(
+        dataset=req.dataset,
+        sequences=len(ds),
+        positions=ds.positions,
+        computed_sequences=computed,
+        computed_positions=computed_positions,
+        reused_sequences=len(set(ds.keys)) - computed,
+        segments_written=written,
+        seconds=seconds,
+        report=report,
+    )

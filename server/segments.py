@@ -1,0 +1,142 @@
+"""Segments: the unit of writing. One writer fills a segment, then seals it atomically.
+
+A segment is a zarr group holding a batch of records of one capture space, concatenated along
+positions. It is written completely under a temporary name by exactly one writer, then published
+by one atomic seal. Readers list only sealed segments, so a crash leaves at most an unsealed
+directory that nobody reads, and sealed segments are never modified.
+
+Layout of a segment group (P positions over n records, k entries per position):
+    keys          uint8  [n, 16]   record keys, in write order
+    offsets       int64  [n + 1]   record i spans positions offsets[i]:offsets[i+1]
+    input_ids     int32  [P]
+    token_ids     uint16|uint32 [P, k]
+    logprob_gaps  uint16 [P, k]    see logitcache.client.codec
+    target_q      uint16 [P]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+from logitcache.client.codec import TopKRows, codec_for
+from logitcache.client.record import Record
+from logitcache.client.space import KEY_BYTES, CaptureSpace
+from logitcache.server.storage import LocalStorage
+from zarr.codecs import BloscCodec
+
+SEGMENT_FORMAT = "logitcache-segment-v1"
+CHUNK_POSITIONS = 8192
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def segments_dir(space_id: str) -> str:
+    return f"spaces/{space_id}/segments"
+
+
+def unsealed_dir(space_id: str) -> str:
+    return f"spaces/{space_id}/unsealed"
+
+
+@dataclass
+class CapturedRecord:
+    """One sequence and its rows, as the engine produced them, waiting to be written."""
+
+    key: bytes
+    input_ids: np.ndarray  # int32 [T]
+    rows: TopKRows  # T rows
+
+
+@dataclass
+class SegmentBuilder:
+    """Accumulates records in memory for one segment; :meth:`seal` writes and publishes them."""
+
+    storage: LocalStorage
+    space: CaptureSpace
+    records: list[CapturedRecord] = field(default_factory=list)
+    positions: int = 0
+
+    def add(self, record: CapturedRecord) -> None:
+        self.records.append(record)
+        self.positions += len(record.input_ids)
+
+    def seal(self) -> str:
+        """Encode, write under a temporary name, then publish atomically. Returns the segment id."""
+        if not self.records:
+            raise ValueError("refusing to seal an empty segment")
+        space = self.space
+        codec = codec_for(space.codec, space.vocab_size)
+        lengths = np.array([len(r.input_ids) for r in self.records], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        rows = TopKRows(
+            token_ids=np.concatenate([r.rows.token_ids for r in self.records]),
+            logprobs=np.concatenate([r.rows.logprobs for r in self.records]),
+            target_logprobs=np.concatenate([r.rows.target_logprobs for r in self.records]),
+        )
+        arrays = {
+            "keys": np.frombuffer(b"".join(r.key for r in self.records), dtype=np.uint8).reshape(
+                -1, KEY_BYTES
+            ),
+            "offsets": offsets,
+            "input_ids": np.concatenate([r.input_ids for r in self.records]).astype(np.int32),
+            **codec.encode(rows),
+        }
+        segment_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        tmp_rel = f"{unsealed_dir(space.space_id)}/{segment_id}"
+        group = zarr.open_group(store=self.storage.zarr_store(tmp_rel, read_only=False), mode="w")
+        self.storage.write_json(
+            f"{tmp_rel}/writer.json",
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()},
+        )
+        group.attrs.update(
+            {
+                "format": SEGMENT_FORMAT,
+                "space_id": space.space_id,
+                "codec": space.codec,
+                "records": len(self.records),
+                "positions": int(offsets[-1]),
+            }
+        )
+        for name, data in arrays.items():
+            chunks = (min(CHUNK_POSITIONS, max(1, data.shape[0])),) + data.shape[1:]
+            group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR)
+        self.storage.seal(tmp_rel, f"{segments_dir(space.space_id)}/{segment_id}")
+        return segment_id
+
+
+class SegmentReader:
+    """Read access to one sealed segment; the offsets are loaded once, the rest on demand."""
+
+    def __init__(self, storage: LocalStorage, space: CaptureSpace, segment_id: str) -> None:
+        self.segment_id = segment_id
+        self.space = space
+        self._codec = codec_for(space.codec, space.vocab_size)
+        rel = f"{segments_dir(space.space_id)}/{segment_id}"
+        self._group = zarr.open_group(store=storage.zarr_store(rel, read_only=True), mode="r")
+        self.keys = np.asarray(self._group["keys"][:])
+        self.offsets = np.asarray(self._group["offsets"][:])
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def positions(self) -> int:
+        return int(self.offsets[-1])
+
+    def record(self, i: int) -> Record:
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        g = self._group
+        encoded = {name: g[name][start:stop] for name in ("token_ids", "logprob_gaps", "target_q")}
+        rows = self._codec.decode(encoded)
+        return Record(
+            key=bytes(self.keys[i]).hex(),
+            input_ids=np.asarray(g["input_ids"][start:stop], dtype=np.int32),
+            token_ids=rows.token_ids,
+            logprobs=rows.logprobs,
+            target_logprobs=rows.target_logprobs,
+        )

@@ -1,0 +1,166 @@
+"""Finding a teacher and fingerprinting it: which weights and which tokenizer produced a capture.
+
+A teacher is named by a local directory or a Hugging Face model id. Before any engine starts we
+check that it exists and is a causal LM, and read what the capture space needs (vocabulary size,
+context length) from its config, so bad input is reported in a second, not after engine start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from logitcache.server.errors import InvalidArgument, NotFound
+
+# Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
+# file sizes plus sampled blocks, which detects any re-upload or conversion in practice while
+# keeping start-up fast for multi-hundred-GB checkpoints.
+FULL_HASH_LIMIT = 4 << 30
+_SAMPLE_BLOCKS = 64
+_BLOCK = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the capture space and the input checks need to know about a teacher."""
+
+    name: str  # as given by the user
+    path: Path  # local directory with config and weights
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    license: str | None
+
+
+def resolve_teacher(name_or_path: str) -> TeacherInfo:
+    """Locate a teacher and fingerprint it; raise NotFound/InvalidArgument with a one-line reason."""
+    path = _local_path(name_or_path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InvalidArgument(f"teacher {name_or_path!r}: no config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise InvalidArgument(
+            f"teacher {name_or_path!r}: config.json is not valid JSON ({e})"
+        ) from None
+    architectures = config.get("architectures") or []
+    causal = [a for a in architectures if a.endswith("ForCausalLM")]
+    if not causal:
+        raise InvalidArgument(
+            f"teacher {name_or_path!r} is not a causal language model "
+            f"(architectures: {architectures or 'none'})"
+        )
+    text_config = config.get("text_config", config)
+    vocab_size = int(text_config.get("vocab_size", 0))
+    max_len = int(text_config.get("max_position_embeddings", 0))
+    if vocab_size <= 0 or max_len <= 0:
+        raise InvalidArgument(
+            f"teacher {name_or_path!r}: config lacks vocab_size or max_position_embeddings"
+        )
+    return TeacherInfo(
+        name=name_or_path,
+        path=path,
+        architecture=causal[0],
+        vocab_size=vocab_size,
+        max_model_len=max_len,
+        teacher_fingerprint=weights_fingerprint(path),
+        tokenizer_fingerprint=tokenizer_fingerprint(path),
+        license=_license_of(path),
+    )
+
+
+def _local_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InvalidArgument(f"teacher {name_or_path!r} is a file; expected a model directory")
+        return path.resolve()
+    looks_like_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise NotFound(f"teacher {name_or_path!r}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path))
+    except Exception as e:  # the hub client raises many types; one line is what the user needs
+        raise NotFound(
+            f"teacher {name_or_path!r}: not a local directory and not on the hub ({type(e).__name__})"
+        ) from None
+
+
+def weights_fingerprint(path: Path) -> str:
+    """sha256 over config.json and the weight files (complete, or sampled for huge teachers)."""
+    files = sorted(f for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file())
+    if not files:
+        raise InvalidArgument(
+            f"teacher {str(path)!r}: no weight files ({', '.join(_WEIGHT_SUFFIXES)})"
+        )
+    h = hashlib.sha256()
+    h.update(_canonical_json(path / "config.json"))
+    total = sum(f.stat().st_size for f in files)
+    sampled = total > FULL_HASH_LIMIT
+    h.update(b"sampled" if sampled else b"full")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if not sampled:
+                for block in iter(lambda: fh.read(_BLOCK * 8), b""):
+                    h.update(block)
+            else:
+                for j in range(_SAMPLE_BLOCKS):
+                    fh.seek(max(0, size - _BLOCK) * j // max(1, _SAMPLE_BLOCKS - 1))
+                    h.update(fh.read(_BLOCK))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 over the tokenizer files that exist (JSON ones in canonical form)."""
+    h = hashlib.sha256()
+    found = False
+    for name in _TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            found = True
+            h.update(name.encode())
+            h.update(_canonical_json(f) if f.suffix == ".json" else f.read_bytes())
+    if not found:
+        raise InvalidArgument(f"teacher {str(path)!r}: no tokenizer files")
+    return h.hexdigest()
+
+
+def _canonical_json(f: Path) -> bytes:
+    try:
+        return json.dumps(json.loads(f.read_text()), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        return f.read_bytes()
+
+
+def _license_of(path: Path) -> str | None:
+    """The licence a model card declares (``license:`` in README front matter), if any."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    lines = readme.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
