@@ -1,0 +1,1 @@
+"""logitcache.server: engine adapter (vLLM), store, precompute jobs and the service."""

@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import numpy as np
+
 from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.demo_assets import demo_teacher_path
@@ -26,8 +27,9 @@ def benchmark_sequences(
     teacher_path: str, count: int, length: int, seed: int = 1
 ) -> list[np.ndarray]:
     """Token sequences of demo-language text cut to ``length`` tokens."""
-    from logitcache.server.demo_language import generate_documents
     from transformers import AutoTokenizer
+
+    from logitcache.server.demo_language import generate_documents
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     stream: list[int] = []

@@ -1,17 +1,25 @@
-"""Where the demo teacher lives when a command needs it and none was given: built once, reused."""
+"""Where the demo teacher lives when a command needs it and none was given: built once, reused.
+
+The cache entry is named after the seed and a hash of the code that builds the teacher, so a
+change to the demo language or the model recipe never reuses a stale build.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 
 def demo_teacher_path(seed: int = 0) -> Path:
     """The demo teacher for ``seed`` under the cache directory, built on first use."""
-    from logitcache.server.demo_teacher import build_demo_teacher
+    from logitcache.server import demo_language, demo_teacher
 
+    recipe = hashlib.sha256()
+    for module in (demo_language, demo_teacher):
+        recipe.update(Path(module.__file__).read_bytes())
     cache = Path(os.environ.get("LOGITCACHE_CACHE", Path.home() / ".cache" / "logitcache"))
-    path = cache / f"demo-teacher-seed{seed}"
+    path = cache / f"demo-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
     if not (path / "config.json").is_file():
-        build_demo_teacher(path, seed=seed)
+        demo_teacher.build_demo_teacher(path, seed=seed)
     return path

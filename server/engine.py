@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from logitcache.client.codec import TopKRows
 from logitcache.server.errors import InvalidArgument
 from logitcache.server.teacher import TeacherInfo
@@ -46,7 +47,9 @@ class VLLMOptions:
     """Engine settings that matter for a teacher service; everything else keeps vLLM's default."""
 
     max_top_k: int = 64
-    dtype: str = "auto"
+    # "model": the checkpoint's own dtype (vLLM's "auto" would run a float32 teacher in bfloat16
+    # on CPUs, which is not what a cache of exact teacher distributions wants).
+    dtype: str = "model"
     max_model_len: int | None = None
     kv_cache_gib: float = 1.0  # CPU only: KV cache size (vLLM's default reserves most of the RAM)
     gpu_memory_utilization: float = 0.85
@@ -73,7 +76,7 @@ class VLLMEngine:
             model=str(info.path),
             skip_tokenizer_init=True,
             max_logprobs=options.max_top_k,
-            dtype=options.dtype,
+            dtype=(info.native_dtype or "auto") if options.dtype == "model" else options.dtype,
             max_model_len=options.max_model_len,
             gpu_memory_utilization=options.gpu_memory_utilization,
             enable_prefix_caching=False,

@@ -40,6 +40,7 @@ class TeacherInfo:
     architecture: str
     vocab_size: int
     max_model_len: int
+    native_dtype: str | None  # the checkpoint's dtype, as its config declares it
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     license: str | None
@@ -77,6 +78,9 @@ def resolve_teacher(name_or_path: str) -> TeacherInfo:
         architecture=causal[0],
         vocab_size=vocab_size,
         max_model_len=max_len,
+        native_dtype=text_config.get("torch_dtype")
+        or text_config.get("dtype")
+        or config.get("torch_dtype"),
         teacher_fingerprint=weights_fingerprint(path),
         tokenizer_fingerprint=tokenizer_fingerprint(path),
         license=_license_of(path),

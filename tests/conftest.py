@@ -1,0 +1,84 @@
+"""Session-wide fixtures: the demo teacher (built once, cached) and one vLLM engine per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LOGITCACHE_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ENGINE_TOP_K = 64
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, so synchronous tests can drive the async engine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def demo_teacher() -> Path:
+    from logitcache.server.demo_assets import demo_teacher_path
+
+    return demo_teacher_path(seed=0)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    runner = LoopThread()
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(demo_teacher: Path, loop_thread: LoopThread):
+    """The demo teacher under vLLM (CPU build here), started once for the whole session."""
+    from logitcache.server.engine import VLLMEngine, VLLMOptions
+    from logitcache.server.teacher import resolve_teacher
+
+    async def start() -> VLLMEngine:
+        return VLLMEngine(resolve_teacher(str(demo_teacher)), VLLMOptions(max_top_k=ENGINE_TOP_K))
+
+    eng = loop_thread.run(start())
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(demo_teacher: Path):
+    from logitcache.server.reference_engine import TransformersReference
+
+    return TransformersReference(demo_teacher)
+
+
+@pytest.fixture(scope="session")
+def demo_sequences(demo_teacher: Path) -> list:
+    """Held-out demo-language token sequences of several lengths, including 1 and 2 tokens."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from logitcache.server.demo_language import generate_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_teacher))
+    docs = tokenizer(generate_documents(12, seed=4242))["input_ids"]
+    seqs = [np.asarray(ids, dtype=np.int32) for ids in docs]
+    long = np.concatenate(seqs)[:700]
+    return [seqs[0][:1], seqs[1][:2], *seqs, long]
