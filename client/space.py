@@ -48,7 +48,10 @@ class CaptureSpace:
 
 def record_key(space_id: str, input_ids: np.ndarray) -> bytes:
     """The content address of a sequence within a capture space (16 raw bytes)."""
-    ids = np.ascontiguousarray(input_ids, dtype="<i4")
+    raw = np.asarray(input_ids)
+    if raw.size and (raw.min() < 0 or raw.max() >= 1 << 31):
+        raise ValueError("token ids must be in [0, 2**31)")
+    ids = np.ascontiguousarray(raw, dtype="<i4")
     h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"logitcache-key1")
     h.update(space_id.encode())
     h.update(ids.tobytes())

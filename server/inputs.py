@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from logitcache.server.errors import InvalidArgument, NotFound
 
 OVERFLOW_POLICIES = ("error", "truncate", "split")
@@ -108,11 +109,16 @@ def _rows(path: Path, report: InputReport, skip_invalid: bool) -> Iterator[tuple
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw_line in enumerate(f, start=1):
+            source = f"{path}:{number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                _fail_or_skip(report, skip_invalid, source, "malformed JSON", "not valid UTF-8")
+                continue
             if not line.strip():
                 continue
-            source = f"{path}:{number}"
             try:
                 yield source, json.loads(line)
             except json.JSONDecodeError as e:
@@ -159,7 +165,10 @@ def _field_of(row: object) -> tuple[str, object]:
 def _check_ids(raw: object, vocab_size: int) -> np.ndarray:
     if not isinstance(raw, list | np.ndarray) or len(raw) == 0:
         raise _RowError("bad input_ids", "'input_ids' must be a non-empty list of integers")
-    arr = np.asarray(raw)
+    try:
+        arr = np.asarray(raw)
+    except ValueError:  # ragged nested lists
+        raise _RowError("bad input_ids", "'input_ids' must be a flat list of integers") from None
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise _RowError("bad input_ids", "'input_ids' must be a flat list of integers")
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.engine import TeacherEngine, VLLMEngine, VLLMOptions
@@ -192,7 +193,7 @@ async def capture_into_store(
         nonlocal segments_written
         while len(pending_seals) >= 2:
             await pending_seals.pop(0)
-        fut = loop.run_in_executor(writer, full.seal)
+        fut = loop.run_in_executor(writer, store.seal, full)
         pending_seals.append(fut)
         segments_written += 1
 

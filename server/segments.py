@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
+
 from logitcache.client.codec import TopKRows, codec_for
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.storage import LocalStorage
-from zarr.codecs import BloscCodec
 
 SEGMENT_FORMAT = "logitcache-segment-v1"
 CHUNK_POSITIONS = 8192
@@ -86,8 +87,8 @@ class SegmentBuilder:
             "input_ids": np.concatenate([r.input_ids for r in self.records]).astype(np.int32),
             **codec.encode(rows),
         }
-        segment_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
-        tmp_rel = f"{unsealed_dir(space.space_id)}/{segment_id}"
+        writer_id = uuid.uuid4().hex[:12]
+        tmp_rel = f"{unsealed_dir(space.space_id)}/{writer_id}"
         group = zarr.open_group(store=self.storage.zarr_store(tmp_rel, read_only=False), mode="w")
         self.storage.write_json(
             f"{tmp_rel}/writer.json",
@@ -105,6 +106,8 @@ class SegmentBuilder:
         for name, data in arrays.items():
             chunks = (min(CHUNK_POSITIONS, max(1, data.shape[0])),) + data.shape[1:]
             group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR)
+        # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
+        segment_id = f"{time.time_ns():020d}-{writer_id}"
         self.storage.seal(tmp_rel, f"{segments_dir(space.space_id)}/{segment_id}")
         return segment_id
 

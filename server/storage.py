@@ -14,8 +14,9 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from logitcache.server.errors import InvalidArgument, NotFound
 from zarr.storage import LocalStore
+
+from logitcache.server.errors import InvalidArgument, NotFound
 
 
 class LocalStorage:
@@ -75,6 +76,9 @@ class LocalStorage:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def modified_at(self, rel: str) -> float:
+        return self.path(rel).stat().st_mtime
 
     def remove_tree(self, rel: str) -> None:
         shutil.rmtree(self.path(rel), ignore_errors=True)

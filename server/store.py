@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.errors import AlreadyExists, InvalidArgument, NotFound
@@ -28,6 +29,7 @@ from logitcache.server.segments import SegmentBuilder, SegmentReader, segments_d
 from logitcache.server.storage import LocalStorage, storage_for_url
 
 STORE_FORMAT = "logitcache-store-v1"
+_DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes seconds, not hours
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -71,6 +73,9 @@ class Dataset:
 
     @property
     def complete(self) -> bool:
+        """Whether the dataset's job has finished (read afresh: it may finish while we read)."""
+        if self.manifest["state"] != "complete":
+            self.manifest = self._store.storage.read_json(f"datasets/{self.name}/dataset.json")
         return self.manifest["state"] == "complete"
 
     @property
@@ -139,13 +144,15 @@ class Store:
                 self._spaces[space_id] = CaptureSpace.from_json(doc)
             space = self._spaces[space_id]
             for segment_id in self.storage.list_dir(segments_dir(space_id)):
-                if segment_id in self._segments:
-                    continue
-                reader = SegmentReader(self.storage, space, segment_id)
-                self._segments[segment_id] = reader
-                for i, key in enumerate(reader.keys):
-                    # The first sealed copy of a key is the answer; later duplicates are ignored.
-                    self._index.setdefault(bytes(key), _Location(reader, i))
+                if segment_id not in self._segments:
+                    self._add_segment(space, segment_id)
+
+    def _add_segment(self, space: CaptureSpace, segment_id: str) -> None:
+        reader = SegmentReader(self.storage, space, segment_id)
+        self._segments[segment_id] = reader
+        for i, key in enumerate(reader.keys):
+            # The first sealed copy of a key is the answer; later duplicates are ignored.
+            self._index.setdefault(bytes(key), _Location(reader, i))
 
     def contains(self, key: bytes | str) -> bool:
         return _key_bytes(key) in self._index
@@ -166,7 +173,14 @@ class Store:
 
     def new_segment(self, space: CaptureSpace) -> SegmentBuilder:
         self._require_writable()
+        self.ensure_space(space)
         return SegmentBuilder(self.storage, space)
+
+    def seal(self, builder: SegmentBuilder) -> str:
+        """Seal a segment and index it, so this handle sees its records at once."""
+        segment_id = builder.seal()
+        self._add_segment(builder.space, segment_id)
+        return segment_id
 
     def clean_unsealed(self, *, older_than_s: float = 24 * 3600) -> int:
         """Remove unsealed segments whose writer is gone (dead local process, or too old)."""
@@ -180,13 +194,18 @@ class Store:
                 try:
                     writer = self.storage.read_json(f"{rel}/writer.json")
                 except (OSError, ValueError):
-                    writer = {}
-                started = float(writer.get("started", 0.0))
+                    writer = {}  # a writer between creating its directory and naming itself
+                started = float(writer.get("started", self.storage.modified_at(rel)))
                 same_host = writer.get("host") == host
                 dead = same_host and not _process_alive(int(writer.get("pid", -1)))
                 if dead or time.time() - started > older_than_s:
                     self.storage.remove_tree(rel)
                     removed += 1
+        for tmp in self.storage.list_dir("datasets/.unsealed"):
+            rel = f"datasets/.unsealed/{tmp}"
+            if time.time() - self.storage.modified_at(rel) > _DATASET_PUBLISH_GRACE_S:
+                self.storage.remove_tree(rel)
+                removed += 1
         return removed
 
     # -- datasets -------------------------------------------------------------------------------
@@ -240,7 +259,9 @@ class Store:
 
     def mark_complete(self, name: str) -> None:
         self._require_writable()
-        rel = f"datasets/{name}/dataset.json"
+        rel = f"datasets/{validate_dataset_name(name)}/dataset.json"
+        if not self.storage.exists(rel):
+            raise NotFound(f"dataset {name!r} is not in store {self.url}")
         manifest = self.storage.read_json(rel)
         manifest["state"] = "complete"
         manifest["completed_at"] = time.time()
