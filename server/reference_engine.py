@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from logitcache.client.codec import TopKRows
 
 

@@ -22,8 +22,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (vLLM)")
     g.add_argument(
         "--dtype",
-        default="auto",
-        help="teacher dtype in vLLM: auto, float32, bfloat16, float16 (default: auto)",
+        default="model",
+        help="teacher dtype in vLLM: model (the checkpoint's own), auto (vLLM's choice: bfloat16 "
+        "on CPUs), float32, bfloat16, float16 (default: model)",
     )
     g.add_argument(
         "--max-model-len",

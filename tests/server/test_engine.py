@@ -45,7 +45,10 @@ def test_vllm_rows_match_reference_forward_pass(engine, loop_thread, reference, 
 def test_demo_teacher_distributions_are_peaked(engine, loop_thread, demo_sequences):
     rows = loop_thread.run(engine.capture(demo_sequences[-1], 64))
     top1 = np.exp(rows.logprobs[:, 0])
-    assert np.median(top1) > 0.5  # a trained teacher, not a random init (median ~1/V there)
+    # A trained teacher, not a random init (whose top-1 probability is a few times 1/V):
+    # parts of the demo language are near-deterministic, others genuinely open.
+    assert (top1 > 0.9).mean() > 0.1
+    assert top1.mean() > 0.3
     assert np.all(np.exp(rows.logprobs).sum(1) <= 1.0 + 1e-4)
 
 
