@@ -8,12 +8,13 @@ ENGINE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export LOGITCACHE_CACHE ?= $(CURDIR)/.cache
 DEMO := .demo
 
-.PHONY: install demo test lint clean help
+.PHONY: install demo test lint proto clean help
 
 help:
 	@echo "make demo   build the demo teacher, precompute a dataset with it, inspect the store"
 	@echo "make test   run the test suite (real vLLM engine, real Zarr stores)"
 	@echo "make lint   ruff check and format check"
+	@echo "make proto  regenerate the gRPC stubs from proto/"
 	@echo "make clean  remove .venv, .cache and $(DEMO)"
 
 install: $(STAMP)
@@ -38,6 +39,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerate the committed gRPC stubs from proto/ (tests fail when they are stale).
+proto: $(STAMP)
+	$(BIN)/python -m logitcache.proto_stubs client
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,434 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecordBatch(_message.Message):
+    __slots__ = (
+        "space_id",
+        "codec",
+        "k",
+        "vocab_size",
+        "keys",
+        "lengths",
+        "input_ids",
+        "token_ids",
+        "logprob_gaps",
+        "target_q",
+        "indices",
+        "cursor",
+    )
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_GAPS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_Q_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    codec: str
+    k: int
+    vocab_size: int
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    input_ids: bytes
+    token_ids: bytes
+    logprob_gaps: bytes
+    target_q: bytes
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    cursor: int
+    def __init__(
+        self,
+        space_id: _Optional[str] = ...,
+        codec: _Optional[str] = ...,
+        k: _Optional[int] = ...,
+        vocab_size: _Optional[int] = ...,
+        keys: _Optional[_Iterable[bytes]] = ...,
+        lengths: _Optional[_Iterable[int]] = ...,
+        input_ids: _Optional[bytes] = ...,
+        token_ids: _Optional[bytes] = ...,
+        logprob_gaps: _Optional[bytes] = ...,
+        target_q: _Optional[bytes] = ...,
+        indices: _Optional[_Iterable[int]] = ...,
+        cursor: _Optional[int] = ...,
+    ) -> None: ...
+
+class Sequence(_message.Message):
+    __slots__ = ("input_ids",)
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DistributionsRequest(_message.Message):
+    __slots__ = ("teacher", "top_k", "sequences")
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    teacher: str
+    top_k: int
+    sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
+    def __init__(
+        self,
+        teacher: _Optional[str] = ...,
+        top_k: _Optional[int] = ...,
+        sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...,
+    ) -> None: ...
+
+class DistributionsResponse(_message.Message):
+    __slots__ = ("records", "computed")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    records: RecordBatch
+    computed: int
+    def __init__(
+        self,
+        records: _Optional[_Union[RecordBatch, _Mapping]] = ...,
+        computed: _Optional[int] = ...,
+    ) -> None: ...
+
+class StreamDatasetRequest(_message.Message):
+    __slots__ = (
+        "dataset",
+        "rank",
+        "world_size",
+        "seed",
+        "epoch",
+        "start_cursor",
+        "batch_records",
+        "allow_partial",
+        "no_shuffle",
+    )
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    NO_SHUFFLE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    start_cursor: int
+    batch_records: int
+    allow_partial: bool
+    no_shuffle: bool
+    def __init__(
+        self,
+        dataset: _Optional[str] = ...,
+        rank: _Optional[int] = ...,
+        world_size: _Optional[int] = ...,
+        seed: _Optional[int] = ...,
+        epoch: _Optional[int] = ...,
+        start_cursor: _Optional[int] = ...,
+        batch_records: _Optional[int] = ...,
+        allow_partial: _Optional[bool] = ...,
+        no_shuffle: _Optional[bool] = ...,
+    ) -> None: ...
+
+class TeacherInfo(_message.Message):
+    __slots__ = (
+        "name",
+        "source",
+        "architecture",
+        "vocab_size",
+        "max_sequence_len",
+        "max_top_k",
+        "default_top_k",
+        "engine_dtype",
+        "teacher_fingerprint",
+        "tokenizer_fingerprint",
+        "license",
+    )
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    architecture: str
+    vocab_size: int
+    max_sequence_len: int
+    max_top_k: int
+    default_top_k: int
+    engine_dtype: str
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    license: str
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        source: _Optional[str] = ...,
+        architecture: _Optional[str] = ...,
+        vocab_size: _Optional[int] = ...,
+        max_sequence_len: _Optional[int] = ...,
+        max_top_k: _Optional[int] = ...,
+        default_top_k: _Optional[int] = ...,
+        engine_dtype: _Optional[str] = ...,
+        teacher_fingerprint: _Optional[str] = ...,
+        tokenizer_fingerprint: _Optional[str] = ...,
+        license: _Optional[str] = ...,
+    ) -> None: ...
+
+class ListTeachersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTeachersResponse(_message.Message):
+    __slots__ = ("teachers", "default_teacher")
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TEACHER_FIELD_NUMBER: _ClassVar[int]
+    teachers: _containers.RepeatedCompositeFieldContainer[TeacherInfo]
+    default_teacher: str
+    def __init__(
+        self,
+        teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ...,
+        default_teacher: _Optional[str] = ...,
+    ) -> None: ...
+
+class CaptureSpace(_message.Message):
+    __slots__ = (
+        "space_id",
+        "teacher_fingerprint",
+        "tokenizer_fingerprint",
+        "vocab_size",
+        "mode",
+        "k",
+        "engine_dtype",
+        "codec",
+    )
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    mode: str
+    k: int
+    engine_dtype: str
+    codec: str
+    def __init__(
+        self,
+        space_id: _Optional[str] = ...,
+        teacher_fingerprint: _Optional[str] = ...,
+        tokenizer_fingerprint: _Optional[str] = ...,
+        vocab_size: _Optional[int] = ...,
+        mode: _Optional[str] = ...,
+        k: _Optional[int] = ...,
+        engine_dtype: _Optional[str] = ...,
+        codec: _Optional[str] = ...,
+    ) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = (
+        "name",
+        "state",
+        "space",
+        "sequences",
+        "positions",
+        "sealed_sequences",
+        "provenance_json",
+        "created_at",
+        "completed_at",
+    )
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    space: CaptureSpace
+    sequences: int
+    positions: int
+    sealed_sequences: int
+    provenance_json: str
+    created_at: float
+    completed_at: float
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        state: _Optional[str] = ...,
+        space: _Optional[_Union[CaptureSpace, _Mapping]] = ...,
+        sequences: _Optional[int] = ...,
+        positions: _Optional[int] = ...,
+        sealed_sequences: _Optional[int] = ...,
+        provenance_json: _Optional[str] = ...,
+        created_at: _Optional[float] = ...,
+        completed_at: _Optional[float] = ...,
+    ) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(
+        self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...
+    ) -> None: ...
+
+class DescribeDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("dataset", "teacher", "top_k", "server_path", "max_len", "overflow", "license")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SERVER_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    teacher: str
+    top_k: int
+    server_path: str
+    max_len: int
+    overflow: str
+    license: str
+    def __init__(
+        self,
+        dataset: _Optional[str] = ...,
+        teacher: _Optional[str] = ...,
+        top_k: _Optional[int] = ...,
+        server_path: _Optional[str] = ...,
+        max_len: _Optional[int] = ...,
+        overflow: _Optional[str] = ...,
+        license: _Optional[str] = ...,
+    ) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec", "sequence", "text")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    sequence: Sequence
+    text: str
+    def __init__(
+        self,
+        spec: _Optional[_Union[JobSpec, _Mapping]] = ...,
+        sequence: _Optional[_Union[Sequence, _Mapping]] = ...,
+        text: _Optional[str] = ...,
+    ) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = (
+        "id",
+        "spec",
+        "state",
+        "error",
+        "sequences_total",
+        "sequences_done",
+        "positions_total",
+        "positions_done",
+        "positions_per_second",
+        "eta_seconds",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_DONE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_DONE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: JobSpec
+    state: str
+    error: str
+    sequences_total: int
+    sequences_done: int
+    positions_total: int
+    positions_done: int
+    positions_per_second: float
+    eta_seconds: float
+    created_at: float
+    started_at: float
+    finished_at: float
+    def __init__(
+        self,
+        id: _Optional[str] = ...,
+        spec: _Optional[_Union[JobSpec, _Mapping]] = ...,
+        state: _Optional[str] = ...,
+        error: _Optional[str] = ...,
+        sequences_total: _Optional[int] = ...,
+        sequences_done: _Optional[int] = ...,
+        positions_total: _Optional[int] = ...,
+        positions_done: _Optional[int] = ...,
+        positions_per_second: _Optional[float] = ...,
+        eta_seconds: _Optional[float] = ...,
+        created_at: _Optional[float] = ...,
+        started_at: _Optional[float] = ...,
+        finished_at: _Optional[float] = ...,
+    ) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
