@@ -7,20 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecordBatch(_message.Message):
-    __slots__ = (
-        "space_id",
-        "codec",
-        "k",
-        "vocab_size",
-        "keys",
-        "lengths",
-        "input_ids",
-        "token_ids",
-        "logprob_gaps",
-        "target_q",
-        "indices",
-        "cursor",
-    )
+    __slots__ = ("space_id", "codec", "k", "vocab_size", "keys", "lengths", "input_ids", "token_ids", "logprob_gaps", "target_q", "indices", "cursor")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -45,21 +32,7 @@ class RecordBatch(_message.Message):
     target_q: bytes
     indices: _containers.RepeatedScalarFieldContainer[int]
     cursor: int
-    def __init__(
-        self,
-        space_id: _Optional[str] = ...,
-        codec: _Optional[str] = ...,
-        k: _Optional[int] = ...,
-        vocab_size: _Optional[int] = ...,
-        keys: _Optional[_Iterable[bytes]] = ...,
-        lengths: _Optional[_Iterable[int]] = ...,
-        input_ids: _Optional[bytes] = ...,
-        token_ids: _Optional[bytes] = ...,
-        logprob_gaps: _Optional[bytes] = ...,
-        target_q: _Optional[bytes] = ...,
-        indices: _Optional[_Iterable[int]] = ...,
-        cursor: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, space_id: _Optional[str] = ..., codec: _Optional[str] = ..., k: _Optional[int] = ..., vocab_size: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., lengths: _Optional[_Iterable[int]] = ..., input_ids: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., logprob_gaps: _Optional[bytes] = ..., target_q: _Optional[bytes] = ..., indices: _Optional[_Iterable[int]] = ..., cursor: _Optional[int] = ...) -> None: ...
 
 class Sequence(_message.Message):
     __slots__ = ("input_ids",)
@@ -75,12 +48,7 @@ class DistributionsRequest(_message.Message):
     teacher: str
     top_k: int
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
-    def __init__(
-        self,
-        teacher: _Optional[str] = ...,
-        top_k: _Optional[int] = ...,
-        sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...) -> None: ...
 
 class DistributionsResponse(_message.Message):
     __slots__ = ("records", "computed")
@@ -88,24 +56,10 @@ class DistributionsResponse(_message.Message):
     COMPUTED_FIELD_NUMBER: _ClassVar[int]
     records: RecordBatch
     computed: int
-    def __init__(
-        self,
-        records: _Optional[_Union[RecordBatch, _Mapping]] = ...,
-        computed: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, records: _Optional[_Union[RecordBatch, _Mapping]] = ..., computed: _Optional[int] = ...) -> None: ...
 
 class StreamDatasetRequest(_message.Message):
-    __slots__ = (
-        "dataset",
-        "rank",
-        "world_size",
-        "seed",
-        "epoch",
-        "start_cursor",
-        "batch_records",
-        "allow_partial",
-        "no_shuffle",
-    )
+    __slots__ = ("dataset", "rank", "world_size", "seed", "epoch", "start_cursor", "batch_records", "allow_partial", "no_shuffle")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -124,33 +78,10 @@ class StreamDatasetRequest(_message.Message):
     batch_records: int
     allow_partial: bool
     no_shuffle: bool
-    def __init__(
-        self,
-        dataset: _Optional[str] = ...,
-        rank: _Optional[int] = ...,
-        world_size: _Optional[int] = ...,
-        seed: _Optional[int] = ...,
-        epoch: _Optional[int] = ...,
-        start_cursor: _Optional[int] = ...,
-        batch_records: _Optional[int] = ...,
-        allow_partial: _Optional[bool] = ...,
-        no_shuffle: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., start_cursor: _Optional[int] = ..., batch_records: _Optional[int] = ..., allow_partial: _Optional[bool] = ..., no_shuffle: _Optional[bool] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = (
-        "name",
-        "source",
-        "architecture",
-        "vocab_size",
-        "max_sequence_len",
-        "max_top_k",
-        "default_top_k",
-        "engine_dtype",
-        "teacher_fingerprint",
-        "tokenizer_fingerprint",
-        "license",
-    )
+    __slots__ = ("name", "source", "architecture", "vocab_size", "max_sequence_len", "max_top_k", "default_top_k", "engine_dtype", "teacher_fingerprint", "tokenizer_fingerprint", "license")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -173,20 +104,7 @@ class TeacherInfo(_message.Message):
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     license: str
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        source: _Optional[str] = ...,
-        architecture: _Optional[str] = ...,
-        vocab_size: _Optional[int] = ...,
-        max_sequence_len: _Optional[int] = ...,
-        max_top_k: _Optional[int] = ...,
-        default_top_k: _Optional[int] = ...,
-        engine_dtype: _Optional[str] = ...,
-        teacher_fingerprint: _Optional[str] = ...,
-        tokenizer_fingerprint: _Optional[str] = ...,
-        license: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., engine_dtype: _Optional[str] = ..., teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., license: _Optional[str] = ...) -> None: ...
 
 class ListTeachersRequest(_message.Message):
     __slots__ = ()
@@ -198,23 +116,10 @@ class ListTeachersResponse(_message.Message):
     DEFAULT_TEACHER_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedCompositeFieldContainer[TeacherInfo]
     default_teacher: str
-    def __init__(
-        self,
-        teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ...,
-        default_teacher: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., default_teacher: _Optional[str] = ...) -> None: ...
 
 class CaptureSpace(_message.Message):
-    __slots__ = (
-        "space_id",
-        "teacher_fingerprint",
-        "tokenizer_fingerprint",
-        "vocab_size",
-        "mode",
-        "k",
-        "engine_dtype",
-        "codec",
-    )
+    __slots__ = ("space_id", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "mode", "k", "engine_dtype", "codec")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -231,30 +136,10 @@ class CaptureSpace(_message.Message):
     k: int
     engine_dtype: str
     codec: str
-    def __init__(
-        self,
-        space_id: _Optional[str] = ...,
-        teacher_fingerprint: _Optional[str] = ...,
-        tokenizer_fingerprint: _Optional[str] = ...,
-        vocab_size: _Optional[int] = ...,
-        mode: _Optional[str] = ...,
-        k: _Optional[int] = ...,
-        engine_dtype: _Optional[str] = ...,
-        codec: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, space_id: _Optional[str] = ..., teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., engine_dtype: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = (
-        "name",
-        "state",
-        "space",
-        "sequences",
-        "positions",
-        "sealed_sequences",
-        "provenance_json",
-        "created_at",
-        "completed_at",
-    )
+    __slots__ = ("name", "state", "space", "sequences", "positions", "sealed_sequences", "provenance_json", "created_at", "completed_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -273,18 +158,7 @@ class DatasetInfo(_message.Message):
     provenance_json: str
     created_at: float
     completed_at: float
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        state: _Optional[str] = ...,
-        space: _Optional[_Union[CaptureSpace, _Mapping]] = ...,
-        sequences: _Optional[int] = ...,
-        positions: _Optional[int] = ...,
-        sealed_sequences: _Optional[int] = ...,
-        provenance_json: _Optional[str] = ...,
-        created_at: _Optional[float] = ...,
-        completed_at: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., space: _Optional[_Union[CaptureSpace, _Mapping]] = ..., sequences: _Optional[int] = ..., positions: _Optional[int] = ..., sealed_sequences: _Optional[int] = ..., provenance_json: _Optional[str] = ..., created_at: _Optional[float] = ..., completed_at: _Optional[float] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -294,9 +168,7 @@ class ListDatasetsResponse(_message.Message):
     __slots__ = ("datasets",)
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
-    def __init__(
-        self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...
-    ) -> None: ...
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
 
 class DescribeDatasetRequest(_message.Message):
     __slots__ = ("dataset",)
@@ -320,16 +192,7 @@ class JobSpec(_message.Message):
     max_len: int
     overflow: str
     license: str
-    def __init__(
-        self,
-        dataset: _Optional[str] = ...,
-        teacher: _Optional[str] = ...,
-        top_k: _Optional[int] = ...,
-        server_path: _Optional[str] = ...,
-        max_len: _Optional[int] = ...,
-        overflow: _Optional[str] = ...,
-        license: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., server_path: _Optional[str] = ..., max_len: _Optional[int] = ..., overflow: _Optional[str] = ..., license: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "sequence", "text")
@@ -339,29 +202,10 @@ class SubmitJobRequest(_message.Message):
     spec: JobSpec
     sequence: Sequence
     text: str
-    def __init__(
-        self,
-        spec: _Optional[_Union[JobSpec, _Mapping]] = ...,
-        sequence: _Optional[_Union[Sequence, _Mapping]] = ...,
-        text: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., sequence: _Optional[_Union[Sequence, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = (
-        "id",
-        "spec",
-        "state",
-        "error",
-        "sequences_total",
-        "sequences_done",
-        "positions_total",
-        "positions_done",
-        "positions_per_second",
-        "eta_seconds",
-        "created_at",
-        "started_at",
-        "finished_at",
-    )
+    __slots__ = ("id", "spec", "state", "error", "sequences_total", "sequences_done", "positions_total", "positions_done", "positions_per_second", "eta_seconds", "created_at", "started_at", "finished_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -388,22 +232,7 @@ class Job(_message.Message):
     created_at: float
     started_at: float
     finished_at: float
-    def __init__(
-        self,
-        id: _Optional[str] = ...,
-        spec: _Optional[_Union[JobSpec, _Mapping]] = ...,
-        state: _Optional[str] = ...,
-        error: _Optional[str] = ...,
-        sequences_total: _Optional[int] = ...,
-        sequences_done: _Optional[int] = ...,
-        positions_total: _Optional[int] = ...,
-        positions_done: _Optional[int] = ...,
-        positions_per_second: _Optional[float] = ...,
-        eta_seconds: _Optional[float] = ...,
-        created_at: _Optional[float] = ...,
-        started_at: _Optional[float] = ...,
-        finished_at: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., sequences_total: _Optional[int] = ..., sequences_done: _Optional[int] = ..., positions_total: _Optional[int] = ..., positions_done: _Optional[int] = ..., positions_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
