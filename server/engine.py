@@ -37,7 +37,7 @@ class TeacherEngine(Protocol):
     max_top_k: int
     max_sequence_len: int
 
-    async def capture(self, input_ids: np.ndarray, k: int) -> TopKRows: ...
+    async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows: ...
 
     def shutdown(self) -> None: ...
 
@@ -55,6 +55,8 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Schedule by request priority (interactive requests before precompute jobs).
+    scheduling_priority: bool = False
 
 
 class VLLMEngine:
@@ -68,6 +70,8 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs: dict = {}
+        if options.scheduling_priority:
+            kwargs["scheduling_policy"] = "priority"
         if options.max_num_seqs:
             kwargs["max_num_seqs"] = options.max_num_seqs
         if options.max_num_batched_tokens:
@@ -91,11 +95,12 @@ class VLLMEngine:
         # One generated token must fit after the prompt: it carries the last row.
         self.max_sequence_len = int(model_config.max_model_len) - 1
 
-    async def capture(self, input_ids: np.ndarray, k: int) -> TopKRows:
-        output = await self.raw_output(input_ids, k)
+    async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
+        """Rows for one sequence; lower ``priority`` runs first when the engine schedules by it."""
+        output = await self.raw_output(input_ids, k, priority)
         return rows_from_vllm_output(output, len(input_ids), k)
 
-    async def raw_output(self, input_ids: np.ndarray, k: int):
+    async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0):
         """vLLM's own RequestOutput for one sequence (what ``bench capture`` times as baseline)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -112,7 +117,8 @@ class VLLMEngine:
         )
         prompt = TokensPrompt(prompt_token_ids=np.asarray(input_ids).tolist())
         final = None
-        async for out in self._llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+        request_id = uuid.uuid4().hex
+        async for out in self._llm.generate(prompt, params, request_id, priority=priority):
             final = out
         if final is None:
             raise RuntimeError("vLLM returned no output")

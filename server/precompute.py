@@ -92,13 +92,23 @@ def run_precompute(req: PrecomputeRequest) -> PrecomputeResult:
 
 
 async def precompute(
-    req: PrecomputeRequest, engine: TeacherEngine | None = None
+    req: PrecomputeRequest,
+    engine: TeacherEngine | None = None,
+    *,
+    store: Store | None = None,
+    info: TeacherInfo | None = None,
+    priority: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PrecomputeResult:
-    """Precompute a dataset; starts (and stops) a vLLM engine unless one is given."""
+    """Precompute a dataset; starts (and stops) a vLLM engine unless one is given.
+
+    A server passes its own engine, store handle and teacher info, a lower engine priority than
+    interactive requests, and ``on_progress(sequences_done, positions_done)``.
+    """
     validate_dataset_name(req.dataset)
-    info = resolve_teacher(req.teacher)
+    info = info or resolve_teacher(req.teacher)
     report = prepare_inputs(req, info)
-    store = open_store(req.out, writable=True)
+    store = store or open_store(req.out, writable=True)
     sequences = [s.input_ids for s in report.sequences]
     existing = _existing_space(store, req, info)
     if existing is not None:
@@ -141,7 +151,15 @@ async def precompute(
         started = time.perf_counter()
         todo = _missing(store, keys, sequences)
         written = await capture_into_store(
-            engine, store, space, todo, req.segment_positions, req.max_in_flight, req.progress
+            engine,
+            store,
+            space,
+            todo,
+            req.segment_positions,
+            req.max_in_flight,
+            req.progress,
+            priority=priority,
+            on_progress=_counting_reused(on_progress, sequences, todo),
         )
         seconds = time.perf_counter() - started
         store.mark_complete(req.dataset)
@@ -160,15 +178,18 @@ async def capture_into_store(
     segment_positions: int,
     max_in_flight: int,
     progress: bool,
+    *,
+    priority: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Capture ``todo`` (key, ids) pairs and seal them into segments; returns segments written.
 
     Engine work is bounded by ``max_in_flight`` queued sequences; at most two full segments wait
     for the writer thread, so memory stays bounded when storage is slower than the engine.
+    ``on_progress(sequences_done, positions_done)`` is called after every captured sequence.
     """
     from tqdm import tqdm
 
-    loop = asyncio.get_running_loop()
     bar = tqdm(
         total=sum(len(s) for _, s in todo),
         unit="pos",
@@ -178,60 +199,86 @@ async def capture_into_store(
         smoothing=0.1,
     )
     slots = asyncio.Semaphore(max_in_flight)
-    pending_seals: list[asyncio.Future] = []
-    segments_written = 0
-    builder = store.new_segment(space)
 
     async def one(key: bytes, ids: np.ndarray) -> CapturedRecord:
         try:
-            rows = await engine.capture(ids, space.k)
+            rows = await engine.capture(ids, space.k, priority)
         finally:
             slots.release()
-        return CapturedRecord(key=key, input_ids=ids, rows=rows)
-
-    async def seal(full) -> None:
-        nonlocal segments_written
-        while len(pending_seals) >= 2:
-            await pending_seals.pop(0)
-        fut = loop.run_in_executor(writer, store.seal, full)
-        pending_seals.append(fut)
-        segments_written += 1
+        return CapturedRecord.encode(key, ids, rows, space)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as writer:
+        sink = _SegmentSink(store, space, segment_positions, writer)
         tasks: set[asyncio.Task] = set()
+        done_sequences = 0
+
+        async def collect(record: CapturedRecord) -> None:
+            nonlocal done_sequences
+            await sink.add(record)
+            bar.update(len(record))
+            done_sequences += 1
+            if on_progress is not None:
+                on_progress(done_sequences, bar.n)
+
         try:
             for key, ids in todo:
                 await slots.acquire()
                 tasks.add(asyncio.create_task(one(key, ids)))
-                done = {t for t in tasks if t.done()}
-                for task in done:
+                for task in [t for t in tasks if t.done()]:
                     tasks.discard(task)
-                    builder = await _collect(
-                        task.result(), builder, segment_positions, seal, bar, store, space
-                    )
+                    await collect(task.result())
             for task in asyncio.as_completed(tasks):
-                builder = await _collect(
-                    await task, builder, segment_positions, seal, bar, store, space
-                )
+                await collect(await task)
             tasks.clear()
-            if builder.records:
-                await seal(builder)
-            for fut in pending_seals:
-                await fut
+            await sink.close()
         finally:
             for task in tasks:
                 task.cancel()
             bar.close()
-    return segments_written
+    return sink.segments_written
 
 
-async def _collect(record, builder, segment_positions, seal, bar, store, space):
-    builder.add(record)
-    bar.update(len(record.input_ids))
-    if builder.positions >= segment_positions:
-        await seal(builder)
-        return store.new_segment(space)
-    return builder
+class _SegmentSink:
+    """Fills segments and seals full ones in a writer thread, at most two waiting at a time."""
+
+    def __init__(self, store: Store, space: CaptureSpace, segment_positions: int, writer) -> None:
+        self.store, self.space, self.segment_positions = store, space, segment_positions
+        self.writer = writer
+        self.builder = store.new_segment(space)
+        self.pending: list[asyncio.Future] = []
+        self.segments_written = 0
+
+    async def add(self, record: CapturedRecord) -> None:
+        self.builder.add(record)
+        if self.builder.positions >= self.segment_positions:
+            await self._seal()
+
+    async def _seal(self) -> None:
+        while len(self.pending) >= 2:
+            await self.pending.pop(0)
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(self.writer, self.store.seal, self.builder))
+        self.segments_written += 1
+        self.builder = self.store.new_segment(self.space)
+
+    async def close(self) -> None:
+        if self.builder.records:
+            await self._seal()
+        for fut in self.pending:
+            await fut
+
+
+def _counting_reused(
+    on_progress: Callable[[int, int], None] | None,
+    sequences: list[np.ndarray],
+    todo: list[tuple[bytes, np.ndarray]],
+) -> Callable[[int, int], None] | None:
+    """Report dataset-level progress: what was sealed before (or is a duplicate) counts as done."""
+    if on_progress is None:
+        return None
+    base_sequences = len(sequences) - len(todo)
+    base_positions = sum(len(s) for s in sequences) - sum(len(s) for _, s in todo)
+    return lambda s, p: on_progress(base_sequences + s, base_positions + p)
 
 
 def _missing(

@@ -44,13 +44,24 @@ def unsealed_dir(space_id: str) -> str:
     return f"spaces/{space_id}/unsealed"
 
 
+ENCODED_FIELDS = ("token_ids", "logprob_gaps", "target_q")
+
+
 @dataclass
 class CapturedRecord:
-    """One sequence and its rows, as the engine produced them, waiting to be written."""
+    """One sequence and its rows in the codec's encoding, waiting to be written (or sent)."""
 
     key: bytes
     input_ids: np.ndarray  # int32 [T]
-    rows: TopKRows  # T rows
+    arrays: dict[str, np.ndarray]  # the codec's arrays for T rows
+
+    @classmethod
+    def encode(cls, key: bytes, input_ids: np.ndarray, rows: TopKRows, space: CaptureSpace):
+        codec = codec_for(space.codec, space.vocab_size)
+        return cls(key, np.asarray(input_ids, dtype=np.int32), codec.encode(rows))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 @dataclass
@@ -67,25 +78,19 @@ class SegmentBuilder:
         self.positions += len(record.input_ids)
 
     def seal(self) -> str:
-        """Encode, write under a temporary name, then publish atomically. Returns the segment id."""
+        """Write under a temporary name, then publish atomically. Returns the segment id."""
         if not self.records:
             raise ValueError("refusing to seal an empty segment")
         space = self.space
-        codec = codec_for(space.codec, space.vocab_size)
         lengths = np.array([len(r.input_ids) for r in self.records], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        rows = TopKRows(
-            token_ids=np.concatenate([r.rows.token_ids for r in self.records]),
-            logprobs=np.concatenate([r.rows.logprobs for r in self.records]),
-            target_logprobs=np.concatenate([r.rows.target_logprobs for r in self.records]),
-        )
         arrays = {
             "keys": np.frombuffer(b"".join(r.key for r in self.records), dtype=np.uint8).reshape(
                 -1, KEY_BYTES
             ),
             "offsets": offsets,
             "input_ids": np.concatenate([r.input_ids for r in self.records]).astype(np.int32),
-            **codec.encode(rows),
+            **{f: np.concatenate([r.arrays[f] for r in self.records]) for f in ENCODED_FIELDS},
         }
         writer_id = uuid.uuid4().hex[:12]
         tmp_rel = f"{unsealed_dir(space.space_id)}/{writer_id}"
@@ -113,7 +118,12 @@ class SegmentBuilder:
 
 
 class SegmentReader:
-    """Read access to one sealed segment; the offsets are loaded once, the rest on demand."""
+    """Read access to one sealed segment.
+
+    Keys and offsets are loaded when the segment is opened (the store's index needs them). The
+    encoded arrays are read on demand, either one record at a time (zarr reads only the chunks it
+    needs) or all at once into memory with :meth:`load` for fast batched access when streaming.
+    """
 
     def __init__(self, storage: LocalStorage, space: CaptureSpace, segment_id: str) -> None:
         self.segment_id = segment_id
@@ -123,6 +133,7 @@ class SegmentReader:
         self._group = zarr.open_group(store=storage.zarr_store(rel, read_only=True), mode="r")
         self.keys = np.asarray(self._group["keys"][:])
         self.offsets = np.asarray(self._group["offsets"][:])
+        self._loaded: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -131,14 +142,36 @@ class SegmentReader:
     def positions(self) -> int:
         return int(self.offsets[-1])
 
-    def record(self, i: int) -> Record:
+    def load(self) -> int:
+        """Read every encoded array into memory (idempotent); returns the bytes held."""
+        if self._loaded is None:
+            names = ("input_ids", *ENCODED_FIELDS)
+            self._loaded = {name: np.asarray(self._group[name][:]) for name in names}
+        return self.loaded_bytes
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(a.nbytes for a in self._loaded.values()) if self._loaded is not None else 0
+
+    def unload(self) -> None:
+        self._loaded = None
+
+    def encoded(self, i: int) -> CapturedRecord:
+        """Record ``i`` in the codec's encoding, without decoding it."""
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
-        g = self._group
-        encoded = {name: g[name][start:stop] for name in ("token_ids", "logprob_gaps", "target_q")}
-        rows = self._codec.decode(encoded)
+        source = self._loaded if self._loaded is not None else self._group
+        return CapturedRecord(
+            key=bytes(self.keys[i]),
+            input_ids=np.asarray(source["input_ids"][start:stop], dtype=np.int32),
+            arrays={name: np.asarray(source[name][start:stop]) for name in ENCODED_FIELDS},
+        )
+
+    def record(self, i: int) -> Record:
+        encoded = self.encoded(i)
+        rows = self._codec.decode(encoded.arrays)
         return Record(
-            key=bytes(self.keys[i]).hex(),
-            input_ids=np.asarray(g["input_ids"][start:stop], dtype=np.int32),
+            key=encoded.key.hex(),
+            input_ids=encoded.input_ids,
             token_ids=rows.token_ids,
             logprobs=rows.logprobs,
             target_logprobs=rows.target_logprobs,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ import zarr
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.errors import AlreadyExists, InvalidArgument, NotFound
-from logitcache.server.segments import SegmentBuilder, SegmentReader, segments_dir, unsealed_dir
+from logitcache.server.segments import (
+    CapturedRecord,
+    SegmentBuilder,
+    SegmentReader,
+    segments_dir,
+    unsealed_dir,
+)
 from logitcache.server.storage import LocalStorage, storage_for_url
 
 STORE_FORMAT = "logitcache-store-v1"
@@ -43,7 +50,7 @@ def validate_dataset_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Location:
+class Location:
     segment: SegmentReader
     index: int
 
@@ -78,6 +85,9 @@ class Dataset:
             self.manifest = self._store.storage.read_json(f"datasets/{self.name}/dataset.json")
         return self.manifest["state"] == "complete"
 
+    def raw_key(self, i: int) -> bytes:
+        return bytes(self._keys[i])
+
     @property
     def keys(self) -> list[str]:
         return [bytes(k).hex() for k in self._keys]
@@ -107,7 +117,9 @@ class Store:
         self.read_only = read_only
         self._spaces: dict[str, CaptureSpace] = {}
         self._segments: dict[str, SegmentReader] = {}
-        self._index: dict[bytes, _Location] = {}
+        self._index: dict[bytes, Location] = {}
+        # Segments are sealed from writer threads while the event loop reads the index.
+        self._lock = threading.RLock()
         self.refresh()
 
     @property
@@ -117,7 +129,8 @@ class Store:
     # -- spaces ---------------------------------------------------------------------------------
 
     def spaces(self) -> list[CaptureSpace]:
-        return list(self._spaces.values())
+        with self._lock:
+            return list(self._spaces.values())
 
     def space(self, space_id: str) -> CaptureSpace:
         try:
@@ -136,6 +149,10 @@ class Store:
 
     def refresh(self) -> None:
         """Pick up capture spaces and segments sealed since the last look."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         for space_id in self.storage.list_dir("spaces"):
             if space_id not in self._spaces:
                 if not self.storage.exists(f"spaces/{space_id}/space.json"):
@@ -149,16 +166,29 @@ class Store:
 
     def _add_segment(self, space: CaptureSpace, segment_id: str) -> None:
         reader = SegmentReader(self.storage, space, segment_id)
-        self._segments[segment_id] = reader
-        for i, key in enumerate(reader.keys):
-            # The first sealed copy of a key is the answer; later duplicates are ignored.
-            self._index.setdefault(bytes(key), _Location(reader, i))
+        with self._lock:
+            if segment_id in self._segments:
+                return
+            self._segments[segment_id] = reader
+            for i, key in enumerate(reader.keys):
+                # The first sealed copy of a key is the answer; later duplicates are ignored.
+                self._index.setdefault(bytes(key), Location(reader, i))
 
     def contains(self, key: bytes | str) -> bool:
         return _key_bytes(key) in self._index
 
     def get(self, key: bytes | str) -> Record:
         """The record for a key (hex string or 16 raw bytes)."""
+        loc = self.locate(key)
+        return loc.segment.record(loc.index)
+
+    def encoded(self, key: bytes | str) -> CapturedRecord:
+        """The record for a key in the codec's encoding (what the wire carries)."""
+        loc = self.locate(key)
+        return loc.segment.encoded(loc.index)
+
+    def locate(self, key: bytes | str) -> Location:
+        """Which sealed segment holds a key, refreshing once if it is not known yet."""
         raw = _key_bytes(key)
         loc = self._index.get(raw)
         if loc is None:
@@ -166,10 +196,11 @@ class Store:
             loc = self._index.get(raw)
         if loc is None:
             raise KeyError(f"record {raw.hex()} is not in store {self.url}")
-        return loc.segment.record(loc.index)
+        return loc
 
     def segments(self) -> list[SegmentReader]:
-        return list(self._segments.values())
+        with self._lock:
+            return list(self._segments.values())
 
     def new_segment(self, space: CaptureSpace) -> SegmentBuilder:
         self._require_writable()

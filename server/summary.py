@@ -36,6 +36,7 @@ def store_summary(store: Store, dataset: str | None = None) -> dict:
                 "name": name,
                 "state": ds.manifest["state"],
                 "space_id": ds.space.space_id,
+                "space": ds.space.to_json(),
                 "sequences": len(ds),
                 "unique_sequences": len(set(ds.keys)),
                 "sealed_sequences": ds.sealed_count(),

@@ -139,6 +139,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_precompute)
 
     p = sub.add_parser(
+        "serve",
+        help="run the gRPC service (read-through cache, dataset streaming, precompute jobs)",
+        description=(
+            "Run teachers under vLLM behind a gRPC service, with an HTTP side for health and "
+            "metrics. Settings come from defaults, then --config (TOML or JSON with the same "
+            "keys as the flags, and a [[teachers]] table per teacher), then LOGITCACHE_<KEY> "
+            "environment variables (LOGITCACHE_TEACHERS=a=PATH,b=PATH), then flags."
+        ),
+    )
+    p.add_argument("--config", default=None, help="TOML or JSON configuration file")
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH_OR_ID",
+        help="teacher to serve (repeatable; the first is the default); replaces the config's teachers",
+    )
+    from logitcache.server.config import FIELD_HELP, TEACHER_FLAG_HELP
+
+    for name, text in FIELD_HELP.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=text)
+    g = p.add_argument_group("teachers given with --teacher")
+    for name, text in TEACHER_FLAG_HELP.items():
+        g.add_argument(
+            f"--{name.replace('_', '-')}", dest=f"teacher_{name}", default=None, help=text
+        )
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser(
         "inspect", help="describe a store: capture spaces, datasets, sizes, provenance"
     )
     p.add_argument("store", metavar="STORE_URL")
@@ -224,6 +253,21 @@ def _precompute(args: argparse.Namespace) -> int:
         + (f"; truncated {r.report.truncated}" if r.report.truncated else "")
         + (f"; split {r.report.split}" if r.report.split else "")
     )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from logitcache.server.app import serve
+    from logitcache.server.config import FIELD_HELP, load_config, teachers_from_flags
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides: dict = {name: getattr(args, name) for name in FIELD_HELP}
+    if args.teacher:
+        overrides["teachers"] = teachers_from_flags(args.teacher, vars(args))
+    asyncio.run(serve(load_config(args.config, overrides)))
     return 0
 
 

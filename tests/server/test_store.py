@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,14 @@ CRASH_UNSEALED_SEEDS = (101, 102)
 CRASH_LENGTH = 40
 
 
-def synthetic_record(seed: int, length: int, *, row_seed: int | None = None) -> CapturedRecord:
+@dataclass
+class SyntheticRecord(CapturedRecord):
+    """A record to write, plus the exact rows it was encoded from."""
+
+    rows: TopKRows | None = None
+
+
+def synthetic_record(seed: int, length: int, *, row_seed: int | None = None) -> SyntheticRecord:
     """A sequence of ``length`` ids (from ``seed``) and log_softmax top-k rows for it.
 
     ``row_seed`` draws different teacher numbers for the same sequence (hence the same key).
@@ -58,7 +66,8 @@ def synthetic_record(seed: int, length: int, *, row_seed: int | None = None) -> 
         logprobs=np.take_along_axis(logprobs, order, axis=1).astype(np.float32),
         target_logprobs=target.astype(np.float32),
     )
-    return CapturedRecord(key=record_key(SPACE.space_id, ids), input_ids=ids, rows=rows)
+    encoded = CapturedRecord.encode(record_key(SPACE.space_id, ids), ids, rows, SPACE)
+    return SyntheticRecord(encoded.key, encoded.input_ids, encoded.arrays, rows=rows)
 
 
 def write_segment(store: Store, records: Sequence[CapturedRecord]) -> str:

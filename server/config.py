@@ -1,0 +1,211 @@
+"""The server's configuration: one typed object, from a file, then environment, then flags.
+
+Precedence, lowest first: defaults, the TOML or JSON file given with ``--config``, environment
+variables ``LOGITCACHE_<FIELD>`` (e.g. ``LOGITCACHE_PORT=50052``), command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from logitcache.server.engine import MAX_TOP_K, VLLMOptions
+from logitcache.server.errors import InvalidArgument
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher the server runs."""
+
+    name: str  # used in requests
+    source: str  # model directory or Hugging Face id
+    max_top_k: int = 64  # largest k a request may ask for
+    default_top_k: int = 64  # k when a request says 0
+    dtype: str = "model"  # "model" = the checkpoint's own dtype
+    max_model_len: int | None = None
+    kv_cache_gib: float = 1.0  # CPU engine only
+    gpu_memory_utilization: float = 0.85  # GPU engine only
+    license: str | None = None  # recorded in provenance; default: the model card's
+
+    def engine_options(self) -> VLLMOptions:
+        return VLLMOptions(
+            max_top_k=self.max_top_k,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            kv_cache_gib=self.kv_cache_gib,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            scheduling_priority=True,
+        )
+
+    def check(self) -> None:
+        if not 1 <= self.default_top_k <= self.max_top_k <= MAX_TOP_K:
+            raise InvalidArgument(
+                f"teacher {self.name!r}: need 1 <= default_top_k <= max_top_k <= {MAX_TOP_K}"
+            )
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``logitcache serve`` can be told; see ``logitcache serve --help``."""
+
+    store: str = ""  # store URL
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    host: str = "127.0.0.1"  # bind address of both ports; 0.0.0.0 to serve other machines
+    port: int = 50051  # gRPC
+    http_port: int = 8080  # health, readiness, metrics
+    max_sequences_per_request: int = 4096
+    max_tokens_per_request: int = 1 << 21
+    max_message_bytes: int = 256 << 20
+    stream_batch_records: int = 64  # records per StreamDataset batch by default
+    stream_prefetch_batches: int = 4  # batches a stream prepares ahead of a slow client
+    job_max_in_flight: int = 64  # sequences one job keeps queued in the engine
+    max_running_jobs: int = 1
+    segment_positions: int = 1 << 16
+    flush_seconds: float = 2.0  # read-through results are sealed at least this often
+    loaded_segment_bytes: int = 2 << 30  # memory for segments held decoded-from-disk
+
+    def check(self) -> None:
+        if not self.store:
+            raise InvalidArgument("no store configured (--store URL)")
+        if not self.teachers:
+            raise InvalidArgument("no teacher configured (--teacher PATH_OR_ID)")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"teacher names must be unique, got {names}")
+        for t in self.teachers:
+            t.check()
+
+    @property
+    def default_teacher(self) -> str:
+        return self.teachers[0].name
+
+
+FIELD_HELP = {
+    "store": "store URL: a directory path or file:// URL (created if missing)",
+    "host": "address both ports bind to; 0.0.0.0 serves other machines (default: 127.0.0.1)",
+    "port": "gRPC port; 0 picks a free one (default: 50051)",
+    "http_port": "HTTP port for /healthz, /readyz, /metrics; 0 picks a free one (default: 8080)",
+    "max_sequences_per_request": "most sequences in one GetDistributions request (default: 4096)",
+    "max_tokens_per_request": "most tokens in one GetDistributions request (default: 2097152)",
+    "max_message_bytes": "largest gRPC message in either direction (default: 256 MiB)",
+    "stream_batch_records": "records per StreamDataset batch when the client says 0 (default: 64)",
+    "stream_prefetch_batches": "batches a stream prepares ahead of a slow client (default: 4)",
+    "job_max_in_flight": "sequences one job keeps queued in the engine (default: 64)",
+    "max_running_jobs": "jobs that run at the same time; others queue (default: 1)",
+    "segment_positions": "positions per sealed segment (default: 65536)",
+    "flush_seconds": "read-through results are sealed at least this often (default: 2)",
+    "loaded_segment_bytes": "memory for segments held in RAM for streaming (default: 2 GiB)",
+}
+TEACHER_FLAG_HELP = {
+    "max_top_k": "largest k a request may ask for (default: 64, at most 256)",
+    "default_top_k": "k used when a request says 0 (default: 64)",
+    "dtype": "engine dtype: model (the checkpoint's), auto, float32, bfloat16, float16",
+    "max_model_len": "context length to run the teacher with (default: the model's)",
+    "kv_cache_gib": "CPU engine only: KV cache size in GiB (default: 1)",
+    "gpu_memory_utilization": "GPU engine only: fraction of GPU memory for vLLM (default: 0.85)",
+    "license": "teacher licence recorded in provenance (default: the model card's)",
+}
+
+
+def parse_teacher(spec: str) -> TeacherConfig:
+    """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` (named after its last path component)."""
+    name, sep, source = spec.partition("=")
+    if not sep:
+        source = spec
+        name = Path(spec.rstrip("/")).name or spec
+    if not name or not source:
+        raise InvalidArgument(f"--teacher {spec!r}: expected NAME=PATH_OR_ID or PATH_OR_ID")
+    return TeacherConfig(name=name, source=source)
+
+
+def teachers_from_flags(specs: list[str], flags: dict) -> list[TeacherConfig]:
+    """Teachers from ``--teacher`` flags, with ``--max-top-k`` etc. applied to each of them."""
+    teachers = []
+    for spec in specs:
+        t = parse_teacher(spec)
+        for name in TEACHER_FLAG_HELP:
+            value = flags.get(f"teacher_{name}")
+            if value is not None:
+                setattr(t, name, _coerce(name, value, _TEACHER_TYPES[name]()))
+        teachers.append(t)
+    return teachers
+
+
+_TEACHER_TYPES = {
+    "max_top_k": int,
+    "default_top_k": int,
+    "dtype": str,
+    "max_model_len": int,
+    "kv_cache_gib": float,
+    "gpu_memory_utilization": float,
+    "license": str,
+}
+
+
+def load_config(path: str | None, overrides: dict) -> ServerConfig:
+    """Defaults < file < environment < ``overrides`` (flags that were given)."""
+    values: dict = {}
+    if path:
+        values.update(_read_file(Path(path)))
+    for f in fields(ServerConfig):
+        env = os.environ.get(f"LOGITCACHE_{f.name.upper()}")
+        if env is not None and f.name != "teachers":
+            values[f.name] = env
+    env_teachers = os.environ.get("LOGITCACHE_TEACHERS")
+    if env_teachers:
+        values["teachers"] = [parse_teacher(s) for s in env_teachers.split(",") if s]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    teachers = [
+        t if isinstance(t, TeacherConfig) else _teacher_from_dict(t)
+        for t in values.pop("teachers", [])
+    ]
+    config = ServerConfig(teachers=teachers)
+    for f in fields(ServerConfig):
+        if f.name in values:
+            setattr(config, f.name, _coerce(f.name, values[f.name], getattr(config, f.name)))
+    unknown = set(values) - {f.name for f in fields(ServerConfig)}
+    if unknown:
+        raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
+    config.check()
+    return config
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise InvalidArgument(f"config file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"config file {path}: {e}") from None
+
+
+def _teacher_from_dict(obj: dict) -> TeacherConfig:
+    known = {f.name for f in fields(TeacherConfig)}
+    unknown = set(obj) - known
+    if unknown:
+        raise InvalidArgument(f"unknown teacher keys: {sorted(unknown)}")
+    if "source" not in obj:
+        raise InvalidArgument(f"teacher entry {obj} needs 'source'")
+    obj = {"name": Path(str(obj["source"]).rstrip("/")).name, **obj}
+    return TeacherConfig(**obj)
+
+
+def _coerce(name: str, value: object, default: object) -> object:
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if isinstance(default, int) and not isinstance(value, int):
+        try:
+            return int(str(value))
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected an integer, got {value!r}") from None
+    if isinstance(default, float) and not isinstance(value, float):
+        try:
+            return float(str(value))
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected a number, got {value!r}") from None
+    return value

@@ -1,0 +1,189 @@
+"""Prometheus metrics of one server, on a private registry.
+
+Each `ServerMetrics` owns its own `CollectorRegistry` rather than the process-global one, so
+several servers (as in tests) can live in one process without sharing or clashing on values.
+Values that are cheap to read but expensive to keep current (the cache hit ratio, the store's
+size) are computed when Prometheus scrapes, not on every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+SERVED_SOURCES = ("cache", "computed", "stream")
+# A request can wait behind a long teacher forward pass under load: buckets reach minutes.
+REQUEST_SECONDS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+class ServerMetrics:
+    """The server's counters and gauges, and their Prometheus exposition text.
+
+    Safe to update from any thread (the engine's worker threads as well as the event loop).
+    """
+
+    def __init__(self, store_bytes: Callable[[], int] | None = None) -> None:
+        """`store_bytes` is called at every scrape, on the scraping thread: it must be cheap."""
+        self._registry = CollectorRegistry()
+        self._lock = threading.Lock()  # guards the plain counts and sets below
+        self._hits = 0
+        self._misses = 0
+        self._job_states: set[str] = set()
+        registry = self._registry
+
+        self._requests = Counter(
+            "logitcache_requests_total",
+            "gRPC requests handled, by method and final status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self._request_seconds = Histogram(
+            "logitcache_request_seconds",
+            "gRPC request wall time in seconds, by method.",
+            ["method"],
+            buckets=REQUEST_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self._computed = Counter(
+            "logitcache_positions_computed_total",
+            "Token positions the teacher computed.",
+            ["teacher"],
+            registry=registry,
+        )
+        self._served = Counter(
+            "logitcache_positions_served_total",
+            "Token positions returned to clients, by where their distributions came from.",
+            ["source"],
+            registry=registry,
+        )
+        self._lookups = Counter(
+            "logitcache_cache_lookups_total",
+            "Cache lookups, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self._hit_ratio = Gauge(
+            "logitcache_cache_hit_ratio",
+            "Cache hits / (hits + misses) since start; 0 before any lookup.",
+            registry=registry,
+        )
+        self._hit_ratio.set_function(self._hit_ratio_now)
+        self._queue_depth = Gauge(
+            "logitcache_queue_depth",
+            "Requests or work items waiting, by queue.",
+            ["queue"],
+            registry=registry,
+        )
+        self._job_done = Gauge(
+            "logitcache_job_positions_done",
+            "Positions a precompute job has finished.",
+            ["job"],
+            registry=registry,
+        )
+        self._job_total = Gauge(
+            "logitcache_job_positions_total",
+            "Positions a precompute job has in all.",
+            ["job"],
+            registry=registry,
+        )
+        self._jobs = Gauge(
+            "logitcache_jobs",
+            "Precompute jobs, by state.",
+            ["state"],
+            registry=registry,
+        )
+        if store_bytes is not None:
+            Gauge(
+                "logitcache_store_bytes",
+                "Bytes the store occupies, read at scrape time; NaN when it cannot be read.",
+                registry=registry,
+            ).set_function(lambda: _read_store_bytes(store_bytes))
+
+        # Known label values start at 0, so rate() and ratios work before the first event.
+        for source in SERVED_SOURCES:
+            self._served.labels(source)
+        for result in ("hit", "miss"):
+            self._lookups.labels(result)
+
+    def record_request(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished gRPC call (`code` is the status code name, e.g. "OK") and time it."""
+        self._requests.labels(method, code).inc()
+        self._request_seconds.labels(method).observe(seconds)
+
+    def add_computed(self, teacher: str, positions: int) -> None:
+        self._computed.labels(teacher).inc(positions)
+
+    def add_served(self, source: str, positions: int) -> None:
+        """`source` is one of SERVED_SOURCES; anything else is refused to keep labels bounded."""
+        if source not in SERVED_SOURCES:
+            raise ValueError(f"unknown source {source!r}; expected one of {SERVED_SOURCES}")
+        self._served.labels(source).inc(positions)
+
+    def add_lookups(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self._hits += hits
+            self._misses += misses
+        self._lookups.labels("hit").inc(hits)
+        self._lookups.labels("miss").inc(misses)
+
+    def set_queue_depth(self, queue: str, depth: int) -> None:
+        self._queue_depth.labels(queue).set(depth)
+
+    def set_job_progress(self, job: str, done: int, total: int) -> None:
+        self._job_done.labels(job).set(done)
+        self._job_total.labels(job).set(total)
+
+    def remove_job(self, job: str) -> None:
+        """Drop a finished job's progress series, so job ids do not pile up; idempotent."""
+        self._job_done.remove(job)
+        self._job_total.remove(job)
+
+    def set_job_counts(self, counts: Mapping[str, int]) -> None:
+        """Set the number of jobs per state; states seen before but absent now read 0."""
+        with self._lock:
+            for state in self._job_states - counts.keys():
+                self._jobs.labels(state).set(0)
+            for state, count in counts.items():
+                self._jobs.labels(state).set(count)
+            self._job_states |= counts.keys()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric, and the content type to serve it with."""
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+    def _hit_ratio_now(self) -> float:
+        with self._lock:
+            lookups = self._hits + self._misses
+            return self._hits / lookups if lookups else 0.0
+
+
+def _read_store_bytes(store_bytes: Callable[[], int]) -> float:
+    """A failing size probe must not fail the whole scrape: it reads NaN and is logged."""
+    try:
+        return float(store_bytes())
+    except Exception:
+        log.warning("store size probe failed", exc_info=True)
+        return math.nan

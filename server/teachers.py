@@ -1,0 +1,98 @@
+"""The teachers a server runs: engine, fingerprints, limits, and the checks on incoming sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from logitcache.client.codec import QuantizedTopKCodec
+from logitcache.client.space import CaptureSpace
+from logitcache.server.config import TeacherConfig
+from logitcache.server.engine import TeacherEngine, VLLMEngine
+from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.server.teacher import TeacherInfo, resolve_teacher
+
+
+@dataclass
+class Teacher:
+    config: TeacherConfig
+    info: TeacherInfo
+    engine: TeacherEngine
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def license(self) -> str | None:
+        return self.config.license or self.info.license
+
+    def resolve_k(self, k: int) -> int:
+        """0 means the teacher's default; anything above its maximum is refused."""
+        if k == 0:
+            return self.config.default_top_k
+        if not 1 <= k <= self.config.max_top_k:
+            raise InvalidArgument(
+                f"top_k {k} is outside 1..{self.config.max_top_k} for teacher {self.name!r}"
+            )
+        return k
+
+    def space(self, k: int) -> CaptureSpace:
+        return CaptureSpace(
+            teacher_fingerprint=self.info.teacher_fingerprint,
+            tokenizer_fingerprint=self.info.tokenizer_fingerprint,
+            vocab_size=self.info.vocab_size,
+            mode="topk",
+            k=k,
+            engine_dtype=self.engine.dtype,
+            codec=QuantizedTopKCodec.name,
+        )
+
+    def check_sequences(self, sequences: list[np.ndarray]) -> None:
+        """Refuse the first bad sequence, naming its index in the request."""
+        limit = self.engine.max_sequence_len
+        for i, ids in enumerate(sequences):
+            if ids.size == 0:
+                raise InvalidArgument(f"sequence {i} is empty")
+            if ids.size > limit:
+                raise InvalidArgument(
+                    f"sequence {i} has {ids.size} tokens; teacher {self.name!r} accepts at most {limit}"
+                )
+            bad = np.flatnonzero(ids >= self.info.vocab_size)
+            if bad.size:
+                raise InvalidArgument(
+                    f"sequence {i}: token id {int(ids[bad[0]])} at position {int(bad[0])} is outside "
+                    f"the vocabulary [0, {self.info.vocab_size}) of teacher {self.name!r}"
+                )
+
+
+class TeacherRegistry:
+    """Name -> running teacher. The first configured teacher is the default."""
+
+    def __init__(self, teachers: list[Teacher]) -> None:
+        self._teachers = {t.name: t for t in teachers}
+        self.default = teachers[0].name
+
+    @classmethod
+    def start(cls, configs: list[TeacherConfig]) -> TeacherRegistry:
+        teachers = []
+        for config in configs:
+            info = resolve_teacher(config.source)
+            teachers.append(Teacher(config, info, VLLMEngine(info, config.engine_options())))
+        return cls(teachers)
+
+    def get(self, name: str) -> Teacher:
+        try:
+            return self._teachers[name or self.default]
+        except KeyError:
+            raise NotFound(
+                f"teacher {name!r} is not served here (teachers: {sorted(self._teachers)})"
+            ) from None
+
+    def __iter__(self):
+        return iter(self._teachers.values())
+
+    def shutdown(self) -> None:
+        for t in self._teachers.values():
+            t.engine.shutdown()
