@@ -64,6 +64,8 @@ async def serve(
     server = None
     readthrough = jobs = streamer = None
     try:
+        if not config.teachers:
+            log.warning("no teacher configured: store-only server (streaming and listings)")
         teachers = TeacherRegistry.start(config.teachers)
         state["engine"] = True
         readthrough = ReadThroughCache(

@@ -70,8 +70,6 @@ class ServerConfig:
     def check(self) -> None:
         if not self.store:
             raise InvalidArgument("no store configured (--store URL)")
-        if not self.teachers:
-            raise InvalidArgument("no teacher configured (--teacher PATH_OR_ID)")
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise InvalidArgument(f"teacher names must be unique, got {names}")

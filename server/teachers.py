@@ -10,7 +10,7 @@ from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace
 from logitcache.server.config import TeacherConfig
 from logitcache.server.engine import TeacherEngine, VLLMEngine
-from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from logitcache.server.teacher import TeacherInfo, resolve_teacher
 
 
@@ -72,7 +72,8 @@ class TeacherRegistry:
 
     def __init__(self, teachers: list[Teacher]) -> None:
         self._teachers = {t.name: t for t in teachers}
-        self.default = teachers[0].name
+        # No teacher: a store-only server (streaming and listings; nothing is computed).
+        self.default = teachers[0].name if teachers else ""
 
     @classmethod
     def start(cls, configs: list[TeacherConfig]) -> TeacherRegistry:
@@ -83,6 +84,8 @@ class TeacherRegistry:
         return cls(teachers)
 
     def get(self, name: str) -> Teacher:
+        if not self._teachers:
+            raise FailedPrecondition("this server runs no teacher (store-only): it cannot compute")
         try:
             return self._teachers[name or self.default]
         except KeyError:

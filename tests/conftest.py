@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from logitcache.server.launcher import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LOGITCACHE_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -84,69 +86,15 @@ def demo_sequences(demo_teacher: Path) -> list:
     return [seqs[0][:1], seqs[1][:2], *seqs, long]
 
 
-class ServerProcess:
-    """A real `logitcache serve` process on loopback (ports picked by the OS)."""
-
-    def __init__(self, teacher: Path, store: Path, *extra: str, log_path: Path | None = None):
-        import re
-        import subprocess
-        import sys
-        import time
-
-        self.store = store
-        self.log_path = log_path or store.parent / f"{store.name}-serve.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "logitcache.cli", "serve", "--teacher", f"demo={teacher}",
-             "--store", str(store), "--port", "0", "--http-port", "0", "--max-top-k", "64",
-             "--default-top-k", "16", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        pattern = re.compile(rb"serving gRPC on [^:]+:(\d+), HTTP on [^:]+:(\d+)")
-        while time.monotonic() < deadline:
-            match = pattern.search(self.log_path.read_bytes())
-            if match:
-                self.port, self.http_port = int(match.group(1)), int(match.group(2))
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        else:
-            self.kill()
-            raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
-        self.target = f"127.0.0.1:{self.port}"
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
-
-    def kill(self) -> None:
-        """kill -9 of the server and its engine processes."""
-        import os
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
-
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM), as an orchestrator would."""
-        import os
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+@pytest.fixture(scope="session")
+def server_args() -> list[str]:
+    """Flags of the shared test server: k up to 64, default 16."""
+    return ["--max-top-k", "64", "--default-top-k", "16"]
 
 
 @pytest.fixture(scope="session")
-def server(demo_teacher: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(demo_teacher: Path, server_args: list[str], tmp_path_factory) -> Iterator[ServerProcess]:
     """One server for the session's client and service tests; its store starts empty."""
-    proc = ServerProcess(demo_teacher, tmp_path_factory.mktemp("server") / "store")
+    proc = ServerProcess(demo_teacher, tmp_path_factory.mktemp("server") / "store", *server_args)
     yield proc
     proc.stop()

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="[NAME=]PATH_OR_ID",
-        help="teacher to serve (repeatable; the first is the default); replaces the config's teachers",
+        help="teacher to serve (repeatable; the first is the default); replaces the config's teachers. "
+        "With no teacher the server is store-only: it streams and lists, and computes nothing",
     )
     from logitcache.server.config import FIELD_HELP, TEACHER_FLAG_HELP
 
