@@ -222,6 +222,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_options(p)
     p.set_defaults(handler=_bench_capture)
+
+    p = bench.add_parser(
+        "stream",
+        help="positions/s streamed from a warm store to one client over loopback, decoded to numpy",
+        description="Starts a store-only server on loopback and streams a dataset into numpy records; prints positions/s and the client's and server's CPU use.",
+    )
+    p.add_argument(
+        "--store", default=None, help="stream this store's --dataset instead of a synthetic one"
+    )
+    p.add_argument("--dataset", default="bench")
+    p.add_argument(
+        "--positions", type=int, default=2_000_000, help="synthetic store size (default: 2,000,000)"
+    )
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--batch-records", type=int, default=64)
+    p.add_argument("--passes", type=int, default=3)
+    p.set_defaults(handler=_bench_stream)
+
+    p = bench.add_parser(
+        "lookup",
+        help="p50/p99 latency of a read-through cache hit: one 512-token sequence, and a batch of 64",
+    )
+    p.add_argument("--teacher", default=None, help="teacher directory (default: the demo teacher)")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=300)
+    p.set_defaults(handler=_bench_lookup)
     return parser
 
 
@@ -305,6 +332,21 @@ def _bench_capture(args: argparse.Namespace) -> int:
     from logitcache.server.bench_capture import run_capture_benchmark
 
     run_capture_benchmark(args, _engine_options(args, args.top_k))
+    return 0
+
+
+def _bench_stream(args: argparse.Namespace) -> int:
+    from logitcache.server.bench_service import run_stream_benchmark
+
+    run_stream_benchmark(args)
+    return 0
+
+
+def _bench_lookup(args: argparse.Namespace) -> int:
+    from logitcache.server.bench_service import run_lookup_benchmark
+    from logitcache.server.demo_assets import demo_teacher_path
+
+    run_lookup_benchmark(args, args.teacher or str(demo_teacher_path()))
     return 0
 
 
