@@ -36,6 +36,9 @@ demo: $(STAMP)
 	$(BIN)/logitcache precompute --teacher $(DEMO)/teacher --data $(DEMO)/data.jsonl \
 		--out $(DEMO)/store --dataset demo --top-k 64
 	$(BIN)/logitcache inspect $(DEMO)/store
+	$(BIN)/logitcache demo-data $(DEMO)/served.jsonl --documents 200 --seed 2
+	$(BIN)/logitcache demo-service --teacher $(DEMO)/teacher --data $(DEMO)/served.jsonl \
+		--store $(DEMO)/store --dataset demo-served
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

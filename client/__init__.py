@@ -2,4 +2,13 @@
 
 from logitcache.client.record import Record
 
-__all__ = ["Record"]
+__all__ = ["AsyncClient", "Client", "Record"]
+
+
+def __getattr__(name: str):
+    # The gRPC clients load grpc and the stubs on first use, so the data model stays light.
+    if name in ("Client", "AsyncClient"):
+        from logitcache.client import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

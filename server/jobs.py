@@ -16,7 +16,12 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from logitcache.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from logitcache.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute, prepare_inputs
 from logitcache.server.store import Store, validate_dataset_name
@@ -123,7 +128,7 @@ class JobManager:
         if spec.dataset in self.store.datasets() or any(
             j.spec.dataset == spec.dataset and j.state in ACTIVE for j in self._jobs.values()
         ):
-            raise FailedPrecondition(
+            raise AlreadyExists(
                 f"dataset {spec.dataset!r} already exists or is being built; choose another name"
             )
         job = JobState(id=uuid.uuid4().hex[:16], spec=spec)
@@ -141,7 +146,7 @@ class JobManager:
         loop = asyncio.get_running_loop()
         try:
             report = await loop.run_in_executor(None, prepare_inputs, req, teacher.info)
-        except Exception:
+        except BaseException:  # bad input, or the client went away: leave nothing behind
             self.store.storage.remove_tree(f"jobs/{job.id}")
             raise
         job.sequences_total = len(report.sequences)

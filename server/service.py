@@ -237,6 +237,8 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 )
         if spec is None:
             raise InvalidArgument("empty SubmitJob stream: send the job spec first")
+        if context.cancelled():  # a cut-off stream is not the whole input
+            raise Unavailable("the client cancelled the submission")
         return _job(await self.jobs.submit(spec, sequences, texts))
 
     @rpc

@@ -198,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_demo_data)
 
+    p = sub.add_parser(
+        "demo-service",
+        help="the service end to end: serve, submit a job, watch it, read through, stream it back, verify",
+    )
+    p.add_argument("--teacher", required=True, help="teacher directory (the demo teacher)")
+    p.add_argument("--data", required=True, help='JSONL of {"text": ...} rows to submit as a job')
+    p.add_argument("--store", required=True, help="store directory the server uses")
+    p.add_argument("--dataset", default="demo-served")
+    p.add_argument("--top-k", type=int, default=64)
+    p.set_defaults(handler=_demo_service)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench", required=True, metavar="BENCH"
     )
@@ -249,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=300)
     p.set_defaults(handler=_bench_lookup)
+    from logitcache.client.cli import add_client_commands
+
+    add_client_commands(sub)  # submit, jobs, fetch: clients of a running server
     return parser
 
 
@@ -325,6 +339,13 @@ def _demo_data(args: argparse.Namespace) -> int:
         for doc in docs:
             f.write(json.dumps({"text": doc}) + "\n")
     print(f"wrote {len(docs)} documents to {args.out_file}")
+    return 0
+
+
+def _demo_service(args: argparse.Namespace) -> int:
+    from logitcache.server.demo_service import run_service_demo
+
+    run_service_demo(args)
     return 0
 
 

@@ -1,0 +1,378 @@
+"""The client commands of ``logitcache``: submit, jobs, fetch (talking to a running server).
+
+``add_client_commands(sub)`` registers them on the root parser's subcommands. Each command
+reports a server error as one line, ``logitcache: error: CODE: details``, with exit status 2; bad
+input files the same way, naming ``file:line``. A job that ends failed or cancelled exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
+
+
+class InputError(Exception):
+    """A bad input file; the message starts with file:line."""
+
+
+def add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``submit``, ``jobs`` and ``fetch`` to the ``logitcache`` subcommands."""
+    p = sub.add_parser(
+        "submit",
+        help="submit a precompute job to a server (texts or token ids, or a file on the server)",
+        description=(
+            "Build a dataset in the server's store with the server's teacher. --data streams a "
+            'local JSONL file whose rows are all {"text": ...} (tokenised by the server with the '
+            'teacher\'s tokenizer) or all {"input_ids": [...]}; the file is checked first and a '
+            "bad row stops with file:line. --server-path names a JSONL or Parquet file the server "
+            "reads itself (for inputs too large to stream). Prints the job id; --wait then "
+            "follows the job to its end."
+        ),
+    )
+    _add_server_options(p, timeout=600.0)
+    p.add_argument("--dataset", required=True, help="name of the dataset to build")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, metavar="FILE.jsonl", help="local JSONL file to send")
+    src.add_argument("--server-path", metavar="PATH", help="JSONL or Parquet file on the server")
+    p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
+    p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the teacher's)")  # fmt: skip
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens (default: the teacher's context - 1)",
+    )
+    p.add_argument(
+        "--overflow",
+        choices=("error", "truncate", "split"),
+        default=None,
+        help="sequences over --max-len: fail the job (default), keep the first --max-len tokens, "
+        "or split into consecutive pieces",
+    )
+    p.add_argument("--license", default=None, help="licence to record (default: the teacher's)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job to its end (progress bar on a terminal); exit 1 if it fails",
+    )
+    p.set_defaults(handler=_command(_submit))
+
+    p = sub.add_parser(
+        "jobs",
+        help="list a server's jobs, or show, watch or cancel one",
+        description=(
+            "Without JOB_ID: a table of all jobs, newest first (id, dataset, state, progress, "
+            "rate, ETA). With JOB_ID: the job's details; --watch follows it to its end (progress "
+            "bar on a terminal; exit 1 if it fails or is cancelled); --cancel stops it (sealed "
+            "work stays in the store)."
+        ),
+    )
+    _add_server_options(p)
+    p.add_argument("job_id", metavar="JOB_ID", nargs="?", default=None)
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--watch", action="store_true", help="follow JOB_ID until it ends")
+    action.add_argument("--cancel", action="store_true", help="cancel JOB_ID")
+    p.set_defaults(handler=_command(_jobs))
+
+    p = sub.add_parser(
+        "fetch",
+        help="read-through: get the teacher's distributions for token sequences into an .npz",
+        description=(
+            'Send the {"input_ids": [...]} rows of a JSONL file to the server (cached sequences '
+            "come from its store, the others are computed) and write the records to an .npz "
+            "file: input_ids int32 [P], token_ids int32 [P, k], logprobs float32 [P, k] and "
+            "target_logprobs float32 [P] (NaN on each record's last row), concatenated over the "
+            "records in file order, with offsets int64 [n+1] (record i is rows "
+            "offsets[i]:offsets[i+1]) and keys (hex) [n]. The client has no tokenizer: for texts, "
+            "build a dataset with `logitcache submit`. Writing into a store (--out-store) is not "
+            "implemented; only --out."
+        ),
+    )
+    _add_server_options(p)
+    p.add_argument("--data", type=Path, required=True, metavar="FILE.jsonl", help="input rows")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT.npz", help="output file")
+    p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
+    p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the server's)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=256, help="sequences per request (default: 256)")
+    p.set_defaults(handler=_command(_fetch))
+
+
+def _add_server_options(p: argparse.ArgumentParser, *, timeout: float = 60.0) -> None:
+    p.add_argument(
+        "--server",
+        default=DEFAULT_SERVER,
+        metavar="HOST:PORT",
+        help=f"gRPC address of the server (default: $LOGITCACHE_SERVER or {DEFAULT_SERVER})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"deadline of each call in seconds (default: {timeout:g})",
+    )
+
+
+def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report server errors and bad input as one line with exit 2, failed jobs with exit 1."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        import grpc
+
+        try:
+            return handler(args)
+        except grpc.RpcError as e:
+            return _fail(f"{e.code().name}: {e.details()}", 2)
+        except InputError as e:
+            return _fail(str(e), 2)
+        except RuntimeError as e:  # a job that failed or was cancelled (Client.wait)
+            return _fail(str(e), 1)
+
+    return run
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"logitcache: error: {message}", file=sys.stderr)
+    return status
+
+
+def _client(args: argparse.Namespace):
+    from logitcache.client.client import Client
+
+    return Client(args.server, timeout=args.timeout)
+
+
+# ---- submit ---------------------------------------------------------------------------------
+
+
+def _submit(args: argparse.Namespace) -> int:
+    rows = _JsonlRows(args.data) if args.data else None
+    with _client(args) as client:
+        job_id = client.precompute(
+            args.dataset,
+            texts=rows if rows and rows.kind == "text" else None,
+            input_ids=rows if rows and rows.kind == "input_ids" else None,
+            server_path=args.server_path,
+            teacher=args.teacher,
+            top_k=args.top_k,
+            max_len=args.max_len,
+            overflow=args.overflow,
+            license=args.license,
+        )
+        print(job_id, flush=True)
+        if args.wait:
+            print(_job_summary(client.wait(job_id)))
+    return 0
+
+
+class _JsonlRows:
+    """The rows of a JSONL file: all texts or all token id lists, checked when opened.
+
+    Iterating reads the file again (so a retried submission can resend it) and yields each row's
+    text or id list.
+    """
+
+    def __init__(self, path: Path, *, texts_allowed: bool = True) -> None:
+        self.path = path
+        self.kind: str | None = None
+        self.count = 0
+        for _ in self._rows(check=True, texts_allowed=texts_allowed):
+            self.count += 1
+        if self.count == 0:
+            raise InputError(f"{path}: no rows")
+
+    def __iter__(self) -> Iterator:
+        return self._rows(check=False)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _rows(self, *, check: bool, texts_allowed: bool = True) -> Iterator:
+        try:
+            f = open(self.path, encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"{self.path}: {e.strerror}") from None
+        with f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{self.path}:{lineno}"
+                try:
+                    row = json.loads(line.rstrip())
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+                if check:
+                    self._check(row, where, texts_allowed)
+                yield row[self.kind]
+
+    def _check(self, row: object, where: str, texts_allowed: bool) -> None:
+        kind = next((k for k in ("text", "input_ids") if isinstance(row, dict) and k in row), None)
+        if kind is None:
+            raise InputError(f'{where}: expected an object with "text" or "input_ids"')
+        if self.kind is not None and kind != self.kind:
+            raise InputError(
+                f'{where}: a "{kind}" row in a file of "{self.kind}" rows; use one kind per file'
+            )
+        self.kind = kind
+        value = row[kind]
+        if kind == "text":
+            if not texts_allowed:
+                raise InputError(
+                    f"{where}: a text row, but the client has no tokenizer: give token ids "
+                    '({"input_ids": [...]}) or build a dataset from texts with `logitcache submit`'
+                )
+            if not isinstance(value, str) or not value:
+                raise InputError(f'{where}: "text" must be a non-empty string')
+        elif not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        ):
+            raise InputError(f'{where}: "input_ids" must be a non-empty list of token ids (ints >= 0)')  # fmt: skip
+
+
+# ---- jobs -----------------------------------------------------------------------------------
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    if (args.watch or args.cancel) and not args.job_id:
+        raise InputError("--watch and --cancel need a JOB_ID")
+    with _client(args) as client:
+        if args.job_id is None:
+            print(_jobs_table(client.list_jobs()))
+        elif args.cancel:
+            print(_job_summary(client.cancel_job(args.job_id)))
+        elif args.watch:
+            print(_job_summary(client.wait(args.job_id)))
+        else:
+            print(_job_details(client.get_job(args.job_id)))
+    return 0
+
+
+def _jobs_table(jobs: list) -> str:
+    if not jobs:
+        return "no jobs"
+    rows = [("ID", "DATASET", "STATE", "PROGRESS", "RATE", "ETA")]
+    for j in jobs:
+        running = j.state == "running"
+        rows.append(
+            (
+                j.id,
+                j.spec.dataset,
+                j.state,
+                _percent(j),
+                f"{_si(_rate(j))} pos/s" if _rate(j) else "-",
+                _duration(j.eta_seconds) if running and j.eta_seconds > 0 else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _job_details(job) -> str:
+    s = job.spec
+    lines = [
+        ("job", job.id),
+        ("dataset", s.dataset),
+        ("state", job.state + (f": {job.error}" if job.error else "")),
+        ("teacher", f"{s.teacher} (top_k {s.top_k})"),
+        ("input", s.server_path or "streamed by the client"),
+        ("sequences", f"{job.sequences_done:,} / {job.sequences_total:,}"),
+        ("positions", f"{job.positions_done:,} / {job.positions_total:,} ({_percent(job)})"),
+        ("rate", f"{_si(_rate(job))} positions/s" if _rate(job) else "-"),
+        ("eta", _duration(job.eta_seconds) if job.state == "running" else "-"),
+        ("created", _when(job.created_at)),
+        ("started", _when(job.started_at)),
+        ("finished", _when(job.finished_at)),
+    ]
+    return "\n".join(f"{k + ':':11}{v}" for k, v in lines)
+
+
+def _job_summary(job) -> str:
+    took = job.finished_at - job.started_at if job.finished_at and job.started_at else 0.0
+    return (
+        f"job {job.id} {job.state}: dataset {job.spec.dataset}, {job.sequences_done:,} of "
+        f"{job.sequences_total:,} sequences, {job.positions_done:,} of {job.positions_total:,} "
+        f"positions" + (f" in {took:.1f} s" if took else "")
+    )
+
+
+def _percent(job) -> str:
+    if job.state == "completed":
+        return "100.0%"
+    return f"{100 * job.positions_done / job.positions_total:.1f}%" if job.positions_total else "-"
+
+
+def _rate(job) -> float:
+    """Recent rate of a running job; the average rate of an ended one."""
+    if job.state == "running":
+        return job.positions_per_second
+    took = job.finished_at - job.started_at if job.finished_at and job.started_at else 0.0
+    return job.positions_done / took if took > 0 else 0.0
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+# ---- fetch ----------------------------------------------------------------------------------
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    if args.batch < 1:
+        raise InputError("--batch must be at least 1")
+    sequences = list(_JsonlRows(args.data, texts_allowed=False))
+    batches = (sequences[i : i + args.batch] for i in range(0, len(sequences), args.batch))
+    records = []
+    with _client(args) as client, _progress(len(sequences)) as bar:
+        for batch in client.get_distributions_iter(batches, teacher=args.teacher, top_k=args.top_k):
+            records += batch
+            bar.update(len(batch))
+    lengths = np.asarray([len(r) for r in records], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(
+            f,
+            input_ids=np.concatenate([r.input_ids for r in records]),
+            token_ids=np.concatenate([r.token_ids for r in records]),
+            logprobs=np.concatenate([r.logprobs for r in records]),
+            target_logprobs=np.concatenate([r.target_logprobs for r in records]),
+            offsets=offsets,
+            keys=np.asarray([r.key for r in records]),
+        )
+    print(
+        f"wrote {len(records):,} records ({int(offsets[-1]):,} positions, k={records[0].k}) "
+        f"to {args.out}"
+    )
+    return 0
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="seq", disable=not sys.stderr.isatty(), file=sys.stderr)
