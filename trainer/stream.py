@@ -1,0 +1,304 @@
+"""TeacherStream: a dataset of teacher distributions as a PyTorch IterableDataset.
+
+The same stream comes from a logitcache server (``grpc://host:port``) or straight from a store
+(a path or file:// URL on a shared file system), with identical semantics, because both use the
+order arithmetic of ``logitcache.client.order``:
+
+- the global order of an epoch is a keyed permutation of the dataset, fixed by (seed, epoch);
+- rank r of W reads global positions r, r+W, ...; DataLoader worker w of N within that rank reads
+  every N-th of those, which is exactly partition ``r + W*w`` of ``W*N``. So the global order is
+  the same whatever the number of ranks and workers, and partitions are disjoint and complete;
+- progress is (batch cursor, records taken since it): ``state_dict()`` after any record and
+  ``load_state_dict()`` on a fresh stream continue with the very next record.
+
+Records are fetched by a background thread into a bounded queue, so the training loop does not
+wait on the network while the source keeps up, and memory stays bounded when it does not.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitcache.client.order import EpochPermutation, rank_length, rank_positions
+from logitcache.client.record import Record
+from logitcache.client.space import CaptureSpace
+
+STATE_VERSION = 1
+_END = object()
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which share of an epoch one iterator reads: ``rank`` of ``world_size`` partitions."""
+
+    rank: int
+    world_size: int
+
+
+class TeacherStream(IterableDataset):
+    """Records of ``dataset`` for this rank (and DataLoader worker), in the (seed, epoch) order.
+
+    ``source`` is ``grpc://host:port`` (a logitcache server) or a store URL. ``rank`` and
+    ``world_size`` default to torch.distributed's when it is initialised, else 0 and 1.
+    ``allow_partial`` streams a dataset that is still building, up to its sealed part.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        dataset: str,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        shuffle: bool = True,
+        allow_partial: bool = False,
+        batch_records: int = 64,
+        prefetch_records: int = 256,
+    ) -> None:
+        super().__init__()
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            initialised = dist.is_available() and dist.is_initialized()
+            rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+            world_size = world_size if world_size is not None else (
+                dist.get_world_size() if initialised else 1
+            )  # fmt: skip
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.source = source
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.allow_partial = allow_partial
+        self.batch_records = batch_records
+        self.prefetch_records = prefetch_records
+        self._cursor = 0  # batch cursor of this iterator's partition
+        self._skip = 0  # records already taken after that cursor
+        self._partition: Partition | None = None
+        self._space: CaptureSpace | None = None
+        self._length: int | None = None
+
+    # -- what the dataset is --------------------------------------------------------------------
+
+    @property
+    def space(self) -> CaptureSpace:
+        """The capture space of the dataset (teacher, tokenizer, vocabulary, k, codec)."""
+        if self._space is None:
+            self._space, self._length = _describe(self.source, self.dataset)
+        return self._space
+
+    def __len__(self) -> int:
+        """Records this rank reads in one epoch (all workers together)."""
+        if self._length is None:
+            self._space, self._length = _describe(self.source, self.dataset)
+        return rank_length(self._length, self.rank, self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning (a new permutation)."""
+        self.epoch = epoch
+        self._cursor = self._skip = 0
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def _current_partition(self) -> Partition:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return Partition(self.rank + self.world_size * worker, self.world_size * workers)
+
+    def __iter__(self) -> Iterator[Record]:
+        partition = self._current_partition()
+        if self._partition is not None and self._partition != partition:
+            raise ValueError(
+                f"this stream's state belongs to partition {self._partition} but it is iterated "
+                f"as {partition}: resume with the same world size and number of workers"
+            )
+        self._partition = partition
+        source = _open_source(self, partition, self._cursor)
+        records = _prefetched(source, self.prefetch_records)
+        try:
+            to_skip = self._skip  # records of the first batch taken before the state was saved
+            for record, cursor_after in records:
+                if to_skip > 0:
+                    to_skip -= 1
+                    continue
+                if cursor_after is not None:
+                    self._cursor, self._skip = cursor_after, 0
+                else:
+                    self._skip += 1
+                yield record
+        finally:
+            records.close()
+        self._cursor = self._skip = 0  # a finished epoch starts over
+        self._partition = None
+
+    # -- resumption -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this iterator stands; ``load_state_dict`` on an equal stream continues there."""
+        partition = self._partition or self._current_partition()
+        return {
+            "version": STATE_VERSION,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "partition": [partition.rank, partition.world_size],
+            "cursor": self._cursor,
+            "skip": self._skip,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown TeacherStream state version {state.get('version')!r}")
+        if state["dataset"] != self.dataset or state["seed"] != self.seed:
+            raise ValueError(
+                f"state is for dataset {state['dataset']!r} seed {state['seed']}, this stream "
+                f"reads {self.dataset!r} seed {self.seed}"
+            )
+        self.epoch = state["epoch"]
+        self._partition = Partition(*state["partition"])
+        self._cursor, self._skip = int(state["cursor"]), int(state["skip"])
+
+
+# ---- sources: (record, cursor after it if it ends a batch) ---------------------------------
+
+
+def _open_source(stream: TeacherStream, partition: Partition, cursor: int):
+    if stream.source.startswith("grpc://"):
+        return _grpc_source(stream, partition, cursor)
+    return _store_source(stream, partition, cursor)
+
+
+def _grpc_source(
+    stream: TeacherStream, partition: Partition, cursor: int
+) -> Iterator[tuple[Record, int | None]]:
+    from logitcache.client.client import Client
+
+    with Client(stream.source.removeprefix("grpc://")) as client:
+        records = client.stream_dataset(
+            stream.dataset, rank=partition.rank, world_size=partition.world_size,
+            seed=stream.seed, epoch=stream.epoch, start_cursor=cursor,
+            batch_records=stream.batch_records, allow_partial=stream.allow_partial,
+            shuffle=stream.shuffle,
+        )  # fmt: skip
+        last = records.cursor
+        try:
+            for record in records:
+                ended = records.cursor != last
+                last = records.cursor
+                yield record, (last if ended else None)
+        finally:
+            records.close()
+
+
+def _store_source(
+    stream: TeacherStream, partition: Partition, cursor: int
+) -> Iterator[tuple[Record, int | None]]:
+    import logitcache
+    from logitcache.server.streaming import LoadedSegments
+
+    store = logitcache.open_store(stream.source)
+    ds = store.dataset(stream.dataset)
+    if not ds.complete and not stream.allow_partial:
+        raise RuntimeError(
+            f"dataset {stream.dataset!r} is still building; pass allow_partial=True to stream "
+            "its sealed part"
+        )
+    loaded = LoadedSegments(budget_bytes=1 << 30)
+    permutation = EpochPermutation(len(ds), stream.seed, stream.epoch, shuffle=stream.shuffle)
+    total = rank_length(len(ds), partition.rank, partition.world_size)
+    while cursor < total:
+        count = min(stream.batch_records, total - cursor)
+        positions = rank_positions(
+            len(ds), partition.rank, partition.world_size, start=cursor, count=count
+        )
+        cursor += count
+        batch = []
+        for index in permutation(positions).tolist():
+            key = ds.raw_key(index)
+            if not store.contains(key):
+                if stream.allow_partial:
+                    continue
+                raise RuntimeError(f"record {index} of dataset {stream.dataset!r} is missing")
+            location = store.locate(key)
+            loaded.use(location.segment)
+            batch.append(location.segment.record(location.index))
+        for i, record in enumerate(batch):
+            yield record, (cursor if i == len(batch) - 1 else None)
+
+
+def _describe(source: str, dataset: str) -> tuple[CaptureSpace, int]:
+    if source.startswith("grpc://"):
+        from logitcache.client.client import Client
+
+        with Client(source.removeprefix("grpc://")) as client:
+            info = client.describe_dataset(dataset)
+        fields = {f: getattr(info.space, f) for f in CaptureSpace.__dataclass_fields__}
+        return CaptureSpace(**fields), int(info.sequences)
+    import logitcache
+
+    ds = logitcache.open_store(source).dataset(dataset)
+    return ds.space, len(ds)
+
+
+class _prefetched:
+    """Iterate ``source`` in a background thread through a queue of at most ``size`` items."""
+
+    def __init__(self, source: Iterator, size: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    break
+            self._put_final(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put_final(e)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _put_final(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> _prefetched:
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
