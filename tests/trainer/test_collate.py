@@ -1,0 +1,217 @@
+"""Collation of cached records: padded batches, packed rows, the DataLoader collate_fn."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.client.record import Record
+from logitcache.trainer import losses
+from logitcache.trainer.collate import Collator, collate_records, pack_records
+
+VOCAB = 50
+
+
+def make_record(seed: int, t: int, k: int, *, ragged_tail: int = 0) -> Record:
+    """A record of t tokens with top-k rows; the last ``ragged_tail`` entries of each row are
+    padding (-inf log-prob, id -1), as an adaptive-k capture would store them."""
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(1, VOCAB, size=t).astype(np.int32)
+    token_ids = np.stack([rng.permutation(VOCAB)[:k] for _ in range(t)]).reshape(t, k)
+    logits = rng.normal(size=(t, VOCAB))
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    logprobs = -np.sort(-np.take_along_axis(full, token_ids, 1), axis=1)
+    if ragged_tail:
+        logprobs[:, k - ragged_tail :] = -np.inf
+        token_ids[:, k - ragged_tail :] = -1
+    target = np.full(t, np.nan, dtype=np.float32)
+    target[:-1] = full[np.arange(t - 1), input_ids[1:]]
+    return Record(
+        key=f"{seed:064x}",
+        input_ids=input_ids,
+        token_ids=token_ids.astype(np.int32),
+        logprobs=logprobs.astype(np.float32),
+        target_logprobs=target,
+    )
+
+
+@pytest.fixture
+def records() -> list[Record]:
+    return [make_record(1, 5, 4), make_record(2, 9, 6, ragged_tail=2), make_record(3, 1, 3)]
+
+
+FIELDS = {
+    "input_ids": torch.int64,
+    "attention_mask": torch.int64,
+    "labels": torch.int64,
+    "teacher_token_ids": torch.int64,
+    "teacher_logprobs": torch.float32,
+    "teacher_mask": torch.bool,
+    "target_logprobs": torch.float32,
+}
+
+
+def test_padded_batch_fields(records: list[Record]) -> None:
+    batch = collate_records(records, pad_token_id=7, pin_memory=False)
+    assert set(batch) == set(FIELDS)
+    for name, dtype in FIELDS.items():
+        assert batch[name].dtype == dtype, name
+        assert batch[name].shape[:2] == (3, 9), name
+    assert batch["teacher_token_ids"].shape == batch["teacher_logprobs"].shape == (3, 9, 6)
+    for b, rec in enumerate(records):
+        n, k = len(rec), rec.k
+        ids = batch["input_ids"][b]
+        assert ids[:n].tolist() == rec.input_ids.tolist()
+        assert (ids[n:] == 7).all()
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (9 - n)
+        assert batch["teacher_mask"][b].tolist() == [True] * n + [False] * (9 - n)
+        # labels[t] == input_ids[t + 1]; -100 on the last real position and on padding
+        labels = batch["labels"][b]
+        assert labels[: n - 1].tolist() == ids[1:n].tolist()
+        assert (labels[n - 1 :] == -100).all()
+        # teacher rows exactly as stored; k padding with id 0 / -inf; padding rows likewise
+        np.testing.assert_array_equal(batch["teacher_token_ids"][b, :n, :k].numpy(), rec.token_ids)
+        np.testing.assert_array_equal(batch["teacher_logprobs"][b, :n, :k].numpy(), rec.logprobs)
+        assert (batch["teacher_token_ids"][b, :, k:] == 0).all()
+        assert (batch["teacher_token_ids"][b, n:] == 0).all()
+        assert torch.isneginf(batch["teacher_logprobs"][b, :, k:]).all()
+        assert torch.isneginf(batch["teacher_logprobs"][b, n:]).all()
+        np.testing.assert_array_equal(batch["target_logprobs"][b, :n].numpy(), rec.target_logprobs)
+        assert torch.isnan(batch["target_logprobs"][b, n - 1 :]).all()
+        assert not batch["input_ids"].is_pinned()
+
+
+def test_max_len_truncates_and_keeps_the_next_label(records: list[Record]) -> None:
+    batch = collate_records(records, max_len=4, pin_memory=False)
+    assert batch["input_ids"].shape == (3, 4)
+    long = records[1]  # 9 tokens cut to 4: its last kept label is the real next token
+    assert batch["labels"][1].tolist() == long.input_ids[1:5].tolist()
+    assert batch["teacher_mask"][1].all()
+    np.testing.assert_array_equal(batch["teacher_logprobs"][1, :, :6].numpy(), long.logprobs[:4])
+    assert batch["target_logprobs"][1, 3].item() == pytest.approx(float(long.target_logprobs[3]))
+    short = records[0]  # 5 tokens cut to 4: same
+    assert batch["labels"][0].tolist() == short.input_ids[1:5].tolist()
+    assert batch["labels"][2].tolist() == [-100] * 4  # 1 token: no label at all
+    with pytest.raises(ValueError, match="max_len"):
+        collate_records(records, max_len=0)
+
+
+def test_bad_input_is_refused(records: list[Record]) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        collate_records([])
+    rec = records[0]
+    broken = Record(rec.key, rec.input_ids, rec.token_ids[:-1], rec.logprobs, rec.target_logprobs)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        collate_records([broken])
+
+
+def check_packed(batch: dict[str, torch.Tensor], records: list[Record], seq_len: int) -> None:
+    """Every position of every record appears exactly once, in order, with its teacher row."""
+    assert set(batch) == {*FIELDS, "position_ids", "sequence_ids"}
+    rows = batch["input_ids"].shape[0]
+    for name, t in batch.items():
+        assert t.shape[:2] == (rows, seq_len), name
+    real = batch["attention_mask"].bool()
+    assert torch.equal(real, batch["teacher_mask"])
+    assert torch.equal(real, batch["sequence_ids"] >= 0)
+    flat_ids = batch["input_ids"][real]
+    flat_pos = batch["position_ids"][real]
+    flat_labels = batch["labels"][real]
+    flat_lp = batch["teacher_logprobs"][real]
+    flat_tok = batch["teacher_token_ids"][real]
+    assert flat_ids.tolist() == np.concatenate([r.input_ids for r in records]).tolist()
+    k = batch["teacher_logprobs"].shape[-1]
+    at = 0
+    for rec in records:
+        n = len(rec)
+        np.testing.assert_array_equal(flat_lp[at : at + n, : rec.k].numpy(), rec.logprobs)
+        np.testing.assert_array_equal(flat_tok[at : at + n, : rec.k].numpy(), rec.token_ids)
+        assert torch.isneginf(flat_lp[at : at + n, rec.k : k]).all()
+        # labels never cross a record boundary: the next token within the record, then -100
+        assert flat_labels[at : at + n - 1].tolist() == rec.input_ids[1:].tolist()
+        assert flat_labels[at + n - 1].item() == -100
+        # positions restart at 0 for each record and for each seq_len piece of a long one
+        assert flat_pos[at : at + n].tolist() == [i % seq_len for i in range(n)]
+        at += n
+    # padding: id 0, -100, -inf, NaN, sequence -1
+    pad = ~real
+    assert (batch["input_ids"][pad] == 0).all() and (batch["labels"][pad] == -100).all()
+    assert torch.isneginf(batch["teacher_logprobs"][pad]).all()
+    assert torch.isnan(batch["target_logprobs"][pad]).all()
+    # sequence ids count the pieces within each row, from 0
+    for r in range(rows):
+        seq = batch["sequence_ids"][r][real[r]]
+        starts = batch["position_ids"][r][real[r]] == 0
+        assert seq.tolist() == (torch.cumsum(starts.long(), 0) - 1).tolist()
+
+
+def test_pack_short_records(records: list[Record]) -> None:
+    recs = [records[0], records[2], make_record(4, 3, 4), make_record(5, 6, 2)]  # 5, 1, 3, 6
+    batch = pack_records(recs, 10, pin_memory=False)
+    check_packed(batch, recs, 10)
+    # greedy in order: [5, 1, 3] fills 9 of row 0; 6 does not fit and starts row 1
+    assert batch["sequence_ids"][0].tolist() == [0] * 5 + [1] + [2] * 3 + [-1]
+    assert batch["sequence_ids"][1].tolist() == [0] * 6 + [-1] * 4
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 0]
+    assert batch["labels"][0, 4].item() == -100  # never predicts the next record's first token
+
+
+def test_pack_splits_a_long_record(records: list[Record]) -> None:
+    recs = [records[2], records[1], records[0]]  # 1, 9 (split 4+4+1), 5 (split 4+1)
+    batch = pack_records(recs, 4, pin_memory=False)
+    check_packed(batch, recs, 4)
+    assert batch["input_ids"].shape == (6, 4)  # [1] [4] [4] [1] [4] [1]
+    # a cut piece keeps the record's next token as its last label
+    assert batch["labels"][1, 3].item() == int(records[1].input_ids[4])
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_records(recs, 0)
+
+
+def test_collator_pickles_and_feeds_a_dataloader(records: list[Record]) -> None:
+    collator = pickle.loads(pickle.dumps(Collator(max_len=8, pin_memory=False)))
+    data = records * 3
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collator, num_workers=0)
+    batches = list(loader)
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 1]
+    assert batches[0]["input_ids"].shape[1] == 8
+    packer = pickle.loads(pickle.dumps(Collator(mode="pack", seq_len=6, pin_memory=False)))
+    check_packed(packer(records), records, 6)
+    with pytest.raises(ValueError, match="seq_len"):
+        Collator(mode="pack")
+
+
+def test_batch_feeds_the_losses_and_padding_is_ignored(records: list[Record]) -> None:
+    batch = collate_records(records, pin_memory=False)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, VOCAB, generator=gen)
+    args = (batch["teacher_token_ids"], batch["teacher_logprobs"], batch["teacher_mask"])
+    loss = losses.forward_kl(logits, *args)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    changed = logits.clone()
+    changed[~batch["teacher_mask"]] = torch.randn(
+        int((~batch["teacher_mask"]).sum()), VOCAB, generator=gen
+    )
+    assert losses.forward_kl(changed, *args).item() == loss.item()
+    mixed = losses.distillation_loss(logits, *args, batch["labels"], alpha=0.5)
+    assert math.isfinite(mixed.item())
+    packed = pack_records(records, 8, pin_memory=False)
+    z = torch.randn(*packed["input_ids"].shape, VOCAB, generator=gen)
+    packed_args = (packed["teacher_token_ids"], packed["teacher_logprobs"])
+    assert math.isfinite(losses.forward_kl(z, *packed_args, packed["teacher_mask"]).item())
+
+
+def test_empty_record_is_a_padding_row(records: list[Record]) -> None:
+    empty = Record(
+        "e" * 64,
+        *(np.zeros(s, d) for s, d in [(0, np.int32), ((0, 2), np.int32)]),
+        np.zeros((0, 2), np.float32),
+        np.zeros(0, np.float32),
+    )
+    batch = collate_records([empty, records[0]], pin_memory=False)
+    assert batch["input_ids"].shape == (2, 5)
+    assert not batch["teacher_mask"][0].any() and (batch["labels"][0] == -100).all()
+    check_packed(pack_records([empty, records[0], empty], 6, pin_memory=False), [records[0]], 6)

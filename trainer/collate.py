@@ -1,0 +1,273 @@
+"""Batching cached records for a student: right-padded batches, or packed rows of fixed length.
+
+Every field follows the cache's alignment (ARCHITECTURE.md, "Rows"): position t of a batch row is
+the student's ``logits[:, t]``, the teacher's row t (its distribution over the token after t), and
+``labels[:, t]``, the actual next token. So the tensors go straight into
+:mod:`logitcache.trainer.losses` with no shift::
+
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = distillation_loss(out.logits, batch["teacher_token_ids"], batch["teacher_logprobs"],
+                             batch["teacher_mask"], batch["labels"], alpha=0.1)
+
+Fields (B rows of T positions, k = the largest k in the batch)::
+
+    input_ids          int64   [B, T]     pad_token_id on padding
+    attention_mask     int64   [B, T]     1 on real tokens
+    labels             int64   [B, T]     input_ids[t + 1]; -100 where the next token is unknown
+                                          (a sequence's last token) and on padding
+    teacher_token_ids  int64   [B, T, k]  0 on padding rows and on padded entries of ragged rows
+    teacher_logprobs   float32 [B, T, k]  -inf on padding rows and padded entries (the losses'
+                                          padding convention: such entries hold no mass)
+    teacher_mask       bool    [B, T]     True on every real position, the last one included
+                                          (its teacher row is real even though its label is not)
+    target_logprobs    float32 [B, T]     teacher log p(x[t+1]); NaN on padding and last rows
+
+:func:`pack_records` adds ``position_ids`` and ``sequence_ids`` (see there).
+
+Only a Python loop over records (one slice assignment per field and record) runs per batch; there
+is no per-position Python work. Each field is one numpy allocation, handed to torch without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from logitcache.client.record import Record
+
+__all__ = ["IGNORE_INDEX", "Collator", "collate_records", "pack_records"]
+
+IGNORE_INDEX = -100
+"""Label value for positions without a known next token (``F.cross_entropy``'s default)."""
+
+
+# --- shared machinery ------------------------------------------------------------------------------
+
+
+def _check_record(rec: Record) -> tuple[int, int]:
+    """(T, k) of a record whose arrays agree with each other; ValueError naming it otherwise."""
+    t = int(rec.input_ids.shape[0]) if rec.input_ids.ndim == 1 else -1
+    if (
+        t < 0
+        or rec.token_ids.ndim != 2
+        or rec.token_ids.shape[0] != t
+        or rec.logprobs.shape != rec.token_ids.shape
+        or rec.target_logprobs.shape != (t,)
+    ):
+        raise ValueError(
+            f"record {rec.key[:16]}: inconsistent shapes input_ids {rec.input_ids.shape}, "
+            f"token_ids {rec.token_ids.shape}, logprobs {rec.logprobs.shape}, "
+            f"target_logprobs {rec.target_logprobs.shape} (want [T], [T, k], [T, k], [T])"
+        )
+    return t, int(rec.token_ids.shape[1])
+
+
+# A piece of a record placed in a batch: (record index, start, stop, batch row, column offset).
+_Piece = tuple[int, int, int, int, int]
+
+
+def _alloc(rows: int, width: int, k: int, pad_token_id: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.full((rows, width), pad_token_id, dtype=np.int64),
+        "attention_mask": np.zeros((rows, width), dtype=np.int64),
+        "labels": np.full((rows, width), IGNORE_INDEX, dtype=np.int64),
+        "teacher_token_ids": np.zeros((rows, width, k), dtype=np.int64),
+        "teacher_logprobs": np.full((rows, width, k), -np.inf, dtype=np.float32),
+        "teacher_mask": np.zeros((rows, width), dtype=np.bool_),
+        "target_logprobs": np.full((rows, width), np.nan, dtype=np.float32),
+    }
+
+
+def _fill(arrays: dict[str, np.ndarray], records: Sequence[Record], pieces: list[_Piece]) -> None:
+    """Copy positions [start, stop) of each record to (row, col...): one slice per field."""
+    for i, start, stop, row, col in pieces:
+        if stop <= start:
+            continue  # an empty record: its row stays padding
+        rec = records[i]
+        k, end = rec.token_ids.shape[1], col + stop - start
+        arrays["input_ids"][row, col:end] = rec.input_ids[start:stop]
+        arrays["attention_mask"][row, col:end] = 1
+        # Label t is x[t + 1]: known inside the record, so a cut piece keeps its last label; only
+        # the record's own last token has none (never the first token of whatever follows).
+        last = min(stop + 1, len(rec))
+        arrays["labels"][row, col : col + last - start - 1] = rec.input_ids[start + 1 : last]
+        arrays["teacher_token_ids"][row, col:end, :k] = rec.token_ids[start:stop]
+        arrays["teacher_logprobs"][row, col:end, :k] = rec.logprobs[start:stop]
+        arrays["teacher_mask"][row, col:end] = True
+        arrays["target_logprobs"][row, col:end] = rec.target_logprobs[start:stop]
+
+
+def _should_pin(pin_memory: bool | None) -> bool:
+    if pin_memory is not None:
+        return bool(pin_memory)
+    # In a DataLoader worker, pinning is wasted (the batch is copied into shared memory to reach
+    # the main process) and touches CUDA in a forked child; DataLoader(pin_memory=True) pins there.
+    return torch.cuda.is_available() and get_worker_info() is None
+
+
+def _to_torch(arrays: dict[str, np.ndarray], pin_memory: bool | None) -> dict[str, torch.Tensor]:
+    out = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    if _should_pin(pin_memory):
+        out = {name: t.pin_memory() for name, t in out.items()}
+    return out
+
+
+def _nonempty(records: Sequence[Record]) -> Sequence[Record]:
+    if isinstance(records, Record):
+        raise TypeError("pass a sequence of records, not one Record")
+    if len(records) == 0:
+        raise ValueError("cannot collate an empty list of records")
+    return records
+
+
+# --- padded batches --------------------------------------------------------------------------------
+
+
+def collate_records(
+    records: Sequence[Record],
+    *,
+    pad_token_id: int = 0,
+    max_len: int | None = None,
+    pin_memory: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch of ``records`` (fields in the module docstring).
+
+    ``max_len`` keeps the first ``max_len`` positions of each record. The last kept position keeps
+    its teacher row, and its label is the record's next token, which is still known. Records may
+    have different k (e.g. adaptive-k captures): k is padded to the batch's largest with id 0 and
+    log-prob -inf. ``pin_memory=None`` pins when CUDA is available, except inside a DataLoader
+    worker (use ``DataLoader(pin_memory=True)`` there, which pins in the main process).
+    """
+    records = _nonempty(records)
+    if max_len is not None and (
+        isinstance(max_len, bool) or int(max_len) != max_len or max_len < 1
+    ):
+        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+    shapes = [_check_record(r) for r in records]
+    lengths = [t if max_len is None else min(t, int(max_len)) for t, _ in shapes]
+    k = max(kk for _, kk in shapes)
+    arrays = _alloc(len(records), max(lengths), k, pad_token_id)
+    _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)])
+    return _to_torch(arrays, pin_memory)
+
+
+# --- packed rows -----------------------------------------------------------------------------------
+
+
+def pack_records(
+    records: Sequence[Record],
+    seq_len: int,
+    *,
+    pad_token_id: int = 0,
+    pin_memory: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Records packed into rows of exactly ``seq_len`` positions, for students with per-document
+    attention.
+
+    Placement is deterministic and greedy in order: a record longer than ``seq_len`` is cut into
+    pieces of ``seq_len`` positions (the last piece holds the remainder); then each piece goes
+    into the current row if it fits there, and otherwise starts a new row. So no piece is ever
+    cut at a row boundary, full pieces fill a row alone, and the last row ends in padding.
+
+    Besides the fields of :func:`collate_records` (``teacher_mask`` and ``labels`` per piece):
+
+        position_ids   int64 [R, seq_len]  0, 1, 2, ... restarting at 0 for each piece (and once
+                                           more for the padding at the end of a row)
+        sequence_ids   int64 [R, seq_len]  index of the piece within its row (0, 1, ...), -1 on
+                                           padding
+
+    Labels are -100 at each record's last position, so no position ever predicts the first token
+    of the next packed record. At the end of a cut piece the label is the record's next token (it
+    is known), and its teacher row is the one captured with the record's full preceding context.
+
+    Requirement on the student: it must not attend across pieces. ``attention_mask`` is 1 on every
+    real token and so does *not* separate them; a plain causal model given only ``input_ids`` and
+    ``attention_mask`` would let each piece attend to the pieces before it in the row and train on
+    wrong contexts. Use a model that takes per-document boundaries: e.g. a Hugging Face model with
+    flash-attention 2/3 (``attn_implementation="flash_attention_2"``) given ``position_ids``
+    (sequence starts are where position_ids == 0) and no ``attention_mask``, or a block-diagonal
+    mask built from ``sequence_ids`` (``seq[:, :, None] == seq[:, None, :]`` and causal).
+    Each piece's position ids start at 0, so a continuation piece of a cut record is seen by the
+    student as a document of its own (its earlier context is in another row).
+    """
+    records = _nonempty(records)
+    if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    seq_len = int(seq_len)
+    shapes = [_check_record(r) for r in records]
+    k = max(kk for _, kk in shapes)
+
+    pieces: list[_Piece] = []
+    row, used = -1, seq_len  # no open row yet
+    for i, (t, _) in enumerate(shapes):
+        for start in range(0, t, seq_len):  # per piece of seq_len positions, not per position
+            stop = min(start + seq_len, t)
+            if used + stop - start > seq_len:
+                row, used = row + 1, 0
+            pieces.append((i, start, stop, row, used))
+            used += stop - start
+    rows = max(row + 1, 1)
+
+    arrays = _alloc(rows, seq_len, k, pad_token_id)
+    _fill(arrays, records, pieces)
+    position_ids = np.zeros((rows, seq_len), dtype=np.int64)
+    sequence_ids = np.full((rows, seq_len), -1, dtype=np.int64)
+    ends = np.zeros(rows, dtype=np.int64)
+    count = np.zeros(rows, dtype=np.int64)
+    ramp = np.arange(seq_len, dtype=np.int64)
+    for _, start, stop, r, col in pieces:
+        position_ids[r, col : col + stop - start] = ramp[: stop - start]
+        sequence_ids[r, col : col + stop - start] = count[r]
+        count[r] += 1
+        ends[r] = col + stop - start
+    for r in np.flatnonzero(ends < seq_len):  # the trailing padding: one more "document"
+        position_ids[r, ends[r] :] = ramp[: seq_len - ends[r]]
+    arrays["position_ids"] = position_ids
+    arrays["sequence_ids"] = sequence_ids
+    return _to_torch(arrays, pin_memory)
+
+
+# --- a DataLoader collate_fn -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Collator:
+    """``collate_fn`` for a DataLoader over records, with fixed options; picklable for workers.
+
+    ``mode="pad"`` calls :func:`collate_records` (with ``max_len``), ``mode="pack"`` calls
+    :func:`pack_records` (with ``seq_len``, required). ``pin_memory=None``: see collate_records.
+    """
+
+    mode: Literal["pad", "pack"] = "pad"
+    pad_token_id: int = 0
+    max_len: int | None = None
+    seq_len: int | None = None
+    pin_memory: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pad", "pack"):
+            raise ValueError(f"mode must be 'pad' or 'pack', got {self.mode!r}")
+        if self.mode == "pack" and self.seq_len is None:
+            raise ValueError("mode='pack' needs seq_len")
+        if self.mode == "pack" and self.max_len is not None:
+            raise ValueError("max_len applies to mode='pad'; packing cuts records at seq_len")
+        if self.mode == "pad" and self.seq_len is not None:
+            raise ValueError("seq_len applies to mode='pack'; use max_len to truncate padded rows")
+
+    def __call__(self, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+        if self.mode == "pack":
+            assert self.seq_len is not None
+            return pack_records(
+                records, self.seq_len, pad_token_id=self.pad_token_id, pin_memory=self.pin_memory
+            )
+        return collate_records(
+            records,
+            pad_token_id=self.pad_token_id,
+            max_len=self.max_len,
+            pin_memory=self.pin_memory,
+        )
