@@ -105,6 +105,23 @@ class TeacherStream(IterableDataset):
             self._space, self._length = _describe(self.source, self.dataset)
         return rank_length(self._length, self.rank, self.world_size)
 
+    def check_student(
+        self,
+        *,
+        tokenizer_path: str | None = None,
+        vocab_size: int | None = None,
+        allow_vocab_padding: bool = False,
+    ) -> None:
+        """Refuse a student this dataset cannot teach (see ``logitcache.trainer.guards``)."""
+        from logitcache.trainer.guards import check_student
+
+        check_student(
+            self.space,
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            allow_vocab_padding=allow_vocab_padding,
+        )
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (a new permutation)."""
         self.epoch = epoch
