@@ -32,6 +32,7 @@ class ServerProcess:
         self.store = store
         self.log_path = log_path or store.parent / f"{store.name}-serve.log"
         self._log = open(self.log_path, "ab")
+        offset = self._log.tell()  # a restart on the same store appends to the same log
         teacher_args = ["--teacher", f"demo={teacher}"] if teacher is not None else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "logitcache.cli", "serve", *teacher_args,
@@ -41,7 +42,7 @@ class ServerProcess:
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _READY.search(self.log_path.read_bytes())
+            match = _READY.search(self.log_path.read_bytes()[offset:])
             if match:
                 self.port, self.http_port = int(match.group(1)), int(match.group(2))
                 break

@@ -210,15 +210,16 @@ async def capture_into_store(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as writer:
         sink = _SegmentSink(store, space, segment_positions, writer)
         tasks: set[asyncio.Task] = set()
-        done_sequences = 0
+        done_sequences = done_positions = 0
 
         async def collect(record: CapturedRecord) -> None:
-            nonlocal done_sequences
+            nonlocal done_sequences, done_positions
             await sink.add(record)
             bar.update(len(record))
             done_sequences += 1
+            done_positions += len(record)
             if on_progress is not None:
-                on_progress(done_sequences, bar.n)
+                on_progress(done_sequences, done_positions)
 
         try:
             for key, ids in todo:

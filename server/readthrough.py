@@ -73,6 +73,8 @@ class ReadThroughCache:
                 continue
             if key in self._unsealed:
                 results[i] = self._unsealed[key]
+            elif self.store.contains(key):  # sealed (and dropped from _unsealed) meanwhile
+                results[i] = self.store.encoded(key)
             elif key in self._inflight:
                 waits[i] = self._inflight[key]
             else:

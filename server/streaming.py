@@ -112,8 +112,11 @@ class DatasetStreamer:
                 cursor += count
                 if batch.keys:
                     await queue.put(batch)
-        finally:
-            await queue.put(None)
+        except Exception:
+            await queue.put(None)  # wake the consumer; it re-raises through `await producer`
+            raise
+        # Cancelled (the client went away): nobody reads the queue, so put nothing more.
+        await queue.put(None)
 
     def _build_batch(
         self,
