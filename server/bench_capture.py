@@ -14,13 +14,12 @@ import time
 
 import numpy as np
 
-from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.demo_assets import demo_teacher_path
 from logitcache.server.engine import VLLMEngine, VLLMOptions
 from logitcache.server.precompute import capture_into_store
 from logitcache.server.store import open_store
-from logitcache.server.teacher import resolve_teacher
+from logitcache.server.teacher import resolve_teacher, topk_space
 
 
 def benchmark_sequences(
@@ -79,15 +78,7 @@ async def _run(args: argparse.Namespace, options: VLLMOptions, teacher: str) -> 
     )
     engine = VLLMEngine(info, options)
     try:
-        space = CaptureSpace(
-            teacher_fingerprint=info.teacher_fingerprint,
-            tokenizer_fingerprint=info.tokenizer_fingerprint,
-            vocab_size=info.vocab_size,
-            mode="topk",
-            k=args.top_k,
-            engine_dtype=engine.dtype,
-            codec=QuantizedTopKCodec.name,
-        )
+        space = topk_space(info, engine.dtype, args.top_k)
         in_flight = 256
         await _vllm_alone(engine, sequences[:16], args.top_k, in_flight)  # warm-up
         alone, pipeline, nbytes = [], [], 0

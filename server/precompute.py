@@ -28,7 +28,7 @@ from logitcache.server.errors import AlreadyExists, FailedPrecondition, InvalidA
 from logitcache.server.inputs import InputReport, load_sequences
 from logitcache.server.segments import CapturedRecord
 from logitcache.server.store import Store, open_store, validate_dataset_name
-from logitcache.server.teacher import TeacherInfo, resolve_teacher
+from logitcache.server.teacher import TeacherInfo, resolve_teacher, topk_space
 
 DEFAULT_SEGMENT_POSITIONS = 1 << 16
 
@@ -124,15 +124,7 @@ async def precompute(
     if engine is None:
         engine = VLLMEngine(info, _engine_options(req))
     try:
-        space = CaptureSpace(
-            teacher_fingerprint=info.teacher_fingerprint,
-            tokenizer_fingerprint=info.tokenizer_fingerprint,
-            vocab_size=info.vocab_size,
-            mode="topk",
-            k=req.top_k,
-            engine_dtype=engine.dtype,
-            codec=QuantizedTopKCodec.name,
-        )
+        space = topk_space(info, engine.dtype, req.top_k)
         if existing is not None and existing != space:
             raise FailedPrecondition(
                 f"dataset {req.dataset!r} was started with engine dtype {existing.engine_dtype}; "

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from logitcache.client.codec import QuantizedTopKCodec
+from logitcache.client.space import CaptureSpace
 from logitcache.server.errors import InvalidArgument, NotFound
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
@@ -44,6 +46,19 @@ class TeacherInfo:
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     license: str | None
+
+
+def topk_space(info: TeacherInfo, engine_dtype: str, k: int) -> CaptureSpace:
+    """The capture space of top-k rows from this teacher, run in ``engine_dtype``."""
+    return CaptureSpace(
+        teacher_fingerprint=info.teacher_fingerprint,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        vocab_size=info.vocab_size,
+        mode="topk",
+        k=k,
+        engine_dtype=engine_dtype,
+        codec=QuantizedTopKCodec.name,
+    )
 
 
 def resolve_teacher(name_or_path: str) -> TeacherInfo:

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace
 from logitcache.server.config import TeacherConfig
 from logitcache.server.engine import TeacherEngine, VLLMEngine
 from logitcache.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from logitcache.server.teacher import TeacherInfo, resolve_teacher
+from logitcache.server.teacher import TeacherInfo, resolve_teacher, topk_space
 
 
 @dataclass
@@ -39,15 +38,7 @@ class Teacher:
         return k
 
     def space(self, k: int) -> CaptureSpace:
-        return CaptureSpace(
-            teacher_fingerprint=self.info.teacher_fingerprint,
-            tokenizer_fingerprint=self.info.tokenizer_fingerprint,
-            vocab_size=self.info.vocab_size,
-            mode="topk",
-            k=k,
-            engine_dtype=self.engine.dtype,
-            codec=QuantizedTopKCodec.name,
-        )
+        return topk_space(self.info, self.engine.dtype, k)
 
     def check_sequences(self, sequences: list[np.ndarray]) -> None:
         """Refuse the first bad sequence, naming its index in the request."""
