@@ -24,7 +24,7 @@ from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.service import LogitCacheService
 from logitcache.server.store import open_store
-from logitcache.server.streaming import DatasetStreamer
+from logitcache.server.streaming import DatasetStreamer, LoadedSegments
 from logitcache.server.teachers import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -68,16 +68,17 @@ async def serve(
             log.warning("no teacher configured: store-only server (streaming and listings)")
         teachers = TeacherRegistry.start(config.teachers)
         state["engine"] = True
+        # Segments held in memory, shared by cache hits and streams, least recently used evicted.
+        loaded = LoadedSegments(config.loaded_segment_bytes)
         readthrough = ReadThroughCache(
             store,
             metrics,
             segment_positions=config.segment_positions,
             flush_seconds=config.flush_seconds,
+            loaded=loaded,
         )
         readthrough.start()
-        streamer = DatasetStreamer(
-            store, budget_bytes=config.loaded_segment_bytes, prefetch=config.stream_prefetch_batches
-        )
+        streamer = DatasetStreamer(store, loaded, prefetch=config.stream_prefetch_batches)
         jobs = JobManager(
             store,
             teachers,

@@ -18,6 +18,7 @@ from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.segments import CapturedRecord, SegmentBuilder
 from logitcache.server.store import Store
+from logitcache.server.streaming import LoadedSegments
 from logitcache.server.teachers import Teacher
 
 INTERACTIVE_PRIORITY = 0
@@ -31,8 +32,10 @@ class ReadThroughCache:
         *,
         segment_positions: int,
         flush_seconds: float,
+        loaded: LoadedSegments,
     ) -> None:
         self.store = store
+        self.loaded = loaded
         self.metrics = metrics
         self.segment_positions = segment_positions
         self.flush_seconds = flush_seconds
@@ -62,7 +65,7 @@ class ReadThroughCache:
         if stored:
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(
-                self._reader, lambda: [self.store.encoded(keys[i]) for i in stored]
+                self._reader, lambda: [self._read(keys[i]) for i in stored]
             )
             for i, rec in zip(stored, found, strict=True):
                 results[i] = rec
@@ -74,7 +77,7 @@ class ReadThroughCache:
             if key in self._unsealed:
                 results[i] = self._unsealed[key]
             elif self.store.contains(key):  # sealed (and dropped from _unsealed) meanwhile
-                results[i] = self.store.encoded(key)
+                results[i] = self._read(key)
             elif key in self._inflight:
                 waits[i] = self._inflight[key]
             else:
@@ -89,6 +92,12 @@ class ReadThroughCache:
                 results[i] = rec
             self.metrics.add_served("computed", sum(len(r) for r in done))
         return results, computed
+
+    def _read(self, key: bytes) -> CapturedRecord:
+        """A stored record, from its segment held in memory (hits are memory copies)."""
+        location = self.store.locate(key)
+        self.loaded.use(location.segment)
+        return location.segment.encoded(location.index)
 
     def _start(
         self, teacher: Teacher, space: CaptureSpace, key: bytes, ids: np.ndarray

@@ -64,10 +64,12 @@ class LoadedSegments:
 
 
 class DatasetStreamer:
-    def __init__(self, store: Store, *, budget_bytes: int, prefetch: int, threads: int = 2) -> None:
+    def __init__(
+        self, store: Store, loaded: LoadedSegments, *, prefetch: int, threads: int = 2
+    ) -> None:
         self.store = store
         self.prefetch = prefetch
-        self.loaded = LoadedSegments(budget_bytes)
+        self.loaded = loaded
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stream")
 
     async def stream(self, req: StreamRequest) -> AsyncIterator[pb.RecordBatch]:
