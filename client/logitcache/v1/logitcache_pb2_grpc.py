@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class LogitCacheStub:
-    """Missing associated documentation comment in .proto file."""
+    """The logitcache service: teachers, datasets, read-through distributions, streaming and jobs.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -87,7 +88,8 @@ class LogitCacheStub:
 
 
 class LogitCacheServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The logitcache service: teachers, datasets, read-through distributions, streaming and jobs.
+    """
 
     def ListTeachers(self, request, context):
         """Teachers this server runs, with their capture spaces' fixed fields.
@@ -231,7 +233,8 @@ def add_LogitCacheServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LogitCache:
-    """Missing associated documentation comment in .proto file."""
+    """The logitcache service: teachers, datasets, read-through distributions, streaming and jobs.
+    """
 
     @staticmethod
     def ListTeachers(request,
