@@ -235,6 +235,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_bench_capture)
 
     p = bench.add_parser(
+        "distill",
+        help="held-out KL and perplexity of a student trained by CE, online KD, and KD from the cache",
+        description="With the demo teacher and its language, train one small student from one initialisation for the same steps on the same batches three ways: (a) cross-entropy on the text, (b) online distillation from the teacher's full logits computed on the fly, (c) distillation from the top-k cache streamed from a running logitcache server. Prints held-out KL(teacher || student) and perplexity of each, and (c)'s stream throughput next to its step rate.",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher directory or id (default: the demo teacher, built if needed)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=300, help="optimizer steps of each run (default: 300)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="AdamW peak learning rate (default: 3e-3)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=64, help="entries per position in the cache (default: 64)"
+    )
+    p.add_argument(
+        "--loss",
+        choices=("forward_kl", "reverse_kl", "jsd"),
+        default="forward_kl",
+        help="divergence for (b) (dense) and (c) (top-k + tail bucket) (default: forward_kl)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="share of cross-entropy mixed into (b) and (c) (default: 0)",
+    )
+    p.add_argument(
+        "--train-sequences",
+        type=int,
+        default=None,
+        help="distinct training sequences, cycled in order (default: steps x batch size, one epoch)",
+    )
+    p.add_argument(
+        "--eval-sequences", type=int, default=128, help="held-out sequences (default: 128)"
+    )
+    p.add_argument(
+        "--train-seed", type=int, default=1, help="seed of the training documents (default: 1)"
+    )
+    p.add_argument(
+        "--eval-seed", type=int, default=2, help="seed of the held-out documents (default: 2)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="student initialisation and stream seed (default: 0)"
+    )
+    p.add_argument(
+        "--student-hidden", type=int, default=64, help="student hidden size (default: 64)"
+    )
+    p.add_argument("--student-layers", type=int, default=2, help="student layers (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the trainer in all three runs (default: 1, leaving the other "
+        "core to the server and the stream)",
+    )
+    p.set_defaults(handler=_bench_distill)
+
+    p = bench.add_parser(
         "stream",
         help="positions/s streamed from a warm store to one client over loopback, decoded to numpy",
         description="Starts a store-only server on loopback and streams a dataset into numpy records; prints positions/s and the client's and server's CPU use.",
@@ -353,6 +417,13 @@ def _bench_capture(args: argparse.Namespace) -> int:
     from logitcache.server.bench_capture import run_capture_benchmark
 
     run_capture_benchmark(args, _engine_options(args, args.top_k))
+    return 0
+
+
+def _bench_distill(args: argparse.Namespace) -> int:
+    from logitcache.server.bench_distill import run_distill_benchmark
+
+    run_distill_benchmark(args)
     return 0
 
 

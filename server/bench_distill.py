@@ -1,0 +1,544 @@
+"""``logitcache bench distill``: does a student learn as well from the cache as from the teacher?
+
+With the demo teacher and its language, one small student, from one initial state, is trained for
+the same steps on the same batches in the same order, three ways:
+
+(a) cross-entropy on the text only;
+(b) online distillation: the teacher (transformers, fp32, in this process, no grad) computes its
+    full distribution at every position of every batch, loss = the dense divergence over the whole
+    vocabulary (``--loss``, forward KL by default), optionally mixed with CE (``--alpha``);
+(c) distillation from the cache: a real ``logitcache serve`` captures the training sequences (as
+    token ids, so they are exactly (a)'s and (b)'s) in a precompute job, and the student trains
+    from ``TeacherStream`` (gRPC, ``shuffle=False`` so the order is (a)'s, checked batch by batch)
+    through ``collate_records`` and the sparse top-k loss of ``logitcache.trainer.losses``.
+
+Each student is then scored on held-out text (documents of another seed) by the mean
+KL(teacher || student) per token over the full vocabulary, with the teacher computed by the plain
+transformers reference forward pass, and by its perplexity on the actual next tokens.
+
+(c) also reports its input side: the wall time the training loop spent waiting for data (inside
+``next()`` on the record iterator, plus collation) against the time in forward/backward/step, so
+positions/s consumed from the stream can be read next to the student's own step rate.
+
+Threads: the server (vLLM engine process and gRPC server) runs for the whole benchmark, so the
+three runs see the same machine (it is left to go idle after the capture job before each run).
+The trainer uses ``--threads`` torch threads (default 1) in all three runs, which leaves a core to
+the server's streaming and the stream's prefetch thread during (c). Measured on a shared 2-core
+machine, 60 steps: 2 threads made every run 3-6x slower than 1 (oversubscribed cores), with the
+same held-out figures. No engine is built in this process: vLLM runs only in the server's
+subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from logitcache.server.demo_assets import demo_teacher_path
+from logitcache.server.errors import InvalidArgument
+
+IGNORE_INDEX = -100
+EVAL_BATCH = 32
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def token_sequences(tokenizer, count: int, seq_len: int, seed: int) -> torch.Tensor:
+    """int64 [count, seq_len]: ``<s> doc </s>`` streams of documents of ``seed``, cut into blocks."""
+    from logitcache.server.demo_language import generate_documents
+
+    eos = tokenizer.eos_token_id
+    need = count * seq_len
+    documents = 64
+    while True:
+        encoded = tokenizer(generate_documents(documents, seed=seed))["input_ids"]
+        stream = [t for ids in encoded for t in (*ids, eos)]
+        if len(stream) >= need:
+            return torch.tensor(stream[:need], dtype=torch.int64).view(count, seq_len)
+        documents = math.ceil(documents * 1.2 * need / max(len(stream), 1)) + 1
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[:, t] = input_ids[:, t + 1]; IGNORE_INDEX at the last position (collate's layout)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def batch_rows(step: int, batch_size: int, count: int) -> torch.Tensor:
+    """Rows of step ``step``: the sequences in order, wrapping into the next epoch."""
+    return (step * batch_size + torch.arange(batch_size)) % count
+
+
+# ---- student ---------------------------------------------------------------------------------------
+
+
+def student_config(vocab_size: int, seq_len: int, hidden: int, layers: int):
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 32)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max(seq_len, 128),
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+
+
+def learning_rate_factor(step: int, steps: int) -> float:
+    """Linear warm-up over 10% of the steps, then cosine decay to a tenth."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- losses ----------------------------------------------------------------------------------------
+
+
+def dense_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position divergence over the full vocabulary; teacher log_p, student log_q [..., V]."""
+    if kind == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "jsd":  # beta = 0.5, as losses.jsd's default
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+        kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+        return 0.5 * kl_pm + 0.5 * kl_qm
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+# ---- one training run -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    name: str
+    model: torch.nn.Module
+    wall_s: float = 0.0  # the whole loop
+    data_s: float = 0.0  # waiting for the batch (slicing, or the stream's next() + collation)
+    teacher_s: float = 0.0  # (b): the teacher's forward pass
+    forward_s: float = 0.0  # the student's forward pass
+    loss_s: float = 0.0  # the loss (the top-k loss of (c) takes its gradient here already)
+    update_s: float = 0.0  # backward, clipping, optimizer step
+    positions: int = 0
+    first_batch_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    server_cpu_s: float | None = None
+
+    @property
+    def compute_s(self) -> float:
+        """The student's training work: forward, loss, backward, optimizer step."""
+        return self.forward_s + self.loss_s + self.update_s
+
+
+# A batch source: step -> (input_ids [B, T], attention_mask, labels, extra) ; extra for the loss.
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def train(
+    name: str,
+    init: Callable[[], torch.nn.Module],
+    next_batch: BatchFn,
+    loss_fn: LossFn,
+    teacher_fn: Callable[[torch.Tensor, dict], None] | None,
+    args: argparse.Namespace,
+    server_cpu: Callable[[], float] | None,
+) -> RunResult:
+    model = init()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, args.steps)
+    )
+    result = RunResult(name, model)
+    _settle(server_cpu)
+    cpu0 = server_cpu() if server_cpu else None
+    started = time.perf_counter()
+    report_every = max(1, args.steps // 5)
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        input_ids, attention_mask, labels, extra = next_batch(step)
+        t1 = time.perf_counter()
+        if step == 0:
+            result.first_batch_s = t1 - t0
+        if teacher_fn is not None:
+            teacher_fn(input_ids, extra)
+        t2 = time.perf_counter()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        t3 = time.perf_counter()
+        loss = loss_fn(logits, labels, extra)
+        t4 = time.perf_counter()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        result.data_s += t1 - t0
+        result.teacher_s += t2 - t1
+        result.forward_s += t3 - t2
+        result.loss_s += t4 - t3
+        result.update_s += t5 - t4
+        result.positions += int(attention_mask.sum())
+        result.losses.append(float(loss.detach()))
+        if (step + 1) % report_every == 0 or step + 1 == args.steps:
+            window = result.losses[-report_every:]
+            print(
+                f"  {name} step {step + 1:>5}/{args.steps}: loss {sum(window) / len(window):.4f}"
+                f"  ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+    result.wall_s = time.perf_counter() - started
+    if server_cpu is not None and cpu0 is not None:
+        result.server_cpu_s = server_cpu() - cpu0
+    model.eval()
+    return result
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher: torch.nn.Module, held_out: torch.Tensor) -> list[torch.Tensor]:
+    """The reference forward pass's log-probabilities [b, T, V] per evaluation batch."""
+    return [
+        torch.log_softmax(teacher(input_ids=batch).logits.float(), -1)
+        for batch in held_out.split(EVAL_BATCH)
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, held_out: torch.Tensor, reference: list[torch.Tensor]
+) -> tuple[float, float]:
+    """(mean KL(teacher || model) per position over the full vocabulary, perplexity)."""
+    model.eval()
+    kl_sum, nll_sum, kl_n, nll_n = 0.0, 0.0, 0, 0
+    for batch, log_p in zip(held_out.split(EVAL_BATCH), reference, strict=True):
+        log_q = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        kl = dense_divergence(log_p, log_q, "forward_kl")
+        kl_sum += float(kl.double().sum())
+        kl_n += kl.numel()
+        nll = -log_q[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
+        nll_sum += float(nll.double().sum())
+        nll_n += nll.numel()
+    return kl_sum / kl_n, math.exp(nll_sum / nll_n)
+
+
+# ---- the server side ---------------------------------------------------------------------------------
+
+
+def _server_cpu_reader(pid: int) -> Callable[[], float] | None:
+    """CPU seconds of the server process and its children (the engine), if psutil is installed."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+
+    def read() -> float:
+        try:
+            proc = psutil.Process(pid)
+            total = sum(proc.cpu_times()[:2])
+            for child in proc.children(recursive=True):
+                try:
+                    total += sum(child.cpu_times()[:2])
+                except psutil.NoSuchProcess:
+                    pass
+            return total
+        except psutil.NoSuchProcess:
+            return float("nan")
+
+    return read
+
+
+def _settle(server_cpu: Callable[[], float] | None, timeout: float = 20.0) -> None:
+    """Wait (at most ``timeout`` s) until the server uses under 5% of a core: a finished job's
+    last work should not run into the next training run's timing."""
+    if server_cpu is None:
+        return
+    deadline = time.monotonic() + timeout
+    before = server_cpu()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = server_cpu()
+        if now - before < 0.025:
+            return
+        before = now
+
+
+def _records_forever(stream) -> Iterator:
+    """The stream's records, epoch after epoch (the same order each epoch with shuffle=False)."""
+    while True:
+        empty = True
+        for record in stream:
+            empty = False
+            yield record
+        if empty:
+            raise RuntimeError(f"dataset {stream.dataset!r} streamed no records")
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------
+
+
+def run_distill_benchmark(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from logitcache.client import Client
+    from logitcache.server.launcher import ServerProcess
+    from logitcache.server.reference_engine import TransformersReference
+    from logitcache.trainer import losses
+    from logitcache.trainer.collate import collate_records
+    from logitcache.trainer.stream import TeacherStream
+
+    for name in ("steps", "batch_size", "seq_len", "eval_sequences", "threads", "top_k"):
+        if getattr(args, name) < 1:
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.train_sequences is not None and args.train_sequences < 1:
+        raise InvalidArgument("--train-sequences must be at least 1")
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    teacher_path = args.teacher or str(demo_teacher_path())
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    teacher = TransformersReference(teacher_path).model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    vocab = teacher.config.vocab_size
+    bsz, seq_len, steps = args.batch_size, args.seq_len, args.steps
+    n_train = args.train_sequences or steps * bsz
+    train_ids = token_sequences(tokenizer, n_train, seq_len, args.train_seed)
+    held_out = token_sequences(tokenizer, args.eval_sequences, seq_len, args.eval_seed)
+    epochs = steps * bsz / n_train
+
+    config = student_config(vocab, seq_len, args.student_hidden, args.student_layers)
+    torch.manual_seed(args.seed)
+    initial = LlamaForCausalLM(config)
+    initial.eval()
+    init_state = copy.deepcopy(initial.state_dict())
+    n_params = sum(p.numel() for p in initial.parameters())
+
+    def new_student() -> torch.nn.Module:
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(copy.deepcopy(init_state))
+        return model
+
+    print(
+        f"teacher {teacher_path}: vocab {vocab}, "
+        f"{sum(p.numel() for p in teacher.parameters()):,} parameters"
+    )
+    print(
+        f"student: Llama hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads x {config.head_dim}, {n_params:,} parameters, "
+        f"init seed {args.seed}"
+    )
+    print(
+        f"data: {n_train} training sequences x {seq_len} tokens (documents seed "
+        f"{args.train_seed}), {args.eval_sequences} held-out (seed {args.eval_seed}); "
+        f"{steps} steps x {bsz} sequences = {epochs:.2f} epochs; AdamW lr {args.lr}, "
+        f"{args.threads} torch thread(s)"
+    )
+    print(
+        f"distillation: (b) dense {args.loss} over {vocab} tokens, (c) top-{args.top_k} "
+        f"{args.loss} with tail bucket; alpha (CE share) {args.alpha}"
+    )
+
+    def fixed_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        ids = train_ids[batch_rows(step, bsz, n_train)]
+        return ids, torch.ones_like(ids), next_token_labels(ids), {}
+
+    def ce_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
+        return cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def online_teacher(ids: torch.Tensor, extra: dict) -> None:
+        extra["log_p"] = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+
+    def dense_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
+        log_q = torch.log_softmax(logits.float(), -1)
+        kd = dense_divergence(extra["log_p"], log_q, args.loss).mean()  # every position counts
+        if args.alpha == 0.0:
+            return kd
+        return (1.0 - args.alpha) * kd + args.alpha * cross_entropy(logits, labels)
+
+    def cached_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
+        b = extra["batch"]
+        return losses.distillation_loss(
+            logits, b["teacher_token_ids"], b["teacher_logprobs"], b["teacher_mask"], labels,
+            kind=args.loss, alpha=args.alpha,
+        )  # fmt: skip
+
+    results: dict[str, RunResult] = {}
+    with tempfile.TemporaryDirectory(prefix="logitcache-bench-distill-") as tmp:
+        print("\nstarting logitcache serve on the teacher ...", flush=True)
+        t = time.perf_counter()
+        with ServerProcess(
+            teacher_path, Path(tmp) / "store", "--max-top-k", str(args.top_k),
+            "--default-top-k", str(args.top_k), log_path=Path(tmp) / "serve.log",
+        ) as server:  # fmt: skip
+            print(f"server up on {server.target} in {time.perf_counter() - t:.1f} s", flush=True)
+            server_cpu = _server_cpu_reader(server.pid)
+            dataset = "distill-train"
+            with Client(server.target, timeout=600.0) as client:
+                t = time.perf_counter()
+                job = client.precompute(
+                    dataset=dataset, input_ids=[row.numpy() for row in train_ids],
+                    top_k=args.top_k,
+                )  # fmt: skip
+                final = client.wait(job, progress=False)
+                capture_s = time.perf_counter() - t
+            capture_positions = int(final.positions_done)
+            print(
+                f"(c) job {final.id}: {final.sequences_done} sequences, "
+                f"{capture_positions:,} positions captured at k={args.top_k} in {capture_s:.1f} s "
+                f"({capture_positions / capture_s:,.0f} positions/s, submit to completion)",
+                flush=True,
+            )
+
+            print("\n(a) cross-entropy on the text", flush=True)
+            results["a"] = train("(a)", new_student, fixed_batch, ce_loss, None, args, server_cpu)
+            print(f"(b) online distillation, dense teacher ({args.loss})", flush=True)
+            results["b"] = train(
+                "(b)", new_student, fixed_batch, dense_loss, online_teacher, args, server_cpu
+            )
+
+            print(f"(c) distillation from the cache over gRPC (top-{args.top_k})", flush=True)
+            stream = TeacherStream(f"grpc://{server.target}", dataset, seed=args.seed,
+                                   shuffle=False)  # fmt: skip
+            if len(stream) != n_train or stream.space.k != args.top_k:
+                raise RuntimeError(
+                    f"dataset {dataset!r} streams {len(stream)} records at k={stream.space.k}; "
+                    f"expected {n_train} at k={args.top_k}"
+                )
+            if stream.space.vocab_size != vocab:
+                raise RuntimeError(
+                    f"cache vocabulary {stream.space.vocab_size} != teacher's {vocab}"
+                )
+            records = _records_forever(stream)
+            mismatched: list[int] = []
+
+            def streamed_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+                batch = collate_records(
+                    [next(records) for _ in range(bsz)], pad_token_id=0, pin_memory=False
+                )
+                ids = batch["input_ids"]
+                if not torch.equal(ids, train_ids[batch_rows(step, bsz, n_train)]):
+                    mismatched.append(step)
+                return ids, batch["attention_mask"], batch["labels"], {"batch": batch}
+
+            try:
+                results["c"] = train(
+                    "(c)", new_student, streamed_batch, cached_loss, None, args, server_cpu
+                )
+            finally:
+                records.close()
+            if mismatched:
+                raise RuntimeError(
+                    f"(c) saw other sequences than (a) at {len(mismatched)} of {steps} steps "
+                    f"(first: step {mismatched[0]}): the comparison would not be fair"
+                )
+            print(f"  (c) every batch's input_ids equal (a)'s ({steps} batches checked)")
+
+    print("\nevaluating on held-out text (teacher: transformers reference forward pass) ...")
+    t = time.perf_counter()
+    reference = teacher_logprobs(teacher, held_out)
+    rows = [("teacher (reference)", 0.0, evaluate(teacher, held_out, reference)[1], None)]
+    rows.append(("student, untrained", *evaluate(initial, held_out, reference), None))
+    labels = {
+        "a": "(a) cross-entropy on text",
+        "b": f"(b) online KD, dense {args.loss}",
+        "c": f"(c) KD from cache, top-{args.top_k} {args.loss}",
+    }
+    scores = {}
+    for key, r in results.items():
+        kl, ppl = evaluate(r.model, held_out, reference)
+        scores[key] = kl
+        rows.append((labels[key], kl, ppl, r))
+    eval_s = time.perf_counter() - t
+    torch.set_num_threads(previous_threads)
+
+    held_positions = held_out.numel()
+    print(
+        f"\nheld-out: {args.eval_sequences} sequences x {seq_len} tokens = {held_positions:,} "
+        f"positions; KL in nats per position over the full vocabulary; evaluated in {eval_s:.1f} s"
+    )
+    head = (
+        f"{'method':37s} {'KL(teacher||student)':>21s} {'ppl':>8s} {'train s':>8s} {'steps/s':>8s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, kl, ppl, r in rows:
+        timing = (
+            f"{r.wall_s:>8.1f} {steps / r.wall_s:>8.2f}"
+            if r is not None
+            else f"{'-':>8s} {'-':>8s}"
+        )
+        print(f"{label:37s} {kl:>21.4f} {ppl:>8.3f} {timing}")
+    print(f"(c)/(b) KL ratio: {scores['c'] / scores['b']:.3f}")
+    print(f"(a) KL / (c) KL:  {scores['a'] / scores['c']:.2f}")
+
+    c = results["c"]
+    print(
+        f"\n(c) input side: {c.positions:,} positions taken from the stream in {c.data_s:.2f} s "
+        f"of waiting (next() + collate, first batch {c.first_batch_s:.2f} s of it) = "
+        f"{c.positions / max(c.data_s, 1e-9):,.0f} positions/s consumed; "
+        f"{c.data_s / c.wall_s:.1%} of (c)'s wall time"
+    )
+    print(
+        f"(c) student: {steps / c.compute_s:.2f} steps/s, {c.positions / c.compute_s:,.0f} "
+        f"positions/s trained (forward, loss, backward, step: {c.compute_s:.1f} s); "
+        f"{steps / c.wall_s:.2f} steps/s overall"
+    )
+    print("\nwhere each run's time went (s):")
+    head = (
+        f"{'run':5s} {'data':>7s} {'teacher':>8s} {'forward':>8s} {'loss':>7s} "
+        f"{'bwd+step':>9s} {'wall':>7s} {'pos/s trained':>14s} {'server CPU':>11s}"
+    )
+    print(head)
+    for key in "abc":
+        r = results[key]
+        server = f"{r.server_cpu_s / r.wall_s:>10.0%}" if r.server_cpu_s is not None else "n/a"
+        print(
+            f"{'(' + key + ')':5s} {r.data_s:>7.2f} {r.teacher_s:>8.2f} {r.forward_s:>8.2f} "
+            f"{r.loss_s:>7.2f} {r.update_s:>9.2f} {r.wall_s:>7.2f} "
+            f"{r.positions / r.compute_s:>14,.0f} {server:>11s}"
+        )
+    print(
+        "(pos/s trained: positions / (forward + loss + bwd+step); the top-k loss of (c) takes "
+        "its gradient inside 'loss', the others in 'bwd+step'; server CPU: share of one core, "
+        "server and engine processes together)"
+    )
+    print(
+        f"(c) capture job: {capture_positions:,} positions in {capture_s:.1f} s "
+        f"({capture_positions / capture_s:,.0f} positions/s)"
+    )
+    print(f"total benchmark time: {time.perf_counter() - started:.1f} s")
