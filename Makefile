@@ -11,7 +11,8 @@ DEMO := .demo
 .PHONY: install demo test lint proto clean help
 
 help:
-	@echo "make demo   build the demo teacher, precompute a dataset with it, inspect the store"
+	@echo "make demo   build the demo teacher, precompute and inspect a dataset, run the service"
+	@echo "            end to end, and distil a student three ways (text, live teacher, cache)"
 	@echo "make test   run the test suite (real vLLM engine, real Zarr stores)"
 	@echo "make lint   ruff check and format check"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
@@ -39,6 +40,7 @@ demo: $(STAMP)
 	$(BIN)/logitcache demo-data $(DEMO)/served.jsonl --documents 200 --seed 2
 	$(BIN)/logitcache demo-service --teacher $(DEMO)/teacher --data $(DEMO)/served.jsonl \
 		--store $(DEMO)/store --dataset demo-served
+	$(BIN)/logitcache bench distill --teacher $(DEMO)/teacher --steps 150
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
