@@ -9,7 +9,9 @@ order arithmetic of ``logitcache.client.order``:
   every N-th of those, which is exactly partition ``r + W*w`` of ``W*N``. So the global order is
   the same whatever the number of ranks and workers, and partitions are disjoint and complete;
 - progress is (batch cursor, records taken since it): ``state_dict()`` after any record and
-  ``load_state_dict()`` on a fresh stream continue with the very next record.
+  ``load_state_dict()`` on a fresh stream continue with the very next record. Without a loaded
+  state, every ``iter()`` is a new pass over the epoch. ``len()`` counts the whole dataset, also
+  when ``allow_partial`` streams only its sealed part.
 
 Records are fetched by a background thread into a bounded queue, so the training loop does not
 wait on the network while the source keeps up, and memory stays bounded when it does not.
@@ -87,6 +89,7 @@ class TeacherStream(IterableDataset):
         self._cursor = 0  # batch cursor of this iterator's partition
         self._skip = 0  # records already taken after that cursor
         self._partition: Partition | None = None
+        self._resuming = False  # the next __iter__ continues from a loaded state
         self._space: CaptureSpace | None = None
         self._length: int | None = None
 
@@ -126,6 +129,7 @@ class TeacherStream(IterableDataset):
         """Start epoch ``epoch`` from its beginning (a new permutation)."""
         self.epoch = epoch
         self._cursor = self._skip = 0
+        self._resuming = False
 
     # -- iteration ------------------------------------------------------------------------------
 
@@ -136,11 +140,15 @@ class TeacherStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Record]:
         partition = self._current_partition()
-        if self._partition is not None and self._partition != partition:
-            raise ValueError(
-                f"this stream's state belongs to partition {self._partition} but it is iterated "
-                f"as {partition}: resume with the same world size and number of workers"
-            )
+        if self._resuming:  # continue where a loaded state stood
+            if self._partition != partition:
+                raise ValueError(
+                    f"this stream's state belongs to partition {self._partition} but it is "
+                    f"iterated as {partition}: resume with the same world size and workers"
+                )
+            self._resuming = False
+        else:  # a new pass over the epoch
+            self._cursor = self._skip = 0
         self._partition = partition
         source = _open_source(self, partition, self._cursor)
         records = _prefetched(source, self.prefetch_records)
@@ -157,8 +165,7 @@ class TeacherStream(IterableDataset):
                 yield record
         finally:
             records.close()
-        self._cursor = self._skip = 0  # a finished epoch starts over
-        self._partition = None
+        # The state now says "epoch finished": resuming from it yields nothing more.
 
     # -- resumption -----------------------------------------------------------------------------
 
@@ -186,6 +193,7 @@ class TeacherStream(IterableDataset):
         self.epoch = state["epoch"]
         self._partition = Partition(*state["partition"])
         self._cursor, self._skip = int(state["cursor"]), int(state["skip"])
+        self._resuming = True
 
 
 # ---- sources: (record, cursor after it if it ends a batch) ---------------------------------

@@ -174,6 +174,20 @@ def test_state_dict_resumes_with_exactly_the_next_record(
     assert keys(resumed) == keys(expected)
 
 
+def test_a_new_iteration_starts_the_epoch_over_and_a_finished_state_stays_finished(
+    store: str,
+) -> None:
+    full = keys(read(TeacherStream(store, "bench", batch_records=5)))
+    stream = TeacherStream(store, "bench", batch_records=5)
+    take(iter(stream), 3)  # a peek, abandoned
+    assert sorted(keys(read(stream, workers=2))) == sorted(full)
+    assert keys(read(stream)) == full
+    finished = stream.state_dict()
+    again = TeacherStream(store, "bench", batch_records=5)
+    again.load_state_dict(finished)
+    assert list(again) == []
+
+
 def test_resuming_twice_in_a_row_stays_exact(store: str) -> None:
     expected = keys(TeacherStream(store, "bench", batch_records=5))
     got: list[str] = []
