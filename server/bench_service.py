@@ -123,18 +123,9 @@ def run_stream_benchmark(args: argparse.Namespace) -> None:
 
 
 def run_lookup_benchmark(args: argparse.Namespace, teacher: str) -> None:
-    from transformers import AutoTokenizer
+    from logitcache.server.bench_capture import benchmark_sequences
 
-    from logitcache.server.demo_language import generate_documents
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    stream: list[int] = []
-    seed = 11
-    while len(stream) < 65 * 512:
-        for ids in tokenizer(generate_documents(100, seed=seed))["input_ids"]:
-            stream.extend(ids)
-        seed += 1
-    tokens = np.asarray(stream[: 65 * 512], dtype=np.int64).reshape(65, 512)
+    tokens = np.stack(benchmark_sequences(teacher, 65, 512, seed=11))
     with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as tmp:
         with ServerProcess(teacher, Path(tmp) / "store", "--max-top-k", str(args.top_k),
                            "--default-top-k", str(args.top_k)) as server:  # fmt: skip

@@ -22,6 +22,7 @@ from logitcache.server.errors import (
     InvalidArgument,
     NotFound,
 )
+from logitcache.server.inputs import OVERFLOW_POLICIES
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute, prepare_inputs
 from logitcache.server.store import Store, validate_dataset_name
@@ -121,9 +122,9 @@ class JobManager:
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
         spec.top_k = teacher.resolve_k(spec.top_k)
-        if spec.overflow not in ("error", "truncate", "split"):
+        if spec.overflow not in OVERFLOW_POLICIES:
             raise InvalidArgument(
-                f"overflow must be error, truncate or split, not {spec.overflow!r}"
+                f"overflow must be one of {OVERFLOW_POLICIES}, not {spec.overflow!r}"
             )
         if spec.dataset in self.store.datasets() or any(
             j.spec.dataset == spec.dataset and j.state in ACTIVE for j in self._jobs.values()
