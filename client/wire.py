@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from logitcache.client.codec import codec_for
+from logitcache.client.codec import TopKRows, codec_for
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.v1 import logitcache_pb2 as pb
@@ -27,7 +27,8 @@ def encode_batch(
     indices: Sequence[int] = (),
     cursor: int = 0,
 ) -> pb.RecordBatch:
-    """Wrap codec arrays of concatenated records (see ``QuantizedTopKCodec.encode``)."""
+    """Wrap the codec arrays of concatenated records (see ``logitcache.client.codec``)."""
+    codec = codec_for(space.codec, space.vocab_size)
     return pb.RecordBatch(
         space_id=space.space_id,
         codec=space.codec,
@@ -36,12 +37,33 @@ def encode_batch(
         keys=list(keys),
         lengths=np.asarray(lengths, dtype=np.int64).tolist(),
         input_ids=np.ascontiguousarray(input_ids, dtype="<i4").tobytes(),
-        token_ids=_le_bytes(arrays["token_ids"]),
-        logprob_gaps=_le_bytes(arrays["logprob_gaps"]),
-        target_q=_le_bytes(arrays["target_q"]),
+        arrays=[
+            pb.EncodedArray(name=f.name, data=_le_bytes(arrays[f.name], f.dtype))
+            for f in codec.fields
+        ],
         indices=list(indices),
         cursor=cursor,
     )
+
+
+def decode_arrays(batch: pb.RecordBatch, codec, positions: int) -> dict[str, np.ndarray]:
+    """The codec's arrays of a batch, checked against the batch's positions and k."""
+    given = {a.name: a.data for a in batch.arrays}
+    arrays, entries = {}, None
+    for f in codec.fields:
+        if f.name not in given:
+            raise ValueError(f"malformed RecordBatch: codec {codec.name} needs array {f.name!r}")
+        a = np.frombuffer(given[f.name], dtype=f.dtype.newbyteorder("<"))
+        if f.per == "entry":
+            if entries is not None and a.shape[0] != entries:
+                raise ValueError("malformed RecordBatch: entry arrays differ in length")
+            entries = a.shape[0]
+        elif a.shape[0] == positions * batch.k and a.shape[0] != positions:
+            a = a.reshape(positions, batch.k)  # the fixed-k codec's [P, k] arrays
+        elif a.shape[0] != positions:
+            raise ValueError(f"malformed RecordBatch: array {f.name!r} does not match lengths")
+        arrays[f.name] = a
+    return arrays
 
 
 def decode_batch(batch: pb.RecordBatch) -> list[Record]:
@@ -49,41 +71,38 @@ def decode_batch(batch: pb.RecordBatch) -> list[Record]:
     if not batch.keys:
         return []
     codec = codec_for(batch.codec, batch.vocab_size)
-    k = batch.k
     lengths = np.asarray(batch.lengths, dtype=np.int64)
     positions = int(lengths.sum())
-    arrays = {
-        "token_ids": np.frombuffer(batch.token_ids, dtype=codec.id_dtype.newbyteorder("<")),
-        "logprob_gaps": np.frombuffer(batch.logprob_gaps, dtype="<u2"),
-        "target_q": np.frombuffer(batch.target_q, dtype="<u2"),
-    }
     input_ids = np.frombuffer(batch.input_ids, dtype="<i4")
-    if (
-        input_ids.shape[0] != positions
-        or arrays["token_ids"].shape[0] != positions * k
-        or arrays["logprob_gaps"].shape[0] != positions * k
-        or arrays["target_q"].shape[0] != positions
-        or len(batch.keys) != len(lengths)
-    ):
+    if input_ids.shape[0] != positions or len(batch.keys) != len(lengths):
         raise ValueError("malformed RecordBatch: array sizes do not match lengths and k")
-    arrays["token_ids"] = arrays["token_ids"].reshape(positions, k)
-    arrays["logprob_gaps"] = arrays["logprob_gaps"].reshape(positions, k)
-    rows = codec.decode(arrays)
-    input_ids = input_ids.astype(np.int32)
+    rows = codec.decode(decode_arrays(batch, codec, positions))
+    return split_records([k.hex() for k in batch.keys], input_ids.astype(np.int32), lengths, rows)
+
+
+def split_records(
+    keys: Sequence[str], input_ids: np.ndarray, lengths: np.ndarray, rows: TopKRows
+) -> list[Record]:
+    """Decoded rows of concatenated records -> one Record each (views, no copies)."""
     bounds = np.cumsum(lengths)[:-1]
+
+    def parts(a: np.ndarray | None) -> list:
+        return [None] * len(keys) if a is None else np.split(a, bounds)
+
     return [
-        Record(key=key.hex(), input_ids=ids, token_ids=tok, logprobs=lp, target_logprobs=tgt)
-        for key, ids, tok, lp, tgt in zip(
-            batch.keys,
+        Record(key, ids, tok, lp, tgt, tail, cnt)
+        for key, ids, tok, lp, tgt, tail, cnt in zip(
+            keys,
             np.split(input_ids, bounds),
-            np.split(rows.token_ids, bounds),
-            np.split(rows.logprobs, bounds),
-            np.split(rows.target_logprobs, bounds),
+            parts(rows.token_ids),
+            parts(rows.logprobs),
+            parts(rows.target_logprobs),
+            parts(rows.tail_logprobs),
+            parts(rows.counts),
             strict=True,
         )
     ]
 
 
-def _le_bytes(a: np.ndarray) -> bytes:
-    a = np.asarray(a)
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+def _le_bytes(a: np.ndarray, dtype: np.dtype) -> bytes:
+    return np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()

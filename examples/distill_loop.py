@@ -196,6 +196,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                 beta=args.beta,
                 alpha=args.alpha,
                 temperature=args.temperature,
+                teacher_tail_logprobs=batch["teacher_tail_logprobs"],
+                teacher_counts=batch.get("teacher_counts"),
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

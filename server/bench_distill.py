@@ -394,7 +394,8 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         b = extra["batch"]
         return losses.distillation_loss(
             logits, b["teacher_token_ids"], b["teacher_logprobs"], b["teacher_mask"], labels,
-            kind=args.loss, alpha=args.alpha,
+            kind=args.loss, alpha=args.alpha, teacher_tail_logprobs=b["teacher_tail_logprobs"],
+            teacher_counts=b.get("teacher_counts"),
         )  # fmt: skip
 
     results: dict[str, RunResult] = {}

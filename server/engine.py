@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from logitcache.client.codec import TopKRows
+from logitcache.server.capture import FULL_VOCAB
 from logitcache.server.errors import InvalidArgument
 from logitcache.server.teacher import TeacherInfo
 
@@ -57,6 +58,8 @@ class VLLMOptions:
     max_num_batched_tokens: int | None = None
     # Schedule by request priority (interactive requests before precompute jobs).
     scheduling_priority: bool = False
+    # Allow full-vocabulary requests (k = FULL_VOCAB), which sampled captures need.
+    full_vocab: bool = False
 
 
 class VLLMEngine:
@@ -79,7 +82,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=str(info.path),
             skip_tokenizer_init=True,
-            max_logprobs=options.max_top_k,
+            max_logprobs=FULL_VOCAB if options.full_vocab else options.max_top_k,
             dtype=(info.native_dtype or "auto") if options.dtype == "model" else options.dtype,
             max_model_len=options.max_model_len,
             gpu_memory_utilization=options.gpu_memory_utilization,
@@ -89,23 +92,32 @@ class VLLMEngine:
         )
         self.info = info
         self.max_top_k = options.max_top_k
+        self.full_vocab = options.full_vocab
         self._llm = AsyncLLM.from_engine_args(args)
         model_config = self._llm.model_config
+        self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         # One generated token must fit after the prompt: it carries the last row.
         self.max_sequence_len = int(model_config.max_model_len) - 1
 
     async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
-        """Rows for one sequence; lower ``priority`` runs first when the engine schedules by it."""
+        """Rows for one sequence; lower ``priority`` runs first when the engine schedules by it.
+
+        ``k = FULL_VOCAB`` returns every token of the vocabulary (engines started with
+        ``full_vocab``), in descending probability.
+        """
         output = await self.raw_output(input_ids, k, priority)
-        return rows_from_vllm_output(output, len(input_ids), k)
+        return rows_from_vllm_output(output, len(input_ids), self.vocab_size if k < 0 else k)
 
     async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0):
         """vLLM's own RequestOutput for one sequence (what ``bench capture`` times as baseline)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not 1 <= k <= self.max_top_k:
+        if k == FULL_VOCAB:
+            if not self.full_vocab:
+                raise InvalidArgument("this engine was not started for full-vocabulary captures")
+        elif not 1 <= k <= self.max_top_k:
             raise InvalidArgument(f"top-k {k} is outside 1..{self.max_top_k} for this engine")
         params = SamplingParams(
             prompt_logprobs=k,

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace, record_key
+from logitcache.server.capture import CaptureConfig, stored_rows
 from logitcache.server.engine import TeacherEngine, VLLMEngine, VLLMOptions
 from logitcache.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from logitcache.server.inputs import InputReport, load_sequences
 from logitcache.server.segments import CapturedRecord
 from logitcache.server.store import Store, open_store, validate_dataset_name
-from logitcache.server.teacher import TeacherInfo, resolve_teacher, topk_space
+from logitcache.server.teacher import TeacherInfo, capture_space, resolve_teacher
 
 DEFAULT_SEGMENT_POSITIONS = 1 << 16
 
@@ -39,7 +39,7 @@ class PrecomputeRequest:
     data: Path
     out: str
     dataset: str
-    top_k: int
+    top_k: int  # k for top-k, the most entries for top_p, draws for sampled
     max_len: int | None = None
     overflow: str = "error"
     skip_invalid: bool = False
@@ -48,6 +48,13 @@ class PrecomputeRequest:
     license: str | None = None
     engine: VLLMOptions = field(default_factory=VLLMOptions)
     progress: bool = True
+    mode: str = "topk"  # see logitcache.server.capture
+    top_p: float | None = None
+    codec: str | None = None
+
+    @property
+    def capture(self) -> CaptureConfig:
+        return CaptureConfig(self.mode, self.top_k, self.top_p, self.codec)
 
 
 @dataclass
@@ -71,6 +78,7 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
     """Read and check the input file completely (before any engine starts or anything is written)."""
     if not 1 <= req.top_k:
         raise InvalidArgument("--top-k must be at least 1")
+    req.capture  # noqa: B018 - checks the capture options before any work
     limit = info.max_model_len - 1
     if req.max_len is not None:
         if req.max_len < 1:
@@ -124,7 +132,7 @@ async def precompute(
     if engine is None:
         engine = VLLMEngine(info, _engine_options(req))
     try:
-        space = topk_space(info, engine.dtype, req.top_k)
+        space = capture_space(info, engine.dtype, req.capture)
         if existing is not None and existing != space:
             raise FailedPrecondition(
                 f"dataset {req.dataset!r} was started with engine dtype {existing.engine_dtype}; "
@@ -192,12 +200,14 @@ async def capture_into_store(
     )
     slots = asyncio.Semaphore(max_in_flight)
 
+    config = CaptureConfig.of_space(space)
+
     async def one(key: bytes, ids: np.ndarray) -> CapturedRecord:
         try:
-            rows = await engine.capture(ids, space.k, priority)
+            rows = await engine.capture(ids, config.engine_width, priority)
         finally:
             slots.release()
-        return CapturedRecord.encode(key, ids, rows, space)
+        return CapturedRecord.encode(key, ids, stored_rows(config, rows, key), space)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as writer:
         sink = _SegmentSink(store, space, segment_positions, writer)
@@ -296,18 +306,21 @@ def _existing_space(store: Store, req: PrecomputeRequest, info: TeacherInfo) -> 
         space.teacher_fingerprint == info.teacher_fingerprint
         and space.tokenizer_fingerprint == info.tokenizer_fingerprint
         and space.k == req.top_k
-        and space.codec == QuantizedTopKCodec.name
+        and space.mode == req.capture.space_mode
+        and space.codec == req.capture.codec_name
     )
     if not same:
         raise AlreadyExists(
             f"dataset {req.dataset!r} exists in {store.url} with another teacher, tokenizer or "
-            f"top-k (k={space.k}); choose another name"
+            f"capture (mode {space.mode}, k={space.k}, codec {space.codec}); choose another name"
         )
     return space
 
 
 def _engine_options(req: PrecomputeRequest) -> VLLMOptions:
     opts = req.engine
+    if req.capture.mode == "sampled":
+        return VLLMOptions(**{**opts.__dict__, "full_vocab": True})
     if opts.max_top_k < req.top_k:
         opts = VLLMOptions(**{**opts.__dict__, "max_top_k": req.top_k})
     return opts
@@ -341,7 +354,12 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
             "overflow": req.overflow,
             "max_len": req.max_len,
         },
-        "capture": {"mode": "topk", "top_k": req.top_k, "tool": "logitcache precompute"},
+        "capture": {
+            "mode": req.capture.space_mode,
+            "k": req.top_k,
+            "codec": req.capture.codec_name,
+            "tool": "logitcache precompute",
+        },
     }
 
 

@@ -5,13 +5,16 @@ positions. It is written completely under a temporary name by exactly one writer
 by one atomic seal. Readers list only sealed segments, so a crash leaves at most an unsealed
 directory that nobody reads, and sealed segments are never modified.
 
-Layout of a segment group (P positions over n records, k entries per position):
-    keys          uint8  [n, 16]   record keys, in write order
-    offsets       int64  [n + 1]   record i spans positions offsets[i]:offsets[i+1]
-    input_ids     int32  [P]
-    token_ids     uint16|uint32 [P, k]
-    logprob_gaps  uint16 [P, k]    see logitcache.client.codec
-    target_q      uint16 [P]
+Layout of a segment group (P positions and E entries over n records):
+    keys            uint8  [n, 16]  record keys, in write order
+    offsets         int64  [n + 1]  record i spans positions offsets[i]:offsets[i+1]
+    entry_offsets   int64  [n + 1]  and entries entry_offsets[i]:entry_offsets[i+1] (codecs
+                                    with per-entry arrays only)
+    input_ids       int32  [P]
+    one array per field of the space's codec (logitcache.client.codec), [P, ...] or [E]
+
+Per-entry arrays of ids are compressed with plain zstd (byte shuffling breaks the repeated id
+runs that zstd finds); every other array with byte shuffle + zstd.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
-from logitcache.client.codec import TopKRows, codec_for
+from logitcache.client.codec import Field, TopKRows, codec_for
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.storage import LocalStorage
 
 SEGMENT_FORMAT = "logitcache-segment-v1"
 CHUNK_POSITIONS = 8192
-_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+ENTRY_CHUNK = 1 << 20  # entries per chunk of a per-entry array
+_SHUFFLED = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+_PLAIN = ZstdCodec(level=5)
 
 
 def segments_dir(space_id: str) -> str:
@@ -44,7 +49,17 @@ def unsealed_dir(space_id: str) -> str:
     return f"spaces/{space_id}/unsealed"
 
 
-ENCODED_FIELDS = ("token_ids", "logprob_gaps", "target_q")
+def codec_fields(space: CaptureSpace) -> tuple[Field, ...]:
+    return codec_for(space.codec, space.vocab_size).fields
+
+
+def field_names(space: CaptureSpace) -> tuple[str, ...]:
+    return tuple(f.name for f in codec_fields(space))
+
+
+def concat_arrays(space: CaptureSpace, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The codec arrays of several records, concatenated (per field, along the first axis)."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in field_names(space)}
 
 
 @dataclass
@@ -62,6 +77,11 @@ class CapturedRecord:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def entries(self, space: CaptureSpace) -> int:
+        """Number of stored entries (length of the per-entry arrays; 0 if the codec has none)."""
+        per_entry = [f.name for f in codec_fields(space) if f.per == "entry"]
+        return int(self.arrays[per_entry[0]].shape[0]) if per_entry else 0
 
 
 @dataclass
@@ -84,14 +104,19 @@ class SegmentBuilder:
         space = self.space
         lengths = np.array([len(r.input_ids) for r in self.records], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        arrays = {
+        fields = codec_fields(space)
+        arrays: dict[str, np.ndarray] = {
             "keys": np.frombuffer(b"".join(r.key for r in self.records), dtype=np.uint8).reshape(
                 -1, KEY_BYTES
             ),
             "offsets": offsets,
             "input_ids": np.concatenate([r.input_ids for r in self.records]).astype(np.int32),
-            **{f: np.concatenate([r.arrays[f] for r in self.records]) for f in ENCODED_FIELDS},
+            **concat_arrays(space, [r.arrays for r in self.records]),
         }
+        if any(f.per == "entry" for f in fields):
+            entries = np.array([r.entries(space) for r in self.records], dtype=np.int64)
+            arrays["entry_offsets"] = np.concatenate([[0], np.cumsum(entries)])
+        plain = {f.name for f in fields if not f.shuffle}
         writer_id = uuid.uuid4().hex[:12]
         tmp_rel = f"{unsealed_dir(space.space_id)}/{writer_id}"
         group = zarr.open_group(store=self.storage.zarr_store(tmp_rel, read_only=False), mode="w")
@@ -108,9 +133,12 @@ class SegmentBuilder:
                 "positions": int(offsets[-1]),
             }
         )
+        per_entry = {f.name for f in fields if f.per == "entry"}
         for name, data in arrays.items():
-            chunks = (min(CHUNK_POSITIONS, max(1, data.shape[0])),) + data.shape[1:]
-            group.create_array(name, data=data, chunks=chunks, compressors=_COMPRESSOR)
+            rows = ENTRY_CHUNK if name in per_entry else CHUNK_POSITIONS
+            chunks = (min(rows, max(1, data.shape[0])),) + data.shape[1:]
+            compressor = _PLAIN if name in plain else _SHUFFLED
+            group.create_array(name, data=data, chunks=chunks, compressors=compressor)
         # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
         segment_id = f"{time.time_ns():020d}-{writer_id}"
         self.storage.seal(tmp_rel, f"{segments_dir(space.space_id)}/{segment_id}")
@@ -133,6 +161,9 @@ class SegmentReader:
         self._group = zarr.open_group(store=storage.zarr_store(rel, read_only=True), mode="r")
         self.keys = np.asarray(self._group["keys"][:])
         self.offsets = np.asarray(self._group["offsets"][:])
+        self._fields = codec_fields(space)
+        if any(f.per == "entry" for f in self._fields):
+            self.entry_offsets = np.asarray(self._group["entry_offsets"][:])
         self._loaded: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -145,7 +176,7 @@ class SegmentReader:
     def load(self) -> int:
         """Read every encoded array into memory (idempotent); returns the bytes held."""
         if self._loaded is None:
-            names = ("input_ids", *ENCODED_FIELDS)
+            names = ("input_ids", *(f.name for f in self._fields))
             self._loaded = {name: np.asarray(self._group[name][:]) for name in names}
         return self.loaded_bytes
 
@@ -160,10 +191,17 @@ class SegmentReader:
         """Record ``i`` in the codec's encoding, without decoding it."""
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
         source = self._loaded if self._loaded is not None else self._group
+        arrays = {}
+        for f in self._fields:
+            if f.per == "entry":
+                lo, hi = int(self.entry_offsets[i]), int(self.entry_offsets[i + 1])
+                arrays[f.name] = np.asarray(source[f.name][lo:hi])
+            else:
+                arrays[f.name] = np.asarray(source[f.name][start:stop])
         return CapturedRecord(
             key=bytes(self.keys[i]),
             input_ids=np.asarray(source["input_ids"][start:stop], dtype=np.int32),
-            arrays={name: np.asarray(source[name][start:stop]) for name in ENCODED_FIELDS},
+            arrays=arrays,
         )
 
     def record(self, i: int) -> Record:
@@ -175,4 +213,6 @@ class SegmentReader:
             token_ids=rows.token_ids,
             logprobs=rows.logprobs,
             target_logprobs=rows.target_logprobs,
+            tail_logprobs=rows.tail_logprobs,
+            counts=rows.counts,
         )

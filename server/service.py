@@ -32,7 +32,7 @@ from logitcache.server.errors import (
 from logitcache.server.jobs import JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
-from logitcache.server.segments import ENCODED_FIELDS
+from logitcache.server.segments import concat_arrays
 from logitcache.server.store import Store
 from logitcache.server.streaming import DatasetStreamer, StreamRequest
 from logitcache.server.summary import store_summary
@@ -269,7 +269,7 @@ def _batch(space: CaptureSpace, records: list) -> pb.RecordBatch:
         [r.key for r in records],
         np.concatenate([r.input_ids for r in records]),
         np.asarray([len(r) for r in records]),
-        {f: np.concatenate([r.arrays[f] for r in records]) for f in ENCODED_FIELDS},
+        concat_arrays(space, [r.arrays for r in records]),
     )
 
 

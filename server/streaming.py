@@ -21,7 +21,7 @@ import numpy as np
 from logitcache.client.order import EpochPermutation, rank_length, rank_positions
 from logitcache.client.wire import encode_batch
 from logitcache.server.errors import FailedPrecondition, InvalidArgument
-from logitcache.server.segments import ENCODED_FIELDS, SegmentReader
+from logitcache.server.segments import SegmentReader, concat_arrays
 from logitcache.server.store import Dataset, Store
 from logitcache.v1 import logitcache_pb2 as pb
 
@@ -130,7 +130,7 @@ class DatasetStreamer:
     ) -> pb.RecordBatch:
         positions = rank_positions(len(ds), req.rank, req.world_size, start=cursor, count=count)
         indices = permutation(positions)
-        keys, lengths, ids, parts, kept = [], [], [], {f: [] for f in ENCODED_FIELDS}, []
+        keys, lengths, ids, parts, kept = [], [], [], [], []
         for index in indices.tolist():
             key = ds.raw_key(index)
             if not self.store.contains(key):
@@ -143,8 +143,7 @@ class DatasetStreamer:
             keys.append(key)
             lengths.append(len(rec))
             ids.append(rec.input_ids)
-            for f in ENCODED_FIELDS:
-                parts[f].append(rec.arrays[f])
+            parts.append(rec.arrays)
             kept.append(index)
         if not keys:
             return pb.RecordBatch(cursor=cursor + count)
@@ -153,7 +152,7 @@ class DatasetStreamer:
             keys,
             np.concatenate(ids),
             np.asarray(lengths),
-            {f: np.concatenate(parts[f]) for f in ENCODED_FIELDS},
+            concat_arrays(ds.space, parts),
             indices=kept,
             cursor=cursor + count,
         )

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from logitcache.client.codec import QuantizedTopKCodec
 from logitcache.client.space import CaptureSpace
+from logitcache.server.capture import CaptureConfig
 from logitcache.server.errors import InvalidArgument, NotFound
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
@@ -50,14 +50,13 @@ class TeacherInfo:
 
 def topk_space(info: TeacherInfo, engine_dtype: str, k: int) -> CaptureSpace:
     """The capture space of top-k rows from this teacher, run in ``engine_dtype``."""
-    return CaptureSpace(
-        teacher_fingerprint=info.teacher_fingerprint,
-        tokenizer_fingerprint=info.tokenizer_fingerprint,
-        vocab_size=info.vocab_size,
-        mode="topk",
-        k=k,
-        engine_dtype=engine_dtype,
-        codec=QuantizedTopKCodec.name,
+    return capture_space(info, engine_dtype, CaptureConfig("topk", k))
+
+
+def capture_space(info: TeacherInfo, engine_dtype: str, config: CaptureConfig) -> CaptureSpace:
+    """The capture space of ``config`` captures from this teacher, run in ``engine_dtype``."""
+    return config.space(
+        info.teacher_fingerprint, info.tokenizer_fingerprint, info.vocab_size, engine_dtype
     )
 
 

@@ -21,8 +21,17 @@ Fields (B rows of T positions, k = the largest k in the batch)::
     teacher_mask       bool    [B, T]     True on every real position, the last one included
                                           (its teacher row is real even though its label is not)
     target_logprobs    float32 [B, T]     teacher log p(x[t+1]); NaN on padding and last rows
+    teacher_tail_logprobs                 log of the teacher's mass outside the row's entries,
+                       float32 [B, T]     from records that store it (-inf: no tail); NaN where
+                                          the record has none (the losses then derive it from
+                                          the entries) and on padding
+    teacher_counts     int64   [B, T, k]  sampled records only (``Record.counts``): how often each
+                                          entry was drawn; 0 on padding. Absent for top-k records.
 
-:func:`pack_records` adds ``position_ids`` and ``sequence_ids`` (see there).
+A batch is all sampled or all top-k records (ValueError otherwise): the two need different losses
+(``distillation_loss(..., teacher_counts=batch["teacher_counts"])`` for sampled ones, see
+:func:`logitcache.trainer.losses.sampled_kl`). :func:`pack_records` adds ``position_ids`` and
+``sequence_ids`` (see there).
 
 Only a Python loop over records (one slice assignment per field and record) runs per batch; there
 is no per-position Python work. Each field is one numpy allocation, handed to torch without a copy.
@@ -52,27 +61,49 @@ IGNORE_INDEX = -100
 def _check_record(rec: Record) -> tuple[int, int]:
     """(T, k) of a record whose arrays agree with each other; ValueError naming it otherwise."""
     t = int(rec.input_ids.shape[0]) if rec.input_ids.ndim == 1 else -1
+    tail, counts = rec.tail_logprobs, rec.counts
     if (
         t < 0
         or rec.token_ids.ndim != 2
         or rec.token_ids.shape[0] != t
         or rec.logprobs.shape != rec.token_ids.shape
         or rec.target_logprobs.shape != (t,)
+        or (tail is not None and tail.shape != (t,))
+        or (counts is not None and counts.shape != rec.token_ids.shape)
     ):
+        present = [("tail_logprobs", tail), ("counts", counts)]
+        optional = "".join(f", {name} {a.shape}" for name, a in present if a is not None)
         raise ValueError(
             f"record {rec.key[:16]}: inconsistent shapes input_ids {rec.input_ids.shape}, "
             f"token_ids {rec.token_ids.shape}, logprobs {rec.logprobs.shape}, "
-            f"target_logprobs {rec.target_logprobs.shape} (want [T], [T, k], [T, k], [T])"
+            f"target_logprobs {rec.target_logprobs.shape}{optional} (want [T], [T, k], [T, k], "
+            "[T], tail_logprobs [T], counts [T, k])"
         )
     return t, int(rec.token_ids.shape[1])
+
+
+def _sampled(records: Sequence[Record]) -> bool:
+    """Whether the batch is of sampled records; ValueError if it mixes sampled and top-k ones."""
+    kinds = {rec.counts is not None for rec in records}
+    if len(kinds) > 1:
+        sampled = [rec.key[:16] for rec in records if rec.counts is not None]
+        topk = [rec.key[:16] for rec in records if rec.counts is None]
+        raise ValueError(
+            f"cannot batch sampled records (with counts, e.g. {sampled[0]}) together with top-k "
+            f"records (without, e.g. {topk[0]}): they need different losses; keep one capture "
+            "mode per stream"
+        )
+    return kinds == {True}
 
 
 # A piece of a record placed in a batch: (record index, start, stop, batch row, column offset).
 _Piece = tuple[int, int, int, int, int]
 
 
-def _alloc(rows: int, width: int, k: int, pad_token_id: int) -> dict[str, np.ndarray]:
-    return {
+def _alloc(
+    rows: int, width: int, k: int, pad_token_id: int, sampled: bool
+) -> dict[str, np.ndarray]:
+    arrays = {
         "input_ids": np.full((rows, width), pad_token_id, dtype=np.int64),
         "attention_mask": np.zeros((rows, width), dtype=np.int64),
         "labels": np.full((rows, width), IGNORE_INDEX, dtype=np.int64),
@@ -80,7 +111,11 @@ def _alloc(rows: int, width: int, k: int, pad_token_id: int) -> dict[str, np.nda
         "teacher_logprobs": np.full((rows, width, k), -np.inf, dtype=np.float32),
         "teacher_mask": np.zeros((rows, width), dtype=np.bool_),
         "target_logprobs": np.full((rows, width), np.nan, dtype=np.float32),
+        "teacher_tail_logprobs": np.full((rows, width), np.nan, dtype=np.float32),
     }
+    if sampled:
+        arrays["teacher_counts"] = np.zeros((rows, width, k), dtype=np.int64)
+    return arrays
 
 
 def _fill(arrays: dict[str, np.ndarray], records: Sequence[Record], pieces: list[_Piece]) -> None:
@@ -100,6 +135,10 @@ def _fill(arrays: dict[str, np.ndarray], records: Sequence[Record], pieces: list
         arrays["teacher_logprobs"][row, col:end, :k] = rec.logprobs[start:stop]
         arrays["teacher_mask"][row, col:end] = True
         arrays["target_logprobs"][row, col:end] = rec.target_logprobs[start:stop]
+        if rec.tail_logprobs is not None:
+            arrays["teacher_tail_logprobs"][row, col:end] = rec.tail_logprobs[start:stop]
+        if rec.counts is not None:
+            arrays["teacher_counts"][row, col:end, :k] = rec.counts[start:stop]
 
 
 def _should_pin(pin_memory: bool | None) -> bool:
@@ -140,7 +179,7 @@ def collate_records(
     ``max_len`` keeps the first ``max_len`` positions of each record. The last kept position keeps
     its teacher row, and its label is the record's next token, which is still known. Records may
     have different k (e.g. adaptive-k captures): k is padded to the batch's largest with id 0 and
-    log-prob -inf. ``pin_memory=None`` pins when CUDA is available, except inside a DataLoader
+    log-prob -inf (and count 0). Records must be all top-k or all sampled. ``pin_memory=None`` pins when CUDA is available, except inside a DataLoader
     worker (use ``DataLoader(pin_memory=True)`` there, which pins in the main process).
     """
     records = _nonempty(records)
@@ -151,7 +190,7 @@ def collate_records(
     shapes = [_check_record(r) for r in records]
     lengths = [t if max_len is None else min(t, int(max_len)) for t, _ in shapes]
     k = max(kk for _, kk in shapes)
-    arrays = _alloc(len(records), max(lengths), k, pad_token_id)
+    arrays = _alloc(len(records), max(lengths), k, pad_token_id, _sampled(records))
     _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)])
     return _to_torch(arrays, pin_memory)
 
@@ -201,6 +240,7 @@ def pack_records(
     seq_len = int(seq_len)
     shapes = [_check_record(r) for r in records]
     k = max(kk for _, kk in shapes)
+    sampled = _sampled(records)
 
     pieces: list[_Piece] = []
     row, used = -1, seq_len  # no open row yet
@@ -213,7 +253,7 @@ def pack_records(
             used += stop - start
     rows = max(row + 1, 1)
 
-    arrays = _alloc(rows, seq_len, k, pad_token_id)
+    arrays = _alloc(rows, seq_len, k, pad_token_id, sampled)
     _fill(arrays, records, pieces)
     position_ids = np.zeros((rows, seq_len), dtype=np.int64)
     sequence_ids = np.full((rows, seq_len), -1, dtype=np.int64)

@@ -146,5 +146,7 @@ class DistillationTrainer(transformers.Trainer):
             beta=self.loss.beta,
             alpha=self.loss.alpha,
             temperature=self.loss.temperature,
+            teacher_tail_logprobs=inputs.get("teacher_tail_logprobs"),
+            teacher_counts=inputs.get("teacher_counts"),
         )
         return (loss, outputs) if return_outputs else loss

@@ -1,4 +1,4 @@
-"""Sparse top-k distillation losses: a student's full logits against a teacher's cached top-k.
+"""Sparse distillation losses: a student's full logits against a teacher's cached rows.
 
 Row t of the cache is the teacher's distribution over the token after position t, aligned with the
 student's ``logits[:, t]`` (ARCHITECTURE.md, "Rows"): the top-k token ids in descending order and
@@ -12,6 +12,11 @@ here takes
 
 and returns the mean over the unmasked positions (0.0, still differentiable, if there are none).
 The teacher is a constant: it gets no gradient. No dense [B, T, V] teacher tensor is ever built.
+Optionally (collate's ``teacher_tail_logprobs`` and ``teacher_counts``)
+
+    teacher_tail_logprobs  [B, T]     float, log of the teacher's mass outside the stored entries;
+                                      NaN = derive it from the entries (see "Explicit tail")
+    teacher_counts         [B, T, k]  int, sampled rows only (see "Sampled rows")
 
 Tail bucket (temperature 1)
 ---------------------------
@@ -53,6 +58,22 @@ both sides and they are equal. Details:
   symmetric JSD (at most log 2). At beta = 0 (m = q) and beta = 1 (m = p) the value is identically 0
   (for small beta it behaves like beta * KL(p || q)); use forward_kl / reverse_kl for the endpoints.
 
+Explicit tail
+-------------
+Deriving the tail as ``1 - P_k`` inherits the rounding of every stored entry (the codec's 1/64-nat
+steps move P_k by up to ~1.6%, which is all of a small tail). Captures that store the tail computed
+from the engine's exact values pass it as ``teacher_tail_logprobs`` (log t; -inf = no tail). Where
+it is given (not NaN), the teacher's k + 1 buckets are the stored entries and that tail,
+renormalised to sum to 1 (they agree only up to the same rounding):
+
+    log p = log_softmax([lp_1, ..., lp_k, log t])       (valid entries only; -inf stays empty)
+
+and the tail bucket then gets ``TAIL_FLOOR`` like a derived one. Where it is NaN, or not given at
+all, the tail is derived as above. Passing the derived tail itself gives the same result as not
+passing it (up to rounding). An all-padding row with a -inf tail has no teacher mass at all: its
+teacher side is empty and its forward KL is 0. At T != 1 the tail is dropped (next section), so
+``teacher_tail_logprobs`` has no effect there.
+
 Temperature
 -----------
 The stored log-probs are at temperature 1; tempering the teacher's *tail* needs the individual tail
@@ -66,6 +87,22 @@ normaliser cancels. So for T != 1 both sides are compared on the k ids only, tai
 T = 1 keeps the tail bucket. The two formulas are different objectives, so the value is not
 continuous as T -> 1; pick one temperature for a run. The cross-entropy term of
 ``distillation_loss`` always uses the untempered logits.
+
+Sampled rows
+------------
+A sampled capture (``client.sampling``) stores, per position, the distinct ids x_j of U draws from
+the teacher's full distribution p, how often each was drawn (c_j, U = sum_j c_j) and log p(x_j).
+:func:`sampled_kl` is the Monte-Carlo estimate of the dense forward KL
+
+    KL_hat = (1 / U) * sum_j c_j * (log p(x_j) - log q(x_j)),      q = softmax(z) over all of V
+
+Each draw x ~ p contributes log p(x) - log q(x), whose expectation is KL(p || q) over the *whole*
+vocabulary, so E[KL_hat] = KL(p || q) exactly: no bucket, no tail, no bias. Its gradient
+``softmax(z) - (c / U scattered onto V)`` has expectation ``softmax(z) - p``, the dense gradient.
+Only forward KL has such an estimate (reverse KL and JSD need q-weighted teacher values at
+tokens that were never drawn), and only at T = 1 (tempering p needs its normaliser). A single
+estimate can be negative; only its mean is a KL. Entries with count 0 are padding (any id, any
+log-prob); a position with no draws at all contributes 0.
 
 Memory
 ------
@@ -91,7 +128,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["TAIL_FLOOR", "Kind", "distillation_loss", "forward_kl", "jsd", "log1mexp", "reverse_kl"]
+__all__ = [
+    "TAIL_FLOOR",
+    "Kind",
+    "distillation_loss",
+    "forward_kl",
+    "jsd",
+    "log1mexp",
+    "reverse_kl",
+    "sampled_kl",
+]
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
 KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
@@ -152,13 +198,22 @@ def _weighted_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
 # --- the two sides as bucket distributions ---------------------------------------------------------
 
 
-def _teacher_buckets(lp: Tensor, valid: Tensor) -> Tensor:
-    """[n, k+1] log-probs: the stored entries (padding -> -inf), then the teacher's tail bucket."""
+def _teacher_buckets(lp: Tensor, valid: Tensor, tail: Tensor | None = None) -> Tensor:
+    """[n, k+1] log-probs: the stored entries (padding -> -inf), then the teacher's tail bucket.
+
+    ``tail`` [n]: an explicit log tail per row (-inf = none), NaN where it is to be derived.
+    """
     lp = torch.where(valid, lp, _NEG_INF)
     log_mass = _masked_logsumexp(lp, valid)  # log P_k; -inf for an all-padding row
     excess = log_mass.clamp(min=0.0)  # P_k > 1 is rounding/quantisation: rescale to sum to 1
-    log_tail = _floored(log1mexp(log_mass - excess))
-    return torch.cat([lp - excess.unsqueeze(-1), log_tail.unsqueeze(-1)], -1)
+    buckets = torch.cat([lp - excess.unsqueeze(-1), log1mexp(log_mass - excess).unsqueeze(-1)], -1)
+    if tail is not None:
+        given = ~torch.isnan(tail)
+        explicit = torch.where(given, tail, _NEG_INF).unsqueeze(-1)
+        keep = torch.cat([valid, explicit > _NEG_INF], -1)
+        renormalised = _masked_log_softmax(torch.cat([lp, explicit], -1), keep)
+        buckets = torch.where(given.unsqueeze(-1), renormalised, buckets)
+    return torch.cat([buckets[:, :-1], _floored(buckets[:, -1:])], -1)
 
 
 def _student_buckets(z: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
@@ -197,18 +252,36 @@ def _divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float) -> Tensor:
 
 
 def _per_position(
-    z: Tensor, ids: Tensor, lp: Tensor, kind: str, beta: float, temperature: float
+    z: Tensor,
+    ids: Tensor,
+    lp: Tensor,
+    kind: str,
+    beta: float,
+    temperature: float,
+    tail: Tensor | None = None,
 ) -> Tensor:
-    """The divergence for each row of a chunk: z [c, V] student logits, ids/lp [c, k] teacher."""
+    """The divergence for each row of a chunk: z [c, V] student logits, ids/lp [c, k] teacher,
+    tail [c] the teacher's explicit log tail (NaN: derive it) or None."""
     valid = lp > _NEG_INF  # False for -inf padding (and NaN)
     ids = ids.clamp(0, z.shape[-1] - 1)  # padding may hold any id; it is masked out below
     if temperature == 1.0:
-        log_p = _teacher_buckets(lp, valid)
+        log_p = _teacher_buckets(lp, valid, tail)
         log_q = _student_buckets(z, ids, valid)
         return _divergence(log_p, log_q, kind, beta)
     log_p = _masked_log_softmax(lp / temperature, valid)
     log_q = _masked_log_softmax(z.gather(-1, ids) / temperature, valid)
     return _divergence(log_p, log_q, kind, beta) * temperature**2
+
+
+def _sampled_per_position(z: Tensor, ids: Tensor, counts: Tensor, lp: Tensor) -> Tensor:
+    """(1 / U) sum_j c_j (lp_j - log q(id_j)) for each row: z [c, V], ids/counts/lp [c, k]."""
+    present = counts > 0
+    ids = ids.clamp(0, z.shape[-1] - 1)  # padding may hold any id; it is masked out below
+    log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+    weight = counts.to(z.dtype)
+    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
+    lp = torch.where(present, lp, 0.0)  # padding's -inf (or NaN) never meets the arithmetic
+    return torch.where(present, weight * (lp - log_q), 0.0).sum(-1)
 
 
 # --- chunked evaluation with the gradient computed in forward -------------------------------------
@@ -316,20 +389,78 @@ def _flatten(
     return logits, ids, lp, counts
 
 
-def _kd_chunk_fn(
-    ids: Tensor, lp: Tensor, vocab: int, rows: Tensor, kind: str, beta: float, temperature: float
-) -> ChunkFn:
-    """The per-row KD loss for chunks of ``rows``; refuses listed ids outside the vocabulary."""
-    sel_ids, sel_lp = ids[rows], lp[rows]
-    out_of_range = (sel_lp > _NEG_INF) & ((sel_ids < 0) | (sel_ids >= vocab))
+def _flatten_tail(tail: Tensor | None, student_logits: Tensor) -> Tensor | None:
+    """teacher_tail_logprobs [B, T] as [N] in the compute dtype (None stays None)."""
+    if tail is None:
+        return None
+    lead = student_logits.shape[:-1]
+    if tail.shape != lead:
+        raise ValueError(f"teacher_tail_logprobs must be {tuple(lead)}, got {tuple(tail.shape)}")
+    dtype = _compute_dtype(student_logits.dtype)
+    return tail.detach().reshape(-1).to(device=student_logits.device, dtype=dtype)
+
+
+def _flatten_counts(counts: Tensor, teacher_token_ids: Tensor, student_logits: Tensor) -> Tensor:
+    """teacher_counts [B, T, k] as [N, k] int64, after checking it matches the ids."""
+    if counts.shape != teacher_token_ids.shape:
+        raise ValueError(
+            f"teacher_counts {tuple(counts.shape)} must match teacher_token_ids "
+            f"{tuple(teacher_token_ids.shape)}"
+        )
+    if counts.is_floating_point() or counts.is_complex():
+        raise ValueError(f"teacher_counts must be integers, got {counts.dtype}")
+    return counts.reshape(-1, counts.shape[-1]).to(device=student_logits.device, dtype=torch.long)
+
+
+def _check_ids(sel_ids: Tensor, listed: Tensor, vocab: int, padding: str) -> None:
+    out_of_range = listed & ((sel_ids < 0) | (sel_ids >= vocab))
     if bool(out_of_range.any()):
         raise ValueError(
             f"teacher_token_ids holds ids outside [0, {vocab}) at non-padding entries "
-            "(only entries whose teacher_logprobs is -inf may hold arbitrary ids)"
+            f"(only entries whose {padding} may hold arbitrary ids)"
+        )
+
+
+def _kd_chunk_fn(
+    ids: Tensor,
+    lp: Tensor,
+    vocab: int,
+    rows: Tensor,
+    kind: str,
+    beta: float,
+    temperature: float,
+    tail: Tensor | None = None,
+) -> ChunkFn:
+    """The per-row KD loss for chunks of ``rows``; refuses listed ids outside the vocabulary."""
+    sel_ids, sel_lp = ids[rows], lp[rows]
+    _check_ids(sel_ids, sel_lp > _NEG_INF, vocab, "teacher_logprobs is -inf")
+    if temperature != 1.0:
+        tail = None  # the tail is dropped at T != 1
+    if tail is not None and bool((tail[rows] == math.inf).any()):
+        raise ValueError("teacher_tail_logprobs must be a log-probability, -inf or NaN, not +inf")
+
+    def fn(z: Tensor, idx: Tensor) -> Tensor:
+        row_tail = None if tail is None else tail[idx]
+        return _per_position(z, ids[idx], lp[idx], kind, beta, temperature, row_tail)
+
+    return fn
+
+
+def _sampled_chunk_fn(ids: Tensor, counts: Tensor, lp: Tensor, vocab: int, rows: Tensor) -> ChunkFn:
+    """The per-row sampled KL for chunks of ``rows``; refuses inconsistent sampled entries."""
+    sel_counts = counts[rows]
+    if bool((sel_counts < 0).any()):
+        raise ValueError("teacher_counts must be >= 0 (0 marks padding)")
+    drawn = sel_counts > 0
+    _check_ids(ids[rows], drawn, vocab, "teacher_counts is 0")
+    if not bool(torch.isfinite(lp[rows][drawn]).all()):
+        raise ValueError(
+            "teacher_logprobs must be finite at drawn entries (teacher_counts > 0): the teacher "
+            "cannot have drawn a token it gives no probability"
         )
 
     def fn(z: Tensor, idx: Tensor) -> Tensor:
-        return _per_position(z, ids[idx], lp[idx], kind, beta, temperature)
+        return _sampled_per_position(z, ids[idx], counts[idx], lp[idx])
 
     return fn
 
@@ -343,11 +474,13 @@ def _kd_loss(
     beta: float,
     temperature: float,
     chunk_size: int | None,
+    teacher_tail_logprobs: Tensor | None = None,
 ) -> Tensor:
     _check_options(temperature, chunk_size, beta)
     logits, ids, lp, counts = _flatten(student_logits, teacher_token_ids, teacher_logprobs, mask)
+    tail = _flatten_tail(teacher_tail_logprobs, student_logits)
     rows = counts.nonzero().squeeze(1)
-    per_row = _kd_chunk_fn(ids, lp, logits.shape[-1], rows, kind, beta, temperature)
+    per_row = _kd_chunk_fn(ids, lp, logits.shape[-1], rows, kind, beta, temperature, tail)
     n = max(rows.numel(), 1)
     return _chunked_sum(logits, rows, lambda z, idx: per_row(z, idx) / n, chunk_size)
 
@@ -363,6 +496,7 @@ def forward_kl(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
 ) -> Tensor:
     """KL(teacher || student) over the k ids plus a tail bucket, mean over unmasked positions.
 
@@ -378,6 +512,7 @@ def forward_kl(
         0.5,
         temperature,
         chunk_size,
+        teacher_tail_logprobs,
     )
 
 
@@ -389,6 +524,7 @@ def reverse_kl(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
 ) -> Tensor:
     """KL(student || teacher) over the k ids plus a tail bucket, mean over unmasked positions.
 
@@ -405,6 +541,7 @@ def reverse_kl(
         0.5,
         temperature,
         chunk_size,
+        teacher_tail_logprobs,
     )
 
 
@@ -417,6 +554,7 @@ def jsd(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
 ) -> Tensor:
     """Generalised Jensen-Shannon divergence (GKD convention), mean over unmasked positions.
 
@@ -432,7 +570,55 @@ def jsd(
         beta,
         temperature,
         chunk_size,
+        teacher_tail_logprobs,
     )
+
+
+def sampled_kl(
+    logits: Tensor,
+    teacher_token_ids: Tensor,
+    teacher_counts: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Tensor | None,
+    *,
+    chunk_size: int | None = 4096,
+) -> Tensor:
+    """Unbiased estimate of the dense forward KL(teacher || student) from sampled rows, mean over
+    unmasked positions.
+
+    Per position ``(1 / U) * sum_j c_j * (teacher_logprobs_j - log_softmax(logits)[id_j])`` with
+    ``U = sum_j c_j`` (module docstring, "Sampled rows"): over the teacher's draws its expectation
+    is the forward KL over the full vocabulary, and its gradient w.r.t. ``logits`` is an unbiased
+    estimate of the dense gradient. ``teacher_counts`` [B, T, k] are the draw counts, 0 on
+    padding; ids and log-probs of padding entries may be anything. Same chunking (and memory) as
+    :func:`forward_kl`.
+    """
+    _check_options(1.0, chunk_size, 0.5)
+    flat_logits, ids, lp, keep = _flatten(logits, teacher_token_ids, teacher_logprobs, teacher_mask)
+    counts = _flatten_counts(teacher_counts, teacher_token_ids, logits)
+    rows = keep.nonzero().squeeze(1)
+    per_row = _sampled_chunk_fn(ids, counts, lp, flat_logits.shape[-1], rows)
+    n = max(rows.numel(), 1)
+    return _chunked_sum(flat_logits, rows, lambda z, idx: per_row(z, idx) / n, chunk_size)
+
+
+def _check_sampled(kind: str, temperature: float, tail: Tensor | None) -> None:
+    """Sampled rows support forward KL at T = 1 only, and carry no tail."""
+    if kind != "forward_kl":
+        raise ValueError(
+            f"teacher_counts (sampled rows) estimate the forward KL only, got kind={kind!r}: "
+            "reverse KL and JSD have no unbiased estimate from teacher samples"
+        )
+    if temperature != 1.0:
+        raise ValueError(
+            f"teacher_counts (sampled rows) need temperature 1, got {temperature!r}: the samples "
+            "come from the untempered teacher"
+        )
+    if tail is not None and not bool(torch.isnan(tail).all()):
+        raise ValueError(
+            "teacher_tail_logprobs must be None or all NaN with teacher_counts: sampled rows "
+            "have no tail"
+        )
 
 
 def distillation_loss(
@@ -448,6 +634,8 @@ def distillation_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
+    teacher_counts: Tensor | None = None,
 ) -> Tensor:
     """``(1 - alpha) * KD + alpha * CE``: a distillation loss mixed with the hard-label loss.
 
@@ -455,12 +643,28 @@ def distillation_loss(
     ordinary next-token cross-entropy of the untempered logits against ``labels`` [B, T], already
     aligned with the logits' positions, averaged over labels != ``ignore_index`` (0 if there are
     none, where ``F.cross_entropy`` would give NaN). Both terms share one chunked pass over V.
+
+    ``teacher_tail_logprobs`` [B, T]: the teacher's explicit tail (NaN: derive it), as in
+    :func:`forward_kl`. ``teacher_counts`` [B, T, k]: the rows are sampled, and KD is
+    :func:`sampled_kl`; that needs ``kind="forward_kl"`` and ``temperature=1`` (ValueError
+    otherwise), and a tail that is None or all NaN.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if teacher_counts is not None:
+        _check_sampled(kind, temperature, teacher_tail_logprobs)
     if alpha == 0.0:
+        if teacher_counts is not None:
+            return sampled_kl(
+                student_logits,
+                teacher_token_ids,
+                teacher_counts,
+                teacher_logprobs,
+                mask,
+                chunk_size=chunk_size,
+            )
         return _kd_loss(
             kind,
             student_logits,
@@ -470,11 +674,18 @@ def distillation_loss(
             beta,
             temperature,
             chunk_size,
+            teacher_tail_logprobs,
         )
     if labels is None:
         raise ValueError("alpha > 0 mixes in cross-entropy on labels: pass labels")
     _check_options(temperature, chunk_size, beta)
     logits, ids, lp, kd_counts = _flatten(student_logits, teacher_token_ids, teacher_logprobs, mask)
+    tail = _flatten_tail(teacher_tail_logprobs, student_logits)
+    counts = (
+        None
+        if teacher_counts is None
+        else _flatten_counts(teacher_counts, teacher_token_ids, student_logits)
+    )
     vocab = logits.shape[-1]
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
@@ -489,7 +700,11 @@ def distillation_loss(
 
     rows = (kd_counts | ce_counts).nonzero().squeeze(1)
     kd_rows = kd_counts.nonzero().squeeze(1)
-    kd_per_row = _kd_chunk_fn(ids, lp, vocab, kd_rows, kind, beta, temperature)
+    kd_per_row = (
+        _kd_chunk_fn(ids, lp, vocab, kd_rows, kind, beta, temperature, tail)
+        if counts is None
+        else _sampled_chunk_fn(ids, counts, lp, vocab, kd_rows)
+    )
     kd_scale = (1.0 - alpha) / max(kd_rows.numel(), 1)
     ce_scale = alpha / max(int(ce_counts.sum()), 1)
 

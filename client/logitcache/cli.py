@@ -99,7 +99,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="input .jsonl or .parquet file")
     p.add_argument("--out", required=True, help="store URL (a directory path or file:// URL)")
     p.add_argument("--dataset", required=True, help="dataset name (letters, digits, . _ -)")
-    p.add_argument("--top-k", type=int, required=True, help="entries kept per position (1..256)")
+    g = p.add_argument_group(
+        "capture (what is stored per position; see the README's 'Storage' section)"
+    )
+    g.add_argument(
+        "--top-k", type=int, default=None, help="the k most probable tokens (1..256; default 64)"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="adaptive k: the fewest top tokens whose probability reaches P (at least 1, at most "
+        "--max-k), plus the exact remaining mass",
+    )
+    g.add_argument(
+        "--max-k", type=int, default=None, help="with --top-p: most entries (default 64)"
+    )
+    g.add_argument(
+        "--mode",
+        choices=("topk", "sampled"),
+        default="topk",
+        help="topk (default) or sampled: --samples draws per position from the teacher's full "
+        "distribution, stored as distinct ids with counts (unbiased; needs full-vocabulary "
+        "log-probs from the engine, slower to capture)",
+    )
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="draws per position with --mode sampled (default 12)",
+    )
+    g.add_argument(
+        "--codec",
+        default=None,
+        help="storage codec (default: topk-v2, or sampled-v1 for --mode sampled); "
+        "topk-q64-delta-v1 is the older fixed-k codec",
+    )
     p.add_argument(
         "--max-len",
         type=int,
@@ -333,19 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _precompute(args: argparse.Namespace) -> int:
     from logitcache.server.precompute import PrecomputeRequest, run_precompute
 
+    mode, k = _capture_mode(args)
     req = PrecomputeRequest(
         teacher=args.teacher,
         data=args.data,
         out=args.out,
         dataset=args.dataset,
-        top_k=args.top_k,
+        top_k=k,
+        mode=mode,
+        top_p=args.top_p,
+        codec=args.codec,
         max_len=args.max_len,
         overflow=args.overflow,
         skip_invalid=args.skip_invalid,
         segment_positions=args.segment_positions,
         max_in_flight=args.max_in_flight,
         license=args.license,
-        engine=_engine_options(args, args.top_k),
+        engine=_engine_options(args, k if mode != "sampled" else 1),
         progress=not args.no_progress,
     )
     r = run_precompute(req)
@@ -360,6 +399,25 @@ def _precompute(args: argparse.Namespace) -> int:
         + (f"; split {r.report.split}" if r.report.split else "")
     )
     return 0
+
+
+def _capture_mode(args: argparse.Namespace) -> tuple[str, int]:
+    """(mode, k) from the capture flags, refusing combinations that mean nothing."""
+    from logitcache.server.errors import InvalidArgument
+
+    if args.mode == "sampled":
+        if args.top_k is not None or args.top_p is not None or args.max_k is not None:
+            raise InvalidArgument("--mode sampled takes --samples, not --top-k/--top-p/--max-k")
+        return "sampled", 12 if args.samples is None else args.samples
+    if args.samples is not None:
+        raise InvalidArgument("--samples needs --mode sampled")
+    if args.top_p is not None:
+        if args.top_k is not None:
+            raise InvalidArgument("with --top-p, give the most entries as --max-k, not --top-k")
+        return "top_p", 64 if args.max_k is None else args.max_k
+    if args.max_k is not None:
+        raise InvalidArgument("--max-k needs --top-p")
+    return "topk", 64 if args.top_k is None else args.top_k
 
 
 def _serve(args: argparse.Namespace) -> int:

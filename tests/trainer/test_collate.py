@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from logitcache.client.codec import TopKRows
 from logitcache.client.record import Record
+from logitcache.client.sampling import sample_rows
 from logitcache.trainer import losses
 from logitcache.trainer.collate import Collator, collate_records, pack_records
 
@@ -52,6 +54,7 @@ FIELDS = {
     "teacher_logprobs": torch.float32,
     "teacher_mask": torch.bool,
     "target_logprobs": torch.float32,
+    "teacher_tail_logprobs": torch.float32,
 }
 
 
@@ -82,6 +85,7 @@ def test_padded_batch_fields(records: list[Record]) -> None:
         assert torch.isneginf(batch["teacher_logprobs"][b, n:]).all()
         np.testing.assert_array_equal(batch["target_logprobs"][b, :n].numpy(), rec.target_logprobs)
         assert torch.isnan(batch["target_logprobs"][b, n - 1 :]).all()
+        assert torch.isnan(batch["teacher_tail_logprobs"][b]).all()  # no record stores a tail
         assert not batch["input_ids"].is_pinned()
 
 
@@ -111,7 +115,9 @@ def test_bad_input_is_refused(records: list[Record]) -> None:
 
 def check_packed(batch: dict[str, torch.Tensor], records: list[Record], seq_len: int) -> None:
     """Every position of every record appears exactly once, in order, with its teacher row."""
-    assert set(batch) == {*FIELDS, "position_ids", "sequence_ids"}
+    sampled = any(rec.counts is not None for rec in records)
+    extra = {"teacher_counts"} if sampled else set()
+    assert set(batch) == {*FIELDS, "position_ids", "sequence_ids", *extra}
     rows = batch["input_ids"].shape[0]
     for name, t in batch.items():
         assert t.shape[:2] == (rows, seq_len), name
@@ -123,6 +129,7 @@ def check_packed(batch: dict[str, torch.Tensor], records: list[Record], seq_len:
     flat_labels = batch["labels"][real]
     flat_lp = batch["teacher_logprobs"][real]
     flat_tok = batch["teacher_token_ids"][real]
+    flat_tail = batch["teacher_tail_logprobs"][real]
     assert flat_ids.tolist() == np.concatenate([r.input_ids for r in records]).tolist()
     k = batch["teacher_logprobs"].shape[-1]
     at = 0
@@ -131,6 +138,12 @@ def check_packed(batch: dict[str, torch.Tensor], records: list[Record], seq_len:
         np.testing.assert_array_equal(flat_lp[at : at + n, : rec.k].numpy(), rec.logprobs)
         np.testing.assert_array_equal(flat_tok[at : at + n, : rec.k].numpy(), rec.token_ids)
         assert torch.isneginf(flat_lp[at : at + n, rec.k : k]).all()
+        tail = rec.tail_logprobs if rec.tail_logprobs is not None else np.full(n, np.nan)
+        np.testing.assert_array_equal(flat_tail[at : at + n].numpy(), tail.astype(np.float32))
+        if sampled:
+            flat_counts = batch["teacher_counts"][real]
+            np.testing.assert_array_equal(flat_counts[at : at + n, : rec.k].numpy(), rec.counts)
+            assert (flat_counts[at : at + n, rec.k :] == 0).all()
         # labels never cross a record boundary: the next token within the record, then -100
         assert flat_labels[at : at + n - 1].tolist() == rec.input_ids[1:].tolist()
         assert flat_labels[at + n - 1].item() == -100
@@ -142,6 +155,9 @@ def check_packed(batch: dict[str, torch.Tensor], records: list[Record], seq_len:
     assert (batch["input_ids"][pad] == 0).all() and (batch["labels"][pad] == -100).all()
     assert torch.isneginf(batch["teacher_logprobs"][pad]).all()
     assert torch.isnan(batch["target_logprobs"][pad]).all()
+    assert torch.isnan(batch["teacher_tail_logprobs"][pad]).all()
+    if sampled:
+        assert (batch["teacher_counts"][pad] == 0).all()
     # sequence ids count the pieces within each row, from 0
     for r in range(rows):
         seq = batch["sequence_ids"][r][real[r]]
@@ -215,3 +231,180 @@ def test_empty_record_is_a_padding_row(records: list[Record]) -> None:
     assert batch["input_ids"].shape == (2, 5)
     assert not batch["teacher_mask"][0].any() and (batch["labels"][0] == -100).all()
     check_packed(pack_records([empty, records[0], empty], 6, pin_memory=False), [records[0]], 6)
+
+
+# --- ragged rows, explicit tails, sampled records --------------------------------------------------
+
+
+def make_ragged_record(seed: int, t: int, k: int, *, tail: bool = False) -> Record:
+    """A top-k record whose rows hold between 1 and k entries (padding id 0, log-prob -inf), as an
+    adaptive-k capture stores them. With ``tail``: an explicit tail per row, deliberately not
+    1 - sum(entries) (as after the codec's rounding), and -inf ("no tail") on one row."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(t, VOCAB)) * 2.0
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    pad = np.arange(k) >= rng.integers(1, k + 1, size=t)[:, None]
+    logprobs = np.where(pad, -np.inf, np.take_along_axis(full, order, 1))
+    tail_logprobs = None
+    if tail:
+        exact = np.log1p(-np.exp(logprobs).sum(-1))
+        tail_logprobs = (exact + rng.normal(scale=0.5, size=t)).astype(np.float32)
+        tail_logprobs[t // 2] = -np.inf
+    input_ids = rng.integers(1, VOCAB, size=t).astype(np.int32)
+    target = np.full(t, np.nan, dtype=np.float32)
+    target[:-1] = full[np.arange(t - 1), input_ids[1:]]
+    return Record(
+        key=f"{seed:064x}",
+        input_ids=input_ids,
+        token_ids=np.where(pad, 0, order).astype(np.int32),
+        logprobs=logprobs.astype(np.float32),
+        target_logprobs=target,
+        tail_logprobs=tail_logprobs,
+    )
+
+
+def make_sampled_record(seed: int, t: int, samples: int) -> Record:
+    """A sampled record: ``samples`` draws per position from a random teacher (ragged rows)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(t, VOCAB)) * 2.0
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    rows = TopKRows(
+        token_ids=np.tile(np.arange(VOCAB, dtype=np.int32), (t, 1)),
+        logprobs=full,
+        target_logprobs=np.full(t, np.nan, dtype=np.float32),
+    )
+    drawn = sample_rows(rows, samples, rng)
+    return Record(
+        key=f"{seed:064x}",
+        input_ids=rng.integers(1, VOCAB, size=t).astype(np.int32),
+        token_ids=drawn.token_ids,
+        logprobs=drawn.logprobs,
+        target_logprobs=drawn.target_logprobs,
+        counts=drawn.counts,
+    )
+
+
+def per_row_loss(logits: torch.Tensor, records: list[Record], **kwargs) -> torch.Tensor:
+    """The reference: each real position on its own, with only its unpadded entries (and its
+    record's tail), then the mean over all of them. Records sit at batch rows 0, 1, ..."""
+    values = []
+    for b, rec in enumerate(records):
+        for t, n in enumerate(rec.row_lengths.tolist()):
+            z = logits[b, t][None, None]
+            ids = torch.from_numpy(rec.token_ids[t, :n].astype(np.int64))[None, None]
+            lp = torch.from_numpy(rec.logprobs[t, :n])[None, None]
+            if rec.counts is not None:
+                counts = torch.from_numpy(rec.counts[t, :n].astype(np.int64))[None, None]
+                values.append(losses.sampled_kl(z, ids, counts, lp, None))
+                continue
+            tail = None
+            if rec.tail_logprobs is not None:
+                tail = torch.tensor([[float(rec.tail_logprobs[t])]], dtype=torch.float32)
+            values.append(losses.forward_kl(z, ids, lp, None, teacher_tail_logprobs=tail, **kwargs))
+    return torch.stack(values).mean()
+
+
+def test_ragged_batch_equals_each_row_on_its_own_entries() -> None:
+    records = [make_ragged_record(30, 5, 7), make_ragged_record(31, 3, 4), make_record(32, 4, 5)]
+    assert len({tuple(r.row_lengths) for r in records[:2]}) == 2
+    assert len(set(records[0].row_lengths.tolist())) > 1  # ragged within a record too
+    batch = collate_records(records, pin_memory=False)
+    logits = torch.randn(
+        *batch["input_ids"].shape, VOCAB, generator=torch.Generator().manual_seed(3)
+    )
+    logits = logits.double()
+    args = (batch["teacher_token_ids"], batch["teacher_logprobs"], batch["teacher_mask"])
+    tail = batch["teacher_tail_logprobs"]
+    for kwargs in ({}, {"temperature": 2.0}):
+        got = losses.forward_kl(logits, *args, teacher_tail_logprobs=tail, **kwargs)
+        torch.testing.assert_close(got, per_row_loss(logits, records, **kwargs), rtol=0, atol=1e-12)
+
+
+def test_explicit_tail_flows_into_the_loss() -> None:
+    records = [make_ragged_record(40, 6, 5, tail=True), make_record(41, 4, 3)]  # with / without
+    batch = collate_records(records, pin_memory=False)
+    tail = batch["teacher_tail_logprobs"]
+    np.testing.assert_array_equal(tail[0].numpy(), records[0].tail_logprobs)
+    assert torch.isneginf(tail[0, 3]) and torch.isnan(tail[1]).all()
+    logits = torch.randn(
+        2, 6, VOCAB, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    args = (batch["teacher_token_ids"], batch["teacher_logprobs"], batch["teacher_mask"])
+    got = losses.forward_kl(logits, *args, teacher_tail_logprobs=tail)
+    torch.testing.assert_close(got, per_row_loss(logits, records), rtol=0, atol=1e-12)
+    assert abs(got.item() - losses.forward_kl(logits, *args).item()) > 1e-3  # it does change it
+    mixed = losses.distillation_loss(
+        logits, *args, batch["labels"], alpha=0.5, teacher_tail_logprobs=tail
+    )
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1))
+    torch.testing.assert_close(mixed, 0.5 * got + 0.5 * ce, rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_records_collate_with_counts() -> None:
+    records = [make_sampled_record(50, 5, 6), make_sampled_record(51, 3, 12)]
+    assert records[0].k != records[1].k  # different widths: padded to the larger
+    batch = collate_records(records, pin_memory=False)
+    assert set(batch) == {*FIELDS, "teacher_counts"}
+    counts = batch["teacher_counts"]
+    assert counts.dtype == torch.int64 and counts.shape == batch["teacher_token_ids"].shape
+    for b, rec in enumerate(records):
+        np.testing.assert_array_equal(counts[b, : len(rec), : rec.k].numpy(), rec.counts)
+        assert (counts[b, len(rec) :] == 0).all() and (counts[b, :, rec.k :] == 0).all()
+    assert (counts.sum(-1)[batch["teacher_mask"]] == torch.tensor([6] * 5 + [12] * 3)).all()
+    assert torch.isnan(batch["teacher_tail_logprobs"]).all()
+    logits = torch.randn(
+        2, 5, VOCAB, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    got = losses.distillation_loss(
+        logits,
+        batch["teacher_token_ids"],
+        batch["teacher_logprobs"],
+        batch["teacher_mask"],
+        teacher_tail_logprobs=batch["teacher_tail_logprobs"],
+        teacher_counts=counts,
+    )
+    torch.testing.assert_close(got, per_row_loss(logits, records), rtol=0, atol=1e-12)
+
+
+def test_pack_with_tails_and_counts() -> None:
+    topk = [make_ragged_record(60, 7, 5, tail=True), make_record(61, 3, 4)]
+    batch = pack_records(topk, 4, pin_memory=False)  # 7 is cut into 4 + 3
+    check_packed(batch, topk, 4)
+    sampled = [make_sampled_record(62, 6, 8), make_sampled_record(63, 2, 3)]
+    packed = pack_records(sampled, 5, pin_memory=False)
+    check_packed(packed, sampled, 5)
+    check_packed(Collator(mode="pack", seq_len=3, pin_memory=False)(sampled), sampled, 3)
+    # the loss over the packed rows is the loss over every record position
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(*packed["input_ids"].shape, VOCAB, generator=gen, dtype=torch.float64)
+    real = packed["teacher_mask"]
+    got = losses.sampled_kl(
+        logits,
+        packed["teacher_token_ids"],
+        packed["teacher_counts"],
+        packed["teacher_logprobs"],
+        real,
+    )
+    flat = logits[real]  # record positions in order: lay them out as one row per record
+    rows = torch.nn.utils.rnn.pad_sequence(list(flat.split([len(r) for r in sampled])), True)
+    torch.testing.assert_close(got, per_row_loss(rows, sampled), rtol=0, atol=1e-12)
+
+
+def test_mixed_sampled_and_topk_is_refused(records: list[Record]) -> None:
+    mixed = [records[0], make_sampled_record(70, 3, 4)]
+    with pytest.raises(ValueError, match="sampled records .* top-k"):
+        collate_records(mixed)
+    with pytest.raises(ValueError, match="sampled records .* top-k"):
+        pack_records(mixed, 8)
+    with pytest.raises(ValueError, match="sampled records .* top-k"):
+        Collator(pin_memory=False)(mixed)
+
+
+def test_inconsistent_tail_or_counts_is_refused(records: list[Record]) -> None:
+    rec = records[0]
+    args = (rec.key, rec.input_ids, rec.token_ids, rec.logprobs, rec.target_logprobs)
+    with pytest.raises(ValueError, match="inconsistent shapes.*tail_logprobs"):
+        collate_records([Record(*args, tail_logprobs=np.zeros(len(rec) + 1, np.float32))])
+    with pytest.raises(ValueError, match="inconsistent shapes.*counts"):
+        pack_records([Record(*args, counts=np.ones((len(rec), rec.k + 1), np.int32))], 8)

@@ -483,3 +483,124 @@ def test_forward_kl_matches_bucket_formula(
     assert_matches(grad, want_grad, 1e-10)
     got32 = losses.forward_kl(z.float(), ids, lp.float(), mask, chunk_size=chunk_size)
     assert_matches(got32, want, 2e-6, 1e-5)
+
+
+# --- explicit tail --------------------------------------------------------------------------------
+
+
+def explicit_tail_reference(z, ids, lp, tail, mask, kind, beta=0.5):
+    """The documented buckets with an explicit tail: entries and exp(tail) renormalised to sum to
+    1, then the floor; NaN tails fall back to the derived 1 - P_k (as bucket_reference)."""
+    z, lp, tail = z.double(), lp.double(), tail.double()
+    valid = lp > NEG_INF
+    ids = ids.clamp(0, z.shape[-1] - 1)
+    p_ids = torch.where(valid, lp.exp(), 0.0)
+    q_ids = torch.where(valid, z.softmax(-1).gather(-1, ids), 0.0)
+    given = ~tail.isnan()
+    p_tail = torch.where(given, tail.nan_to_num(0.0).exp(), (1 - p_ids.sum(-1)).clamp(min=0))
+    total = torch.where(given, p_ids.sum(-1) + p_tail, 1.0)
+    p = torch.cat(
+        [p_ids / total.unsqueeze(-1), (p_tail / total + losses.TAIL_FLOOR)[..., None]], -1
+    )
+    q = torch.cat([q_ids, (1 - q_ids.sum(-1) + losses.TAIL_FLOOR).unsqueeze(-1)], -1)
+    return masked_mean(divergence(p, q, kind, beta), mask)
+
+
+def tail_case(seed: int):
+    """Ragged rows (one all padding) with explicit tails: rounded ones, -inf, NaN (derive)."""
+    z, full, ids, lp, mask = make_case(seed, 2, 4, 12, 6)
+    mask = torch.ones_like(mask)
+    keep = torch.tensor([[6, 3, 0, 1], [5, 6, 2, 4]])
+    pad = torch.arange(6) >= keep.unsqueeze(-1)
+    ids, lp = torch.where(pad, torch.tensor(-3), ids), torch.where(pad, NEG_INF, lp)
+    exact = torch.log1p(-torch.where(pad, 0.0, lp.exp()).sum(-1))  # the mass outside the entries
+    gen = torch.Generator().manual_seed(seed)
+    tail = exact + 0.3 * torch.randn(exact.shape, generator=gen, dtype=exact.dtype)
+    tail[0, 1] = NEG_INF  # no tail: the entries are all of it
+    tail[1, 0] = float("nan")  # derive this one
+    tail[1, 2] = 0.0  # all the mass outside the two entries
+    return z, ids, lp, tail, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_explicit_tail_matches_reference(kind: str) -> None:
+    z, ids, lp, tail, mask = tail_case(23)
+    got, grad = value_and_grad(
+        loss_fn(kind), z, ids, lp, mask, teacher_tail_logprobs=tail, chunk_size=3
+    )
+    want, want_grad = value_and_grad(
+        lambda x: explicit_tail_reference(x, ids, lp, tail, mask, kind), z
+    )
+    assert_matches(got, want, 1e-12)
+    assert_matches(grad, want_grad, 1e-12)
+    assert abs(got - loss_fn(kind)(z, ids, lp, mask)) > 1e-3  # the tails do change the result
+    got32 = loss_fn(kind)(z.float(), ids, lp.float(), mask, teacher_tail_logprobs=tail.float())
+    assert_matches(got32, want, 1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_passing_the_derived_tail_changes_nothing(kind: str) -> None:
+    z, ids, lp, _, mask = tail_case(24)
+    derived = losses.log1mexp(torch.logsumexp(lp, -1))  # all-padding row: log 1 = 0
+    base, base_grad = value_and_grad(loss_fn(kind), z, ids, lp, mask)
+    got, grad = value_and_grad(loss_fn(kind), z, ids, lp, mask, teacher_tail_logprobs=derived)
+    assert_matches(got, base, 1e-12)
+    assert_matches(grad, base_grad, 1e-12)
+    # fp32, as collate hands it over
+    base32 = loss_fn(kind)(z.float(), ids, lp.float(), mask)
+    got32 = loss_fn(kind)(z.float(), ids, lp.float(), mask, teacher_tail_logprobs=derived.float())
+    assert_matches(got32, base32, 1e-6, 1e-5)
+    # all NaN: exactly today's derivation
+    nan = torch.full_like(derived, float("nan"))
+    assert torch.equal(loss_fn(kind)(z, ids, lp, mask, teacher_tail_logprobs=nan), base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_is_dropped_at_other_temperatures(kind: str) -> None:
+    z, ids, lp, tail, mask = tail_case(25)
+    got = loss_fn(kind)(z, ids, lp, mask, temperature=2.0, teacher_tail_logprobs=tail)
+    assert torch.equal(got, loss_fn(kind)(z, ids, lp, mask, temperature=2.0))
+
+
+def test_tail_at_masked_positions_is_ignored_and_bad_tails_are_refused() -> None:
+    z, ids, lp, tail, mask = tail_case(26)
+    mask = mask.clone()
+    mask[0, 0] = False
+    base = losses.jsd(z, ids, lp, mask, teacher_tail_logprobs=tail)
+    garbage = tail.clone()
+    garbage[0, 0] = float("inf")
+    assert torch.equal(losses.jsd(z, ids, lp, mask, teacher_tail_logprobs=garbage), base)
+    with pytest.raises(ValueError, match=r"\+inf"):
+        losses.forward_kl(z, ids, lp, None, teacher_tail_logprobs=garbage)
+    with pytest.raises(ValueError, match="teacher_tail_logprobs must be"):
+        losses.reverse_kl(z, ids, lp, mask, teacher_tail_logprobs=tail[:, :2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distillation_loss_passes_the_tail(kind: str) -> None:
+    z, ids, lp, tail, mask = tail_case(27)
+    gen = torch.Generator().manual_seed(27)
+    labels = torch.randint(0, 12, (2, 4), generator=gen)
+    alpha = 0.3
+
+    def mix(x: torch.Tensor) -> torch.Tensor:
+        kd = loss_fn(kind)(x, ids, lp, mask, teacher_tail_logprobs=tail)
+        return (1 - alpha) * kd + alpha * F.cross_entropy(x.reshape(-1, 12), labels.reshape(-1))
+
+    got, grad = value_and_grad(
+        losses.distillation_loss,
+        z,
+        ids,
+        lp,
+        mask,
+        labels,
+        kind=kind,
+        alpha=alpha,
+        chunk_size=3,
+        teacher_tail_logprobs=tail,
+    )
+    want, want_grad = value_and_grad(mix, z)
+    assert_matches(got, want, 1e-12)
+    assert_matches(grad, want_grad, 1e-12)
+    only_kd = losses.distillation_loss(z, ids, lp, mask, kind=kind, teacher_tail_logprobs=tail)
+    assert torch.equal(only_kd, loss_fn(kind)(z, ids, lp, mask, teacher_tail_logprobs=tail))

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecordBatch(_message.Message):
-    __slots__ = ("space_id", "codec", "k", "vocab_size", "keys", "lengths", "input_ids", "token_ids", "logprob_gaps", "target_q", "indices", "cursor")
+    __slots__ = ("space_id", "codec", "k", "vocab_size", "keys", "lengths", "input_ids", "indices", "cursor", "arrays")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -15,11 +15,9 @@ class RecordBatch(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    LOGPROB_GAPS_FIELD_NUMBER: _ClassVar[int]
-    TARGET_Q_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     codec: str
     k: int
@@ -27,12 +25,18 @@ class RecordBatch(_message.Message):
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     lengths: _containers.RepeatedScalarFieldContainer[int]
     input_ids: bytes
-    token_ids: bytes
-    logprob_gaps: bytes
-    target_q: bytes
     indices: _containers.RepeatedScalarFieldContainer[int]
     cursor: int
-    def __init__(self, space_id: _Optional[str] = ..., codec: _Optional[str] = ..., k: _Optional[int] = ..., vocab_size: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., lengths: _Optional[_Iterable[int]] = ..., input_ids: _Optional[bytes] = ..., token_ids: _Optional[bytes] = ..., logprob_gaps: _Optional[bytes] = ..., target_q: _Optional[bytes] = ..., indices: _Optional[_Iterable[int]] = ..., cursor: _Optional[int] = ...) -> None: ...
+    arrays: _containers.RepeatedCompositeFieldContainer[EncodedArray]
+    def __init__(self, space_id: _Optional[str] = ..., codec: _Optional[str] = ..., k: _Optional[int] = ..., vocab_size: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., lengths: _Optional[_Iterable[int]] = ..., input_ids: _Optional[bytes] = ..., indices: _Optional[_Iterable[int]] = ..., cursor: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[EncodedArray, _Mapping]]] = ...) -> None: ...
+
+class EncodedArray(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Sequence(_message.Message):
     __slots__ = ("input_ids",)
