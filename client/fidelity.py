@@ -27,9 +27,11 @@ Measures (float64 arrays [P], see :class:`Fidelity`):
   ``d_j = e_i`` for some j, else ``u_d``. Negative buckets are clipped to 0, every bucket of both
   sides is floored at 1e-12 (so the value is finite when one side has an empty tail), and both
   sides are normalised to sum 1 (the floors, the clip, and a stored exact tail that does not add
-  up to exactly ``1 - sum p_i`` can leave a side off 1). ``Q``'s tail bucket is the complement,
-  as in the trainer's loss, which derives the teacher's tail from the entries; the decoded tail
-  itself enters through ``u_d`` and is checked on its own by ``tail_err``. Identical rows give 0.
+  up to exactly ``1 - sum p_i`` can leave a side off 1). ``Q``'s tail bucket is what a reader
+  of the decoded rows puts there, as the trainer's losses do: with an explicit decoded tail,
+  the decoded mass off exact's ids (``T_d`` less the ``u_d`` shares handed to exact's missing
+  ids, plus decoded entries exact does not list), then normalised with the entries; without
+  one, the complement ``1 - sum_i q_i``. Identical rows give 0.
 
 Ids are matched between the rows without Python loops: every entry gets the key ``row * V + id``,
 one side's keys are sorted once, and the other side's are looked up with ``np.searchsorted``.
@@ -208,7 +210,14 @@ def fidelity(exact: TopKRows, decoded: TopKRows, vocab_size: int) -> Fidelity:
 
     q = _gather(np.exp(d_lp), e_at, e_found, u_d[:, None])
     q = np.where(e_valid, q, 0.0)
-    q_tail = np.maximum(1.0 - q.sum(axis=1), 0.0)
+    if decoded.tail_logprobs is not None:
+        # The decoded rows carry their own tail, which readers (the trainer's losses) use with
+        # the entries, renormalised: Q's tail bucket is the decoded mass off exact's ids.
+        missing = (e_valid & ~e_found).sum(axis=1)
+        off_exact = np.where(d_valid & ~d_found, np.exp(d_lp), 0.0).sum(axis=1)
+        q_tail = off_exact + np.maximum(t_d - u_d * missing, 0.0)
+    else:
+        q_tail = np.maximum(1.0 - q.sum(axis=1), 0.0)
     P = np.concatenate([np.where(e_valid, p_e, 0.0), t_e[:, None]], axis=1)
     Q = np.concatenate([q, q_tail[:, None]], axis=1)
     buckets = np.concatenate([e_valid, np.ones((e_valid.shape[0], 1), dtype=bool)], axis=1)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import tempfile
 import time
@@ -307,6 +308,34 @@ def _records_forever(stream) -> Iterator:
 # ---- the benchmark ------------------------------------------------------------------------------------
 
 
+def _offline_cache(
+    tmp: Path, teacher_path: str, train_ids: torch.Tensor, mode: str, args: argparse.Namespace
+) -> tuple[Path, str, float, int]:
+    """Precompute the training sequences in ``mode`` into a local store (own engine)."""
+    from logitcache.server.engine import VLLMOptions
+    from logitcache.server.precompute import PrecomputeRequest, run_precompute
+
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        with open(data, "w") as f:
+            for row in train_ids.tolist():
+                f.write(json.dumps({"input_ids": row}) + "\n")
+    dataset = f"distill-{mode.replace('_', '-')}"
+    req = PrecomputeRequest(
+        teacher=teacher_path,
+        data=data,
+        out=str(tmp / "offline-store"),
+        dataset=dataset,
+        top_k=args.samples if mode == "sampled" else args.top_k,
+        mode=mode,
+        top_p=args.top_p if mode == "top_p" else None,
+        engine=VLLMOptions(max_top_k=args.top_k),
+        progress=False,
+    )
+    r = run_precompute(req)
+    return tmp / "offline-store", dataset, r.seconds, r.computed_positions
+
+
 def run_distill_benchmark(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -469,6 +498,41 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 )
             print(f"  (c) every batch's input_ids equal (a)'s ({steps} batches checked)")
 
+        for key, mode in (("d", "top_p"), ("e", "sampled")):
+            if key not in args.modes:
+                continue
+            store, dataset, seconds, positions = _offline_cache(
+                Path(tmp), teacher_path, train_ids, mode, args
+            )
+            print(
+                f"\n({key}) {mode} cache precomputed offline: {positions:,} positions in "
+                f"{seconds:.1f} s ({positions / seconds:,.0f} positions/s)",
+                flush=True,
+            )
+            stream = TeacherStream(str(store), dataset, seed=args.seed, shuffle=False)
+            records = _records_forever(stream)
+
+            def stored_batch(step: int, records=records, key=key) -> tuple:
+                batch = collate_records(
+                    [next(records) for _ in range(bsz)], pad_token_id=0, pin_memory=False
+                )
+                if not torch.equal(batch["input_ids"], train_ids[batch_rows(step, bsz, n_train)]):
+                    raise RuntimeError(f"({key}) saw other sequences than (a) at step {step}")
+                return (
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    {"batch": batch},
+                )
+
+            print(f"({key}) distillation from the {mode} cache (store stream)", flush=True)
+            try:
+                results[key] = train(
+                    f"({key})", new_student, stored_batch, cached_loss, None, args, None
+                )
+            finally:
+                records.close()
+
     print("\nevaluating on held-out text (teacher: transformers reference forward pass) ...")
     t = time.perf_counter()
     reference = teacher_logprobs(teacher, held_out)
@@ -478,6 +542,8 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         "a": "(a) cross-entropy on text",
         "b": f"(b) online KD, dense {args.loss}",
         "c": f"(c) KD from cache, top-{args.top_k} {args.loss}",
+        "d": f"(d) KD, adaptive top-p {args.top_p:g}",
+        "e": f"(e) KD, sampled U={args.samples}",
     }
     scores = {}
     for key, r in results.items():
@@ -504,7 +570,9 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
             else f"{'-':>8s} {'-':>8s}"
         )
         print(f"{label:37s} {kl:>21.4f} {ppl:>8.3f} {timing}")
-    print(f"(c)/(b) KL ratio: {scores['c'] / scores['b']:.3f}")
+    for key in "cde":
+        if key in scores:
+            print(f"({key})/(b) KL ratio: {scores[key] / scores['b']:.3f}")
     print(f"(a) KL / (c) KL:  {scores['a'] / scores['c']:.2f}")
 
     c = results["c"]
@@ -525,7 +593,7 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"{'bwd+step':>9s} {'wall':>7s} {'pos/s trained':>14s} {'server CPU':>11s}"
     )
     print(head)
-    for key in "abc":
+    for key in sorted(results):
         r = results[key]
         server = f"{r.server_cpu_s / r.wall_s:>10.0%}" if r.server_cpu_s is not None else "n/a"
         print(

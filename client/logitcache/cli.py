@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser(
         "distill",
         help="held-out KL and perplexity of a student trained by CE, online KD, and KD from the cache",
-        description="With the demo teacher and its language, train one small student from one initialisation for the same steps on the same batches three ways: (a) cross-entropy on the text, (b) online distillation from the teacher's full logits computed on the fly, (c) distillation from the top-k cache streamed from a running logitcache server. Prints held-out KL(teacher || student) and perplexity of each, and (c)'s stream throughput next to its step rate.",
+        description="With the demo teacher and its language, train one small student from one initialisation for the same steps on the same batches three ways: (a) cross-entropy on the text, (b) online distillation from the teacher's full logits computed on the fly, (c) distillation from the top-k cache streamed from a running logitcache server, and also (d) from an adaptive top-p cache and (e) from a sampled cache (both precomputed offline and streamed from the store). Prints held-out KL(teacher || student) and perplexity of each, and (c)'s stream throughput next to its step rate.",
     )
     p.add_argument(
         "--teacher",
@@ -289,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--top-k", type=int, default=64, help="entries per position in the cache (default: 64)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="(d) adaptive cache: the fewest of the top --top-k reaching P (default: 0.95)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=12,
+        help="(e) sampled cache: draws per position (default: 12)",
+    )
+    p.add_argument(
+        "--modes",
+        default="de",
+        help="which of the extra cache modes to run: d (adaptive top-p), e (sampled); "
+        "'' for none (default: de)",
     )
     p.add_argument(
         "--loss",
@@ -359,6 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=300)
     p.set_defaults(handler=_bench_lookup)
+    p = bench.add_parser(
+        "storage",
+        help="bytes/position, encode/decode speed and fidelity of every encoding on the same positions",
+        description=(
+            "Runs the teacher once with full-vocabulary log-probs and encodes the same positions "
+            "as: naive int32+fp32, a DistillKit-style reference (16 exact bf16 values, a "
+            "polynomial fit of the rest, bit-packed ids), the old and the default logitcache "
+            "codecs, adaptive top-p, and sampled mode; then again on a large synthetic "
+            "vocabulary (the same distributions with ids mapped into it). Prints bytes/position, "
+            "encode/decode positions/s on one core, fidelity against the exact top-k, and the "
+            "targets."
+        ),
+    )
+    p.add_argument("--teacher", default=None, help="teacher directory (default: the demo teacher)")
+    p.add_argument("--sequences", type=int, default=128, help="sequences (default: 128)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--top-k", type=int, default=64, help="k of the top-k encodings (default: 64)")
+    p.add_argument("--top-p", type=float, default=0.95, help="adaptive mode's P (default: 0.95)")
+    p.add_argument("--samples", type=int, default=12, help="sampled mode's U (default: 12)")
+    p.add_argument(
+        "--synthetic-vocab",
+        type=int,
+        default=151_936,
+        help="size of the large synthetic vocabulary (default: 151,936)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats, best kept (default: 3)")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(handler=_bench_storage)
+
     from logitcache.client.cli import add_client_commands
 
     add_client_commands(sub)  # submit, jobs, fetch: clients of a running server
@@ -475,6 +522,13 @@ def _bench_capture(args: argparse.Namespace) -> int:
     from logitcache.server.bench_capture import run_capture_benchmark
 
     run_capture_benchmark(args, _engine_options(args, args.top_k))
+    return 0
+
+
+def _bench_storage(args: argparse.Namespace) -> int:
+    from logitcache.server.bench_storage import run_storage_benchmark
+
+    run_storage_benchmark(args)
     return 0
 
 

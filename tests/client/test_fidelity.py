@@ -74,7 +74,11 @@ def test_known_perturbation() -> None:
     exact = rows([[2, 0, 5]], [[0.5, 0.3, 0.1]])  # tail 0.1 over ids 1, 3, 4
     decoded = rows([[2, 0, 5]], [[0.45, 0.35, 0.1]], tail=[0.12])
     f = fidelity(exact, decoded, V)
-    kl = 0.5 * math.log(0.5 / 0.45) + 0.3 * math.log(0.3 / 0.35)  # tail buckets: 0.1 vs 0.1
+    # The explicit decoded tail is the tail bucket, renormalised with the entries (as the
+    # trainer's losses read it): Q = (0.45, 0.35, 0.1, 0.12) / 1.02.
+    p = np.array([0.5, 0.3, 0.1, 0.1])
+    q = np.array([0.45, 0.35, 0.1, 0.12]) / 1.02
+    kl = float((p * np.log(p / q)).sum())
     errs = [math.log(0.5 / 0.45), math.log(0.35 / 0.3), 0.0]
     assert f.kl[0] == pytest.approx(kl, rel=1e-5)
     assert f.max_abs_err[0] == pytest.approx(max(errs), abs=1e-6)
@@ -96,10 +100,13 @@ def test_adaptive_prefix() -> None:
     assert f.tail_err[0] == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_array_equal(np.isnan(f.entry_decoded), [[False, False, True]])
 
-    # The same prefix with an explicit (off) tail of 0.16: id 2 gets 0.04, the tail bucket 0.16.
+    # The same prefix with an explicit (off) tail of 0.16: id 2 gets 0.04, the tail bucket the
+    # remaining 0.12, and Q is renormalised: (0.5, 0.3, 0.04, 0.12) / 0.96.
     off = rows([[4, 1, 0]], [[0.5, 0.3, 0.0]], tail=[0.16])
     g = fidelity(exact, off, V)
-    assert g.kl[0] == pytest.approx(0.1 * math.log(0.1 / 0.04) + 0.1 * math.log(0.1 / 0.16), 1e-5)
+    p = np.array([0.5, 0.3, 0.1, 0.1])
+    q = np.array([0.5, 0.3, 0.04, 0.12]) / 0.96
+    assert g.kl[0] == pytest.approx(float((p * np.log(p / q)).sum()), 1e-5)
     assert g.tail_err[0] == pytest.approx(0.04, abs=1e-6)
 
 
