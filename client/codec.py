@@ -58,6 +58,30 @@ class TopKRows:
         return int(self.token_ids.shape[0])
 
 
+def concat_rows(parts: list[TopKRows]) -> TopKRows:
+    """Rows of several records as one TopKRows, narrower rows padded (id 0, -inf, count 0)."""
+    width = max(p.token_ids.shape[1] for p in parts)
+
+    def cat(name: str, fill) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            return None
+        if arrays[0].ndim == 1:
+            return np.concatenate(arrays)
+        out = [np.full((a.shape[0], width), fill, dtype=a.dtype) for a in arrays]
+        for o, a in zip(out, arrays, strict=True):
+            o[:, : a.shape[1]] = a
+        return np.concatenate(out)
+
+    return TopKRows(
+        token_ids=cat("token_ids", 0),
+        logprobs=cat("logprobs", -np.inf),
+        target_logprobs=cat("target_logprobs", np.nan),
+        tail_logprobs=cat("tail_logprobs", np.nan),
+        counts=cat("counts", 0),
+    )
+
+
 @dataclass(frozen=True)
 class Field:
     """One encoded array: its dtype, whether it runs over positions or entries, and a hint for

@@ -21,8 +21,8 @@ injectively into ``--synthetic-vocab`` ids, since the byte target is about large
 from __future__ import annotations
 
 import argparse
-import re
 import asyncio
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.client.codec import QuantizedTopKCodec, SampledCodec, TopKCodec, TopKRows
+from logitcache.client.codec import (
+    QuantizedTopKCodec,
+    SampledCodec,
+    TopKCodec,
+    TopKRows,
+    concat_rows,
+)
 from logitcache.client.fidelity import fidelity
 from logitcache.client.sampling import rng_for_key, sample_rows
 from logitcache.client.space import CaptureSpace, record_key
@@ -56,25 +62,6 @@ class Captured:
     sampled_big: TopKRows
     lengths: list[int]
     mean_entropy: float
-
-
-def _cat(parts: list[TopKRows]) -> TopKRows:
-    width = max(p.token_ids.shape[1] for p in parts)
-
-    def pad(a: np.ndarray, fill) -> np.ndarray:
-        out = np.full((a.shape[0], width), fill, dtype=a.dtype)
-        out[:, : a.shape[1]] = a
-        return out
-
-    counts = None
-    if parts[0].counts is not None:
-        counts = np.concatenate([pad(p.counts, 0) for p in parts])
-    return TopKRows(
-        token_ids=np.concatenate([pad(p.token_ids, 0) for p in parts]),
-        logprobs=np.concatenate([pad(p.logprobs, -np.inf) for p in parts]),
-        target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
-        counts=counts,
-    )
 
 
 async def _capture(args, teacher: str) -> Captured:
@@ -126,10 +113,10 @@ async def _capture(args, teacher: str) -> Captured:
         flush=True,
     )
     return Captured(
-        exact=_cat([o[0] for o in out]),
-        sampled=_cat([o[1] for o in out]),
-        exact_big=_cat([o[2] for o in out]),
-        sampled_big=_cat([o[3] for o in out]),
+        exact=concat_rows([o[0] for o in out]),
+        sampled=concat_rows([o[1] for o in out]),
+        exact_big=concat_rows([o[2] for o in out]),
+        sampled_big=concat_rows([o[3] for o in out]),
         lengths=[len(s) for s in sequences],
         mean_entropy=float(np.mean(entropy)),
     )

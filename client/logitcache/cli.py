@@ -209,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE_URL")
     p.add_argument("--dataset", default=None, help="describe only this dataset")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    g = p.add_argument_group("fidelity (re-runs the teacher on a sample of --dataset)")
+    g.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="compare stored rows with the engine's exact values: log-prob errors, tail-mass "
+        "error, KL(exact top-k with tail || stored); for sampled datasets, draw checks",
+    )
+    g.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher to re-run (default: the one in the dataset's provenance; must match the "
+        "space's fingerprint)",
+    )
+    g.add_argument("--sample", type=int, default=16, help="sequences to re-run (default: 16)")
+    g.add_argument("--seed", type=int, default=0, help="which sequences (default: 0)")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser(
@@ -486,8 +501,22 @@ def _inspect(args: argparse.Namespace) -> int:
     from logitcache.server.store import open_store
     from logitcache.server.summary import format_summary, store_summary
 
-    summary = store_summary(open_store(args.store), args.dataset)
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    store = open_store(args.store)
+    summary = store_summary(store, args.dataset)
+    if args.fidelity:
+        from logitcache.server.errors import InvalidArgument
+        from logitcache.server.fidelity_check import check_fidelity, format_fidelity
+
+        names = [args.dataset] if args.dataset else store.datasets()
+        if len(names) != 1:
+            raise InvalidArgument("--fidelity needs --dataset (the store has several datasets)")
+        summary["fidelity"] = check_fidelity(store, names[0], args.teacher, args.sample, args.seed)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(format_summary(summary))
+        if args.fidelity:
+            print(format_fidelity(summary["fidelity"]))
     return 0
 
 

@@ -1,0 +1,144 @@
+"""``logitcache inspect --fidelity``: re-run the teacher on stored sequences and compare.
+
+A sample of a dataset's sequences is captured again by the engine (in the space's dtype, at
+the space's width: k for top-k and top-p, the full vocabulary for sampled), and the stored
+records are compared with those exact values position by position:
+
+- top-k and top-p spaces: :func:`logitcache.client.fidelity.fidelity` (absolute log-prob errors
+  over stored entries, tail-mass error, KL(exact top-k with tail || stored top-k with tail));
+- sampled spaces: the stored log-probs of the drawn ids against the exact ones, that every row
+  holds exactly U draws, and whether drawing again from the exact distribution with the
+  record's seed reproduces the stored draws.
+
+The teacher must be the one the space was captured with (same fingerprint), so the comparison
+is against the same numbers the store was built from, up to the engine's run-to-run noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from logitcache.client.codec import TopKRows, concat_rows
+from logitcache.client.fidelity import fidelity
+from logitcache.client.sampling import rng_for_key, sample_rows
+from logitcache.server.capture import CaptureConfig
+from logitcache.server.engine import VLLMEngine, VLLMOptions
+from logitcache.server.errors import FailedPrecondition, InvalidArgument
+from logitcache.server.store import Store
+from logitcache.server.teacher import resolve_teacher
+
+
+def check_fidelity(
+    store: Store, dataset: str, teacher: str | None, sample: int, seed: int = 0
+) -> dict:
+    """Fidelity figures of ``sample`` sequences of ``dataset`` (JSON-able)."""
+    if sample < 1:
+        raise InvalidArgument("--sample must be at least 1")
+    ds = store.dataset(dataset)
+    space = ds.space
+    teacher = teacher or ds.provenance.get("teacher")
+    if not teacher:
+        raise InvalidArgument(f"dataset {dataset!r} names no teacher; pass --teacher")
+    info = resolve_teacher(teacher)
+    if info.teacher_fingerprint != space.teacher_fingerprint:
+        raise FailedPrecondition(
+            f"teacher {teacher!r} is not the one dataset {dataset!r} was captured with "
+            f"(fingerprint {info.teacher_fingerprint[:16]} != {space.teacher_fingerprint[:16]})"
+        )
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(ds), size=min(sample, len(ds)), replace=False))
+    keys = [ds.raw_key(int(i)) for i in picks]
+    records = [store.get(k) for k in keys]
+    config = CaptureConfig.of_space(space)
+    exact = asyncio.run(_capture(info, space.engine_dtype, config, [r.input_ids for r in records]))
+    stored = concat_rows(
+        [TopKRows(r.token_ids, r.logprobs, r.target_logprobs, r.tail_logprobs, r.counts)
+         for r in records]
+    )  # fmt: skip
+    positions = len(stored)
+    out = {"dataset": dataset, "space": space.to_json(), "sequences": len(records),
+           "positions": positions, "teacher": teacher}  # fmt: skip
+    if config.mode == "sampled":
+        out.update(_sampled_figures(config, keys, exact, stored))
+    else:
+        out.update(fidelity(concat_rows(exact), stored, space.vocab_size).summary())
+        out["entries_per_position"] = float((stored.logprobs > -np.inf).sum(axis=1).mean())
+    target = np.abs(concat_rows(exact).target_logprobs - stored.target_logprobs)
+    out["target_err_max"] = float(np.nanmax(target)) if np.isfinite(target).any() else 0.0
+    return out
+
+
+async def _capture(info, dtype: str, config: CaptureConfig, sequences) -> list[TopKRows]:
+    options = VLLMOptions(
+        max_top_k=max(1, min(config.k, 256)) if config.mode != "sampled" else 1,
+        dtype=dtype,
+        full_vocab=config.mode == "sampled",
+    )
+    engine = VLLMEngine(info, options)
+    try:
+        return list(
+            await asyncio.gather(*(engine.capture(s, config.engine_width) for s in sequences))
+        )
+    finally:
+        engine.shutdown()
+
+
+def _sampled_figures(config, keys, exact: list[TopKRows], stored: TopKRows) -> dict:
+    # Exact log-probs of the stored ids: look each id up in its position's full row.
+    full_ids = np.concatenate([e.token_ids for e in exact])
+    full_lp = np.concatenate([e.logprobs for e in exact]).astype(np.float64)
+    by_id = np.empty_like(full_lp)
+    np.put_along_axis(by_id, full_ids, full_lp, axis=1)
+    present = stored.counts > 0
+    ref = np.take_along_axis(by_id, np.where(present, stored.token_ids, 0), axis=1)
+    err = np.abs(np.where(present, stored.logprobs - ref, 0.0))
+    again = concat_rows(
+        [sample_rows(e, config.k, rng_for_key(k)) for e, k in zip(exact, keys, strict=True)]
+    )
+    width = max(again.token_ids.shape[1], stored.token_ids.shape[1])
+
+    def wide(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+    same = (wide(again.token_ids) == wide(stored.token_ids)) & (
+        wide(again.counts) == wide(stored.counts)
+    )
+    return {
+        "abs_err_mean": float(err[present].mean()) if present.any() else 0.0,
+        "abs_err_max": float(err.max(initial=0.0)),
+        "draws_per_position_ok": bool((stored.counts.sum(axis=1) == config.k).all()),
+        "distinct_ids_per_position": float(present.sum(axis=1).mean()),
+        "draws_reproduced": float(same.all(axis=1).mean()),
+    }
+
+
+def format_fidelity(f: dict) -> str:
+    space = f["space"]
+    lines = [
+        f"fidelity of dataset {f['dataset']} (mode {space['mode']}, k={space['k']}, codec "
+        f"{space['codec']}): {f['sequences']} sequences, {int(f['positions']):,} positions re-run "
+        f"on {f['teacher']}",
+    ]
+    if "kl_mean" in f:
+        lines += [
+            f"  KL(exact top-k with tail || stored)  mean {f['kl_mean']:.3e}  max {f['kl_max']:.3e}",
+            f"  |log-prob error| over stored entries  mean {f['abs_err_mean']:.4f}  "
+            f"max {f['abs_err_max']:.4f}",
+            f"  entries with p >= 1e-3: max error {f['max_err_p_ge_0.001']:.4f} nats; "
+            f"p < 1e-3: max probability error {f['max_prob_err_p_lt_0.001']:.1e}",
+            f"  tail-mass error  mean {f['tail_err_mean']:.2e}  max {f['tail_err_max']:.2e}",
+            f"  stored entries per position: {f['entries_per_position']:.1f}",
+        ]
+    else:
+        lines += [
+            f"  |log-prob error| of the drawn ids  mean {f['abs_err_mean']:.4f}  "
+            f"max {f['abs_err_max']:.4f}",
+            f"  every row holds {space['k']} draws: {'yes' if f['draws_per_position_ok'] else 'NO'}; "
+            f"{f['distinct_ids_per_position']:.1f} distinct ids per position",
+            f"  draws reproduced from the exact distribution with the record's seed: "
+            f"{f['draws_reproduced']:.1%} of positions",
+        ]
+    lines.append(f"  target log-prob error max {f['target_err_max']:.4f}")
+    return "\n".join(lines)
