@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from logitcache.client.codec import QuantizedTopKCodec, TopKRows
+from logitcache.client.codec import DEFAULT_CODEC, TopKRows
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.client.wire import decode_batch
 from logitcache.server.launcher import ServerProcess
@@ -35,7 +35,7 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]
 def synthetic_store(root: Path, positions: int, seq_len: int, k: int, vocab: int = 32000) -> str:
     """A store with one dataset, ``bench``, of peaked descending top-k rows (vectorised)."""
     space = CaptureSpace("bench-teacher", "bench-tokenizer", vocab, "topk", k, "bfloat16",
-                         QuantizedTopKCodec.name)  # fmt: skip
+                         DEFAULT_CODEC)  # fmt: skip
     store = open_store(str(root), writable=True)
     rng = np.random.default_rng(0)
     n = max(1, positions // seq_len)
