@@ -36,9 +36,9 @@ from logitcache.server.storage import LocalStorage
 
 SEGMENT_FORMAT = "logitcache-segment-v1"
 CHUNK_POSITIONS = 8192
-ENTRY_CHUNK = 1 << 20  # entries per chunk of a per-entry array
-_SHUFFLED = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-_PLAIN = ZstdCodec(level=5)
+ENTRY_CHUNK = 1 << 21  # entries per chunk of a per-entry array (32,768 positions at k = 64)
+_SHUFFLED = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+_PLAIN = ZstdCodec(level=7)
 
 
 def segments_dir(space_id: str) -> str:
