@@ -12,7 +12,8 @@ DEMO := .demo
 
 help:
 	@echo "make demo   build the demo teacher, precompute and inspect a dataset, run the service"
-	@echo "            end to end, and distil a student three ways (text, live teacher, cache)"
+	@echo "            end to end, and distil a student five ways (text, live teacher, top-k,"
+	@echo "            adaptive and sampled caches)"
 	@echo "make test   run the test suite (real vLLM engine, real Zarr stores)"
 	@echo "make lint   ruff check and format check"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
@@ -36,7 +37,10 @@ demo: $(STAMP)
 	$(BIN)/logitcache demo-data $(DEMO)/data.jsonl --documents 400 --seed 1
 	$(BIN)/logitcache precompute --teacher $(DEMO)/teacher --data $(DEMO)/data.jsonl \
 		--out $(DEMO)/store --dataset demo --top-k 64
+	$(BIN)/logitcache precompute --teacher $(DEMO)/teacher --data $(DEMO)/data.jsonl \
+		--out $(DEMO)/store --dataset demo-adaptive --top-p 0.95 --max-k 64
 	$(BIN)/logitcache inspect $(DEMO)/store
+	$(BIN)/logitcache inspect $(DEMO)/store --dataset demo --fidelity --sample 8
 	$(BIN)/logitcache demo-data $(DEMO)/served.jsonl --documents 200 --seed 2
 	$(BIN)/logitcache demo-service --teacher $(DEMO)/teacher --data $(DEMO)/served.jsonl \
 		--store $(DEMO)/store --dataset demo-served
