@@ -409,7 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=128, help="sequences (default: 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--top-k", type=int, default=64, help="k of the top-k encodings (default: 64)")
-    p.add_argument("--top-p", type=float, default=0.95, help="adaptive mode's P (default: 0.95)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        nargs="+",
+        default=[0.95, 0.99],
+        help="adaptive mode's P, one row each (default: 0.95 0.99)",
+    )
     p.add_argument("--samples", type=int, default=12, help="sampled mode's U (default: 12)")
     p.add_argument(
         "--synthetic-vocab",
