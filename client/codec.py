@@ -91,6 +91,7 @@ class Field:
     dtype: np.dtype
     per: str  # "position" or "entry"
     shuffle: bool = True
+    per_k: bool = False  # a per-position array of k columns ([P, k]; the fixed-k codec's)
 
 
 # --- quantisation ----------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ _C0 = 443  # _U0 = 443/64 = 6.922 > ln 1000 = 6.908
 _U0 = _C0 / 64
 _C1 = 19  # _U1 = _U0 + 19/8 = 9.297 > ln 10^4 = 9.210
 _U1 = _U0 + _C1 / 8
-_GRID_MAX = 2047  # u beyond _U1 + 1585 nats (and -inf) clamps here; decodes to -inf
+_GRID_MAX = 2047  # -inf; finite u beyond _U1 + 1584 nats clamps to the step before
 _GRID = np.concatenate(
     [
         -np.arange(_C0 + 1) / 64,
@@ -120,7 +121,7 @@ assert _GRID.shape == (_GRID_MAX + 1,)
 
 
 def quantize(logprobs: np.ndarray) -> np.ndarray:
-    """Codes on the topk-v2 grid, int32 in [0, 2047]; -inf and NaN give 2047 (decodes to -inf)."""
+    """Codes on the topk-v2 grid, int32 in [0, 2047]; only -inf and NaN give 2047 (-inf)."""
     u = -np.asarray(logprobs, dtype=np.float64)
     u = np.nan_to_num(u, nan=np.inf, posinf=np.inf)
     u = np.maximum(u, 0.0)  # log-probs are <= 0; rounding noise above 0 is 0
@@ -129,7 +130,9 @@ def quantize(logprobs: np.ndarray) -> np.ndarray:
         np.rint(u * 64),
         np.where(u <= _U1, _C0 + np.rint((u - _U0) * 8), _C0 + _C1 + np.rint(u - _U1)),
     )
-    return np.minimum(code, _GRID_MAX).astype(np.int32)
+    # Finite values beyond the grid clamp to its last finite step; only -inf (and NaN) decode
+    # to -inf, so a stored entry never turns into padding.
+    return np.where(np.isinf(u), _GRID_MAX, np.minimum(code, _GRID_MAX - 1)).astype(np.int32)
 
 
 def dequantize(codes: np.ndarray) -> np.ndarray:
@@ -200,7 +203,8 @@ def _gaps_to_logprobs(gaps: np.ndarray) -> np.ndarray:
     """
     out = np.empty(gaps.shape, dtype=np.float32)
     for start in range(0, gaps.shape[0], _DECODE_BLOCK):
-        codes = np.ascontiguousarray(gaps[start : start + _DECODE_BLOCK].T, dtype=np.uint16)
+        # astype copies (always): the sums below must never write into the caller's array.
+        codes = gaps[start : start + _DECODE_BLOCK].T.astype(np.uint16, order="C")
         for j in range(1, codes.shape[0]):
             np.add(codes[j - 1], codes[j], out=codes[j])
         # mode="clip": malformed input beyond the grid decodes as -inf instead of failing.
@@ -236,8 +240,8 @@ class QuantizedTopKCodec:
     @property
     def fields(self) -> tuple[Field, ...]:
         return (
-            Field("token_ids", self.id_dtype, "position"),
-            Field("logprob_gaps", np.dtype(np.uint16), "position"),
+            Field("token_ids", self.id_dtype, "position", per_k=True),
+            Field("logprob_gaps", np.dtype(np.uint16), "position", per_k=True),
             Field("target_q", np.dtype(np.uint16), "position"),
         )
 

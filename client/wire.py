@@ -58,8 +58,10 @@ def decode_arrays(batch: pb.RecordBatch, codec, positions: int) -> dict[str, np.
             if entries is not None and a.shape[0] != entries:
                 raise ValueError("malformed RecordBatch: entry arrays differ in length")
             entries = a.shape[0]
-        elif a.shape[0] == positions * batch.k and a.shape[0] != positions:
-            a = a.reshape(positions, batch.k)  # the fixed-k codec's [P, k] arrays
+        elif f.per_k:
+            if a.shape[0] != positions * batch.k:
+                raise ValueError(f"malformed RecordBatch: array {f.name!r} is not [P, k]")
+            a = a.reshape(positions, batch.k)
         elif a.shape[0] != positions:
             raise ValueError(f"malformed RecordBatch: array {f.name!r} does not match lengths")
         arrays[f.name] = a
@@ -83,11 +85,27 @@ def decode_batch(batch: pb.RecordBatch) -> list[Record]:
 def split_records(
     keys: Sequence[str], input_ids: np.ndarray, lengths: np.ndarray, rows: TopKRows
 ) -> list[Record]:
-    """Decoded rows of concatenated records -> one Record each (views, no copies)."""
+    """Decoded rows of concatenated records -> one Record each (views, no copies).
+
+    Ragged rows come back padded to the widest row of the whole batch; each record is cut to
+    its own widest row, so it has the same shape as when it is read from the store.
+    """
     bounds = np.cumsum(lengths)[:-1]
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    present = rows.counts > 0 if rows.counts is not None else rows.logprobs > -np.inf
+    n = present.sum(axis=1)
+    widths = np.zeros(len(keys), dtype=np.int64)
+    nonempty = np.asarray(lengths) > 0
+    if n.size and nonempty.any():
+        widths[nonempty] = np.maximum.reduceat(n, starts[nonempty])
 
     def parts(a: np.ndarray | None) -> list:
-        return [None] * len(keys) if a is None else np.split(a, bounds)
+        if a is None:
+            return [None] * len(keys)
+        pieces = np.split(a, bounds)
+        if a.ndim == 1:
+            return pieces
+        return [p[:, :w] for p, w in zip(pieces, widths.tolist(), strict=True)]
 
     return [
         Record(key, ids, tok, lp, tgt, tail, cnt)

@@ -25,6 +25,7 @@ from logitcache.client.space import CaptureSpace
 from logitcache.server.errors import InvalidArgument
 
 MODES = ("topk", "top_p", "sampled")
+MAX_TOP_K = 256  # the most log-probs per position a top-k or top-p capture keeps
 FULL_VOCAB = -1  # an engine width: every token of the vocabulary
 
 
@@ -47,8 +48,9 @@ class CaptureConfig:
             raise InvalidArgument("--top-p applies to adaptive top-k only (not --mode sampled)")
         if self.mode == "sampled" and not 1 <= self.k <= MAX_SAMPLES:
             raise InvalidArgument(f"--samples must be between 1 and {MAX_SAMPLES}")
-        if self.k < 1:
-            raise InvalidArgument("k must be at least 1")
+        if self.mode != "sampled" and not 1 <= self.k <= MAX_TOP_K:
+            flag = "--max-k" if self.mode == "top_p" else "--top-k"
+            raise InvalidArgument(f"{flag} must be between 1 and {MAX_TOP_K}")
         if self.codec is not None and self.codec not in CODECS:
             raise InvalidArgument(f"unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
         if self.codec is not None and (self.codec == SampledCodec.name) != (self.mode == "sampled"):

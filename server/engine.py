@@ -23,11 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from logitcache.client.codec import TopKRows
-from logitcache.server.capture import FULL_VOCAB
+from logitcache.server.capture import FULL_VOCAB, MAX_TOP_K
 from logitcache.server.errors import InvalidArgument
 from logitcache.server.teacher import TeacherInfo
-
-MAX_TOP_K = 256
 
 
 class TeacherEngine(Protocol):

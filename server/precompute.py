@@ -76,9 +76,7 @@ class PrecomputeResult:
 
 def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
     """Read and check the input file completely (before any engine starts or anything is written)."""
-    if not 1 <= req.top_k:
-        raise InvalidArgument("--top-k must be at least 1")
-    req.capture  # noqa: B018 - checks the capture options before any work
+    req.capture  # noqa: B018 - checks the capture options (and k) before any work
     limit = info.max_model_len - 1
     if req.max_len is not None:
         if req.max_len < 1:

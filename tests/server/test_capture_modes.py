@@ -362,12 +362,6 @@ def test_every_capture_mode_streams_through_a_server_and_collates(store_server, 
         assert "teacher_counts" not in batch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: wire.decode_batch splits a batch decoded at its widest row, so records "
-    "streamed over gRPC from ragged codecs (top_p, sampled) are wider than the same records read "
-    "from the store (Record.k is not the record's own widest row)",
-)
 @pytest.mark.parametrize("name", ["topp", "sampled"])
 def test_streamed_records_have_the_shape_of_stored_ones(store_server, store_dir, name):
     ds = open_dataset(store_dir, name)
@@ -375,12 +369,6 @@ def test_streamed_records_have_the_shape_of_stored_ones(store_server, store_dir,
         assert rec.token_ids.shape == ds[ds.keys.index(rec.key)].token_ids.shape, rec.key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="library bug: a batch of one one-token record (full rows) makes TopKCodec.decode "
-    "sum gaps in place in decode_batch's read-only arrays: 'output array is read-only'",
-)
 def test_a_one_token_record_streams_alone_in_its_batch(store_server, store_dir, top_p_dataset):
     ds = open_dataset(store_dir, top_p_dataset)
     records = list(TeacherStream(store_server, top_p_dataset, shuffle=False, batch_records=1))
@@ -388,11 +376,6 @@ def test_a_one_token_record_streams_alone_in_its_batch(store_server, store_dir, 
     assert len(records[0]) == 1  # demo_sequences starts with a one-token sequence
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: TopKCodec.decode of a one-row block adds the gaps up in place, in the "
-    "loaded segment's own logprob_gaps array, so the second read of the record is garbage",
-)
 def test_a_record_read_twice_from_a_loaded_segment_is_the_same(store_dir, top_p_dataset):
     store = logitcache.open_store(str(store_dir))
     key = store.dataset(top_p_dataset).keys[0]  # the one-token sequence
@@ -414,24 +397,10 @@ BAD_FLAGS = [
     (("--max-k", "8"), "--top-p"),
     (("--mode", "sampled", "--top-k", "8"), "--samples"),
     (("--mode", "sampled", "--samples", "256"), "--samples"),
-    pytest.param(
-        ("--mode", "sampled", "--samples", "0"), "--samples",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="library bug: prepare_inputs checks 'k >= 1' before the capture config and "
-            "says '--top-k must be at least 1' for --samples 0 (a flag the user did not give)",
-        ),
-    ),
+    (("--mode", "sampled", "--samples", "0"), "--samples"),
     (("--top-p", "0.9", "--codec", "topk-q64-delta-v1"), "topk-q64-delta-v1"),
     (("--codec", "topk-v9"), "topk-v9"),
-    pytest.param(
-        ("--top-p", "0.9", "--max-k", "300"), "256",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="library bug: k > 256 passes CaptureConfig and is refused only by "
-            "VLLMEngine, after precompute() has created the store (logitcache-store.json)",
-        ),
-    ),
+    (("--top-p", "0.9", "--max-k", "300"), "256"),
 ]  # fmt: skip
 
 
