@@ -89,7 +89,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
             'Send the {"input_ids": [...]} rows of a JSONL file to the server (cached sequences '
             "come from its store, the others are computed) and write the records to an .npz "
             "file: input_ids int32 [P], token_ids int32 [P, k], logprobs float32 [P, k] and "
-            "target_logprobs float32 [P] (NaN on each record's last row), concatenated over the "
+            "target_logprobs float32 [P] (NaN on each record's last row) and, for spaces that "
+            "store it, tail_logprobs float32 [P] (log of the mass outside the top-k), concatenated over the "
             "records in file order, with offsets int64 [n+1] (record i is rows "
             "offsets[i]:offsets[i+1]) and keys (hex) [n]. The client has no tokenizer: for texts, "
             "build a dataset with `logitcache submit`. Writing into a store (--out-store) is not "
@@ -362,6 +363,11 @@ def _fetch(args: argparse.Namespace) -> int:
             token_ids=np.concatenate([r.token_ids for r in records]),
             logprobs=np.concatenate([r.logprobs for r in records]),
             target_logprobs=np.concatenate([r.target_logprobs for r in records]),
+            **(
+                {"tail_logprobs": np.concatenate([r.tail_logprobs for r in records])}
+                if all(r.tail_logprobs is not None for r in records)
+                else {}
+            ),
             offsets=offsets,
             keys=np.asarray([r.key for r in records]),
         )

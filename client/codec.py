@@ -223,19 +223,25 @@ def _row_counts(arrays: dict[str, np.ndarray], entry_field: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class QuantizedTopKCodec:
+class _VocabCodec:
+    """What every codec knows: the vocabulary size, which fixes the id dtype."""
+
+    vocab_size: int
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        return _id_dtype(self.vocab_size)
+
+
+@dataclass(frozen=True)
+class QuantizedTopKCodec(_VocabCodec):
     """``topk-q64-delta-v1``: fixed k, ids in the narrowest unsigned type, codes as gaps along k.
 
     Error bound: |decoded - exact| <= 1/128 nats for every entry above -1023 nats. Kept so that
     stores written with it stay readable; new captures use :class:`TopKCodec`.
     """
 
-    vocab_size: int
     name: str = "topk-q64-delta-v1"
-
-    @property
-    def id_dtype(self) -> np.dtype:
-        return _id_dtype(self.vocab_size)
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -272,7 +278,7 @@ class QuantizedTopKCodec:
 
 
 @dataclass(frozen=True)
-class TopKCodec:
+class TopKCodec(_VocabCodec):
     """``topk-v2``: ragged top-k rows on the piecewise grid, with an explicit tail (module doc).
 
     Arrays: ``n`` uint16 [P] entries per row; ``token_ids`` [E]; ``logprob_gaps`` uint16 [E]
@@ -280,12 +286,7 @@ class TopKCodec:
     steps of -log tail, 0xFFFF for no tail); ``target_q`` uint16 [P].
     """
 
-    vocab_size: int
     name: str = "topk-v2"
-
-    @property
-    def id_dtype(self) -> np.dtype:
-        return _id_dtype(self.vocab_size)
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -351,7 +352,7 @@ class TopKCodec:
 
 
 @dataclass(frozen=True)
-class SampledCodec:
+class SampledCodec(_VocabCodec):
     """``sampled-v1``: per row the distinct sampled ids (ascending), their counts and log-probs.
 
     Arrays: ``n`` uint16 [P] distinct ids per row; ``id_gaps`` [E] (a row's first id, then the
@@ -359,12 +360,7 @@ class SampledCodec:
     the same error bounds); ``target_q`` uint16 [P].
     """
 
-    vocab_size: int
     name: str = "sampled-v1"
-
-    @property
-    def id_dtype(self) -> np.dtype:
-        return _id_dtype(self.vocab_size)
 
     @property
     def fields(self) -> tuple[Field, ...]:
