@@ -308,9 +308,12 @@ def _existing_space(store: Store, req: PrecomputeRequest, info: TeacherInfo) -> 
         and space.codec == req.capture.codec_name
     )
     if not same:
+        hint = "choose another name"
+        if req.codec is None and space.codec != req.capture.codec_name:
+            hint += f" (or pass --codec {space.codec} to continue it)"
         raise AlreadyExists(
             f"dataset {req.dataset!r} exists in {store.url} with another teacher, tokenizer or "
-            f"capture (mode {space.mode}, k={space.k}, codec {space.codec}); choose another name"
+            f"capture (mode {space.mode}, k={space.k}, codec {space.codec}); {hint}"
         )
     return space
 
