@@ -78,12 +78,18 @@ def decode_batch(batch: pb.RecordBatch) -> list[Record]:
     input_ids = np.frombuffer(batch.input_ids, dtype="<i4")
     if input_ids.shape[0] != positions or len(batch.keys) != len(lengths):
         raise ValueError("malformed RecordBatch: array sizes do not match lengths and k")
-    rows = codec.decode(decode_arrays(batch, codec, positions))
-    return split_records([k.hex() for k in batch.keys], input_ids.astype(np.int32), lengths, rows)
+    arrays = decode_arrays(batch, codec, positions)
+    rows = codec.decode(arrays)
+    keys = [k.hex() for k in batch.keys]
+    return split_records(keys, input_ids.astype(np.int32), lengths, rows, arrays.get("n"))
 
 
 def split_records(
-    keys: Sequence[str], input_ids: np.ndarray, lengths: np.ndarray, rows: TopKRows
+    keys: Sequence[str],
+    input_ids: np.ndarray,
+    lengths: np.ndarray,
+    rows: TopKRows,
+    row_lengths: np.ndarray | None = None,
 ) -> list[Record]:
     """Decoded rows of concatenated records -> one Record each (views, no copies).
 
@@ -92,11 +98,15 @@ def split_records(
     """
     bounds = np.cumsum(lengths)[:-1]
     starts = np.concatenate([[0], bounds]).astype(np.int64)
-    present = rows.counts > 0 if rows.counts is not None else rows.logprobs > -np.inf
-    n = present.sum(axis=1)
-    widths = np.zeros(len(keys), dtype=np.int64)
+    if row_lengths is not None:  # the codec's own counts: no pass over the rows
+        n = np.asarray(row_lengths).astype(np.int64)
+    else:
+        present = rows.counts > 0 if rows.counts is not None else rows.logprobs > -np.inf
+        n = present.sum(axis=1)
+    width = rows.token_ids.shape[1]
+    widths = np.full(len(keys), width, dtype=np.int64)
     nonempty = np.asarray(lengths) > 0
-    if n.size and nonempty.any():
+    if n.size and nonempty.any() and not (n == width).all():
         widths[nonempty] = np.maximum.reduceat(n, starts[nonempty])
 
     def parts(a: np.ndarray | None) -> list:
@@ -105,7 +115,7 @@ def split_records(
         pieces = np.split(a, bounds)
         if a.ndim == 1:
             return pieces
-        return [p[:, :w] for p, w in zip(pieces, widths.tolist(), strict=True)]
+        return [p if w == width else p[:, :w] for p, w in zip(pieces, widths.tolist(), strict=True)]
 
     return [
         Record(key, ids, tok, lp, tgt, tail, cnt)
