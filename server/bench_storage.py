@@ -164,11 +164,7 @@ def _store_encoding(
     nbytes = storage.disk_usage(f"spaces/{space.space_id}/segments")
 
     def read_and_decode() -> TopKRows:
-        reader = SegmentReader(storage, space, segment_id)
-        reader.load()
-        loaded = reader._loaded
-        assert loaded is not None
-        return codec.decode({f.name: loaded[f.name] for f in codec.fields})
+        return codec.decode(SegmentReader(storage, space, segment_id).arrays())
 
     read_rate = _best_rate(read_and_decode, positions, repeats)
     return nbytes / positions, encode_rate, decode_rate, read_rate, decoded

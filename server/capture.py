@@ -105,20 +105,16 @@ def stored_rows(config: CaptureConfig, rows: TopKRows, key: bytes) -> TopKRows:
 
 def top_p_rows(rows: TopKRows, top_p: float) -> TopKRows:
     """Per row the shortest prefix whose probability reaches ``top_p`` (at least one entry; all
-    k if they never do). The tail is computed here, from the exact values, as the mass outside
-    the kept prefix, so readers know it exactly rather than from rounded entries."""
+    k if they never do). The kept entries are the engine's exact values, so the codec derives
+    the tail (the mass outside the prefix) exactly from them before it rounds anything."""
     p = np.exp(np.asarray(rows.logprobs, dtype=np.float64))
     covered = np.cumsum(p, axis=1)
     # Entries needed: 1 + how many prefixes still fall short of top_p (with float slack).
     n = np.minimum(1 + (covered < top_p - 1e-12).sum(axis=1), p.shape[1])
     keep = np.arange(p.shape[1]) < n[:, None]
     width = int(n.max()) if n.size else 0
-    mass = covered[np.arange(p.shape[0]), n - 1] if n.size else np.zeros(0)
-    with np.errstate(divide="ignore"):
-        tail = np.log(np.maximum(1.0 - mass, 0.0))
     return TopKRows(
         token_ids=np.where(keep, rows.token_ids, 0)[:, :width].astype(np.int32),
         logprobs=np.where(keep, rows.logprobs, -np.inf)[:, :width].astype(np.float32),
         target_logprobs=rows.target_logprobs,
-        tail_logprobs=tail.astype(np.float32),
     )

@@ -78,11 +78,6 @@ class CapturedRecord:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def entries(self, space: CaptureSpace) -> int:
-        """Number of stored entries (length of the per-entry arrays; 0 if the codec has none)."""
-        per_entry = [f.name for f in codec_fields(space) if f.per == "entry"]
-        return int(self.arrays[per_entry[0]].shape[0]) if per_entry else 0
-
 
 @dataclass
 class SegmentBuilder:
@@ -113,8 +108,9 @@ class SegmentBuilder:
             "input_ids": np.concatenate([r.input_ids for r in self.records]).astype(np.int32),
             **concat_arrays(space, [r.arrays for r in self.records]),
         }
-        if any(f.per == "entry" for f in fields):
-            entries = np.array([r.entries(space) for r in self.records], dtype=np.int64)
+        per_entry = [f.name for f in fields if f.per == "entry"]
+        if per_entry:
+            entries = np.array([len(r.arrays[per_entry[0]]) for r in self.records], dtype=np.int64)
             arrays["entry_offsets"] = np.concatenate([[0], np.cumsum(entries)])
         plain = {f.name for f in fields if not f.shuffle}
         writer_id = uuid.uuid4().hex[:12]
@@ -133,7 +129,6 @@ class SegmentBuilder:
                 "positions": int(offsets[-1]),
             }
         )
-        per_entry = {f.name for f in fields if f.per == "entry"}
         for name, data in arrays.items():
             rows = ENTRY_CHUNK if name in per_entry else CHUNK_POSITIONS
             chunks = (min(rows, max(1, data.shape[0])),) + data.shape[1:]
@@ -183,6 +178,12 @@ class SegmentReader:
     @property
     def loaded_bytes(self) -> int:
         return sum(a.nbytes for a in self._loaded.values()) if self._loaded is not None else 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The codec's arrays of the whole segment, all records concatenated (loads it)."""
+        self.load()
+        assert self._loaded is not None
+        return {f.name: self._loaded[f.name] for f in self._fields}
 
     def unload(self) -> None:
         self._loaded = None

@@ -179,8 +179,9 @@ def collate_records(
     ``max_len`` keeps the first ``max_len`` positions of each record. The last kept position keeps
     its teacher row, and its label is the record's next token, which is still known. Records may
     have different k (e.g. adaptive-k captures): k is padded to the batch's largest with id 0 and
-    log-prob -inf (and count 0). Records must be all top-k or all sampled. ``pin_memory=None`` pins when CUDA is available, except inside a DataLoader
-    worker (use ``DataLoader(pin_memory=True)`` there, which pins in the main process).
+    log-prob -inf (and count 0). Records must be all top-k or all sampled. ``pin_memory=None``
+    pins when CUDA is available, except inside a DataLoader worker (use
+    ``DataLoader(pin_memory=True)`` there, which pins in the main process).
     """
     records = _nonempty(records)
     if max_len is not None and (
