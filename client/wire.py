@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows, codec_for
+from logitcache.client.codecs import TopKRows, codec_for
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.v1 import logitcache_pb2 as pb
@@ -27,7 +27,7 @@ def encode_batch(
     indices: Sequence[int] = (),
     cursor: int = 0,
 ) -> pb.RecordBatch:
-    """Wrap the codec arrays of concatenated records (see ``logitcache.client.codec``)."""
+    """Wrap the codec arrays of concatenated records (see ``logitcache.client.codecs``)."""
     codec = codec_for(space.codec, space.vocab_size)
     return pb.RecordBatch(
         space_id=space.space_id,

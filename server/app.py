@@ -18,14 +18,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from logitcache.server.config import ServerConfig
-from logitcache.server.http_side import make_http_app, start_http_side
+from logitcache.server.grpc.servicer import LogitCacheService
+from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
-from logitcache.server.service import LogitCacheService
-from logitcache.server.store import open_store
+from logitcache.server.store.store import open_store
 from logitcache.server.streaming import DatasetStreamer, LoadedSegments
-from logitcache.server.teachers import TeacherRegistry
+from logitcache.server.teachers.registry import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 

@@ -12,8 +12,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from logitcache.server.engine import MAX_TOP_K, VLLMOptions
-from logitcache.server.errors import InvalidArgument
+from logitcache.client.errors import InvalidArgument
+from logitcache.server.engine.vllm_engine import MAX_TOP_K, VLLMOptions
 
 
 @dataclass

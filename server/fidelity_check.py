@@ -20,14 +20,14 @@ import asyncio
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows, concat_rows
+from logitcache.client.codecs import TopKRows, concat_rows
+from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.client.fidelity import fidelity
-from logitcache.client.sampling import rng_for_key, sample_rows
-from logitcache.server.capture import CaptureConfig
-from logitcache.server.engine import VLLMEngine, VLLMOptions
-from logitcache.server.errors import FailedPrecondition, InvalidArgument
-from logitcache.server.store import Store
-from logitcache.server.teacher import resolve_teacher
+from logitcache.server.engine.capture import CaptureConfig
+from logitcache.server.engine.sampling import rng_for_key, sample_rows
+from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+from logitcache.server.store.store import Store
+from logitcache.server.teachers.identity import resolve_teacher
 
 
 def check_fidelity(

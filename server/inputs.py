@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.client.errors import InvalidArgument, NotFound
 
 OVERFLOW_POLICIES = ("error", "truncate", "split")
 

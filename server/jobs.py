@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from logitcache.server.errors import (
+from logitcache.client.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -25,8 +25,8 @@ from logitcache.server.errors import (
 from logitcache.server.inputs import OVERFLOW_POLICIES
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute, prepare_inputs
-from logitcache.server.store import Store, validate_dataset_name
-from logitcache.server.teachers import TeacherRegistry
+from logitcache.server.store.store import Store, validate_dataset_name
+from logitcache.server.teachers.registry import TeacherRegistry
 
 JOB_PRIORITY = 1  # after interactive requests (0) in the engine's queue
 ACTIVE = ("queued", "running")

@@ -35,7 +35,7 @@ class ServerProcess:
         offset = self._log.tell()  # a restart on the same store appends to the same log
         teacher_args = ["--teacher", f"demo={teacher}"] if teacher is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "logitcache.cli", "serve", *teacher_args,
+            [sys.executable, "-P", "-m", "logitcache.cli", "serve", *teacher_args,
              "--store", str(store), "--port", "0", "--http-port", "0", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

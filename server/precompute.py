@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from logitcache.client.space import CaptureSpace, record_key
-from logitcache.server.capture import CaptureConfig, stored_rows
-from logitcache.server.engine import TeacherEngine, VLLMEngine, VLLMOptions
-from logitcache.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from logitcache.server.engine.capture import CaptureConfig, stored_rows
+from logitcache.server.engine.vllm_engine import TeacherEngine, VLLMEngine, VLLMOptions
 from logitcache.server.inputs import InputReport, load_sequences
-from logitcache.server.segments import CapturedRecord
-from logitcache.server.store import Store, open_store, validate_dataset_name
-from logitcache.server.teacher import TeacherInfo, capture_space, resolve_teacher
+from logitcache.server.store.segments import CapturedRecord
+from logitcache.server.store.store import Store, open_store, validate_dataset_name
+from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
 
 DEFAULT_SEGMENT_POSITIONS = 1 << 16
 
@@ -48,7 +48,7 @@ class PrecomputeRequest:
     license: str | None = None
     engine: VLLMOptions = field(default_factory=VLLMOptions)
     progress: bool = True
-    mode: str = "topk"  # see logitcache.server.capture
+    mode: str = "topk"  # see logitcache.server.engine.capture
     top_p: float | None = None
     codec: str | None = None
 

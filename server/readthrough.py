@@ -16,10 +16,10 @@ import numpy as np
 
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.metrics import ServerMetrics
-from logitcache.server.segments import CapturedRecord, SegmentBuilder
-from logitcache.server.store import Store
+from logitcache.server.store.segments import CapturedRecord, SegmentBuilder
+from logitcache.server.store.store import Store
 from logitcache.server.streaming import LoadedSegments
-from logitcache.server.teachers import Teacher
+from logitcache.server.teachers.registry import Teacher
 
 INTERACTIVE_PRIORITY = 0
 

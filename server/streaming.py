@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.client.order import EpochPermutation, rank_length, rank_positions
 from logitcache.client.wire import encode_batch
-from logitcache.server.errors import FailedPrecondition, InvalidArgument
-from logitcache.server.segments import SegmentReader, concat_arrays
-from logitcache.server.store import Dataset, Store
+from logitcache.server.store.segments import SegmentReader, concat_arrays
+from logitcache.server.store.store import Dataset, Store
 from logitcache.v1 import logitcache_pb2 as pb
 
 

@@ -38,7 +38,7 @@ class LoopThread:
 
 @pytest.fixture(scope="session")
 def demo_teacher() -> Path:
-    from logitcache.server.demo_assets import demo_teacher_path
+    from logitcache.demo.assets import demo_teacher_path
 
     return demo_teacher_path(seed=0)
 
@@ -53,8 +53,8 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def engine(demo_teacher: Path, loop_thread: LoopThread):
     """The demo teacher under vLLM (CPU build here), started once for the whole session."""
-    from logitcache.server.engine import VLLMEngine, VLLMOptions
-    from logitcache.server.teacher import resolve_teacher
+    from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from logitcache.server.teachers.identity import resolve_teacher
 
     async def start() -> VLLMEngine:
         return VLLMEngine(resolve_teacher(str(demo_teacher)), VLLMOptions(max_top_k=ENGINE_TOP_K))
@@ -66,7 +66,7 @@ def engine(demo_teacher: Path, loop_thread: LoopThread):
 
 @pytest.fixture(scope="session")
 def reference(demo_teacher: Path):
-    from logitcache.server.reference_engine import TransformersReference
+    from logitcache.server.engine.reference import TransformersReference
 
     return TransformersReference(demo_teacher)
 
@@ -77,7 +77,7 @@ def demo_sequences(demo_teacher: Path) -> list:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from logitcache.server.demo_language import generate_documents
+    from logitcache.demo.language import generate_documents
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_teacher))
     docs = tokenizer(generate_documents(12, seed=4242))["input_ids"]

@@ -25,8 +25,8 @@ class IncompatibleStudent(ValueError):
 
 
 def _fingerprint_of(tokenizer_path: str | Path) -> str:
-    from logitcache.server.errors import InvalidArgument
-    from logitcache.server.teacher import tokenizer_fingerprint
+    from logitcache.client.errors import InvalidArgument
+    from logitcache.server.teachers.identity import tokenizer_fingerprint
 
     path = Path(tokenizer_path)
     if not path.is_dir():

@@ -35,7 +35,7 @@ def teacher(client):
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    from logitcache.server.demo_language import generate_documents
+    from logitcache.demo.language import generate_documents
 
     return generate_documents(24, seed=2024)
 
@@ -158,7 +158,7 @@ def test_stream_resumes_from_cursor(client, built):
 
 def test_stream_survives_a_server_restart(tmp_path):
     """kill -9 mid-stream, restart on the same port: the stream goes on, each record once."""
-    from logitcache.server.bench_service import synthetic_store
+    from logitcache.bench.service import synthetic_store
     from logitcache.server.launcher import ServerProcess
 
     # A store-only server (starts in about a second) on a synthetic dataset of ~50 MB on the
@@ -246,7 +246,10 @@ def test_wait_on_a_cancelled_job_raises(client, teacher):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "logitcache.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-P", "-m", "logitcache.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.client.codec import (
+from logitcache.client.codecs import (
     CODECS,
     DEFAULT_CODEC,
     LOGPROB_SCALE,
@@ -24,9 +24,9 @@ from logitcache.client.codec import (
     TopKRows,
     codec_for,
 )
-from logitcache.client.sampling import sample_rows
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.client.wire import decode_batch, encode_batch
+from logitcache.server.engine.sampling import sample_rows
 
 BOUND = 1.0 / (2 * LOGPROB_SCALE)  # 1/128 nats: the documented error bound
 FLOOR = -1023.0  # below this the codec clamps (including -inf)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from logitcache.client.codec import TopKCodec, TopKRows
+from logitcache.client.codecs import TopKCodec, TopKRows
 from logitcache.client.fidelity import Fidelity, fidelity
 
 V = 6

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
-from logitcache import proto_stubs
-
-COMMITTED = Path(__file__).resolve().parents[2] / "client" / "logitcache" / "v1"
+PROTO = Path(__file__).resolve().parents[2] / "proto"
+COMMITTED = PROTO / "logitcache" / "v1"
+_spec = importlib.util.spec_from_file_location("generate", PROTO / "generate.py")
+assert _spec is not None and _spec.loader is not None
+proto_stubs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(proto_stubs)
 
 
 def test_committed_stubs_match_the_proto(tmp_path):

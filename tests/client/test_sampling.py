@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitcache.client.codec import TopKRows
-from logitcache.client.sampling import MAX_SAMPLES, rng_for_key, sample_rows
+from logitcache.client.codecs import TopKRows
+from logitcache.server.engine.sampling import MAX_SAMPLES, rng_for_key, sample_rows
 
 Z_999 = 3.090232  # standard normal quantile of 0.999
 

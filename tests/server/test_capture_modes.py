@@ -45,7 +45,7 @@ DATASETS = {
 
 def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "logitcache.cli", *args],
+        [sys.executable, "-P", "-m", "logitcache.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -96,7 +96,7 @@ v1_dataset = _dataset_fixture("v1")
 @pytest.fixture(scope="module")
 def exact_rows(engine, loop_thread, sequences) -> list:
     """The session engine's exact top-64 rows of every sequence."""
-    from logitcache.server.engine import capture_many
+    from logitcache.server.engine.vllm_engine import capture_many
 
     return loop_thread.run(capture_many(engine, sequences, MAX_K))
 

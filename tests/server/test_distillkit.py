@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from logitcache.client.codec import TopKRows
-from logitcache.client.fidelity import fidelity
-from logitcache.server.distillkit import (
+from logitcache.bench.distillkit import (
     DistillKitStyleCodec,
     from_bfloat16_bits,
     to_bfloat16_bits,
 )
+from logitcache.client.codecs import TopKRows
+from logitcache.client.fidelity import fidelity
 
 VOCABS = (2, 2001, 2048, 65536, 65537, 151936)
 KS = (17, 32, 64, 128)

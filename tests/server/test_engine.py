@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from logitcache.server.errors import InvalidArgument
+from logitcache.client.errors import InvalidArgument
 
 pytestmark = pytest.mark.slow
 TIE = 1e-4  # log-probabilities closer than this may swap ranks legitimately

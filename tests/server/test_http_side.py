@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from logitcache.server.http_side import make_http_app, start_http_side
+from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.metrics import ServerMetrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

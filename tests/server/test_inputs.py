@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.client.errors import InvalidArgument, NotFound
 from logitcache.server.inputs import InputReport, load_sequences
 
 VOCAB_SIZE = 50

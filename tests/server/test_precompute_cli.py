@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import logitcache
-from logitcache.server.demo_language import generate_documents
+from logitcache.demo.language import generate_documents
 
 pytestmark = pytest.mark.slow
 STEP = 1 / 64  # one quantisation step of the default codec
@@ -22,7 +22,7 @@ STEP = 1 / 64  # one quantisation step of the default codec
 
 def cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "logitcache.cli", *args],
+        [sys.executable, "-P", "-m", "logitcache.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -105,7 +105,13 @@ def test_resume_after_kill_9_gives_the_same_dataset(
     tmp_path, complete_store, data_file, demo_teacher
 ):
     out = tmp_path / "store"
-    args = [sys.executable, "-m", "logitcache.cli", *precompute_args(demo_teacher, data_file, out)]
+    args = [
+        sys.executable,
+        "-P",
+        "-m",
+        "logitcache.cli",
+        *precompute_args(demo_teacher, data_file, out),
+    ]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

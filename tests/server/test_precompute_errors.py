@@ -82,7 +82,7 @@ def test_bad_teacher_is_one_line_not_a_traceback(tmp_path, kind):
     data = tmp_path / "data.jsonl"
     data.write_text(GOOD + "\n")
     r = subprocess.run(
-        [sys.executable, "-m", "logitcache.cli", "precompute", "--teacher", str(teacher),
+        [sys.executable, "-P", "-m", "logitcache.cli", "precompute", "--teacher", str(teacher),
          "--data", str(data), "--out", str(tmp_path / "store"), "--dataset", "d", "--top-k", "4"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import logitcache
 from logitcache.client.record import Record
 from logitcache.client.wire import decode_batch
-from logitcache.server.demo_language import generate_documents
+from logitcache.demo.language import generate_documents
 from logitcache.server.launcher import ServerProcess
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -233,7 +233,7 @@ def test_read_through_equals_offline_precompute(
     data.write_text("".join(json.dumps({"input_ids": s.tolist()}) + "\n" for s in seqs))
     out = tmp_path / "offline"
     r = subprocess.run(
-        [sys.executable, "-m", "logitcache.cli", "precompute", "--teacher", str(demo_teacher),
+        [sys.executable, "-P", "-m", "logitcache.cli", "precompute", "--teacher", str(demo_teacher),
          "--data", str(data), "--out", str(out), "--dataset", "x", "--top-k", str(K),
          "--no-progress"],
         capture_output=True, text=True, timeout=600,

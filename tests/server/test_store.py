@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import logitcache
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
+from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace, record_key
-from logitcache.server.errors import AlreadyExists, InvalidArgument, NotFound
-from logitcache.server.segments import CapturedRecord
-from logitcache.server.store import Store, open_store
+from logitcache.server.store.segments import CapturedRecord
+from logitcache.server.store.store import Store, open_store
 
 BOUND = 1.0 / 128  # the codec's documented error bound in nats
 SPACE = CaptureSpace(
@@ -286,7 +286,7 @@ sys.path.insert(0, tests_dir)
 from test_store import (
     CRASH_LENGTH, CRASH_SEALED_SEEDS, CRASH_UNSEALED_SEEDS, SPACE, synthetic_record, write_segment,
 )
-from logitcache.server.store import open_store
+from logitcache.server.store.store import open_store
 
 store = open_store(store_path, writable=True)
 store.ensure_space(SPACE)

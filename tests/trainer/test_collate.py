@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
 from logitcache.client.record import Record
-from logitcache.client.sampling import sample_rows
+from logitcache.server.engine.sampling import sample_rows
 from logitcache.trainer import losses
 from logitcache.trainer.collate import Collator, collate_records, pack_records
 

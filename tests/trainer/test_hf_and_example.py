@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from logitcache.client.client import Client
-from logitcache.server.demo_language import generate_documents
+from logitcache.demo.language import generate_documents
 from logitcache.server.launcher import ServerProcess
 from logitcache.trainer import TeacherStream
 from logitcache.trainer.collate import Collator

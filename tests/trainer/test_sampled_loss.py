@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from logitcache import trainer
-from logitcache.client.codec import TopKRows
-from logitcache.client.sampling import sample_rows
+from logitcache.client.codecs import TopKRows
+from logitcache.server.engine.sampling import sample_rows
 from logitcache.trainer import losses
 
 NEG_INF = float("-inf")

@@ -17,12 +17,12 @@ import pytest
 from torch.utils.data import DataLoader
 
 import logitcache
+from logitcache.bench.service import synthetic_store
 from logitcache.client.order import EpochPermutation
 from logitcache.client.record import Record
 from logitcache.client.space import record_key
-from logitcache.server.bench_service import synthetic_store
 from logitcache.server.launcher import ServerProcess
-from logitcache.server.store import open_store
+from logitcache.server.store.store import open_store
 from logitcache.trainer import TeacherStream
 
 N = 37  # records of "bench": prime, so no world size or worker count divides it

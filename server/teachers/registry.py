@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from logitcache.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from logitcache.client.space import CaptureSpace
 from logitcache.server.config import TeacherConfig
-from logitcache.server.engine import TeacherEngine, VLLMEngine
-from logitcache.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from logitcache.server.teacher import TeacherInfo, resolve_teacher, topk_space
+from logitcache.server.engine.vllm_engine import TeacherEngine, VLLMEngine
+from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher, topk_space
 
 
 @dataclass

@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from logitcache.client.codec import DEFAULT_CODEC, TopKRows
+from logitcache.client.codecs import DEFAULT_CODEC, TopKRows
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.client.wire import decode_batch
 from logitcache.server.launcher import ServerProcess
-from logitcache.server.segments import CapturedRecord
-from logitcache.server.store import open_store
+from logitcache.server.store.segments import CapturedRecord
+from logitcache.server.store.store import open_store
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
@@ -123,7 +123,7 @@ def run_stream_benchmark(args: argparse.Namespace) -> None:
 
 
 def run_lookup_benchmark(args: argparse.Namespace, teacher: str) -> None:
-    from logitcache.server.bench_capture import benchmark_sequences
+    from logitcache.bench.capture import benchmark_sequences
 
     tokens = np.stack(benchmark_sequences(teacher, 65, 512, seed=11))
     with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as tmp:

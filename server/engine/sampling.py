@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
 
 MAX_SAMPLES = 255
 

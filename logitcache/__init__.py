@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def open_store(url: str):
     """Open a logitcache store (a local path or file:// URL) read-only."""
-    from logitcache.server.store import open_store as _open
+    from logitcache.server.store.store import open_store as _open
 
     return _open(url)
 

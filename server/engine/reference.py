@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
 
 
 class TransformersReference:

@@ -11,7 +11,7 @@ Layout of a segment group (P positions and E entries over n records):
     entry_offsets   int64  [n + 1]  and entries entry_offsets[i]:entry_offsets[i+1] (codecs
                                     with per-entry arrays only)
     input_ids       int32  [P]
-    one array per field of the space's codec (logitcache.client.codec), [P, ...] or [E]
+    one array per field of the space's codec (logitcache.client.codecs), [P, ...] or [E]
 
 Per-entry arrays of ids are compressed with plain zstd (byte shuffling breaks the repeated id
 runs that zstd finds); every other array with byte shuffle + zstd.
@@ -29,10 +29,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from logitcache.client.codec import Field, TopKRows, codec_for
+from logitcache.client.codecs import Field, TopKRows, codec_for
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
-from logitcache.server.storage import LocalStorage
+from logitcache.server.store.backend import LocalStorage
 
 SEGMENT_FORMAT = "logitcache-segment-v1"
 CHUNK_POSITIONS = 8192

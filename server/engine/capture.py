@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.client.codec import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
-from logitcache.client.sampling import MAX_SAMPLES, rng_for_key, sample_rows
+from logitcache.client.codecs import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
+from logitcache.client.errors import InvalidArgument
 from logitcache.client.space import CaptureSpace
-from logitcache.server.errors import InvalidArgument
+from logitcache.server.engine.sampling import MAX_SAMPLES, rng_for_key, sample_rows
 
 MODES = ("topk", "top_p", "sampled")
 MAX_TOP_K = 256  # the most log-probs per position a top-k or top-p capture keeps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from logitcache.server.store import Store
+from logitcache.server.store.store import Store
 
 
 def store_summary(store: Store, dataset: str | None = None) -> dict:

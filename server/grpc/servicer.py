@@ -18,10 +18,7 @@ from dataclasses import asdict
 import grpc
 import numpy as np
 
-from logitcache.client.space import CaptureSpace
-from logitcache.client.wire import encode_batch
-from logitcache.server.config import ServerConfig
-from logitcache.server.errors import (
+from logitcache.client.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -29,14 +26,17 @@ from logitcache.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from logitcache.client.space import CaptureSpace
+from logitcache.client.wire import encode_batch
+from logitcache.server.config import ServerConfig
 from logitcache.server.jobs import JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
-from logitcache.server.segments import concat_arrays
-from logitcache.server.store import Store
+from logitcache.server.store.segments import concat_arrays
+from logitcache.server.store.store import Store
+from logitcache.server.store.summary import store_summary
 from logitcache.server.streaming import DatasetStreamer, StreamRequest
-from logitcache.server.summary import store_summary
-from logitcache.server.teachers import TeacherRegistry
+from logitcache.server.teachers.registry import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 

@@ -22,10 +22,10 @@ from typing import Protocol
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows
-from logitcache.server.capture import FULL_VOCAB, MAX_TOP_K
-from logitcache.server.errors import InvalidArgument
-from logitcache.server.teacher import TeacherInfo
+from logitcache.client.codecs import TopKRows
+from logitcache.client.errors import InvalidArgument
+from logitcache.server.engine.capture import FULL_VOCAB, MAX_TOP_K
+from logitcache.server.teachers.identity import TeacherInfo
 
 
 class TeacherEngine(Protocol):

@@ -59,7 +59,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace, top_k: int):
-    from logitcache.server.engine import VLLMOptions
+    from logitcache.server.engine.vllm_engine import VLLMOptions
 
     return VLLMOptions(
         max_top_k=top_k,
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(handler=_bench_storage)
 
-    from logitcache.client.cli import add_client_commands
+    from logitcache.client.commands import add_client_commands
 
     add_client_commands(sub)  # submit, jobs, fetch: clients of a running server
     return parser
@@ -471,7 +471,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
 def _capture_mode(args: argparse.Namespace) -> tuple[str, int]:
     """(mode, k) from the capture flags, refusing combinations that mean nothing."""
-    from logitcache.server.errors import InvalidArgument
+    from logitcache.client.errors import InvalidArgument
 
     if args.mode == "sampled":
         if args.top_k is not None or args.top_p is not None or args.max_k is not None:
@@ -504,13 +504,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from logitcache.server.store import open_store
-    from logitcache.server.summary import format_summary, store_summary
+    from logitcache.server.store.store import open_store
+    from logitcache.server.store.summary import format_summary, store_summary
 
     store = open_store(args.store)
     summary = store_summary(store, args.dataset)
     if args.fidelity:
-        from logitcache.server.errors import InvalidArgument
+        from logitcache.client.errors import InvalidArgument
         from logitcache.server.fidelity_check import check_fidelity, format_fidelity
 
         names = [args.dataset] if args.dataset else store.datasets()
@@ -527,7 +527,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo_teacher(args: argparse.Namespace) -> int:
-    from logitcache.server.demo_teacher import build_demo_teacher
+    from logitcache.demo.teacher import build_demo_teacher
 
     path = build_demo_teacher(args.out_dir, seed=args.seed)
     print(f"demo teacher written to {path}")
@@ -535,7 +535,7 @@ def _demo_teacher(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from logitcache.server.demo_language import generate_documents
+    from logitcache.demo.language import generate_documents
 
     docs = generate_documents(args.documents, seed=args.seed)
     args.out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -547,43 +547,43 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _demo_service(args: argparse.Namespace) -> int:
-    from logitcache.server.demo_service import run_service_demo
+    from logitcache.demo.walkthrough import run_service_demo
 
     run_service_demo(args)
     return 0
 
 
 def _bench_capture(args: argparse.Namespace) -> int:
-    from logitcache.server.bench_capture import run_capture_benchmark
+    from logitcache.bench.capture import run_capture_benchmark
 
     run_capture_benchmark(args, _engine_options(args, args.top_k))
     return 0
 
 
 def _bench_storage(args: argparse.Namespace) -> int:
-    from logitcache.server.bench_storage import run_storage_benchmark
+    from logitcache.bench.storage import run_storage_benchmark
 
     run_storage_benchmark(args)
     return 0
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
-    from logitcache.server.bench_distill import run_distill_benchmark
+    from logitcache.bench.distill import run_distill_benchmark
 
     run_distill_benchmark(args)
     return 0
 
 
 def _bench_stream(args: argparse.Namespace) -> int:
-    from logitcache.server.bench_service import run_stream_benchmark
+    from logitcache.bench.service import run_stream_benchmark
 
     run_stream_benchmark(args)
     return 0
 
 
 def _bench_lookup(args: argparse.Namespace) -> int:
-    from logitcache.server.bench_service import run_lookup_benchmark
-    from logitcache.server.demo_assets import demo_teacher_path
+    from logitcache.bench.service import run_lookup_benchmark
+    from logitcache.demo.assets import demo_teacher_path
 
     run_lookup_benchmark(args, args.teacher or str(demo_teacher_path()))
     return 0
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from logitcache.server.errors import LogitCacheError
+    from logitcache.client.errors import LogitCacheError
 
     try:
         return args.handler(args)

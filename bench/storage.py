@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.client.codec import (
+from logitcache.bench.capture import benchmark_sequences
+from logitcache.bench.distillkit import DistillKitStyleCodec
+from logitcache.client.codecs import (
     QuantizedTopKCodec,
     SampledCodec,
     TopKCodec,
@@ -39,16 +41,14 @@ from logitcache.client.codec import (
     concat_rows,
 )
 from logitcache.client.fidelity import fidelity
-from logitcache.client.sampling import rng_for_key, sample_rows
 from logitcache.client.space import CaptureSpace, record_key
-from logitcache.server.bench_capture import benchmark_sequences
-from logitcache.server.capture import FULL_VOCAB, CaptureConfig, top_p_rows
-from logitcache.server.demo_assets import demo_teacher_path
-from logitcache.server.distillkit import DistillKitStyleCodec
-from logitcache.server.engine import VLLMEngine, VLLMOptions
-from logitcache.server.segments import CapturedRecord, SegmentBuilder, SegmentReader
-from logitcache.server.storage import LocalStorage
-from logitcache.server.teacher import capture_space, resolve_teacher
+from logitcache.demo.assets import demo_teacher_path
+from logitcache.server.engine.capture import FULL_VOCAB, CaptureConfig, top_p_rows
+from logitcache.server.engine.sampling import rng_for_key, sample_rows
+from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+from logitcache.server.store.backend import LocalStorage
+from logitcache.server.store.segments import CapturedRecord, SegmentBuilder, SegmentReader
+from logitcache.server.teachers.identity import capture_space, resolve_teacher
 
 
 @dataclass

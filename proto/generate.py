@@ -1,11 +1,14 @@
-"""Generate the Python gRPC stubs from proto/ (``make proto``; a test checks they are current)."""
+"""Generate the Python gRPC stubs next to the .proto files (``make proto``; a test checks them).
+
+The stubs live in proto/logitcache/v1/, which is the installed package ``logitcache.v1``.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
+PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILES = ["logitcache/v1/logitcache.proto"]
 
 
@@ -30,4 +33,4 @@ def generate(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_ROOT.parent / "client")
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_ROOT)

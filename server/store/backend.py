@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from zarr.storage import LocalStore
 
-from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.client.errors import InvalidArgument, NotFound
 
 
 class LocalStorage:

@@ -32,7 +32,7 @@ from functools import cached_property
 
 import numpy as np
 
-from logitcache.client.codec import TopKRows
+from logitcache.client.codecs import TopKRows
 
 N_TERMS = 6  # 1, r, r^2, r^3, r^4, sqrt(r)
 VALUE_BITS = 16  # bfloat16

@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 from logitcache.client.space import CaptureSpace, record_key
-from logitcache.server.demo_assets import demo_teacher_path
-from logitcache.server.engine import VLLMEngine, VLLMOptions
+from logitcache.demo.assets import demo_teacher_path
+from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
 from logitcache.server.precompute import capture_into_store
-from logitcache.server.store import open_store
-from logitcache.server.teacher import resolve_teacher, topk_space
+from logitcache.server.store.store import open_store
+from logitcache.server.teachers.identity import resolve_teacher, topk_space
 
 
 def benchmark_sequences(
@@ -28,7 +28,7 @@ def benchmark_sequences(
     """Token sequences of demo-language text cut to ``length`` tokens."""
     from transformers import AutoTokenizer
 
-    from logitcache.server.demo_language import generate_documents
+    from logitcache.demo.language import generate_documents
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     stream: list[int] = []

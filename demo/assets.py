@@ -13,7 +13,8 @@ from pathlib import Path
 
 def demo_teacher_path(seed: int = 0) -> Path:
     """The demo teacher for ``seed`` under the cache directory, built on first use."""
-    from logitcache.server import demo_language, demo_teacher
+    from logitcache.demo import language as demo_language
+    from logitcache.demo import teacher as demo_teacher
 
     recipe = hashlib.sha256()
     for module in (demo_language, demo_teacher):

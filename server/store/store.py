@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
-from logitcache.server.errors import AlreadyExists, InvalidArgument, NotFound
-from logitcache.server.segments import (
+from logitcache.server.store.backend import LocalStorage, storage_for_url
+from logitcache.server.store.segments import (
     CapturedRecord,
     SegmentBuilder,
     SegmentReader,
     segments_dir,
     unsealed_dir,
 )
-from logitcache.server.storage import LocalStorage, storage_for_url
 
 STORE_FORMAT = "logitcache-store-v1"
 _DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes seconds, not hours

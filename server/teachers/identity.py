@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from logitcache.client.errors import InvalidArgument, NotFound
 from logitcache.client.space import CaptureSpace
-from logitcache.server.capture import CaptureConfig
-from logitcache.server.errors import InvalidArgument, NotFound
+from logitcache.server.engine.capture import CaptureConfig
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
 # file sizes plus sampled blocks, which detects any re-upload or conversion in practice while

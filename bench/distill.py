@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from logitcache.server.demo_assets import demo_teacher_path
-from logitcache.server.errors import InvalidArgument
+from logitcache.client.errors import InvalidArgument
+from logitcache.demo.assets import demo_teacher_path
 
 IGNORE_INDEX = -100
 EVAL_BATCH = 32
@@ -56,7 +56,7 @@ EVAL_BATCH = 32
 
 def token_sequences(tokenizer, count: int, seq_len: int, seed: int) -> torch.Tensor:
     """int64 [count, seq_len]: ``<s> doc </s>`` streams of documents of ``seed``, cut into blocks."""
-    from logitcache.server.demo_language import generate_documents
+    from logitcache.demo.language import generate_documents
 
     eos = tokenizer.eos_token_id
     need = count * seq_len
@@ -312,7 +312,7 @@ def _offline_cache(
     tmp: Path, teacher_path: str, train_ids: torch.Tensor, mode: str, args: argparse.Namespace
 ) -> tuple[Path, str, float, int]:
     """Precompute the training sequences in ``mode`` into a local store (own engine)."""
-    from logitcache.server.engine import VLLMOptions
+    from logitcache.server.engine.vllm_engine import VLLMOptions
     from logitcache.server.precompute import PrecomputeRequest, run_precompute
 
     data = tmp / "train.jsonl"
@@ -340,8 +340,8 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from logitcache.client import Client
+    from logitcache.server.engine.reference import TransformersReference
     from logitcache.server.launcher import ServerProcess
-    from logitcache.server.reference_engine import TransformersReference
     from logitcache.trainer import losses
     from logitcache.trainer.collate import collate_records
     from logitcache.trainer.stream import TeacherStream
