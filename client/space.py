@@ -10,10 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 import numpy as np
 
 KEY_BYTES = 16
+
+
+class CaptureMode(StrEnum):
+    """Which numbers a capture space keeps per row; the value is the stored and wire string.
+
+    A top-p space stores its threshold in the mode string as well ("top_p:0.95"), so the stored
+    mode of a space is read with `CaptureSpace.capture_mode` and `CaptureSpace.top_p`.
+    """
+
+    TOPK = "topk"  # the k most probable tokens
+    TOP_P = "top_p"  # per row the shortest prefix of the top k whose probability reaches p
+    SAMPLED = "sampled"  # k draws from the full distribution, as ids with counts
 
 
 @dataclass(frozen=True)
@@ -23,10 +36,22 @@ class CaptureSpace:
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     vocab_size: int
-    mode: str  # "topk" (sampled modes come later)
+    mode: str  # a CaptureMode, with the threshold for top-p: "topk", "top_p:0.95", "sampled"
     k: int
     engine_dtype: str
     codec: str
+
+    @property
+    def capture_mode(self) -> CaptureMode:
+        """The mode without its parameter; ValueError for a mode string this version lacks."""
+        return CaptureMode(self.mode.partition(":")[0])
+
+    @property
+    def top_p(self) -> float | None:
+        """The probability threshold of a top-p space, None for the other modes."""
+        if self.capture_mode is not CaptureMode.TOP_P:
+            return None
+        return float(self.mode.partition(":")[2])
 
     @property
     def space_id(self) -> str:
