@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -59,11 +60,11 @@ class CaptureSpace:
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"space_id": self.space_id, **asdict(self)}
 
     @classmethod
-    def from_json(cls, obj: dict) -> CaptureSpace:
+    def from_json(cls, obj: dict[str, Any]) -> CaptureSpace:
         fields = {k: v for k, v in obj.items() if k != "space_id"}
         space = cls(**fields)
         if "space_id" in obj and obj["space_id"] != space.space_id:

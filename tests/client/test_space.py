@@ -1,4 +1,4 @@
-"""Capture spaces and record keys: stable ids, tamper detection, content addresses."""
+"""Capture spaces and record keys: stable ids, tamper detection, content addresses, modes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from logitcache.client.space import KEY_BYTES, CaptureSpace, record_key
+from logitcache.client.space import KEY_BYTES, CaptureMode, CaptureSpace, record_key
 
 SPACE = CaptureSpace(
     teacher_fingerprint="sha256:teacher-0001",
@@ -105,3 +105,24 @@ def test_record_key_is_independent_of_the_input_dtype() -> None:
     assert record_key(SPACE.space_id, values) == expected
     strided = np.array([[v, -1] for v in values], dtype=np.int64)[:, 0]
     assert record_key(SPACE.space_id, strided) == expected
+
+
+@pytest.mark.parametrize(
+    ("stored", "mode", "top_p"),
+    [("topk", CaptureMode.TOPK, None), ("top_p:0.95", CaptureMode.TOP_P, 0.95),
+     ("sampled", CaptureMode.SAMPLED, None)],
+)  # fmt: skip
+def test_stored_mode_strings_parse_to_the_enum(
+    stored: str, mode: CaptureMode, top_p: float | None
+) -> None:
+    space = dataclasses.replace(SPACE, mode=stored)
+    assert (space.capture_mode, space.top_p) == (mode, top_p)
+    assert space.capture_mode is mode
+    # The enum is the stored string: a space built from it is the space written before it existed.
+    built = dataclasses.replace(SPACE, mode=mode if top_p is None else f"{mode}:{top_p:g}")
+    assert json.dumps(built.to_json()) == json.dumps(space.to_json())
+
+
+def test_unknown_stored_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a valid CaptureMode"):
+        _ = dataclasses.replace(SPACE, mode="beam").capture_mode
