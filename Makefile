@@ -15,7 +15,7 @@ help:
 	@echo "            end to end, and distil a student five ways (text, live teacher, top-k,"
 	@echo "            adaptive and sampled caches)"
 	@echo "make test   run the test suite (real vLLM engine, real Zarr stores)"
-	@echo "make lint   ruff check and format check"
+	@echo "make lint   ruff check and format check, mypy over client/, server/ and trainer/"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
 	@echo "make clean  remove .venv, .cache and $(DEMO)"
 
@@ -63,6 +63,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .cache $(DEMO)
