@@ -14,30 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
+from logitcache.client import tokenizer  # the module: an argument below is tokenizer_fingerprint
+from logitcache.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 
 __all__ = ["IncompatibleStudent", "check_record_ids", "check_student"]
 
 
-class IncompatibleStudent(ValueError):
-    """The student cannot be trained on this cache; the message says why and what to do."""
+class IncompatibleStudent(FailedPrecondition, ValueError):
+    """The student cannot be trained on this cache; the message says why and what to do.
+
+    A ValueError as well, as it was before the shared error vocabulary existed.
+    """
 
 
-def _fingerprint_of(tokenizer_path: str | Path) -> str:
-    from logitcache.client.errors import InvalidArgument
-    from logitcache.server.teachers.identity import tokenizer_fingerprint
-
-    path = Path(tokenizer_path)
-    if not path.is_dir():
-        raise IncompatibleStudent(
-            f"student tokenizer {str(path)!r} is not a directory (pass the local directory that "
-            "holds tokenizer.json / tokenizer_config.json, or tokenizer_fingerprint=...)"
-        )
+def _student_fingerprint(tokenizer_path: str | Path) -> str:
+    """The student's tokenizer fingerprint, hashed exactly as the server hashes the teacher's."""
     try:
-        return tokenizer_fingerprint(path)
-    except InvalidArgument as e:
-        raise IncompatibleStudent(f"student tokenizer {str(path)!r} has no tokenizer files") from e
+        return tokenizer.tokenizer_fingerprint(tokenizer_path)
+    except (NotFound, InvalidArgument) as e:
+        raise IncompatibleStudent(
+            f"student tokenizer: {e}; pass the local directory that holds tokenizer.json / "
+            "tokenizer_config.json, or tokenizer_fingerprint=..."
+        ) from e
 
 
 def _vocab_problem(student: int, teacher: int, allow_vocab_padding: bool) -> str | None:
@@ -90,7 +90,7 @@ def check_student(
 
     if tokenizer_path is not None or tokenizer_fingerprint is not None:
         student_fp = (
-            _fingerprint_of(tokenizer_path)
+            _student_fingerprint(tokenizer_path)
             if tokenizer_path is not None
             else str(tokenizer_fingerprint)
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from logitcache.client.errors import InvalidArgument, NotFound
 from logitcache.client.space import CaptureSpace
+from logitcache.client.tokenizer import canonical_json, tokenizer_fingerprint
 from logitcache.server.engine.capture import CaptureConfig
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
@@ -23,14 +24,6 @@ FULL_HASH_LIMIT = 4 << 30
 _SAMPLE_BLOCKS = 64
 _BLOCK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ def weights_fingerprint(path: Path) -> str:
             f"teacher {str(path)!r}: no weight files ({', '.join(_WEIGHT_SUFFIXES)})"
         )
     h = hashlib.sha256()
-    h.update(_canonical_json(path / "config.json"))
+    h.update(canonical_json(path / "config.json"))
     total = sum(f.stat().st_size for f in files)
     sampled = total > FULL_HASH_LIMIT
     h.update(b"sampled" if sampled else b"full")
@@ -144,28 +137,6 @@ def weights_fingerprint(path: Path) -> str:
                     fh.seek(max(0, size - _BLOCK) * j // max(1, _SAMPLE_BLOCKS - 1))
                     h.update(fh.read(_BLOCK))
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(path: Path) -> str:
-    """sha256 over the tokenizer files that exist (JSON ones in canonical form)."""
-    h = hashlib.sha256()
-    found = False
-    for name in _TOKENIZER_FILES:
-        f = path / name
-        if f.is_file():
-            found = True
-            h.update(name.encode())
-            h.update(_canonical_json(f) if f.suffix == ".json" else f.read_bytes())
-    if not found:
-        raise InvalidArgument(f"teacher {str(path)!r}: no tokenizer files")
-    return h.hexdigest()
-
-
-def _canonical_json(f: Path) -> bytes:
-    try:
-        return json.dumps(json.loads(f.read_text()), sort_keys=True, separators=(",", ":")).encode()
-    except ValueError:
-        return f.read_bytes()
 
 
 def _license_of(path: Path) -> str | None:

@@ -10,7 +10,7 @@ import pytest
 
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
-from logitcache.server.teachers.identity import tokenizer_fingerprint
+from logitcache.client.tokenizer import tokenizer_fingerprint
 from logitcache.trainer.guards import IncompatibleStudent, check_record_ids, check_student
 
 TEACHER_VOCAB = 151936
