@@ -1,29 +1,31 @@
 """The client commands of ``logitcache``: submit, jobs, fetch (talking to a running server).
 
-``add_client_commands(sub)`` registers them on the root parser's subcommands. Each command
-reports a server error as one line, ``logitcache: error: CODE: details``, with exit status 2; bad
-input files the same way, naming ``file:line``. A job that ends failed or cancelled exits with 1.
+``add_commands(sub)`` registers them on the root parser's subcommands; ``logitcache.cli`` maps
+what they raise to one line on stderr and an exit status: a bad input file is an
+:class:`~logitcache.client.errors.InvalidArgument` naming ``file:line`` (exit 2), a server error
+keeps its status code (exit 2), and a followed job that ends failed or cancelled is
+:class:`JobNotCompleted` (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
-
-
-class InputError(Exception):
-    """A bad input file; the message starts with file:line."""
+from logitcache.client.errors import InvalidArgument
+from logitcache.client.options import add_dataset_options, add_progress_option, add_server_options
 
 
-def add_client_commands(sub: argparse._SubParsersAction) -> None:
+class JobNotCompleted(Exception):
+    """A job the command followed ended failed or cancelled; the message says which and why."""
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``submit``, ``jobs`` and ``fetch`` to the ``logitcache`` subcommands."""
     p = sub.add_parser(
         "submit",
@@ -37,33 +39,20 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
             "follows the job to its end."
         ),
     )
-    _add_server_options(p, timeout=600.0)
-    p.add_argument("--dataset", required=True, help="name of the dataset to build")
+    add_server_options(p, timeout=600.0)
+    add_dataset_options(p, license_default="the teacher's")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="FILE.jsonl", help="local JSONL file to send")
     src.add_argument("--server-path", metavar="PATH", help="JSONL or Parquet file on the server")
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the teacher's)")  # fmt: skip
     p.add_argument(
-        "--max-len",
-        type=int,
-        default=None,
-        help="longest sequence in tokens (default: the teacher's context - 1)",
-    )
-    p.add_argument(
-        "--overflow",
-        choices=("error", "truncate", "split"),
-        default=None,
-        help="sequences over --max-len: fail the job (default), keep the first --max-len tokens, "
-        "or split into consecutive pieces",
-    )
-    p.add_argument("--license", default=None, help="licence to record (default: the teacher's)")
-    p.add_argument(
         "--wait",
         action="store_true",
         help="follow the job to its end (progress bar on a terminal); exit 1 if it fails",
     )
-    p.set_defaults(handler=_command(_submit))
+    add_progress_option(p)
+    p.set_defaults(handler=_submit)
 
     p = sub.add_parser(
         "jobs",
@@ -75,12 +64,15 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
             "work stays in the store)."
         ),
     )
-    _add_server_options(p)
-    p.add_argument("job_id", metavar="JOB_ID", nargs="?", default=None)
+    add_server_options(p)
+    p.add_argument(
+        "job_id", metavar="JOB_ID", nargs="?", default=None, help="a job id (default: all jobs)"
+    )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--watch", action="store_true", help="follow JOB_ID until it ends")
     action.add_argument("--cancel", action="store_true", help="cancel JOB_ID")
-    p.set_defaults(handler=_command(_jobs))
+    add_progress_option(p)
+    p.set_defaults(handler=_jobs)
 
     p = sub.add_parser(
         "fetch",
@@ -97,58 +89,28 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
             "implemented; only --out."
         ),
     )
-    _add_server_options(p)
+    add_server_options(p)
     p.add_argument("--data", type=Path, required=True, metavar="FILE.jsonl", help="input rows")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.npz", help="output file")
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the server's)")  # fmt: skip
     p.add_argument("--batch", type=int, default=256, help="sequences per request (default: 256)")
-    p.set_defaults(handler=_command(_fetch))
+    add_progress_option(p)
+    p.set_defaults(handler=_fetch)
 
 
-def _add_server_options(p: argparse.ArgumentParser, *, timeout: float = 60.0) -> None:
-    p.add_argument(
-        "--server",
-        default=DEFAULT_SERVER,
-        metavar="HOST:PORT",
-        help=f"gRPC address of the server (default: $LOGITCACHE_SERVER or {DEFAULT_SERVER})",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=timeout,
-        help=f"deadline of each call in seconds (default: {timeout:g})",
-    )
-
-
-def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report server errors and bad input as one line with exit 2, failed jobs with exit 1."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        import grpc
-
-        try:
-            return handler(args)
-        except grpc.RpcError as e:
-            return _fail(f"{e.code().name}: {e.details()}", 2)
-        except InputError as e:
-            return _fail(str(e), 2)
-        except RuntimeError as e:  # a job that failed or was cancelled (Client.wait)
-            return _fail(str(e), 1)
-
-    return run
-
-
-def _fail(message: str, status: int) -> int:
-    print(f"logitcache: error: {message}", file=sys.stderr)
-    return status
-
-
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> Any:
     from logitcache.client.client import Client
 
     return Client(args.server, timeout=args.timeout)
+
+
+def _follow(client: Any, job_id: str, args: argparse.Namespace) -> Any:
+    """Wait for the job to end; the final job if it completed."""
+    try:
+        return client.wait(job_id, progress=False if args.no_progress else None)
+    except RuntimeError as e:  # Client.wait: the job failed or was cancelled
+        raise JobNotCompleted(str(e)) from None
 
 
 # ---- submit ---------------------------------------------------------------------------------
@@ -170,7 +132,7 @@ def _submit(args: argparse.Namespace) -> int:
         )
         print(job_id, flush=True)
         if args.wait:
-            print(_job_summary(client.wait(job_id)))
+            print(_job_summary(_follow(client, job_id, args)))
     return 0
 
 
@@ -188,7 +150,7 @@ class _JsonlRows:
         for _ in self._rows(check=True, texts_allowed=texts_allowed):
             self.count += 1
         if self.count == 0:
-            raise InputError(f"{path}: no rows")
+            raise InvalidArgument(f"{path}: no rows")
 
     def __iter__(self) -> Iterator:
         return self._rows(check=False)
@@ -200,7 +162,7 @@ class _JsonlRows:
         try:
             f = open(self.path, encoding="utf-8")
         except OSError as e:
-            raise InputError(f"{self.path}: {e.strerror}") from None
+            raise InvalidArgument(f"{self.path}: {e.strerror}") from None
         with f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -209,35 +171,38 @@ class _JsonlRows:
                 try:
                     row = json.loads(line.rstrip())
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+                    raise InvalidArgument(
+                        f"{where}: bad JSON: {e.msg} (column {e.colno})"
+                    ) from None
                 if check:
                     self._check(row, where, texts_allowed)
                 yield row[self.kind]
 
     def _check(self, row: object, where: str, texts_allowed: bool) -> None:
-        kind = next((k for k in ("text", "input_ids") if isinstance(row, dict) and k in row), None)
+        fields = row if isinstance(row, dict) else {}
+        kind = next((k for k in ("text", "input_ids") if k in fields), None)
         if kind is None:
-            raise InputError(f'{where}: expected an object with "text" or "input_ids"')
+            raise InvalidArgument(f'{where}: expected an object with "text" or "input_ids"')
         if self.kind is not None and kind != self.kind:
-            raise InputError(
+            raise InvalidArgument(
                 f'{where}: a "{kind}" row in a file of "{self.kind}" rows; use one kind per file'
             )
         self.kind = kind
-        value = row[kind]
+        value = fields[kind]
         if kind == "text":
             if not texts_allowed:
-                raise InputError(
+                raise InvalidArgument(
                     f"{where}: a text row, but the client has no tokenizer: give token ids "
                     '({"input_ids": [...]}) or build a dataset from texts with `logitcache submit`'
                 )
             if not isinstance(value, str) or not value:
-                raise InputError(f'{where}: "text" must be a non-empty string')
+                raise InvalidArgument(f'{where}: "text" must be a non-empty string')
         elif not (
             isinstance(value, list)
             and value
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
         ):
-            raise InputError(f'{where}: "input_ids" must be a non-empty list of token ids (ints >= 0)')  # fmt: skip
+            raise InvalidArgument(f'{where}: "input_ids" must be a non-empty list of token ids (ints >= 0)')  # fmt: skip
 
 
 # ---- jobs -----------------------------------------------------------------------------------
@@ -245,20 +210,20 @@ class _JsonlRows:
 
 def _jobs(args: argparse.Namespace) -> int:
     if (args.watch or args.cancel) and not args.job_id:
-        raise InputError("--watch and --cancel need a JOB_ID")
+        raise InvalidArgument("--watch and --cancel need a JOB_ID")
     with _client(args) as client:
         if args.job_id is None:
             print(_jobs_table(client.list_jobs()))
         elif args.cancel:
             print(_job_summary(client.cancel_job(args.job_id)))
         elif args.watch:
-            print(_job_summary(client.wait(args.job_id)))
+            print(_job_summary(_follow(client, args.job_id, args)))
         else:
             print(_job_details(client.get_job(args.job_id)))
     return 0
 
 
-def _jobs_table(jobs: list) -> str:
+def _jobs_table(jobs: list[Any]) -> str:
     if not jobs:
         return "no jobs"
     rows = [("ID", "DATASET", "STATE", "PROGRESS", "RATE", "ETA")]
@@ -280,7 +245,7 @@ def _jobs_table(jobs: list) -> str:
     )
 
 
-def _job_details(job) -> str:
+def _job_details(job: Any) -> str:
     s = job.spec
     lines = [
         ("job", job.id),
@@ -299,7 +264,7 @@ def _job_details(job) -> str:
     return "\n".join(f"{k + ':':11}{v}" for k, v in lines)
 
 
-def _job_summary(job) -> str:
+def _job_summary(job: Any) -> str:
     took = job.finished_at - job.started_at if job.finished_at and job.started_at else 0.0
     return (
         f"job {job.id} {job.state}: dataset {job.spec.dataset}, {job.sequences_done:,} of "
@@ -308,13 +273,13 @@ def _job_summary(job) -> str:
     )
 
 
-def _percent(job) -> str:
+def _percent(job: Any) -> str:
     if job.state == "completed":
         return "100.0%"
     return f"{100 * job.positions_done / job.positions_total:.1f}%" if job.positions_total else "-"
 
 
-def _rate(job) -> float:
+def _rate(job: Any) -> float:
     """Recent rate of a running job; the average rate of an ended one."""
     if job.state == "running":
         return job.positions_per_second
@@ -345,11 +310,11 @@ def _fetch(args: argparse.Namespace) -> int:
     import numpy as np
 
     if args.batch < 1:
-        raise InputError("--batch must be at least 1")
+        raise InvalidArgument("--batch must be at least 1")
     sequences = list(_JsonlRows(args.data, texts_allowed=False))
     batches = (sequences[i : i + args.batch] for i in range(0, len(sequences), args.batch))
     records = []
-    with _client(args) as client, _progress(len(sequences)) as bar:
+    with _client(args) as client, _progress(len(sequences), args.no_progress) as bar:
         for batch in client.get_distributions_iter(batches, teacher=args.teacher, top_k=args.top_k):
             records += batch
             bar.update(len(batch))
@@ -378,7 +343,8 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(total: int):
+def _progress(total: int, hidden: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="seq", disable=not sys.stderr.isatty(), file=sys.stderr)
+    disable = hidden or not sys.stderr.isatty()
+    return tqdm(total=total, unit="seq", disable=disable, file=sys.stderr)

@@ -1,0 +1,60 @@
+"""Command-line option groups that the client commands share with the rest of the one CLI.
+
+They live in the client package because the client commands (``logitcache submit``, ``jobs``,
+``fetch``) must not import the root CLI, which reaches the server; ``logitcache.cli`` imports
+them from here. Standard library only, so building a parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
+OVERFLOW_POLICIES = ("error", "truncate", "split")
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, timeout: float = 60.0) -> None:
+    """``--server`` and ``--timeout``: where a running server is and how long a call may take."""
+    group = parser.add_argument_group("server")
+    group.add_argument(
+        "--server",
+        default=DEFAULT_SERVER,
+        metavar="HOST:PORT",
+        help=f"gRPC address of the server (default: $LOGITCACHE_SERVER or {DEFAULT_SERVER})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"deadline of each call in seconds (default: {timeout:g})",
+    )
+
+
+def add_dataset_options(parser: argparse.ArgumentParser, *, license_default: str) -> None:
+    """The dataset a command builds: its name, how long sequences may be, the licence recorded."""
+    group = parser.add_argument_group("dataset to build")
+    group.add_argument(
+        "--dataset", required=True, help="name of the dataset (letters, digits, . _ -)"
+    )
+    group.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens (default and cap: the teacher's context - 1)",
+    )
+    group.add_argument(
+        "--overflow",
+        choices=OVERFLOW_POLICIES,
+        default="error",
+        help="sequences over --max-len: fail (error, the default), keep the first --max-len "
+        "tokens (truncate), or cut them into consecutive pieces (split)",
+    )
+    group.add_argument(
+        "--license", default=None, help=f"licence to record (default: {license_default})"
+    )
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``, for commands that draw a progress bar on stderr."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

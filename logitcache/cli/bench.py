@@ -1,0 +1,226 @@
+"""``logitcache bench ...``: one subcommand per benchmark module of ``logitcache.bench``."""
+
+from __future__ import annotations
+
+import argparse
+
+from logitcache.cli.options import add_engine_options, engine_options
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and its benchmarks: capture, distill, stream, lookup, storage."""
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench", required=True, metavar="BENCH"
+    )
+    p = bench.add_parser(
+        "capture",
+        help="positions/s of vLLM alone vs precompute end to end; bytes/position of the store",
+        description="Same engine, same inputs, one run: (a) vLLM with the capture's logprob settings, (b) precompute end to end (capture, encode, write, seal).",
+    )
+    _add_teacher_option(p)
+    p.add_argument("--sequences", type=int, default=256, help="sequences (default: 256)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--top-k", type=int, default=64, help="entries per position (default: 64)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternating rounds of (a) and (b); the best of each is reported",
+    )
+    add_engine_options(p)
+    p.set_defaults(handler=_capture)
+
+    p = bench.add_parser(
+        "distill",
+        help="held-out KL and perplexity of a student trained by CE, online KD, and KD from the cache",
+        description="With the demo teacher and its language, train one small student from one initialisation for the same steps on the same batches three ways: (a) cross-entropy on the text, (b) online distillation from the teacher's full logits computed on the fly, (c) distillation from the top-k cache streamed from a running logitcache server, and also (d) from an adaptive top-p cache and (e) from a sampled cache (both precomputed offline and streamed from the store). Prints held-out KL(teacher || student) and perplexity of each, and (c)'s stream throughput next to its step rate.",
+    )
+    _add_teacher_option(p)
+    p.add_argument(
+        "--steps", type=int, default=300, help="optimizer steps of each run (default: 300)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="AdamW peak learning rate (default: 3e-3)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=64, help="entries per position in the cache (default: 64)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="(d) adaptive cache: the fewest of the top --top-k reaching P (default: 0.95)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=12,
+        help="(e) sampled cache: draws per position (default: 12)",
+    )
+    p.add_argument(
+        "--modes",
+        default="de",
+        help="which of the extra cache modes to run: d (adaptive top-p), e (sampled); "
+        "'' for none (default: de)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("forward_kl", "reverse_kl", "jsd"),
+        default="forward_kl",
+        help="divergence for (b) (dense) and (c) (top-k + tail bucket) (default: forward_kl)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="share of cross-entropy mixed into (b) and (c) (default: 0)",
+    )
+    p.add_argument(
+        "--train-sequences",
+        type=int,
+        default=None,
+        help="distinct training sequences, cycled in order (default: steps x batch size, one epoch)",
+    )
+    p.add_argument(
+        "--eval-sequences", type=int, default=128, help="held-out sequences (default: 128)"
+    )
+    p.add_argument(
+        "--train-seed", type=int, default=1, help="seed of the training documents (default: 1)"
+    )
+    p.add_argument(
+        "--eval-seed", type=int, default=2, help="seed of the held-out documents (default: 2)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="student initialisation and stream seed (default: 0)"
+    )
+    p.add_argument(
+        "--student-hidden", type=int, default=64, help="student hidden size (default: 64)"
+    )
+    p.add_argument("--student-layers", type=int, default=2, help="student layers (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the trainer in all three runs (default: 1, leaving the other "
+        "core to the server and the stream)",
+    )
+    p.set_defaults(handler=_distill)
+
+    p = bench.add_parser(
+        "stream",
+        help="positions/s streamed from a warm store to one client over loopback, decoded to numpy",
+        description="Starts a store-only server on loopback and streams a dataset into numpy records; prints positions/s and the client's and server's CPU use.",
+    )
+    p.add_argument(
+        "--store", default=None, help="stream this store's --dataset instead of a synthetic one"
+    )
+    p.add_argument(
+        "--dataset", default="bench", help="dataset to stream with --store (default: bench)"
+    )
+    p.add_argument(
+        "--positions", type=int, default=2_000_000, help="synthetic store size (default: 2,000,000)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=512, help="synthetic tokens per sequence (default: 512)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=64, help="synthetic entries per position (default: 64)"
+    )
+    p.add_argument(
+        "--batch-records", type=int, default=64, help="records per streamed batch (default: 64)"
+    )
+    p.add_argument("--passes", type=int, default=3, help="timed passes (default: 3)")
+    p.set_defaults(handler=_stream)
+
+    p = bench.add_parser(
+        "lookup",
+        help="p50/p99 latency of a read-through cache hit: one 512-token sequence, and a batch of 64",
+    )
+    _add_teacher_option(p)
+    p.add_argument("--top-k", type=int, default=64, help="entries per position (default: 64)")
+    p.add_argument(
+        "--repeats", type=int, default=300, help="single-sequence requests timed (default: 300)"
+    )
+    p.set_defaults(handler=_lookup)
+
+    p = bench.add_parser(
+        "storage",
+        help="bytes/position, encode/decode speed and fidelity of every encoding on the same positions",
+        description=(
+            "Runs the teacher once with full-vocabulary log-probs and encodes the same positions "
+            "as: naive int32+fp32, a DistillKit-style reference (16 exact bf16 values, a "
+            "polynomial fit of the rest, bit-packed ids), the old and the default logitcache "
+            "codecs, adaptive top-p, and sampled mode; then again on a large synthetic "
+            "vocabulary (the same distributions with ids mapped into it). Prints bytes/position, "
+            "encode/decode positions/s on one core, fidelity against the exact top-k, and the "
+            "targets."
+        ),
+    )
+    _add_teacher_option(p)
+    p.add_argument("--sequences", type=int, default=128, help="sequences (default: 128)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--top-k", type=int, default=64, help="k of the top-k encodings (default: 64)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        nargs="+",
+        default=[0.95, 0.99],
+        help="adaptive mode's P, one row each (default: 0.95 0.99)",
+    )
+    p.add_argument("--samples", type=int, default=12, help="sampled mode's U (default: 12)")
+    p.add_argument(
+        "--synthetic-vocab",
+        type=int,
+        default=151_936,
+        help="size of the large synthetic vocabulary (default: 151,936)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats, best kept (default: 3)")
+    p.add_argument(
+        "--seed", type=int, default=1, help="which sequences and id mapping (default: 1)"
+    )
+    p.set_defaults(handler=_storage)
+
+
+def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher directory or id (default: the demo teacher, built if needed)",
+    )
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from logitcache.bench.capture import run_capture_benchmark
+
+    run_capture_benchmark(args, engine_options(args, args.top_k))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from logitcache.bench.distill import run_distill_benchmark
+
+    run_distill_benchmark(args)
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from logitcache.bench.stream import run_stream_benchmark
+
+    run_stream_benchmark(args)
+    return 0
+
+
+def _lookup(args: argparse.Namespace) -> int:
+    from logitcache.bench.lookup import run_lookup_benchmark
+
+    run_lookup_benchmark(args)
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from logitcache.bench.storage import run_storage_benchmark
+
+    run_storage_benchmark(args)
+    return 0
