@@ -13,14 +13,13 @@ from pathlib import Path
 
 def demo_teacher_path(seed: int = 0) -> Path:
     """The demo teacher for ``seed`` under the cache directory, built on first use."""
-    from logitcache.demo import language as demo_language
-    from logitcache.demo import teacher as demo_teacher
+    from logitcache.demo import language, teacher
 
     recipe = hashlib.sha256()
-    for module in (demo_language, demo_teacher):
+    for module in (language, teacher):
         recipe.update(Path(module.__file__).read_bytes())
     cache = Path(os.environ.get("LOGITCACHE_CACHE", Path.home() / ".cache" / "logitcache"))
     path = cache / f"demo-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
     if not (path / "config.json").is_file():
-        demo_teacher.build_demo_teacher(path, seed=seed)
+        teacher.build_demo_teacher(path, seed=seed)
     return path

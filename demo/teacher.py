@@ -1,9 +1,9 @@
 """Build a tiny Llama teacher, trained on the synthetic demo language, without any network.
 
 Demos and tests need a real model that vLLM can serve and whose next-token distributions
-are peaked and meaningful, but they cannot download one. This module trains a tokenizer
-and a ~1.3M parameter Llama on `demo_language` text in about a minute on two CPU cores, and
-saves them as an ordinary Hugging Face model directory.
+are peaked and meaningful, but they cannot download one. This module trains a tokenizer and a
+~1.3M parameter Llama on text of the demo language (:mod:`logitcache.demo.language`) in about a
+minute on two CPU cores, and saves them as an ordinary Hugging Face model directory.
 """
 
 from __future__ import annotations

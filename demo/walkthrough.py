@@ -18,7 +18,7 @@ from logitcache.client import Client
 from logitcache.server.launcher import ServerProcess
 
 
-def run_service_demo(args: argparse.Namespace) -> None:
+def run_walkthrough(args: argparse.Namespace) -> None:
     texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines() if line]
     store = Path(args.store)
     print(f"starting logitcache serve on the demo teacher (store {store}) ...")

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from logitcache.client.record import Record
+from logitcache import Record
 from logitcache.trainer.collate import Collator
 from logitcache.trainer.guards import check_student
 from logitcache.trainer.losses import distillation_loss
