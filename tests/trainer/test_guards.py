@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from logitcache.client.errors import FailedPrecondition
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.client.tokenizer import tokenizer_fingerprint
@@ -67,7 +68,9 @@ def test_other_tokenizer_is_refused(tokenizers: tuple[Path, Path]) -> None:
     msg = str(err.value)
     assert teacher_fp[:16] in msg and student_fp[:16] in msg
     assert "teacher's tokenizer" in msg
-    assert isinstance(err.value, ValueError)
+    # One error vocabulary: a FailedPrecondition (the CLI and the service map it as one), and
+    # still the ValueError it always was.
+    assert isinstance(err.value, FailedPrecondition) and isinstance(err.value, ValueError)
     with pytest.raises(IncompatibleStudent, match=student_fp[:16]):
         check_student(space, tokenizer_fingerprint=student_fp)
 
