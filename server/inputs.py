@@ -3,21 +3,49 @@
 Input rows carry either ``text`` (tokenised with the teacher's tokenizer, special tokens added the
 way the tokenizer adds them) or ``input_ids``. The whole file is checked before anything is
 written, so a bad row never leaves a partial dataset behind.
+
+The input is a file path, an object in a store (a job's uploaded input, read through the
+store's backend) or an open binary stream; it is Parquet when its name ends in ``.parquet``.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from logitcache.client.errors import InvalidArgument, NotFound
+from logitcache.server.store.backend import StoredObject
 
 OVERFLOW_POLICIES = ("error", "truncate", "split")
+InputSource = str | Path | StoredObject | BinaryIO
+
+
+def source_name(source: InputSource) -> str:
+    """How messages and provenance name an input: its path, store object name, or stream name."""
+    if isinstance(source, str | Path | StoredObject):
+        return str(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else "<input>"
+
+
+def open_input(source: InputSource) -> AbstractContextManager[BinaryIO]:
+    """The input as a binary stream (a given stream stays open: its caller owns it)."""
+    if isinstance(source, StoredObject):
+        if not source.exists():
+            raise NotFound(f"input {source.name!r} does not exist")
+        return source.open()
+    if isinstance(source, str | Path):
+        if not Path(source).is_file():
+            raise NotFound(f"input file {str(source)!r} does not exist")
+        return open(source, "rb")
+    return nullcontext(source)
 
 
 @dataclass(frozen=True)
@@ -43,7 +71,7 @@ class _RowError(Exception):
 
 
 def load_sequences(
-    path: str | Path,
+    source: InputSource,
     *,
     vocab_size: int,
     max_len: int,
@@ -59,19 +87,26 @@ def load_sequences(
     """
     if overflow not in OVERFLOW_POLICIES:
         raise InvalidArgument(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"input file {str(path)!r} does not exist")
+    name = source_name(source)
     report = InputReport()
     texts: list[tuple[str, str]] = []  # (source, text), tokenised in one batch
     id_rows: list[tuple[str, object]] = []
-    for source, row in _rows(path, report, skip_invalid):
-        try:
-            kind, value = _field_of(row)
-        except _RowError as e:
-            _fail_or_skip(report, skip_invalid, source, e.category, str(e))
-            continue
-        (texts if kind == "text" else id_rows).append((source, value))
+    with open_input(source) as stream:
+        rows: Iterable[tuple[str, object]] = (
+            _parquet_rows(stream, name)
+            if name.endswith(".parquet")
+            else _jsonl_rows(stream, name, report, skip_invalid)
+        )
+        for where, row in rows:
+            try:
+                kind, value = _field_of(row)
+            except _RowError as e:
+                _fail_or_skip(report, skip_invalid, where, e.category, str(e))
+                continue
+            if kind == "text":
+                texts.append((where, str(value)))
+            else:
+                id_rows.append((where, value))
 
     tokenized = tokenize([t for _, t in texts]) if texts else []
     candidates = [(s, ids) for (s, _), ids in zip(texts, tokenized, strict=True)] + id_rows
@@ -101,46 +136,44 @@ def load_sequences(
                 "(use --overflow truncate or --overflow split, or a larger --max-len)",
             )
     if not report.sequences:
-        raise InvalidArgument(f"{path}: no usable sequences")
+        raise InvalidArgument(f"{name}: no usable sequences")
     return report
 
 
-def _rows(path: Path, report: InputReport, skip_invalid: bool) -> Iterator[tuple[str, object]]:
-    if path.suffix == ".parquet":
-        yield from _parquet_rows(path)
-        return
-    with open(path, "rb") as f:
-        for number, raw_line in enumerate(f, start=1):
-            source = f"{path}:{number}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError:
-                _fail_or_skip(report, skip_invalid, source, "malformed JSON", "not valid UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield source, json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail_or_skip(
-                    report, skip_invalid, source, "malformed JSON", f"malformed JSON ({e.msg})"
-                )
+def _jsonl_rows(
+    stream: BinaryIO, name: str, report: InputReport, skip_invalid: bool
+) -> Iterator[tuple[str, object]]:
+    for number, raw_line in enumerate(stream, start=1):
+        where = f"{name}:{number}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError:
+            _fail_or_skip(report, skip_invalid, where, "malformed JSON", "not valid UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail_or_skip(
+                report, skip_invalid, where, "malformed JSON", f"malformed JSON ({e.msg})"
+            )
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _parquet_rows(stream: BinaryIO, name: str) -> list[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(stream)
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise InvalidArgument(f"{path}: not a readable Parquet file ({e})") from None
+        raise InvalidArgument(f"{name}: not a readable Parquet file ({e})") from None
     column = next((c for c in ("input_ids", "text") if c in table.column_names), None)
     if column is None:
         raise InvalidArgument(
-            f"{path}: needs a 'text' or 'input_ids' column, has {table.column_names}"
+            f"{name}: needs a 'text' or 'input_ids' column, has {table.column_names}"
         )
-    for number, value in enumerate(table.column(column).to_pylist(), start=1):
-        yield f"{path}:row {number}", {column: value}
+    values = table.column(column).to_pylist()
+    return [(f"{name}:row {n}", {column: v}) for n, v in enumerate(values, start=1)]
 
 
 def _field_of(row: object) -> tuple[str, object]:

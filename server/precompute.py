@@ -5,7 +5,9 @@ computed again, so rerunning an interrupted command (Ctrl-C, kill -9, a crash) c
 stopped and ends with the same dataset as an uninterrupted run.
 
 The pipeline keeps the engine busy: up to ``max_in_flight`` sequences are queued in vLLM at all
-times, while encoding and writing of full segments happen in a background thread.
+times, while encoding runs in worker threads and the store's segment writer seals full segments
+in its own thread. Reading the input, hashing it and every store operation run off the event
+loop too, so a server running a job keeps answering.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ import getpass
 import hashlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from logitcache.client.space import CaptureSpace, record_key
+from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, stored_rows
 from logitcache.server.engine.vllm_engine import TeacherEngine, VLLMEngine, VLLMOptions
-from logitcache.server.inputs import InputReport, load_sequences
-from logitcache.server.store.segments import CapturedRecord
+from logitcache.server.inputs import (
+    InputReport,
+    InputSource,
+    load_sequences,
+    open_input,
+    source_name,
+)
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
+from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
 
 DEFAULT_SEGMENT_POSITIONS = 1 << 16
@@ -36,7 +42,7 @@ DEFAULT_SEGMENT_POSITIONS = 1 << 16
 @dataclass(frozen=True)
 class PrecomputeRequest:
     teacher: str
-    data: Path
+    data: InputSource  # a file, or an object in the store (a job's uploaded input)
     out: str
     dataset: str
     top_k: int  # k for top-k, the most entries for top_p, draws for sampled
@@ -48,7 +54,7 @@ class PrecomputeRequest:
     license: str | None = None
     engine: VLLMOptions = field(default_factory=VLLMOptions)
     progress: bool = True
-    mode: str = "topk"  # see logitcache.server.engine.capture
+    mode: CaptureMode = CaptureMode.TOPK  # a mode's string works too; see engine.capture
     top_p: float | None = None
     codec: str | None = None
 
@@ -112,20 +118,17 @@ async def precompute(
     interactive requests, and ``on_progress(sequences_done, positions_done)``.
     """
     validate_dataset_name(req.dataset)
-    info = info or resolve_teacher(req.teacher)
-    report = prepare_inputs(req, info)
-    store = store or open_store(req.out, writable=True)
+    loop = asyncio.get_running_loop()
+    if info is None:
+        info = await loop.run_in_executor(None, resolve_teacher, req.teacher)
+    report = await loop.run_in_executor(None, prepare_inputs, req, info)
+    if store is None:
+        store = await loop.run_in_executor(None, lambda: open_store(req.out, writable=True))
     sequences = [s.input_ids for s in report.sequences]
-    existing = _existing_space(store, req, info)
-    if existing is not None:
-        keys = [record_key(existing.space_id, s) for s in sequences]
-        if store.dataset(req.dataset).keys != [k.hex() for k in keys]:
-            raise AlreadyExists(
-                f"dataset {req.dataset!r} exists in {store.url} with different sequences; "
-                "choose another name"
-            )
-        if store.dataset(req.dataset).complete:
-            return _result(req, store, report, 0, 0, 0, 0.0)
+    found = await loop.run_in_executor(None, _existing_space, store, req, info, sequences)
+    existing, complete = found if found is not None else (None, False)
+    if complete:
+        return await loop.run_in_executor(None, _result, req, store, report, 0, 0, 0, 0.0)
     own_engine = engine is None
     if engine is None:
         engine = VLLMEngine(info, _engine_options(req))
@@ -136,18 +139,10 @@ async def precompute(
                 f"dataset {req.dataset!r} was started with engine dtype {existing.engine_dtype}; "
                 f"this engine runs {space.engine_dtype} (pass --dtype {existing.engine_dtype})"
             )
-        keys = [record_key(space.space_id, s) for s in sequences]
-        if existing is None:
-            store.create_dataset(
-                req.dataset,
-                space,
-                keys,
-                positions=sum(len(s) for s in sequences),
-                provenance=_provenance(req, info, report),
-            )
-        store.clean_unsealed()
+        todo = await loop.run_in_executor(
+            None, _start_dataset, store, req, info, report, space, existing is None
+        )
         started = time.perf_counter()
-        todo = _missing(store, keys, sequences)
         written = await capture_into_store(
             engine,
             store,
@@ -160,12 +155,37 @@ async def precompute(
             on_progress=_counting_reused(on_progress, sequences, todo),
         )
         seconds = time.perf_counter() - started
-        store.mark_complete(req.dataset)
+        await loop.run_in_executor(None, store.mark_complete, req.dataset)
         computed_positions = sum(len(s) for _, s in todo)
-        return _result(req, store, report, len(todo), computed_positions, written, seconds)
+        return await loop.run_in_executor(
+            None, _result, req, store, report, len(todo), computed_positions, written, seconds
+        )
     finally:
         if own_engine:
             engine.shutdown()
+
+
+def _start_dataset(
+    store: Store,
+    req: PrecomputeRequest,
+    info: TeacherInfo,
+    report: InputReport,
+    space: CaptureSpace,
+    create: bool,
+) -> list[tuple[bytes, np.ndarray]]:
+    """Create the dataset unless it exists, clean dead writers' leftovers; what is left to do."""
+    sequences = [s.input_ids for s in report.sequences]
+    keys = [record_key(space.space_id, s) for s in sequences]
+    if create:
+        store.create_dataset(
+            req.dataset,
+            space,
+            keys,
+            positions=sum(len(s) for s in sequences),
+            provenance=_provenance(req, info, report),
+        )
+    store.clean_unsealed()
+    return _missing(store, keys, sequences)
 
 
 async def capture_into_store(
@@ -197,76 +217,48 @@ async def capture_into_store(
         smoothing=0.1,
     )
     slots = asyncio.Semaphore(max_in_flight)
-
+    loop = asyncio.get_running_loop()
     config = CaptureConfig.of_space(space)
+
+    def encode(key: bytes, ids: np.ndarray, rows) -> CapturedRecord:
+        return CapturedRecord.encode(key, ids, stored_rows(config, rows, key), space)
 
     async def one(key: bytes, ids: np.ndarray) -> CapturedRecord:
         try:
             rows = await engine.capture(ids, config.engine_width, priority)
         finally:
             slots.release()
-        return CapturedRecord.encode(key, ids, stored_rows(config, rows, key), space)
+        return await loop.run_in_executor(None, encode, key, ids, rows)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as writer:
-        sink = _SegmentSink(store, space, segment_positions, writer)
-        tasks: set[asyncio.Task] = set()
-        done_sequences = done_positions = 0
+    writer = SegmentWriter(store, segment_positions=segment_positions)
+    tasks: set[asyncio.Task] = set()
+    done_sequences = done_positions = 0
 
-        async def collect(record: CapturedRecord) -> None:
-            nonlocal done_sequences, done_positions
-            await sink.add(record)
-            bar.update(len(record))
-            done_sequences += 1
-            done_positions += len(record)
-            if on_progress is not None:
-                on_progress(done_sequences, done_positions)
+    async def collect(record: CapturedRecord) -> None:
+        nonlocal done_sequences, done_positions
+        await writer.add(space, record)
+        bar.update(len(record))
+        done_sequences += 1
+        done_positions += len(record)
+        if on_progress is not None:
+            on_progress(done_sequences, done_positions)
 
-        try:
-            for key, ids in todo:
-                await slots.acquire()
-                tasks.add(asyncio.create_task(one(key, ids)))
-                for task in [t for t in tasks if t.done()]:
-                    tasks.discard(task)
-                    await collect(task.result())
-            for task in asyncio.as_completed(tasks):
-                await collect(await task)
-            tasks.clear()
-            await sink.close()
-        finally:
-            for task in tasks:
-                task.cancel()
-            bar.close()
-    return sink.segments_written
-
-
-class _SegmentSink:
-    """Fills segments and seals full ones in a writer thread, at most two waiting at a time."""
-
-    def __init__(self, store: Store, space: CaptureSpace, segment_positions: int, writer) -> None:
-        self.store, self.space, self.segment_positions = store, space, segment_positions
-        self.writer = writer
-        self.builder = store.new_segment(space)
-        self.pending: list[asyncio.Future] = []
-        self.segments_written = 0
-
-    async def add(self, record: CapturedRecord) -> None:
-        self.builder.add(record)
-        if self.builder.positions >= self.segment_positions:
-            await self._seal()
-
-    async def _seal(self) -> None:
-        while len(self.pending) >= 2:
-            await self.pending.pop(0)
-        loop = asyncio.get_running_loop()
-        self.pending.append(loop.run_in_executor(self.writer, self.store.seal, self.builder))
-        self.segments_written += 1
-        self.builder = self.store.new_segment(self.space)
-
-    async def close(self) -> None:
-        if self.builder.records:
-            await self._seal()
-        for fut in self.pending:
-            await fut
+    try:
+        for key, ids in todo:
+            await slots.acquire()
+            tasks.add(asyncio.create_task(one(key, ids)))
+            for task in [t for t in tasks if t.done()]:
+                tasks.discard(task)
+                await collect(task.result())
+        for finished in asyncio.as_completed(tasks):
+            await collect(await finished)
+        tasks.clear()
+    finally:
+        for task in tasks:
+            task.cancel()
+        bar.close()
+        await writer.close()  # seals what was captured, also when stopped: resume keeps it
+    return writer.segments_written
 
 
 def _counting_reused(
@@ -295,11 +287,17 @@ def _missing(
     return todo
 
 
-def _existing_space(store: Store, req: PrecomputeRequest, info: TeacherInfo) -> CaptureSpace | None:
-    """The capture space of an existing dataset of this name, if it matches this request."""
+def _existing_space(
+    store: Store, req: PrecomputeRequest, info: TeacherInfo, sequences: list[np.ndarray]
+) -> tuple[CaptureSpace, bool] | None:
+    """The capture space of an existing dataset of this name, and whether it is complete.
+
+    AlreadyExists unless it was started by this same request (same capture, same sequences).
+    """
     if req.dataset not in store.datasets():
         return None
-    space = store.dataset(req.dataset).space
+    ds = store.dataset(req.dataset)
+    space = ds.space
     same = (
         space.teacher_fingerprint == info.teacher_fingerprint
         and space.tokenizer_fingerprint == info.tokenizer_fingerprint
@@ -315,7 +313,12 @@ def _existing_space(store: Store, req: PrecomputeRequest, info: TeacherInfo) -> 
             f"dataset {req.dataset!r} exists in {store.url} with another teacher, tokenizer or "
             f"capture (mode {space.mode}, k={space.k}, codec {space.codec}); {hint}"
         )
-    return space
+    if ds.keys != [record_key(space.space_id, s).hex() for s in sequences]:
+        raise AlreadyExists(
+            f"dataset {req.dataset!r} exists in {store.url} with different sequences; "
+            "choose another name"
+        )
+    return space, ds.complete
 
 
 def _engine_options(req: PrecomputeRequest) -> VLLMOptions:
@@ -347,8 +350,8 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
         "policy_decision": None,
         "requester": getpass.getuser(),
         "source": {
-            "path": str(req.data),
-            "sha256": _file_sha256(req.data),
+            "path": source_name(req.data),
+            "sha256": _sha256(req.data),
             "skipped_rows": dict(report.skipped),
             "truncated_rows": report.truncated,
             "split_rows": report.split,
@@ -364,9 +367,9 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
     }
 
 
-def _file_sha256(path: Path) -> str:
+def _sha256(source: InputSource) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(source) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -2,26 +2,29 @@
 
 Hits come from sealed segments, or from records computed moments ago and not sealed yet. A miss
 starts one computation; every request for the same key, from any client, awaits that same
-computation. Computed records are sealed in segments by size or at least every ``flush_seconds``,
-so a crash loses at most that window, and only cache entries, never answers already sent.
+computation. Computed records go to the store's :class:`SegmentWriter`, which seals them by size
+or at least every ``flush_seconds``, so a crash loses at most that window, and only cache
+entries, never answers already sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.metrics import ServerMetrics
-from logitcache.server.store.segments import CapturedRecord, SegmentBuilder
+from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.read import EncodedBatch, RecordSlice, gather, locate, record_slice
 from logitcache.server.store.store import Store
-from logitcache.server.streaming import LoadedSegments
+from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.registry import Teacher
 
 INTERACTIVE_PRIORITY = 0
+log = logging.getLogger(__name__)
 
 
 class ReadThroughCache:
@@ -32,7 +35,7 @@ class ReadThroughCache:
         *,
         segment_positions: int,
         flush_seconds: float,
-        loaded: LoadedSegments,
+        loaded: SegmentCache,
     ) -> None:
         self.store = store
         self.loaded = loaded
@@ -41,68 +44,89 @@ class ReadThroughCache:
         self.flush_seconds = flush_seconds
         self._inflight: dict[bytes, asyncio.Future[CapturedRecord]] = {}
         self._unsealed: dict[bytes, CapturedRecord] = {}
-        self._builders: dict[str, SegmentBuilder] = {}
-        self._builder_started: dict[str, float] = {}
-        self._seals: set[asyncio.Future] = set()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readthrough-writer")
+        self._writer = SegmentWriter(
+            store,
+            segment_positions=segment_positions,
+            flush_seconds=flush_seconds,
+            on_sealed=self._sealed,
+        )
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readthrough-reader")
-        self._flusher: asyncio.Task | None = None
+        self._computing: set[asyncio.Task] = set()  # strong references: the loop keeps weak ones
         self.computations = 0  # sequences computed by this cache since start
 
     def start(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        """Start sealing by time (on the running loop)."""
+        self._writer.start()
 
     async def get(
         self, teacher: Teacher, k: int, sequences: list[np.ndarray]
-    ) -> tuple[list[CapturedRecord], int]:
-        """Records for ``sequences`` in order, and how many of them this call computed."""
+    ) -> tuple[EncodedBatch, int]:
+        """Records for ``sequences`` in order, as one batch, and how many this call computed."""
         teacher.check_sequences(sequences)
         space = teacher.space(k)
-        self.store.ensure_space(space)
-        keys = [record_key(space.space_id, ids) for ids in sequences]
-        results: list[CapturedRecord | None] = [None] * len(keys)
-        stored = [i for i, key in enumerate(keys) if self.store.contains(key)]
-        if stored:
-            loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(
-                self._reader, lambda: [self._read(keys[i]) for i in stored]
-            )
-            for i, rec in zip(stored, found, strict=True):
-                results[i] = rec
+        loop = asyncio.get_running_loop()
+        keys, slices, batch = await loop.run_in_executor(
+            self._reader, self._lookup, space, sequences
+        )
+        if batch is not None:  # every record was sealed
+            self.metrics.add_lookups(hits=len(keys), misses=0)
+            self.metrics.add_served("cache", batch.positions)
+            return batch, 0
         waits: dict[int, asyncio.Future[CapturedRecord]] = {}
         computed = 0
         for i, key in enumerate(keys):
-            if results[i] is not None:
+            if slices[i] is not None:
                 continue
             if key in self._unsealed:
-                results[i] = self._unsealed[key]
-            elif self.store.contains(key):  # sealed (and dropped from _unsealed) meanwhile
-                results[i] = self._read(key)
+                slices[i] = record_slice(self._unsealed[key], space)
             elif key in self._inflight:
                 waits[i] = self._inflight[key]
-            else:
+            elif not self.store.contains(key):
                 waits[i] = self._start(teacher, space, key, sequences[i])
                 computed += 1
+            # else: sealed (and dropped from _unsealed) since the lookup; read below
         self.metrics.add_lookups(hits=len(keys) - len(waits), misses=len(waits))
-        self.metrics.add_served("cache", sum(len(r) for r in results if r is not None))
+        hit_positions = sum(len(s) for i, s in enumerate(sequences) if i not in waits)
+        self.metrics.add_served("cache", hit_positions)
         if waits:
             # shield: one client going away must not cancel a computation others wait for.
             done = await asyncio.gather(*(asyncio.shield(f) for f in waits.values()))
-            for i, rec in zip(waits, done, strict=True):
-                results[i] = rec
+            for i, record in zip(waits, done, strict=True):
+                slices[i] = record_slice(record, space)
             self.metrics.add_served("computed", sum(len(r) for r in done))
-        return results, computed
+        batch = await loop.run_in_executor(self._reader, self._assemble, space, keys, slices)
+        return batch, computed
 
-    def _read(self, key: bytes) -> CapturedRecord:
-        """A stored record, from its segment held in memory (hits are memory copies)."""
-        location = self.store.locate(key)
-        self.loaded.use(location.segment)
-        return location.segment.encoded(location.index)
+    def _lookup(
+        self, space: CaptureSpace, sequences: list[np.ndarray]
+    ) -> tuple[list[bytes], list[RecordSlice | None], EncodedBatch | None]:
+        """Keys, the sealed records among them, and the whole batch if every one was sealed."""
+        self.store.ensure_space(space)
+        keys = [record_key(space.space_id, ids) for ids in sequences]
+        slices = locate(self.store, self.loaded, keys)
+        if all(s is not None for s in slices):
+            return keys, slices, gather(space, [s for s in slices if s is not None])
+        return keys, slices, None
+
+    def _assemble(
+        self, space: CaptureSpace, keys: list[bytes], slices: list[RecordSlice | None]
+    ) -> EncodedBatch:
+        """One batch in request order; records sealed after the lookup are read now."""
+        late = [i for i, s in enumerate(slices) if s is None]
+        for i, s in zip(
+            late, locate(self.store, self.loaded, [keys[i] for i in late]), strict=True
+        ):
+            slices[i] = s
+        missing = [keys[i].hex() for i, s in enumerate(slices) if s is None]
+        if missing:
+            raise KeyError(f"records {missing} vanished from store {self.store.url}")
+        return gather(space, [s for s in slices if s is not None])
 
     def _start(
         self, teacher: Teacher, space: CaptureSpace, key: bytes, ids: np.ndarray
     ) -> asyncio.Future[CapturedRecord]:
-        future: asyncio.Future[CapturedRecord] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[CapturedRecord] = loop.create_future()
         self._inflight[key] = future
         self.computations += 1
         self.metrics.set_queue_depth("interactive", len(self._inflight))
@@ -110,9 +134,10 @@ class ReadThroughCache:
         async def compute() -> None:
             try:
                 rows = await teacher.engine.capture(ids, space.k, INTERACTIVE_PRIORITY)
-                record = CapturedRecord.encode(key, ids, rows, space)
+                record = await loop.run_in_executor(
+                    self._reader, CapturedRecord.encode, key, ids, rows, space
+                )
                 self._unsealed[key] = record
-                self._add_to_segment(space, record)
                 self.metrics.add_computed(teacher.name, len(ids))
                 future.set_result(record)
             except BaseException as e:  # the waiters get the error; the key can be retried
@@ -120,52 +145,27 @@ class ReadThroughCache:
                     future.set_exception(e)
                 if not isinstance(e, Exception):
                     raise
+                return
             finally:
                 self._inflight.pop(key, None)
                 self.metrics.set_queue_depth("interactive", len(self._inflight))
+            try:
+                await self._writer.add(space, record)
+            except Exception as e:  # the answer was sent; only this cache entry is lost
+                log.error("caching a computed record failed", exc_info=e)
 
-        asyncio.get_running_loop().create_task(compute())
+        task = loop.create_task(compute())
+        self._computing.add(task)
+        task.add_done_callback(self._computing.discard)
         return future
 
-    def _add_to_segment(self, space: CaptureSpace, record: CapturedRecord) -> None:
-        builder = self._builders.get(space.space_id)
-        if builder is None:
-            builder = self._builders[space.space_id] = self.store.new_segment(space)
-            self._builder_started[space.space_id] = time.monotonic()
-        builder.add(record)
-        if builder.positions >= self.segment_positions:
-            self._seal(space.space_id)
-
-    def _seal(self, space_id: str) -> None:
-        builder = self._builders.pop(space_id)
-        self._builder_started.pop(space_id, None)
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._writer, self.store.seal, builder)
-        self._seals.add(fut)
-
-        def sealed(f: asyncio.Future) -> None:
-            self._seals.discard(f)
-            if not f.cancelled() and f.exception() is None:
-                for rec in builder.records:
-                    self._unsealed.pop(rec.key, None)
-
-        fut.add_done_callback(sealed)
-
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.flush_seconds))
-            now = time.monotonic()
-            for space_id, started in list(self._builder_started.items()):
-                if now - started >= self.flush_seconds:
-                    self._seal(space_id)
+    def _sealed(self, records: list[CapturedRecord]) -> None:
+        for record in records:
+            self._unsealed.pop(record.key, None)
 
     async def close(self) -> None:
         """Seal everything computed so far (graceful shutdown)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-        for space_id in list(self._builders):
-            self._seal(space_id)
-        if self._seals:
-            await asyncio.gather(*self._seals, return_exceptions=True)
-        self._writer.shutdown(wait=True)
-        self._reader.shutdown(wait=True)
+        try:
+            await self._writer.close()
+        finally:
+            self._reader.shutdown(wait=True)

@@ -230,8 +230,7 @@ def _grpc_source(
 def _store_source(
     stream: TeacherStream, partition: Partition, cursor: int
 ) -> Iterator[tuple[Record, int | None]]:
-    import logitcache
-    from logitcache.server.streaming import LoadedSegments
+    import logitcache  # open_store loads the store code when called, never at import
 
     store = logitcache.open_store(stream.source)
     ds = store.dataset(stream.dataset)
@@ -240,7 +239,6 @@ def _store_source(
             f"dataset {stream.dataset!r} is still building; pass allow_partial=True to stream "
             "its sealed part"
         )
-    loaded = LoadedSegments(budget_bytes=1 << 30)
     permutation = EpochPermutation(len(ds), stream.seed, stream.epoch, shuffle=stream.shuffle)
     total = rank_length(len(ds), partition.rank, partition.world_size)
     while cursor < total:
@@ -249,16 +247,8 @@ def _store_source(
             len(ds), partition.rank, partition.world_size, start=cursor, count=count
         )
         cursor += count
-        batch = []
-        for index in permutation(positions).tolist():
-            key = ds.raw_key(index)
-            if not store.contains(key):
-                if stream.allow_partial:
-                    continue
-                raise RuntimeError(f"record {index} of dataset {stream.dataset!r} is missing")
-            location = store.locate(key)
-            loaded.use(location.segment)
-            batch.append(location.segment.record(location.index))
+        # One batched read and one decode per batch, as a server streams it.
+        batch = ds.read(permutation(positions), allow_missing=stream.allow_partial).decode()
         for i, record in enumerate(batch):
             yield record, (cursor if i == len(batch) - 1 else None)
 

@@ -1,111 +1,387 @@
 """Where a store's bytes live. A store URL picks the backend; everything above talks to this.
 
-The store needs very little from its backend: small JSON documents replaced atomically, a zarr
-store rooted at the store URL, listing, and one atomic "seal" that publishes a fully written
-directory under its final name. A local file system does that with rename.
+The store needs little from its backend: objects read and replaced atomically, create-only puts,
+listing by prefix, a zarr store rooted at a prefix, spooled uploads, and one create-only
+``publish`` that makes a fully written staging prefix visible under its final name. Of two
+writers publishing one name, exactly one succeeds; the other is told (``False``) and its staging
+is removed. That is the whole commit protocol: on a POSIX file system it is a no-replace rename,
+on object storage it will be a conditional put of a manifest.
+
+Names (``rel``) are ``/``-separated and relative to the store's root. Names whose last part
+starts with ``.`` are the backend's own (temporary files, claims) and never listed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
+from zarr.abc.store import Store as ZarrStore
 from zarr.storage import LocalStore
 
 from logitcache.client.errors import InvalidArgument, NotFound
 
 
-class LocalStorage:
-    """A store on a local or shared POSIX file system."""
+class Upload(Protocol):
+    """An object written in chunks as they arrive, then published create-only (or abandoned)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def publish(self) -> bool:
+        """Make the object visible under its name; False (and nothing kept) if it exists."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class StoreBackend(Protocol):
+    """What the store needs from the place its bytes live (see the module docstring)."""
+
+    url: str
+
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace an object atomically: readers see the old or the new bytes, never half."""
+        ...
+
+    def read_json(self, rel: str) -> dict: ...
+
+    def write_json(self, rel: str, obj: dict) -> None: ...
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Put an object only if the name is free; False if it exists (then nothing changes)."""
+        ...
+
+    def exists(self, rel: str) -> bool: ...
+
+    def list_dir(self, rel: str) -> list[str]:
+        """The names one level below ``rel``, sorted; empty if there is nothing there."""
+        ...
+
+    def remove_tree(self, rel: str) -> None:
+        """Remove an object or everything under a prefix (no error if absent)."""
+        ...
+
+    def modified_at(self, rel: str) -> float: ...
+
+    def stored_bytes(self, rel: str = "") -> int:
+        """Bytes held under a prefix (or by one object)."""
+        ...
+
+    def zarr_store(self, rel: str, *, read_only: bool) -> ZarrStore:
+        """A zarr store rooted at ``rel``, so each group is self-contained and movable."""
+        ...
+
+    def spool(self, rel: str) -> Upload: ...
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """A readable binary stream of one object (NotFound if it does not exist)."""
+        ...
+
+    def publish(self, staging: str, final: str) -> bool:
+        """Publish the fully written prefix ``staging`` as ``final``, create-only.
+
+        True: ``final`` now holds exactly what ``staging`` held. False: ``final`` existed
+        (another writer won); ``staging`` has been removed.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a backend, named like a file (an input file that lives in the store)."""
+
+    backend: StoreBackend
+    rel: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend.url.rstrip('/')}/{self.rel}"
+
+    def open(self) -> BinaryIO:
+        return self.backend.open_read(self.rel)
+
+    def exists(self) -> bool:
+        return self.backend.exists(self.rel)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# ---- the local file system ----------------------------------------------------------------------
+
+
+class LocalBackend:
+    """A store on a local or shared POSIX file system; the only code that touches its paths."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def _path(self, rel: str) -> Path:
+        parts = [p for p in rel.split("/") if p]
+        if rel.startswith("/") or any(p in (".", "..") for p in parts):
+            raise InvalidArgument(f"store object name {rel!r} must stay inside the store")
+        return self.root.joinpath(*parts)
 
-    def zarr_store(self, rel: str, *, read_only: bool) -> LocalStore:
-        """A zarr store rooted at ``rel``, so each group is self-contained and movable."""
-        return LocalStore(self.root / rel, read_only=read_only)
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._path(rel).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{rel} is not in store {self.url}") from None
 
-    def exists(self, rel: str) -> bool:
-        return self.path(rel).exists()
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self._path(rel)
+        tmp = _write_temp(target, data)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
 
     def read_json(self, rel: str) -> dict:
-        with open(self.path(rel), encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(self.read_bytes(rel))
 
     def write_json(self, rel: str, obj: dict) -> None:
-        """Replace a JSON document atomically: readers see the old or the new one, never half."""
-        target = self.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        self.write_bytes(rel, json_bytes(obj))
+
+    def create(self, rel: str, data: bytes) -> bool:
+        target = self._path(rel)
+        tmp = _write_temp(target, data)
+        if _rename_no_replace(tmp, target):
+            _fsync_dir(target.parent)
+            return True
+        tmp.unlink()
+        return False
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
 
     def list_dir(self, rel: str) -> list[str]:
-        p = self.path(rel)
+        p = self._path(rel)
         if not p.is_dir():
             return []
-        return sorted(e.name for e in p.iterdir())
-
-    def make_dirs(self, rel: str) -> None:
-        self.path(rel).mkdir(parents=True, exist_ok=True)
-
-    def seal(self, src_rel: str, dst_rel: str) -> None:
-        """Publish a fully written directory under its final name, atomically and create-only."""
-        src, dst = self.path(src_rel), self.path(dst_rel)
-        for f in src.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            raise FileExistsError(f"{dst_rel} already exists")
-        os.rename(src, dst)
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    def modified_at(self, rel: str) -> float:
-        return self.path(rel).stat().st_mtime
+        return sorted(e.name for e in p.iterdir() if not e.name.startswith("."))
 
     def remove_tree(self, rel: str) -> None:
-        shutil.rmtree(self.path(rel), ignore_errors=True)
+        p = self._path(rel)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
-    def disk_usage(self, rel: str = "") -> int:
-        p = self.path(rel)
+    def modified_at(self, rel: str) -> float:
+        try:
+            return self._path(rel).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFound(f"{rel} is not in store {self.url}") from None
+
+    def stored_bytes(self, rel: str = "") -> int:
+        p = self._path(rel)
         if p.is_file():
             return p.stat().st_size
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
+    def zarr_store(self, rel: str, *, read_only: bool) -> LocalStore:
+        return LocalStore(self._path(rel), read_only=read_only)
 
-def storage_for_url(url: str, *, create: bool) -> LocalStorage:
-    """Pick the backend for a store URL: a path or ``file://`` URL."""
+    def spool(self, rel: str) -> LocalUpload:
+        return LocalUpload(self._path(rel))
+
+    def open_read(self, rel: str) -> BinaryIO:
+        try:
+            return open(self._path(rel), "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"{rel} is not in store {self.url}") from None
+
+    def publish(self, staging: str, final: str) -> bool:
+        src, dst = self._path(staging), self._path(final)
+        _fsync_tree(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not _rename_no_replace(src, dst):
+            shutil.rmtree(src, ignore_errors=True)
+            return False
+        _fsync_dir(dst.parent)
+        _fsync_dir(src.parent)
+        return True
+
+
+class LocalUpload:
+    """A spooled upload into a hidden file beside its target, linked into place create-only."""
+
+    def __init__(self, target: Path) -> None:
+        self._target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.spool")
+        self._file: BinaryIO | None = open(self._tmp, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            raise ValueError("this upload was already published or aborted")
+        self._file.write(chunk)
+
+    def publish(self) -> bool:
+        if self._file is None:
+            raise ValueError("this upload was already published or aborted")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        if _rename_no_replace(self._tmp, self._target):
+            _fsync_dir(self._target.parent)
+            return True
+        self._tmp.unlink(missing_ok=True)
+        return False
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # a no-op after publish
+
+
+def json_bytes(obj: dict) -> bytes:
+    """How the store writes its JSON documents (stable, so equal documents are equal bytes)."""
+    return json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a durable hidden file beside ``target``, ready to be renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make everything under ``root`` durable before it is published."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+# ---- create-only rename -------------------------------------------------------------------------
+#
+# Linux: renameat2(RENAME_NOREPLACE), macOS: renamex_np(RENAME_EXCL); both fail with EEXIST when
+# the target exists, atomically. Where neither exists, or the file system refuses the flag (NFS
+# answers EINVAL), a publisher first takes the name's claim, a hidden file created with O_EXCL
+# (create-only on local file systems and NFSv3+), then checks that the target is absent and
+# renames. Only the claim's holder renames, so that is create-only among publishers too. The
+# claim is removed right after; a publisher killed between claim and rename leaves a claim that
+# blocks that one name until it is deleted (segment names are never reused, dataset names are).
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCL = 0x4  # darwin stdio.h
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _load_no_replace_rename() -> Callable[[bytes, bytes], int] | None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return lambda src, dst: fn(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE)
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        fn = libc.renamex_np
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        return lambda src, dst: fn(src, dst, _RENAME_EXCL)
+    return None
+
+
+_NO_REPLACE_RENAME = _load_no_replace_rename()
+
+
+def _rename_no_replace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists; True if this call renamed it."""
+    if _NO_REPLACE_RENAME is not None:
+        if _NO_REPLACE_RENAME(os.fsencode(src), os.fsencode(dst)) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        if err not in _UNSUPPORTED:
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    return _claimed_rename(src, dst)
+
+
+def _claimed_rename(src: Path, dst: Path) -> bool:
+    """The portable create-only rename: hold the name's O_EXCL claim, check, rename."""
+    claim = dst.with_name(f".{dst.name}.claim")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    try:
+        if os.path.lexists(dst):
+            return False
+        os.rename(src, dst)
+        return True
+    finally:
+        os.unlink(claim)
+
+
+# ---- choosing a backend by URL ------------------------------------------------------------------
+
+
+def _local_backend(url: str, create: bool) -> LocalBackend:
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        root = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
-    elif len(parsed.scheme) == 1:  # a Windows drive letter
-        root = Path(url).resolve()
-    else:
-        raise InvalidArgument(
-            f"store URL {url!r}: scheme {parsed.scheme!r} is not supported by this version "
-            "(use a local path or file:// URL)"
-        )
+    root = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
     if not root.exists():
         if not create:
             raise NotFound(f"store {url!r} does not exist")
         root.mkdir(parents=True)
     elif not root.is_dir():
         raise InvalidArgument(f"store {url!r} is not a directory")
-    return LocalStorage(root)
+    return LocalBackend(root)
+
+
+_BACKENDS: dict[str, Callable[[str, bool], StoreBackend]] = {
+    "": _local_backend,
+    "file": _local_backend,
+}
+
+
+def backend_for_url(url: str, *, create: bool) -> StoreBackend:
+    """The backend of a store URL: a path or ``file://`` URL (object stores come later)."""
+    scheme = urlparse(url).scheme
+    if len(scheme) == 1:  # a Windows drive letter, not a scheme
+        scheme = ""
+    try:
+        make = _BACKENDS[scheme]
+    except KeyError:
+        raise InvalidArgument(
+            f"store URL {url!r}: scheme {scheme!r} is not supported by this version "
+            "(use a local path or file:// URL)"
+        ) from None
+    return make(url, create)

@@ -7,6 +7,13 @@ Layout under the store URL:
     spaces/<space_id>/unsealed/<segment_id>/     segments being written; ignored by readers
     datasets/<name>/dataset.json                 manifest: state, capture space, provenance
     datasets/<name>/keys/  (zarr)                the dataset's ordered record keys
+    datasets/.unsealed/<id>/                     datasets being written, published create-only
+
+Every byte goes through the store's backend (``backend``), chosen by the store URL.
+
+When several segments hold one key, the answer is the copy in the segment with the smallest id.
+Segment ids start with the time of sealing, so that is the first sealed copy, and every handle
+gives the same answer whatever order it found the segments in.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,16 +33,15 @@ import zarr
 from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
-from logitcache.server.store.backend import LocalStorage, storage_for_url
-from logitcache.server.store.segments import (
-    CapturedRecord,
-    SegmentBuilder,
-    SegmentReader,
-    segments_dir,
-    unsealed_dir,
-)
+from logitcache.server.store.backend import StoreBackend, backend_for_url, json_bytes
+from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.read import EncodedBatch, read_batch
+from logitcache.server.store.reader import SegmentReader
+from logitcache.server.store.segments import segments_dir, unsealed_dir, zarr_array
+from logitcache.server.store.writer import CapturedRecord, write_segment
 
 STORE_FORMAT = "logitcache-store-v1"
+DEFAULT_SEGMENT_CACHE_BYTES = 1 << 30  # a handle's own segment cache (a trainer's, say)
 _DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes seconds, not hours
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -53,6 +59,17 @@ def validate_dataset_name(name: str) -> str:
 class Location:
     segment: SegmentReader
     index: int
+
+
+@dataclass(frozen=True)
+class StoreTotals:
+    """What the sealed segments hold (of one capture space, or of the whole store)."""
+
+    spaces: int
+    segments: int
+    records: int
+    positions: int
+    stored_bytes: int
 
 
 class Dataset:
@@ -78,11 +95,35 @@ class Dataset:
         for i in range(len(self)):
             yield self[i]
 
+    def read(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        allow_missing: bool = False,
+        cache: SegmentCache | None = None,
+    ) -> EncodedBatch:
+        """Records at ``indices`` as one encoded batch (``decode()`` it for Records).
+
+        ``found`` in the batch indexes ``indices``; records not sealed yet are left out with
+        ``allow_missing``, and are FailedPrecondition without it.
+        """
+        at = np.asarray(indices, dtype=np.int64)
+        blob = self._keys[at].tobytes()
+        keys = [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+        return read_batch(
+            self._store,
+            cache or self._store.segment_cache,
+            self.space,
+            keys,
+            allow_missing=allow_missing,
+            label=lambda i: f"record {int(at[i])} of dataset {self.name!r}",
+        )
+
     @property
     def complete(self) -> bool:
         """Whether the dataset's job has finished (read afresh: it may finish while we read)."""
         if self.manifest["state"] != "complete":
-            self.manifest = self._store.storage.read_json(f"datasets/{self.name}/dataset.json")
+            self.manifest = self._store.backend.read_json(f"datasets/{self.name}/dataset.json")
         return self.manifest["state"] == "complete"
 
     def raw_key(self, i: int) -> bytes:
@@ -112,19 +153,33 @@ class Dataset:
 class Store:
     """A handle on a store. Read-only handles never write; writer handles create what they need."""
 
-    def __init__(self, storage: LocalStorage, *, read_only: bool) -> None:
-        self.storage = storage
+    def __init__(self, backend: StoreBackend, *, read_only: bool) -> None:
+        self.backend = backend
         self.read_only = read_only
         self._spaces: dict[str, CaptureSpace] = {}
         self._segments: dict[str, SegmentReader] = {}
         self._index: dict[bytes, Location] = {}
+        # segments, records, positions, stored bytes per space; segments of older stores do not
+        # carry their stored bytes: those are measured once, when totals are first asked for.
+        self._counts: dict[str, list[int]] = {}
+        self._unsized: list[SegmentReader] = []
+        self._sizing = threading.Lock()
+        self._segment_cache: SegmentCache | None = None
         # Segments are sealed from writer threads while the event loop reads the index.
         self._lock = threading.RLock()
         self.refresh()
 
     @property
     def url(self) -> str:
-        return self.storage.url
+        return self.backend.url
+
+    @property
+    def segment_cache(self) -> SegmentCache:
+        """This handle's own segment cache, for batched reads that bring none."""
+        with self._lock:
+            if self._segment_cache is None:
+                self._segment_cache = SegmentCache(DEFAULT_SEGMENT_CACHE_BYTES)
+            return self._segment_cache
 
     # -- spaces ---------------------------------------------------------------------------------
 
@@ -140,10 +195,11 @@ class Store:
 
     def ensure_space(self, space: CaptureSpace) -> None:
         """Record a capture space (idempotent: the document is a function of its id)."""
-        rel = f"spaces/{space.space_id}/space.json"
-        if not self.storage.exists(rel):
-            self.storage.write_json(rel, space.to_json())
-        self._spaces[space.space_id] = space
+        if space.space_id in self._spaces:
+            return
+        self.backend.create(f"spaces/{space.space_id}/space.json", json_bytes(space.to_json()))
+        with self._lock:
+            self._spaces.setdefault(space.space_id, space)
 
     # -- records --------------------------------------------------------------------------------
 
@@ -153,29 +209,58 @@ class Store:
             self._refresh()
 
     def _refresh(self) -> None:
-        for space_id in self.storage.list_dir("spaces"):
+        for space_id in self.backend.list_dir("spaces"):
             if space_id not in self._spaces:
-                if not self.storage.exists(f"spaces/{space_id}/space.json"):
+                if not self.backend.exists(f"spaces/{space_id}/space.json"):
                     continue
-                doc = self.storage.read_json(f"spaces/{space_id}/space.json")
+                doc = self.backend.read_json(f"spaces/{space_id}/space.json")
                 self._spaces[space_id] = CaptureSpace.from_json(doc)
             space = self._spaces[space_id]
-            for segment_id in self.storage.list_dir(segments_dir(space_id)):
+            for segment_id in self.backend.list_dir(segments_dir(space_id)):
                 if segment_id not in self._segments:
                     self._add_segment(space, segment_id)
 
     def _add_segment(self, space: CaptureSpace, segment_id: str) -> None:
-        reader = SegmentReader(self.storage, space, segment_id)
+        reader = SegmentReader(self.backend, space, segment_id)
+        blob = reader.keys.tobytes()
         with self._lock:
             if segment_id in self._segments:
                 return
             self._segments[segment_id] = reader
-            for i, key in enumerate(reader.keys):
-                # The first sealed copy of a key is the answer; later duplicates are ignored.
-                self._index.setdefault(bytes(key), Location(reader, i))
+            for i in range(len(reader)):
+                key = blob[i * KEY_BYTES : (i + 1) * KEY_BYTES]
+                held = self._index.get(key)
+                # The first sealed copy of a key is the answer: the smallest segment id.
+                if held is None or segment_id < held.segment.segment_id:
+                    self._index[key] = Location(reader, i)
+            counts = self._counts.setdefault(space.space_id, [0, 0, 0, 0])
+            counts[0] += 1
+            counts[1] += len(reader)
+            counts[2] += reader.positions
+            if reader.stored_bytes_known:
+                counts[3] += reader.stored_bytes
+            else:
+                self._unsized.append(reader)
+
+    def totals(self, space_id: str | None = None) -> StoreTotals:
+        """Totals of the sealed segments this handle has indexed, kept as segments are added."""
+        with self._sizing:
+            with self._lock:
+                unsized, self._unsized = self._unsized, []
+            sizes = [(r.space.space_id, r.stored_bytes) for r in unsized]  # outside the lock
+            with self._lock:
+                for sid, nbytes in sizes:
+                    self._counts[sid][3] += nbytes
+                rows = [c for sid, c in self._counts.items() if space_id in (None, sid)]
+                spaces = len(self._spaces) if space_id is None else int(space_id in self._spaces)
+                return StoreTotals(spaces, *(sum(c[j] for c in rows) for j in range(4)))
 
     def contains(self, key: bytes | str) -> bool:
         return _key_bytes(key) in self._index
+
+    def find(self, key: bytes) -> Location | None:
+        """Where a sealed record is, as far as this handle knows (no refresh)."""
+        return self._index.get(key)
 
     def get(self, key: bytes | str) -> Record:
         """The record for a key (hex string or 16 raw bytes)."""
@@ -186,6 +271,19 @@ class Store:
         """The record for a key in the codec's encoding (what the wire carries)."""
         loc = self.locate(key)
         return loc.segment.encoded(loc.index)
+
+    def read_batch(
+        self,
+        space: CaptureSpace,
+        keys: Sequence[bytes],
+        *,
+        allow_missing: bool = False,
+        cache: SegmentCache | None = None,
+    ) -> EncodedBatch:
+        """Records of ``space`` for ``keys`` as one encoded batch (see ``store.read``)."""
+        return read_batch(
+            self, cache or self.segment_cache, space, keys, allow_missing=allow_missing
+        )
 
     def locate(self, key: bytes | str) -> Location:
         """Which sealed segment holds a key, refreshing once if it is not known yet."""
@@ -202,15 +300,12 @@ class Store:
         with self._lock:
             return list(self._segments.values())
 
-    def new_segment(self, space: CaptureSpace) -> SegmentBuilder:
+    def write_segment(self, space: CaptureSpace, records: Sequence[CapturedRecord]) -> str:
+        """Seal ``records`` as one segment and index it, so this handle sees them at once."""
         self._require_writable()
         self.ensure_space(space)
-        return SegmentBuilder(self.storage, space)
-
-    def seal(self, builder: SegmentBuilder) -> str:
-        """Seal a segment and index it, so this handle sees its records at once."""
-        segment_id = builder.seal()
-        self._add_segment(builder.space, segment_id)
+        segment_id = write_segment(self.backend, space, records)
+        self._add_segment(space, segment_id)
         return segment_id
 
     def clean_unsealed(self, *, older_than_s: float = 24 * 3600) -> int:
@@ -218,39 +313,46 @@ class Store:
         self._require_writable()
         removed = 0
         host = socket.gethostname()
-        for space_id in self.storage.list_dir("spaces"):
+        for space_id in self.backend.list_dir("spaces"):
             base = unsealed_dir(space_id)
-            for segment_id in self.storage.list_dir(base):
+            for segment_id in self.backend.list_dir(base):
                 rel = f"{base}/{segment_id}"
                 try:
-                    writer = self.storage.read_json(f"{rel}/writer.json")
-                except (OSError, ValueError):
+                    writer = self.backend.read_json(f"{rel}/writer.json")
+                except (NotFound, OSError, ValueError):
                     writer = {}  # a writer between creating its directory and naming itself
-                started = float(writer.get("started", self.storage.modified_at(rel)))
+                try:
+                    started = float(writer.get("started", self.backend.modified_at(rel)))
+                except NotFound:
+                    continue  # published or removed meanwhile
                 same_host = writer.get("host") == host
                 dead = same_host and not _process_alive(int(writer.get("pid", -1)))
                 if dead or time.time() - started > older_than_s:
-                    self.storage.remove_tree(rel)
+                    self.backend.remove_tree(rel)
                     removed += 1
-        for tmp in self.storage.list_dir("datasets/.unsealed"):
+        for tmp in self.backend.list_dir("datasets/.unsealed"):
             rel = f"datasets/.unsealed/{tmp}"
-            if time.time() - self.storage.modified_at(rel) > _DATASET_PUBLISH_GRACE_S:
-                self.storage.remove_tree(rel)
+            try:
+                stale = time.time() - self.backend.modified_at(rel) > _DATASET_PUBLISH_GRACE_S
+            except NotFound:
+                continue
+            if stale:
+                self.backend.remove_tree(rel)
                 removed += 1
         return removed
 
     # -- datasets -------------------------------------------------------------------------------
 
     def datasets(self) -> list[str]:
-        return [n for n in self.storage.list_dir("datasets") if not n.startswith(".")]
+        return self.backend.list_dir("datasets")
 
     def dataset(self, name: str) -> Dataset:
         rel = f"datasets/{validate_dataset_name(name)}"
-        if not self.storage.exists(f"{rel}/dataset.json"):
+        if not self.backend.exists(f"{rel}/dataset.json"):
             raise NotFound(f"dataset {name!r} is not in store {self.url}")
-        manifest = self.storage.read_json(f"{rel}/dataset.json")
-        group = zarr.open_group(store=self.storage.zarr_store(rel, read_only=True), mode="r")
-        keys = np.asarray(group["keys"][:]).reshape(-1, KEY_BYTES)
+        manifest = self.backend.read_json(f"{rel}/dataset.json")
+        group = zarr.open_group(store=self.backend.zarr_store(rel, read_only=True), mode="r")
+        keys = np.asarray(zarr_array(group, "keys")[:]).reshape(-1, KEY_BYTES)
         return Dataset(self, manifest, keys)
 
     def create_dataset(
@@ -261,13 +363,16 @@ class Store:
         positions: int,
         provenance: dict,
     ) -> Dataset:
-        """Publish a dataset (state ``building``) with its full ordered key list, atomically."""
+        """Publish a dataset (state ``building``) with its full ordered key list, create-only.
+
+        Of two creations of one name, exactly one succeeds; the other is AlreadyExists.
+        """
         self._require_writable()
         validate_dataset_name(name)
-        if self.storage.exists(f"datasets/{name}"):
+        if self.backend.exists(f"datasets/{name}"):
             raise AlreadyExists(f"dataset {name!r} already exists in store {self.url}")
         self.ensure_space(space)
-        tmp = f"datasets/.unsealed/{uuid.uuid4().hex}"
+        staging = f"datasets/.unsealed/{uuid.uuid4().hex}"
         manifest = {
             "format": STORE_FORMAT,
             "name": name,
@@ -279,29 +384,30 @@ class Store:
             "created_at": time.time(),
             "completed_at": None,
         }
-        group = zarr.open_group(store=self.storage.zarr_store(tmp, read_only=False), mode="w")
-        self.storage.write_json(f"{tmp}/dataset.json", manifest)
+        group = zarr.open_group(store=self.backend.zarr_store(staging, read_only=False), mode="w")
+        self.backend.write_json(f"{staging}/dataset.json", manifest)
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
         group.create_array(
             "keys", data=key_array, chunks=(max(1, min(len(keys), 1 << 16)), KEY_BYTES)
         )
-        self.storage.seal(tmp, f"datasets/{name}")
+        if not self.backend.publish(staging, f"datasets/{name}"):
+            raise AlreadyExists(f"dataset {name!r} already exists in store {self.url}")
         return self.dataset(name)
 
     def mark_complete(self, name: str) -> None:
         self._require_writable()
         rel = f"datasets/{validate_dataset_name(name)}/dataset.json"
-        if not self.storage.exists(rel):
+        if not self.backend.exists(rel):
             raise NotFound(f"dataset {name!r} is not in store {self.url}")
-        manifest = self.storage.read_json(rel)
+        manifest = self.backend.read_json(rel)
         manifest["state"] = "complete"
         manifest["completed_at"] = time.time()
-        self.storage.write_json(rel, manifest)
+        self.backend.write_json(rel, manifest)
 
     def delete_dataset(self, name: str) -> None:
         """Remove a dataset's key list; records stay (other datasets may share them)."""
         self._require_writable()
-        self.storage.remove_tree(f"datasets/{validate_dataset_name(name)}")
+        self.backend.remove_tree(f"datasets/{validate_dataset_name(name)}")
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -335,14 +441,14 @@ def _process_alive(pid: int) -> bool:
 
 def open_store(url: str, *, writable: bool = False) -> Store:
     """Open a store by URL. Read-only unless ``writable``; a writable open creates the store."""
-    storage = storage_for_url(url, create=writable)
+    backend = backend_for_url(url, create=writable)
     marker = "logitcache-store.json"
-    if storage.exists(marker):
-        fmt = storage.read_json(marker).get("format")
+    if backend.exists(marker):
+        fmt = backend.read_json(marker).get("format")
         if fmt != STORE_FORMAT:
             raise InvalidArgument(f"store {url!r} has format {fmt!r}; expected {STORE_FORMAT!r}")
     elif writable:
-        storage.write_json(marker, {"format": STORE_FORMAT, "created_at": time.time()})
+        backend.create(marker, json_bytes({"format": STORE_FORMAT, "created_at": time.time()}))
     else:
         raise NotFound(f"{url!r} is not a logitcache store (no {marker})")
-    return Store(storage, read_only=not writable)
+    return Store(backend, read_only=not writable)

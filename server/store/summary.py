@@ -12,14 +12,13 @@ def store_summary(store: Store, dataset: str | None = None) -> dict:
     """A JSON-able description of a store (or of one dataset in it)."""
     spaces = []
     for space in store.spaces():
-        segments = [s for s in store.segments() if s.space.space_id == space.space_id]
-        positions = sum(s.positions for s in segments)
-        nbytes = store.storage.disk_usage(f"spaces/{space.space_id}")
+        totals = store.totals(space.space_id)
+        positions, nbytes = totals.positions, totals.stored_bytes
         spaces.append(
             {
                 **space.to_json(),
-                "segments": len(segments),
-                "records": sum(len(s) for s in segments),
+                "segments": totals.segments,
+                "records": totals.records,
                 "positions": positions,
                 "bytes": nbytes,
                 "bytes_per_position": nbytes / positions if positions else None,
@@ -87,7 +86,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"

@@ -22,8 +22,8 @@ from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace, record_key
-from logitcache.server.store.segments import CapturedRecord
 from logitcache.server.store.store import Store, open_store
+from logitcache.server.store.writer import CapturedRecord
 
 BOUND = 1.0 / 128  # the codec's documented error bound in nats
 SPACE = CaptureSpace(
@@ -71,10 +71,7 @@ def synthetic_record(seed: int, length: int, *, row_seed: int | None = None) -> 
 
 
 def write_segment(store: Store, records: Sequence[CapturedRecord]) -> str:
-    builder = store.new_segment(SPACE)
-    for r in records:
-        builder.add(r)
-    return store.seal(builder)
+    return store.write_segment(SPACE, records)
 
 
 def assert_matches(record: Record, expected: CapturedRecord) -> None:
@@ -209,7 +206,7 @@ def test_writer_handle_sees_what_it_sealed(writer: Store) -> None:
 
 def test_sealing_an_empty_segment_is_refused(writer: Store) -> None:
     with pytest.raises(ValueError, match="empty"):
-        writer.new_segment(SPACE).seal()
+        writer.write_segment(SPACE, [])
 
 
 # -- unsealed segments and crashes ----------------------------------------------------------------
@@ -293,12 +290,12 @@ store.ensure_space(SPACE)
 write_segment(store, [synthetic_record(s, CRASH_LENGTH) for s in CRASH_SEALED_SEEDS])
 
 
-def hang_instead_of_sealing(src_rel, dst_rel):
+def hang_instead_of_publishing(staging, final):
     Path(marker).touch()
     time.sleep(3600)
 
 
-store.storage.seal = hang_instead_of_sealing
+store.backend.publish = hang_instead_of_publishing
 write_segment(store, [synthetic_record(s, CRASH_LENGTH) for s in CRASH_UNSEALED_SEEDS])
 """
 
@@ -308,6 +305,7 @@ def test_writer_killed_mid_segment(store_path: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
+            "-P",  # the repository's own logitcache/ folder must not shadow the installed one
             "-c",
             _CRASHING_WRITER,
             str(Path(__file__).parent),
@@ -392,7 +390,7 @@ def test_read_only_handles_refuse_writes(store_path: Path, writer: Store) -> Non
     reader = logitcache.open_store(str(store_path))
 
     with pytest.raises(PermissionError):
-        reader.new_segment(SPACE)
+        reader.write_segment(SPACE, [record])
     with pytest.raises(PermissionError):
         reader.clean_unsealed()
     with pytest.raises(PermissionError):

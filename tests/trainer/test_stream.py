@@ -17,7 +17,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 import logitcache
-from logitcache.bench.service import synthetic_store
+from logitcache.bench.synthetic import synthetic_store
 from logitcache.client.order import EpochPermutation
 from logitcache.client.record import Record
 from logitcache.client.space import record_key

@@ -1,0 +1,247 @@
+"""The one segment writer: records in, sealed segments out, for precompute and read-through alike.
+
+:func:`write_segment` lays out one segment (see ``segments``) under a staging name and publishes
+it create-only. :class:`SegmentWriter` feeds it from the event loop: it gathers encoded records
+per capture space, seals a segment when it reaches ``segment_positions`` positions or when its
+oldest record is ``flush_seconds`` old, and writes in its own thread with at most two seals
+pending, so ``await add()`` waits when storage is slower than the engine and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from logitcache.client.codecs import TopKRows, codec_for
+from logitcache.client.errors import FailedPrecondition
+from logitcache.client.space import KEY_BYTES, CaptureSpace
+from logitcache.server.store.backend import StoreBackend
+from logitcache.server.store.segments import (
+    CHUNK_POSITIONS,
+    ENTRY_CHUNK,
+    PLAIN,
+    SEGMENT_FORMAT,
+    SHUFFLED,
+    codec_fields,
+    segments_dir,
+    unsealed_dir,
+)
+
+if TYPE_CHECKING:
+    from logitcache.server.store.store import Store
+
+log = logging.getLogger(__name__)
+MAX_PENDING_SEALS = 2
+
+
+@dataclass
+class CapturedRecord:
+    """One sequence and its rows in the codec's encoding, waiting to be written (or sent)."""
+
+    key: bytes
+    input_ids: np.ndarray  # int32 [T]
+    arrays: dict[str, np.ndarray]  # the codec's arrays for T rows
+
+    @classmethod
+    def encode(
+        cls, key: bytes, input_ids: np.ndarray, rows: TopKRows, space: CaptureSpace
+    ) -> CapturedRecord:
+        codec = codec_for(space.codec, space.vocab_size)
+        return cls(key, np.asarray(input_ids, dtype=np.int32), codec.encode(rows))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def write_segment(
+    backend: StoreBackend, space: CaptureSpace, records: Sequence[CapturedRecord]
+) -> str:
+    """Write ``records`` as one segment and publish it create-only; returns the segment id."""
+    if not records:
+        raise ValueError("refusing to seal an empty segment")
+    lengths = np.array([len(r) for r in records], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    fields = codec_fields(space)
+    arrays: dict[str, np.ndarray] = {
+        "keys": np.frombuffer(b"".join(r.key for r in records), dtype=np.uint8).reshape(
+            -1, KEY_BYTES
+        ),
+        "offsets": offsets,
+        "input_ids": np.concatenate([r.input_ids for r in records]).astype(np.int32),
+    }
+    for f in fields:
+        arrays[f.name] = np.concatenate([r.arrays[f.name] for r in records])
+    per_entry = [f.name for f in fields if f.per == "entry"]
+    if per_entry:
+        entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)
+        arrays["entry_offsets"] = np.concatenate([[0], np.cumsum(entries)])
+    plain = {f.name for f in fields if not f.shuffle}
+    writer_id = uuid.uuid4().hex[:12]
+    staging = f"{unsealed_dir(space.space_id)}/{writer_id}"
+    group = zarr.open_group(store=backend.zarr_store(staging, read_only=False), mode="w")
+    backend.write_json(
+        f"{staging}/writer.json",
+        {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()},
+    )
+    for name, data in arrays.items():
+        rows = ENTRY_CHUNK if name in per_entry else CHUNK_POSITIONS
+        chunks = (min(rows, max(1, data.shape[0])),) + data.shape[1:]
+        compressor = PLAIN if name in plain else SHUFFLED
+        group.create_array(name, data=data, chunks=chunks, compressors=compressor)
+    group.attrs.update(
+        {
+            "format": SEGMENT_FORMAT,
+            "space_id": space.space_id,
+            "codec": space.codec,
+            "records": len(records),
+            "positions": int(offsets[-1]),
+            "stored_bytes": sum(backend.stored_bytes(f"{staging}/{name}") for name in arrays),
+        }
+    )
+    # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
+    segment_id = f"{time.time_ns():020d}-{writer_id}"
+    if not backend.publish(staging, f"{segments_dir(space.space_id)}/{segment_id}"):
+        raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
+    return segment_id
+
+
+@dataclass
+class _OpenSegment:
+    space: CaptureSpace
+    started: float  # time.monotonic() of its first record
+    records: list[CapturedRecord] = field(default_factory=list)
+    positions: int = 0
+
+
+class SegmentWriter:
+    """Seals records into segments by size and age, in a writer thread, with back-pressure.
+
+    ``on_sealed(records)`` runs on the event loop once a segment is sealed and indexed (the
+    read-through cache drops them from memory then). A failed seal is logged, and raised once
+    from the next :meth:`add`, :meth:`flush` or :meth:`close`. Seals are executor futures, not
+    tasks, so they finish even when the loop cancels every task (shutdown, a cancelled job).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        segment_positions: int,
+        flush_seconds: float | None = None,
+        on_sealed: Callable[[list[CapturedRecord]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.segment_positions = segment_positions
+        self.flush_seconds = flush_seconds
+        self.on_sealed = on_sealed
+        self.segments_written = 0
+        self._open: dict[str, _OpenSegment] = {}
+        self._slots = asyncio.Semaphore(MAX_PENDING_SEALS)  # FIFO: seals start in order
+        self._pending: set[asyncio.Future[str]] = set()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
+        self._timer: asyncio.Task | None = None
+        self._opened = asyncio.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def unsealed_positions(self) -> int:
+        """Positions gathered and not yet handed to the writer thread."""
+        return sum(s.positions for s in self._open.values())
+
+    async def add(self, space: CaptureSpace, record: CapturedRecord) -> None:
+        """Add one encoded record; waits while two seals are pending."""
+        self._raise_error()
+        self.start()
+        segment = self._open.get(space.space_id)
+        if segment is None:
+            segment = self._open[space.space_id] = _OpenSegment(space, time.monotonic())
+            self._opened.set()
+        segment.records.append(record)
+        segment.positions += len(record)
+        if segment.positions >= self.segment_positions:
+            await self._seal(segment)
+
+    async def flush(self) -> None:
+        """Seal every open segment now and wait until all seals are done."""
+        for segment in list(self._open.values()):
+            await self._seal(segment)
+        while self._pending:
+            await asyncio.wait(set(self._pending))  # wait: never cancels the seals themselves
+        self._raise_error()
+
+    async def close(self) -> None:
+        """Seal what is left, wait for it, and stop the writer thread."""
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            await self.flush()
+        finally:
+            self._thread.shutdown(wait=False)
+
+    def start(self) -> None:
+        """Start sealing by age on the running loop (idempotent; ``add`` starts it too)."""
+        if self._timer is None and self.flush_seconds is not None:
+            coro = self._flush_when_due(self.flush_seconds)
+            self._timer = asyncio.get_running_loop().create_task(coro)
+
+    async def _seal(self, segment: _OpenSegment) -> None:
+        if self._open.get(segment.space.space_id) is not segment:
+            return  # sealed meanwhile
+        del self._open[segment.space.space_id]
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:  # the caller stopped waiting: keep the records open
+            newer = self._open.get(segment.space.space_id)
+            if newer is not None:
+                segment.records += newer.records
+                segment.positions += newer.positions
+            self._open[segment.space.space_id] = segment
+            raise
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._thread, self.store.write_segment, segment.space, segment.records
+        )
+        self._pending.add(future)
+        future.add_done_callback(lambda f: self._sealed(f, segment))
+
+    def _sealed(self, future: asyncio.Future[str], segment: _OpenSegment) -> None:
+        self._pending.discard(future)
+        self._slots.release()
+        error = future.exception() if not future.cancelled() else None
+        if error is not None:  # storage failed: tell the caller, keep serving
+            log.error("sealing %d records failed", len(segment.records), exc_info=error)
+            self._error = self._error or error
+            return
+        self.segments_written += 1
+        if self.on_sealed is not None:
+            self.on_sealed(segment.records)
+
+    async def _flush_when_due(self, flush_seconds: float) -> None:
+        while True:
+            if not self._open:
+                self._opened.clear()
+                await self._opened.wait()
+                continue
+            now = time.monotonic()
+            due = min(s.started for s in self._open.values()) + flush_seconds
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue
+            for segment in [s for s in self._open.values() if s.started + flush_seconds <= now]:
+                await self._seal(segment)
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
