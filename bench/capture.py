@@ -14,30 +14,14 @@ import time
 
 import numpy as np
 
+from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
-from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+from logitcache.server.engine.protocol import EngineOptions
+from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.precompute import capture_into_store
 from logitcache.server.store.store import open_store
 from logitcache.server.teachers.identity import resolve_teacher, topk_space
-
-
-def benchmark_sequences(
-    teacher_path: str, count: int, length: int, seed: int = 1
-) -> list[np.ndarray]:
-    """Token sequences of demo-language text cut to ``length`` tokens."""
-    from transformers import AutoTokenizer
-
-    from logitcache.demo.language import generate_documents
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    stream: list[int] = []
-    docs_seed = seed
-    while len(stream) < count * length:
-        for ids in tokenizer(generate_documents(200, seed=docs_seed))["input_ids"]:
-            stream.extend(ids)
-        docs_seed += 1000
-    return list(np.asarray(stream[: count * length], dtype=np.int32).reshape(count, length))
 
 
 async def _vllm_alone(
@@ -64,10 +48,10 @@ async def _precompute_pipeline(
         started = time.perf_counter()
         await capture_into_store(engine, store, space, todo, 1 << 16, in_flight, progress=False)
         seconds = time.perf_counter() - started
-        return seconds, store.storage.disk_usage(f"spaces/{space.space_id}/segments")
+        return seconds, store.backend.stored_bytes(f"spaces/{space.space_id}/segments")
 
 
-async def _run(args: argparse.Namespace, options: VLLMOptions, teacher: str) -> None:
+async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -> None:
     info = resolve_teacher(teacher)
     sequences = benchmark_sequences(
         teacher, args.sequences, min(args.seq_len, info.max_model_len - 1)
@@ -103,6 +87,6 @@ async def _run(args: argparse.Namespace, options: VLLMOptions, teacher: str) -> 
     )
 
 
-def run_capture_benchmark(args: argparse.Namespace, options: VLLMOptions) -> None:
+def run_capture_benchmark(args: argparse.Namespace, options: EngineOptions) -> None:
     teacher = args.teacher or str(demo_teacher_path())
     asyncio.run(_run(args, options, teacher))

@@ -312,7 +312,7 @@ def _offline_cache(
     tmp: Path, teacher_path: str, train_ids: torch.Tensor, mode: str, args: argparse.Namespace
 ) -> tuple[Path, str, float, int]:
     """Precompute the training sequences in ``mode`` into a local store (own engine)."""
-    from logitcache.server.engine.vllm_engine import VLLMOptions
+    from logitcache.server.engine.protocol import EngineOptions
     from logitcache.server.precompute import PrecomputeRequest, run_precompute
 
     data = tmp / "train.jsonl"
@@ -329,7 +329,7 @@ def _offline_cache(
         top_k=args.samples if mode == "sampled" else args.top_k,
         mode=mode,
         top_p=args.top_p if mode == "top_p" else None,
-        engine=VLLMOptions(max_top_k=args.top_k),
+        engine=EngineOptions(max_top_k=args.top_k),
         progress=False,
     )
     r = run_precompute(req)

@@ -4,7 +4,7 @@ The teacher runs once under vLLM with full-vocabulary log-probs, so every encodi
 from the same exact distributions:
 
     naive           int32 ids + float32 log-probs, k per position (the uncompressed baseline)
-    distillkit      our re-implementation of DistillKit's compressed format (server/distillkit.py)
+    distillkit      our re-implementation of DistillKit's compressed format (bench/distillkit.py)
     topk-q64-delta-v1   the first logitcache codec (fixed k, no stored tail)
     topk-v2         the default codec
     top_p:P         adaptive k with topk-v2 (the shortest prefix of the top k reaching P)
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.bench.capture import benchmark_sequences
 from logitcache.bench.distillkit import DistillKitStyleCodec
+from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.codecs import (
     QuantizedTopKCodec,
     SampledCodec,
@@ -44,10 +44,12 @@ from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
 from logitcache.server.engine.capture import FULL_VOCAB, CaptureConfig, top_p_rows
+from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.sampling import rng_for_key, sample_rows
-from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
-from logitcache.server.store.backend import LocalStorage
-from logitcache.server.store.segments import CapturedRecord, SegmentBuilder, SegmentReader
+from logitcache.server.engine.vllm_engine import VLLMEngine
+from logitcache.server.store.backend import LocalBackend
+from logitcache.server.store.reader import SegmentReader
+from logitcache.server.store.writer import CapturedRecord, write_segment
 from logitcache.server.teachers.identity import capture_space, resolve_teacher
 
 
@@ -69,7 +71,7 @@ async def _capture(args, teacher: str) -> Captured:
     sequences = benchmark_sequences(
         teacher, args.sequences, min(args.seq_len, info.max_model_len - 1), seed=args.seed
     )
-    engine = VLLMEngine(info, VLLMOptions(max_top_k=1, full_vocab=True))
+    engine = VLLMEngine(info, EngineOptions(max_top_k=1, full_vocab=True))
     try:
         vocab = engine.vocab_size
         sampled_space = capture_space(info, engine.dtype, CaptureConfig("sampled", args.samples))
@@ -153,18 +155,18 @@ def _store_encoding(
     decode_rate = _best_rate(lambda: codec.decode(arrays), positions, repeats)
     decoded = codec.decode(arrays)
     space = CaptureSpace("bench", "bench", vocab, name, 0, "float32", codec.name)
-    storage = LocalStorage(Path(root) / f"{re.sub(r'[^A-Za-z0-9.-]', '_', name)}-{vocab}")
-    builder = SegmentBuilder(storage, space)
+    backend = LocalBackend(Path(root) / f"{re.sub(r'[^A-Za-z0-9.-]', '_', name)}-{vocab}")
     # One record per sequence, the arrays sliced back apart by the codec's own row counts.
     single = _split_arrays(codec, arrays, lengths)
-    for i, part in enumerate(single):
-        ids = np.zeros(lengths[i], dtype=np.int32)
-        builder.add(CapturedRecord(i.to_bytes(16, "little"), ids, part))
-    segment_id = builder.seal()
-    nbytes = storage.disk_usage(f"spaces/{space.space_id}/segments")
+    records = [
+        CapturedRecord(i.to_bytes(16, "little"), np.zeros(lengths[i], dtype=np.int32), part)
+        for i, part in enumerate(single)
+    ]
+    segment_id = write_segment(backend, space, records)
+    nbytes = backend.stored_bytes(f"spaces/{space.space_id}/segments")
 
     def read_and_decode() -> TopKRows:
-        return codec.decode(SegmentReader(storage, space, segment_id).arrays())
+        return codec.decode(SegmentReader(backend, space, segment_id).load())
 
     read_rate = _best_rate(read_and_decode, positions, repeats)
     return nbytes / positions, encode_rate, decode_rate, read_rate, decoded

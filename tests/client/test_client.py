@@ -158,7 +158,7 @@ def test_stream_resumes_from_cursor(client, built):
 
 def test_stream_survives_a_server_restart(tmp_path):
     """kill -9 mid-stream, restart on the same port: the stream goes on, each record once."""
-    from logitcache.bench.service import synthetic_store
+    from logitcache.bench.synthetic import synthetic_store
     from logitcache.server.launcher import ServerProcess
 
     # A store-only server (starts in about a second) on a synthetic dataset of ~50 MB on the

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import logitcache
-from logitcache.bench.service import synthetic_store
+from logitcache.bench.synthetic import synthetic_store
 
 pytestmark = pytest.mark.slow
 

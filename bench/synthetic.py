@@ -1,0 +1,67 @@
+"""The benchmarks' made-up inputs: token sequences of the demo language, and a synthetic store.
+
+The store's rows are shaped like a real teacher's (peaked, descending, a 32k vocabulary) and are
+built in seconds without an engine: ``logitcache bench stream`` streams one, and tests that need
+a store of many records use it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from logitcache.client.codecs import DEFAULT_CODEC, TopKRows
+from logitcache.client.space import CaptureSpace, record_key
+from logitcache.server.store.store import open_store
+from logitcache.server.store.writer import CapturedRecord
+
+
+def benchmark_sequences(
+    teacher_path: str, count: int, length: int, seed: int = 1
+) -> list[np.ndarray]:
+    """``count`` sequences of ``length`` tokens: demo-language documents of ``seed``, tokenised
+    with the teacher's tokenizer, run together and cut."""
+    from transformers import AutoTokenizer
+
+    from logitcache.demo.language import generate_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    stream: list[int] = []
+    docs_seed = seed
+    while len(stream) < count * length:
+        for ids in tokenizer(generate_documents(200, seed=docs_seed))["input_ids"]:
+            stream.extend(ids)
+        docs_seed += 1000
+    return list(np.asarray(stream[: count * length], dtype=np.int32).reshape(count, length))
+
+
+def synthetic_store(root: Path, positions: int, seq_len: int, k: int, vocab: int = 32000) -> str:
+    """A store with one dataset, ``bench``, of peaked descending top-k rows (vectorised)."""
+    space = CaptureSpace("bench-teacher", "bench-tokenizer", vocab, "topk", k, "bfloat16",
+                         DEFAULT_CODEC)  # fmt: skip
+    store = open_store(str(root), writable=True)
+    rng = np.random.default_rng(0)
+    n = max(1, positions // seq_len)
+    keys: list[bytes] = []
+    segment: list[CapturedRecord] = []
+    for i in range(n):
+        ids = rng.integers(0, vocab, seq_len, dtype=np.int32)
+        gaps = rng.exponential(0.35, size=(seq_len, k)).astype(np.float32)
+        gaps[:, 0] = np.abs(rng.normal(0.0, 0.6, seq_len))
+        rows = TopKRows(
+            token_ids=rng.integers(0, vocab, (seq_len, k), dtype=np.int32),
+            logprobs=-np.cumsum(gaps, axis=1),
+            target_logprobs=np.append(-rng.exponential(1.5, seq_len - 1), np.nan).astype(
+                np.float32
+            ),
+        )
+        key = record_key(space.space_id, ids)
+        keys.append(key)
+        segment.append(CapturedRecord.encode(key, ids, rows, space))
+        if len(segment) * seq_len >= 1 << 16 or i == n - 1:
+            store.write_segment(space, segment)
+            segment = []
+    store.create_dataset("bench", space, keys, n * seq_len, provenance={"synthetic": True})
+    store.mark_complete("bench")
+    return str(root)
