@@ -27,8 +27,8 @@ over the whole vocabulary at temperature 1, and the log-probability of the actua
 """
 
 # Exit statuses: 0 done; 1 the command ran and the work did not succeed (a followed job failed, the
-# disk is full); 2 a bad request (flags, input files, names), as argparse's own usage errors; 130
-# interrupted, as a shell reports ^C.
+# disk is full); 2 the request was refused: bad flags (argparse's own status), input files or names,
+# or any typed error or server status; 130 interrupted, as a shell reports ^C.
 EXIT_FAILED, EXIT_BAD_REQUEST, EXIT_INTERRUPTED = 1, 2, 130
 INTERRUPTED = "interrupted; sealed work is kept, rerun the same command to resume"
 
