@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from logitcache.client.errors import InvalidArgument, NotFound
-from logitcache.server.inputs import InputReport, load_sequences
+from logitcache.server.inputs import InputReport, InputSource, load_sequences
+from logitcache.server.store.backend import LocalBackend, StoredObject
 
 VOCAB_SIZE = 50
 MAX_LEN = 8
@@ -23,7 +24,7 @@ def tokenize(texts: list[str]) -> list[list[int]]:
     return [[WORDS[w] for w in text.split()] for text in texts]
 
 
-def load(path: Path, **options: object) -> InputReport:
+def load(path: InputSource, **options: object) -> InputReport:
     kwargs: dict = {"vocab_size": VOCAB_SIZE, "max_len": MAX_LEN, "tokenize": tokenize}
     return load_sequences(path, **{**kwargs, **options})
 
@@ -265,3 +266,35 @@ def test_damaged_parquet_file(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(InvalidArgument, match="not a readable Parquet file"):
         load(path)
+
+
+# -- other sources: a binary stream, an object in a store --------------------------------------
+
+
+def test_a_stream_and_a_store_object_read_like_the_file(jsonl: Path, tmp_path: Path) -> None:
+    lines = ['{"text": "the cat sat"}', '{"input_ids": [7, 8]}', '{"text": "on the mat"}']
+    want = ids_of(load(write_lines(jsonl, lines)))
+    with open(jsonl, "rb") as stream:
+        assert ids_of(load(stream)) == want
+    backend = LocalBackend(tmp_path)
+    backend.write_bytes("jobs/j1/input.jsonl", jsonl.read_bytes())
+    stored = StoredObject(backend, "jobs/j1/input.jsonl")
+    report = load(stored)
+    assert ids_of(report) == want
+    assert report.sequences[1].source == f"{tmp_path}/jobs/j1/input.jsonl:2"
+
+
+def test_a_bad_row_of_a_store_object_names_the_object_and_line(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    backend.write_bytes("jobs/j1/input.jsonl", b'{"input_ids": [1]}\n{bad\n')
+    with pytest.raises(InvalidArgument, match=r"jobs/j1/input.jsonl:2: malformed JSON"):
+        load(StoredObject(backend, "jobs/j1/input.jsonl"))
+    with pytest.raises(NotFound):
+        load(StoredObject(backend, "jobs/j2/input.jsonl"))
+
+
+def test_parquet_from_a_store_object(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "data.parquet", {"text": pa.array(["the cat"])})
+    backend = LocalBackend(tmp_path)
+    assert ids_of(load(StoredObject(backend, "data.parquet"))) == [[1, 2]]
+    assert ids_of(load(path)) == [[1, 2]]
