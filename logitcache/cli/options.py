@@ -11,6 +11,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from logitcache.client.errors import InvalidArgument
+from logitcache.client.space import CaptureMode
 
 if TYPE_CHECKING:
     from logitcache.server.engine.protocol import EngineOptions
@@ -121,29 +122,29 @@ def add_capture_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def capture_mode(args: argparse.Namespace) -> tuple[str, int]:
+def capture_mode(args: argparse.Namespace) -> tuple[CaptureMode, int]:
     """(mode, k) from the capture group, refusing combinations that mean nothing.
 
     k is the number of entries for top-k, the most entries for top-p, the draws for sampled.
     """
-    if args.mode == "sampled":
+    if args.mode == CaptureMode.SAMPLED:
         if args.top_k is not None or args.top_p is not None or args.max_k is not None:
             raise InvalidArgument("--mode sampled takes --samples, not --top-k/--top-p/--max-k")
-        return "sampled", DEFAULT_SAMPLES if args.samples is None else args.samples
+        return CaptureMode.SAMPLED, DEFAULT_SAMPLES if args.samples is None else args.samples
     if args.samples is not None:
         raise InvalidArgument("--samples needs --mode sampled")
     if args.top_p is not None:
         if args.top_k is not None:
             raise InvalidArgument("with --top-p, give the most entries as --max-k, not --top-k")
-        return "top_p", DEFAULT_TOP_K if args.max_k is None else args.max_k
+        return CaptureMode.TOP_P, DEFAULT_TOP_K if args.max_k is None else args.max_k
     if args.max_k is not None:
         raise InvalidArgument("--max-k needs --top-p")
-    return "topk", DEFAULT_TOP_K if args.top_k is None else args.top_k
+    return CaptureMode.TOPK, DEFAULT_TOP_K if args.top_k is None else args.top_k
 
 
 def capture_field_flags(args: argparse.Namespace) -> dict[str, str]:
     """The flag that set k (``k``, ``top_k`` in the core's errors) on this command line."""
-    if args.mode == "sampled":
+    if args.mode == CaptureMode.SAMPLED:
         flag = "--samples"
     else:
         flag = "--max-k" if args.top_p is not None else "--top-k"

@@ -15,6 +15,7 @@ from logitcache.cli.options import (
 )
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.options import add_dataset_options, add_progress_option
+from logitcache.client.space import CaptureMode
 
 STORE_URL = "a directory path or file:// URL"
 
@@ -102,7 +103,7 @@ def _precompute(args: argparse.Namespace) -> int:
         segment_positions=args.segment_positions,
         max_in_flight=args.max_in_flight,
         license=args.license,
-        engine=engine_options(args, k if mode != "sampled" else 1),
+        engine=engine_options(args, 1 if mode is CaptureMode.SAMPLED else k),
         progress=not args.no_progress,
     )
     r = run_precompute(req)
