@@ -1,10 +1,12 @@
-"""Clients of the logitcache gRPC service: :class:`Client` (blocking) and :class:`AsyncClient`.
+"""Clients of the logitcache gRPC service: :class:`AsyncClient` and the blocking :class:`Client`.
 
 Both speak the wire contract in ``proto/logitcache/v1/logitcache.proto`` and return
-:class:`~logitcache.client.record.Record` objects. What they share lives in this module as plain
-functions and small classes: request builders, decoders, the retry policy (:class:`_Backoff`), the
-pipelined read-through stream (:class:`_Pipeline`), the dataset-stream cursor
-(:class:`_CursorBuffer`) and the job progress bar. The two classes are only the thin call layer on top.
+:class:`~logitcache.client.record.Record` objects. :class:`AsyncClient` (grpc.aio) is the one
+implementation; :class:`Client` runs it on the background loop thread of
+:mod:`logitcache.client.sync`, one line per method, so both behave the same by construction. The
+pieces the calls are made of are plain functions and small classes here: request builders,
+decoders, the retry policy (:class:`_Backoff`), the pipelined read-through stream
+(:class:`_Pipeline`), the dataset-stream cursor (:class:`_CursorBuffer`) and the job progress bar.
 
 Failure handling:
 
@@ -23,12 +25,14 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
-import queue
+import gc
+import os
 import random
 import sys
-import time
+import weakref
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -42,6 +46,7 @@ import grpc
 import numpy as np
 
 from logitcache.client.record import Record
+from logitcache.client.sync import Feed, SyncIterator, sync
 from logitcache.client.wire import decode_batch
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -56,7 +61,7 @@ _END = object()  # end of the caller's batches
 
 
 class _Backoff:
-    """Exponential backoff with jitter for UNAVAILABLE: the one retry policy of both clients.
+    """Exponential backoff with jitter for UNAVAILABLE: the one retry policy of the client.
 
     Attempt ``n`` (0-based) waits ``min(max_delay, base * 2**n)`` scaled by a random factor in
     [0.5, 1), so that many clients of a restarting server do not come back in lockstep.
@@ -222,7 +227,7 @@ class _JobProgress:
 
     def __init__(self, show: bool | None) -> None:
         self.show = sys.stderr.isatty() if show is None else show
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar, made (and tqdm imported) on the first update
 
     def update(self, job: pb.Job) -> None:
         if not self.show:
@@ -246,47 +251,47 @@ class _JobProgress:
             self._bar.close()
 
 
-# ---- stream state shared by both clients ----------------------------------------------------
+# ---- stream state ---------------------------------------------------------------------------
 
 
 class _Pipeline:
     """Bookkeeping of a pipelined read-through stream (``get_distributions_iter``).
 
-    Requests go through an outbox queue that grpc drains on its own (thread or task), so the
-    caller reads responses while requests are still being written. Up to ``window`` requests are
+    Requests go through an outbox queue that grpc drains on its own task, so the caller reads
+    responses while requests are still being written. Up to ``window`` requests are
     in flight. Responses come in request order, so each answers the oldest pending request. A
     broken stream is reopened with a new outbox holding the pending requests again: the
     read-through cache makes resending idempotent.
     """
 
-    def __init__(
-        self, teacher: str | None, top_k: int | None, window: int, new_outbox: Callable[[], Any]
-    ) -> None:
+    def __init__(self, teacher: str | None, top_k: int | None, window: int) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.teacher = teacher
         self.top_k = top_k
         self.window = window
-        self._new_outbox = new_outbox
-        self._outbox: Any = None  # a queue of requests; None in it ends the request stream
+        # The requests of the current call; None in it ends the request stream.
+        self._outbox: asyncio.Queue[pb.DistributionsRequest | None] | None = None
         self._pending: deque[pb.DistributionsRequest] = deque()
         self._exhausted = False  # the caller's batches have all been read
 
-    def reopen(self) -> Any:
+    def reopen(self) -> asyncio.Queue[pb.DistributionsRequest | None]:
         """A new outbox for a new call, holding the requests not answered yet."""
         self.close()
-        self._outbox = self._new_outbox()
+        outbox: asyncio.Queue[pb.DistributionsRequest | None] = asyncio.Queue()
         for request in self._pending:
-            self._outbox.put_nowait(request)
+            outbox.put_nowait(request)
         if self._exhausted:
-            self._outbox.put_nowait(None)
-        return self._outbox
+            outbox.put_nowait(None)
+        self._outbox = outbox
+        return outbox
 
     def wants_more(self) -> bool:
         return not self._exhausted and len(self._pending) < self.window
 
     def put(self, batch: Any) -> None:
         """Send a batch of sequences, or end the requests when ``batch`` is ``_END``."""
+        assert self._outbox is not None, "reopen() first"
         if batch is _END:
             self._exhausted = True
             self._outbox.put_nowait(None)
@@ -340,278 +345,17 @@ class _CursorBuffer:
         return record
 
 
-# ---- blocking client ------------------------------------------------------------------------
-
-
-class DatasetStream(Iterator[Record]):
-    """Records of a StreamDataset call. ``cursor`` resumes right after the last whole batch.
-
-    Pass ``start_cursor=stream.cursor`` to ``stream_dataset`` to continue later; records of a
-    batch that was only partly consumed are delivered again. ``close()`` ends the call early.
-    """
-
-    def __init__(self, client: Client, request: pb.StreamDatasetRequest) -> None:
-        self._buffer = _CursorBuffer(request)
-        self._batches = client._resuming(lambda: client._stub.StreamDataset(self._buffer.request()))
-
-    @property
-    def cursor(self) -> int:
-        return self._buffer.cursor
-
-    def __iter__(self) -> DatasetStream:
-        return self
-
-    def __next__(self) -> Record:
-        while not self._buffer:
-            self._buffer.push(next(self._batches))
-        return self._buffer.pop()
-
-    def close(self) -> None:
-        self._batches.close()
-
-
-class Client:
-    """Blocking client of a logitcache server at ``target`` ("host:port").
-
-    ``timeout`` is the deadline in seconds of each unary call attempt; ``retries`` bounds the
-    consecutive UNAVAILABLE retries of any call; ``max_message_bytes`` caps messages both ways
-    (match the server's ``--max-message-bytes``). Use as a context manager or call ``close()``.
-    """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 60.0,
-        retries: int = 5,
-        max_message_bytes: int = 256 << 20,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._backoff = _Backoff(retries)
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
-        self._stub = pb_grpc.LogitCacheStub(self._channel)
-
-    # -- call layer -----------------------------------------------------------------------------
-
-    def _retrying(self, call: Callable[[], T]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as e:
-                delay = self._backoff.delay(e, attempt)
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                attempt += 1
-
-    def _unary(self, method: str, request: Any) -> Any:
-        return self._retrying(lambda: getattr(self._stub, method)(request, timeout=self.timeout))
-
-    def _resuming(self, open_call: Callable[[], Any]) -> Iterator[Any]:
-        """Messages of a server stream, reopened with ``open_call()`` after UNAVAILABLE."""
-        attempt = 0
-        while True:
-            call = None
-            try:
-                call = open_call()
-                for message in call:
-                    attempt = 0
-                    yield message
-                return
-            except grpc.RpcError as e:
-                delay = self._backoff.delay(e, attempt)
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                attempt += 1
-            finally:
-                if call is not None:
-                    call.cancel()
-
-    # -- teachers and datasets ------------------------------------------------------------------
-
-    def list_teachers(self) -> pb.ListTeachersResponse:
-        """The teachers the server runs (``.teachers``) and the default's name."""
-        return self._unary("ListTeachers", pb.ListTeachersRequest())
-
-    def list_datasets(self) -> list[pb.DatasetInfo]:
-        return list(self._unary("ListDatasets", pb.ListDatasetsRequest()).datasets)
-
-    def describe_dataset(self, name: str) -> pb.DatasetInfo:
-        """Capture space, sizes and provenance of a dataset; NOT_FOUND if there is none."""
-        return self._unary("DescribeDataset", pb.DescribeDatasetRequest(dataset=name))
-
-    # -- read-through ---------------------------------------------------------------------------
-
-    def get_distributions(
-        self, sequences: Iterable[Any], *, teacher: str | None = None, top_k: int | None = None
-    ) -> list[Record]:
-        """One record per sequence (lists or arrays of token ids), in the same order.
-
-        Cached sequences come from the store, the others are computed by the teacher.
-        ``teacher`` and ``top_k`` default to the server's defaults.
-        """
-        request = _distributions_request(sequences, teacher, top_k)
-
-        def call() -> list[Record]:
-            (response,) = self._stub.GetDistributions(iter([request]), timeout=self.timeout)
-            return _records(response, request)
-
-        return self._retrying(call)
-
-    def get_distributions_iter(
-        self,
-        batches: Iterable[Iterable[Any]],
-        *,
-        teacher: str | None = None,
-        top_k: int | None = None,
-        window: int = 8,
-    ) -> Iterator[list[Record]]:
-        """The records of each batch of sequences, in order, over one stream.
-
-        Up to ``window`` batches are in flight at once (read ahead from ``batches``), so the
-        server works on the next batches while the caller handles one.
-        """
-        pipe = _Pipeline(teacher, top_k, window, queue.SimpleQueue)
-        batches = iter(batches)
-
-        def fill() -> None:
-            while pipe.wants_more():
-                pipe.put(next(batches, _END))
-
-        def open_call() -> Any:
-            outbox = pipe.reopen()
-            fill()
-            return self._stub.GetDistributions(iter(outbox.get, None))
-
-        try:
-            for response in self._resuming(open_call):
-                yield pipe.answered(response)
-                fill()
-        finally:
-            pipe.close()
-
-    # -- streaming ------------------------------------------------------------------------------
-
-    def stream_dataset(
-        self,
-        dataset: str,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        epoch: int = 0,
-        start_cursor: int = 0,
-        batch_records: int = 0,
-        allow_partial: bool = False,
-        shuffle: bool = True,
-    ) -> DatasetStream:
-        """This rank's records of ``dataset`` in the (seed, epoch) order; see ``DatasetStream``.
-
-        ``batch_records`` is the records per server batch (0: the server's default); a stream
-        broken by UNAVAILABLE reopens after the last batch received, so every record is
-        delivered exactly once.
-        """
-        request = _stream_request(
-            dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-            start_cursor=start_cursor, batch_records=batch_records, allow_partial=allow_partial,
-            shuffle=shuffle,
-        )  # fmt: skip
-        return DatasetStream(self, request)
-
-    # -- jobs -----------------------------------------------------------------------------------
-
-    def precompute(
-        self,
-        dataset: str,
-        *,
-        texts: Iterable[str] | None = None,
-        input_ids: Iterable[Any] | None = None,
-        server_path: str | None = None,
-        teacher: str | None = None,
-        top_k: int | None = None,
-        max_len: int | None = None,
-        overflow: str | None = None,
-        license: str | None = None,
-    ) -> str:
-        """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
-
-        Exactly one of ``texts``, ``input_ids`` or ``server_path`` (a JSONL or Parquet file the
-        server can read). ``overflow`` says what happens to sequences over ``max_len``: "error"
-        (the default), "truncate" or "split". The server checks the whole input before it accepts
-        the job. Returns the job id; follow the job with ``wait``, ``watch_job`` or ``get_job``.
-        A one-shot iterator as input is sent once (not retried on UNAVAILABLE).
-        """
-        submission = _Submission(
-            dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
-            top_k=top_k, max_len=max_len, overflow=overflow, license=license,
-        )  # fmt: skip
-
-        def call() -> pb.Job:
-            try:
-                return self._stub.SubmitJob(submission.messages(), timeout=self.timeout)
-            except grpc.RpcError as e:
-                submission.raise_input_error(e)
-                raise
-
-        return (self._retrying(call) if submission.replayable else call()).id
-
-    def get_job(self, job_id: str) -> pb.Job:
-        return self._unary("GetJob", pb.GetJobRequest(id=job_id))
-
-    def list_jobs(self) -> list[pb.Job]:
-        """All jobs, newest first."""
-        return list(self._unary("ListJobs", pb.ListJobsRequest()).jobs)
-
-    def cancel_job(self, job_id: str) -> pb.Job:
-        """Stop a queued or running job; FAILED_PRECONDITION if it has already ended."""
-        return self._unary("CancelJob", pb.CancelJobRequest(id=job_id))
-
-    def watch_job(self, job_id: str) -> Iterator[pb.Job]:
-        """The job now and after every change, until it ends."""
-        request = pb.WatchJobRequest(id=job_id)
-        return self._resuming(lambda: self._stub.WatchJob(request))
-
-    def wait(self, job: str | pb.Job, *, progress: bool | None = None) -> pb.Job:
-        """Block until the job ends: the final Job, or RuntimeError if it failed or was cancelled.
-
-        ``progress``: show a progress bar on stderr (default: when stderr is a terminal).
-        """
-        bar = _JobProgress(progress)
-        state = None
-        try:
-            while state is None or state.state not in ENDED:
-                for state in self.watch_job(_job_id(job)):
-                    bar.update(state)
-        finally:
-            bar.close()
-        return _job_outcome(state)
-
-    # -- lifetime -------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# ---- asyncio client -------------------------------------------------------------------------
+# ---- the client -----------------------------------------------------------------------------
 
 
 class AsyncDatasetStream(AsyncIterator[Record]):
-    """``DatasetStream`` for ``async for``; ``cursor`` has the same meaning."""
+    """Records of a StreamDataset call, for ``async for``; see :class:`DatasetStream`."""
 
     def __init__(self, client: AsyncClient, request: pb.StreamDatasetRequest) -> None:
-        self._buffer = _CursorBuffer(request)
+        self._buffer = buffer = _CursorBuffer(request)
 
-        async def open_call() -> Any:
-            return client._stub.StreamDataset(self._buffer.request())
+        async def open_call() -> Any:  # not a closure over self: a dropped stream is freed at once
+            return client._stub.StreamDataset(buffer.request())
 
         self._batches = client._resuming(open_call)
 
@@ -631,10 +375,43 @@ class AsyncDatasetStream(AsyncIterator[Record]):
         await self._batches.aclose()
 
 
+class _Stream:
+    """A server stream whose call ``cancel()`` lets go of, even while its reader is suspended
+    between two messages (an async generator at a yield would hold the call, and through it
+    the channel, for as long as the generator object lives)."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+
+    async def read(self) -> Any | None:
+        """The next message, None at the end; UsageError once cancelled by the client's close."""
+        call = self._call
+        if call is None:
+            raise grpc.aio.UsageError(f"the client of {self._target} was closed during the call")
+        message = await call.read()
+        return None if message is grpc.aio.EOF else message
+
+    def cancel(self) -> Any:
+        """Cancel the call and let go of it; the call, if it was still held."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        return call
+
+
 class AsyncClient:
-    """The asyncio twin of :class:`Client` over grpc.aio: the same methods and arguments, as
-    coroutines (``await``) and async iterators (``async for``). Create it in the event loop that
-    uses it; ``async with`` or ``await client.close()``.
+    """The client over grpc.aio: :class:`Client`'s methods and arguments, as coroutines
+    (``await``) and async iterators (``async for``). Use it in one event loop (its channel is
+    made on first use and belongs to that loop); ``async with`` or ``await client.close()``.
+
+    Forking: grpc's asyncio layer is not fork-safe. A child forked while a channel exists, or
+    while grpc still winds down one whose streams were just cancelled, cannot use grpc (it
+    crashes or hangs). Close clients before a fork (``close()`` ends their streams and lets go
+    of the channel); a child forked while one was open gets a RuntimeError that says so from its
+    first call instead. Clients made in the child (as ``TeacherStream`` makes them in DataLoader
+    workers) are fine; the spawn start method is the safe one for workers of a process that
+    streams from a server while it starts them.
     """
 
     def __init__(
@@ -648,10 +425,38 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self._backoff = _Backoff(retries)
-        self._channel = grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes)
-        )
-        self._stub = pb_grpc.LogitCacheStub(self._channel)
+        self._options = _channel_options(max_message_bytes)
+        self._connection: tuple[grpc.aio.Channel, pb_grpc.LogitCacheStub] | None = None
+        self._closed = False
+        self._streams: weakref.WeakSet[_Stream] = weakref.WeakSet()  # its open server streams
+
+    # -- channel --------------------------------------------------------------------------------
+
+    @property
+    def _stub(self) -> pb_grpc.LogitCacheStub:
+        """The stub of the channel, which is made on first use (on the loop that uses it)."""
+        global _channels_made
+        if self._closed:
+            raise grpc.aio.UsageError(f"the client of {self.target} is closed")
+        if _forked_while_connected:
+            raise RuntimeError(
+                "this process was forked while a logitcache client of its parent was open, and "
+                "grpc cannot run in such a child: close clients before forking (e.g. before "
+                "DataLoader workers start), make them in the child, or start workers with spawn"
+            )
+        if self._connection is None:
+            channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._connection = (channel, pb_grpc.LogitCacheStub(channel))
+            _connected.add(self)
+            _channels_made = True
+        return self._connection[1]
+
+    def _raise_if_closed(self) -> None:
+        """After a CancelledError: UsageError if it was close() that cancelled the call, not a
+        cancellation of the caller's task (whose CancelledError must go on)."""
+        task = asyncio.current_task()
+        if self._closed and task is not None and not task.cancelling():
+            raise grpc.aio.UsageError(f"the client of {self.target} was closed during the call")
 
     # -- call layer -----------------------------------------------------------------------------
 
@@ -666,19 +471,23 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(delay)
                 attempt += 1
+            except asyncio.CancelledError:
+                self._raise_if_closed()
+                raise
 
     async def _unary(self, method: str, request: Any) -> Any:
         return await self._retrying(
             lambda: getattr(self._stub, method)(request, timeout=self.timeout)
         )
 
-    async def _resuming(self, open_call: Callable[[], Awaitable[Any]]) -> AsyncIterator[Any]:
+    async def _resuming(self, open_call: Callable[[], Awaitable[Any]]) -> AsyncGenerator[Any, None]:
         attempt = 0
         while True:
-            call = None
+            stream = None
             try:
-                call = await open_call()
-                async for message in call:
+                stream = _Stream(await open_call(), self.target)
+                self._streams.add(stream)
+                while (message := await stream.read()) is not None:
                     attempt = 0
                     yield message
                 return
@@ -688,9 +497,12 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(delay)
                 attempt += 1
+            except asyncio.CancelledError:
+                self._raise_if_closed()
+                raise
             finally:
-                if call is not None:
-                    call.cancel()
+                if stream is not None:
+                    stream.cancel()
 
     # -- teachers and datasets ------------------------------------------------------------------
 
@@ -729,7 +541,7 @@ class AsyncClient:
         window: int = 8,
     ) -> AsyncIterator[list[Record]]:
         """``Client.get_distributions_iter``; ``batches`` may also be an async iterable."""
-        pipe = _Pipeline(teacher, top_k, window, asyncio.Queue)
+        pipe = _Pipeline(teacher, top_k, window)
         source = _aiter_of(batches)
 
         async def fill() -> None:
@@ -833,7 +645,17 @@ class AsyncClient:
     # -- lifetime -------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Close the channel and let go of it; streams still open on it end, and later calls
+        raise UsageError."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        _connected.discard(self)
+        cancelled = [call for call in (s.cancel() for s in list(self._streams)) if call is not None]
+        # code() returns once grpc has finished a call: nothing of it is left to settle later.
+        await asyncio.gather(*(call.code() for call in cancelled))
+        del cancelled
+        if connection is not None:
+            await connection[0].close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -842,7 +664,7 @@ class AsyncClient:
         await self.close()
 
 
-async def _drain(outbox: asyncio.Queue) -> AsyncIterator[Any]:
+async def _drain(outbox: asyncio.Queue[pb.DistributionsRequest | None]) -> AsyncIterator[Any]:
     while (item := await outbox.get()) is not None:
         yield item
 
@@ -854,3 +676,214 @@ async def _aiter_of(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
     else:
         for item in items:
             yield item
+
+
+# ---- the blocking client --------------------------------------------------------------------
+
+
+class DatasetStream(SyncIterator[Record]):
+    """Records of a StreamDataset call. ``cursor`` resumes right after the last whole batch.
+
+    Pass ``start_cursor=stream.cursor`` to ``stream_dataset`` to continue later; records of a
+    batch that was only partly consumed are delivered again. ``close()`` ends the call early.
+    """
+
+    def __init__(self, stream: AsyncDatasetStream) -> None:
+        super().__init__(stream)
+        self._stream = stream
+
+    @property
+    def cursor(self) -> int:
+        return self._stream.cursor
+
+
+class Client:
+    """Blocking client of a logitcache server at ``target`` ("host:port").
+
+    ``timeout`` is the deadline in seconds of each unary call attempt; ``retries`` bounds the
+    consecutive UNAVAILABLE retries of any call; ``max_message_bytes`` caps messages both ways
+    (match the server's ``--max-message-bytes``). Use as a context manager or call ``close()``.
+
+    Each method is the :class:`AsyncClient` call run on the background loop thread of
+    :mod:`logitcache.client.sync`, so one Client can serve several threads at once. Close it
+    before the process forks (see :class:`AsyncClient`).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 5,
+        max_message_bytes: int = 256 << 20,
+    ) -> None:
+        self._async = AsyncClient(
+            target, timeout=timeout, retries=retries, max_message_bytes=max_message_bytes
+        )
+
+    @property
+    def target(self) -> str:
+        return self._async.target
+
+    @property
+    def timeout(self) -> float:
+        return self._async.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._async.timeout = seconds
+
+    # -- teachers and datasets ------------------------------------------------------------------
+
+    def list_teachers(self) -> pb.ListTeachersResponse:
+        """The teachers the server runs (``.teachers``) and the default's name."""
+        return sync(self._async.list_teachers())
+
+    def list_datasets(self) -> list[pb.DatasetInfo]:
+        return sync(self._async.list_datasets())
+
+    def describe_dataset(self, name: str) -> pb.DatasetInfo:
+        """Capture space, sizes and provenance of a dataset; NOT_FOUND if there is none."""
+        return sync(self._async.describe_dataset(name))
+
+    # -- read-through ---------------------------------------------------------------------------
+
+    def get_distributions(
+        self, sequences: Iterable[Any], *, teacher: str | None = None, top_k: int | None = None
+    ) -> list[Record]:
+        """One record per sequence (lists or arrays of token ids), in the same order.
+
+        Cached sequences come from the store, the others are computed by the teacher.
+        ``teacher`` and ``top_k`` default to the server's defaults.
+        """
+        return sync(self._async.get_distributions(sequences, teacher=teacher, top_k=top_k))
+
+    def get_distributions_iter(
+        self,
+        batches: Iterable[Iterable[Any]],
+        *,
+        teacher: str | None = None,
+        top_k: int | None = None,
+        window: int = 8,
+    ) -> Iterator[list[Record]]:
+        """The records of each batch of sequences, in order, over one stream.
+
+        Up to ``window`` batches are in flight at once (read ahead from ``batches``, in the
+        thread that iterates the result), so the server works on the next batches while the
+        caller handles one.
+        """
+        feed = Feed(batches)
+        return SyncIterator(
+            self._async.get_distributions_iter(feed, teacher=teacher, top_k=top_k, window=window),
+            feed,
+        )
+
+    # -- streaming ------------------------------------------------------------------------------
+
+    def stream_dataset(
+        self,
+        dataset: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        start_cursor: int = 0,
+        batch_records: int = 0,
+        allow_partial: bool = False,
+        shuffle: bool = True,
+    ) -> DatasetStream:
+        """This rank's records of ``dataset`` in the (seed, epoch) order; see ``DatasetStream``.
+
+        ``batch_records`` is the records per server batch (0: the server's default); a stream
+        broken by UNAVAILABLE reopens after the last batch received, so every record is
+        delivered exactly once.
+        """
+        return DatasetStream(self._async.stream_dataset(
+            dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+            start_cursor=start_cursor, batch_records=batch_records, allow_partial=allow_partial,
+            shuffle=shuffle,
+        ))  # fmt: skip
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def precompute(
+        self,
+        dataset: str,
+        *,
+        texts: Iterable[str] | None = None,
+        input_ids: Iterable[Any] | None = None,
+        server_path: str | None = None,
+        teacher: str | None = None,
+        top_k: int | None = None,
+        max_len: int | None = None,
+        overflow: str | None = None,
+        license: str | None = None,
+    ) -> str:
+        """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
+
+        Exactly one of ``texts``, ``input_ids`` or ``server_path`` (a JSONL or Parquet file the
+        server can read). ``overflow`` says what happens to sequences over ``max_len``: "error"
+        (the default), "truncate" or "split". The server checks the whole input before it accepts
+        the job. Returns the job id; follow the job with ``wait``, ``watch_job`` or ``get_job``.
+        A one-shot iterator as input is sent once (not retried on UNAVAILABLE). The input is read
+        on the client's loop thread while it is sent.
+        """
+        return sync(self._async.precompute(
+            dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
+            top_k=top_k, max_len=max_len, overflow=overflow, license=license,
+        ))  # fmt: skip
+
+    def get_job(self, job_id: str) -> pb.Job:
+        return sync(self._async.get_job(job_id))
+
+    def list_jobs(self) -> list[pb.Job]:
+        """All jobs, newest first."""
+        return sync(self._async.list_jobs())
+
+    def cancel_job(self, job_id: str) -> pb.Job:
+        """Stop a queued or running job; FAILED_PRECONDITION if it has already ended."""
+        return sync(self._async.cancel_job(job_id))
+
+    def watch_job(self, job_id: str) -> Iterator[pb.Job]:
+        """The job now and after every change, until it ends."""
+        return SyncIterator(self._async.watch_job(job_id))
+
+    def wait(self, job: str | pb.Job, *, progress: bool | None = None) -> pb.Job:
+        """Block until the job ends: the final Job, or RuntimeError if it failed or was cancelled.
+
+        ``progress``: show a progress bar on stderr (default: when stderr is a terminal).
+        """
+        return sync(self._async.wait(job, progress=progress))
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; streams still open on it end, and later calls raise UsageError."""
+        sync(self._async.close())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_connected: weakref.WeakSet[AsyncClient] = weakref.WeakSet()  # clients with a channel
+_channels_made = False  # whether this process has made a channel (and may have closed ones)
+_forked_while_connected = False
+
+
+def _collect_closed_channels() -> None:
+    """Before a fork: a closed channel whose last calls sit in reference cycles would keep
+    grpc's polling thread running into the child; a collection frees it."""
+    if _channels_made:
+        gc.collect()
+
+
+def _note_fork_in_child() -> None:
+    global _forked_while_connected
+    _forked_while_connected = _forked_while_connected or bool(_connected)
+
+
+os.register_at_fork(before=_collect_closed_channels, after_in_child=_note_fork_in_child)
