@@ -22,7 +22,13 @@ import operator
 
 import numpy as np
 
-__all__ = ["EpochPermutation", "rank_length", "rank_positions", "worker_positions"]
+__all__ = [
+    "EpochPermutation",
+    "rank_length",
+    "rank_positions",
+    "worker_partition",
+    "worker_positions",
+]
 
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2**64 / golden ratio, odd)
@@ -189,3 +195,20 @@ def worker_positions(local: np.ndarray, worker: int, num_workers: int) -> np.nda
     if arr.ndim != 1:
         raise ValueError(f"local must be a 1-D array of positions, got shape {arr.shape}")
     return arr[worker::num_workers]
+
+
+def worker_partition(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """The (rank, world_size) partition that DataLoader worker ``worker`` of rank ``rank`` reads.
+
+    ``rank_positions(n, *worker_partition(r, W, w, N))`` equals
+    ``worker_positions(rank_positions(n, r, W), w, N)``: a worker's share is itself a rank of
+    ``W * N``, so a reader that knows only ranks (a server stream) serves it unchanged.
+    """
+    _, rank, world_size = _check_rank(0, rank, world_size)
+    worker = _check_int("worker", worker)
+    num_workers = _check_int("num_workers", num_workers)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker must be in [0, num_workers={num_workers}), got {worker}")
+    return rank + world_size * worker, world_size * num_workers

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.client.order import EpochPermutation, rank_length, rank_positions
+from logitcache.client.order import (
+    EpochPermutation,
+    rank_length,
+    rank_positions,
+    worker_partition,
+)
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 
@@ -136,7 +141,7 @@ class TeacherStream(IterableDataset):
     def _current_partition(self) -> Partition:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return Partition(self.rank + self.world_size * worker, self.world_size * workers)
+        return Partition(*worker_partition(self.rank, self.world_size, worker, workers))
 
     def __iter__(self) -> Iterator[Record]:
         partition = self._current_partition()

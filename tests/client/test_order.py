@@ -11,6 +11,7 @@ from logitcache.client.order import (
     EpochPermutation,
     rank_length,
     rank_positions,
+    worker_partition,
     worker_positions,
 )
 
@@ -291,3 +292,25 @@ def test_worker_invalid_arguments() -> None:
         worker_positions(local, -1, 2)
     with pytest.raises(ValueError, match="1-D"):
         worker_positions(local.reshape(2, 5), 0, 2)
+
+
+@FAST
+@given(n=st.integers(0, 400), world_size=WORLD, num_workers=st.integers(1, 6), data=st.data())
+def test_worker_partition_is_the_workers_share_of_its_rank(
+    n: int, world_size: int, num_workers: int, data: st.DataObject
+) -> None:
+    """A worker's partition, read as a rank of its own, is exactly that worker's positions."""
+    rank = data.draw(st.integers(0, world_size - 1))
+    worker = data.draw(st.integers(0, num_workers - 1))
+    expected = worker_positions(rank_positions(n, rank, world_size), worker, num_workers)
+    as_rank = rank_positions(n, *worker_partition(rank, world_size, worker, num_workers))
+    np.testing.assert_array_equal(as_rank, expected)
+
+
+def test_worker_partition_refuses_bad_workers() -> None:
+    with pytest.raises(ValueError):
+        worker_partition(0, 2, 2, 2)
+    with pytest.raises(ValueError):
+        worker_partition(0, 2, 0, 0)
+    with pytest.raises(ValueError):
+        worker_partition(2, 2, 0, 1)
