@@ -144,6 +144,16 @@ def _check_rank(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
     return n, rank, world_size
 
 
+def _check_worker(worker: int, num_workers: int) -> tuple[int, int]:
+    worker = _check_int("worker", worker)
+    num_workers = _check_int("num_workers", num_workers)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker must be in [0, num_workers={num_workers}), got {worker}")
+    return worker, num_workers
+
+
 def rank_length(n: int, rank: int, world_size: int) -> int:
     """How many items rank `rank` reads in one epoch.
 
@@ -185,12 +195,7 @@ def worker_positions(local: np.ndarray, worker: int, num_workers: int) -> np.nda
     in turn reproduces the rank's order, and every worker's items span the whole epoch, so a
     worker that falls behind does not leave the end of the epoch unread. Returns a view.
     """
-    worker = _check_int("worker", worker)
-    num_workers = _check_int("num_workers", num_workers)
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker must be in [0, num_workers={num_workers}), got {worker}")
+    worker, num_workers = _check_worker(worker, num_workers)
     arr = np.asarray(local)
     if arr.ndim != 1:
         raise ValueError(f"local must be a 1-D array of positions, got shape {arr.shape}")
@@ -205,10 +210,5 @@ def worker_partition(rank: int, world_size: int, worker: int, num_workers: int) 
     ``W * N``, so a reader that knows only ranks (a server stream) serves it unchanged.
     """
     _, rank, world_size = _check_rank(0, rank, world_size)
-    worker = _check_int("worker", worker)
-    num_workers = _check_int("num_workers", num_workers)
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker must be in [0, num_workers={num_workers}), got {worker}")
+    worker, num_workers = _check_worker(worker, num_workers)
     return rank + world_size * worker, world_size * num_workers
