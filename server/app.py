@@ -1,30 +1,39 @@
 """``logitcache serve``: one asyncio process with the gRPC service, the HTTP side and the engines.
 
 Start-up order: store (cleaned of dead writers' leftovers), HTTP side (so /healthz answers and
-/readyz says "not yet" while engines load), teachers, gRPC service with health and reflection,
-then unfinished jobs resume. SIGTERM or SIGINT stops accepting calls, lets running ones finish
-for a few seconds, seals read-through results, and leaves jobs to resume on the next start.
+/readyz says "not yet" while engines load), teachers (started in an executor by the injected
+engine factory), gRPC service with health and reflection, then unfinished jobs resume, and the
+ready file (if configured) tells a launcher the bound ports. SIGTERM or SIGINT stops accepting
+calls, lets running ones finish for a few seconds, seals read-through results, and leaves jobs
+to resume on the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import logging
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from logitcache.server.config import ServerConfig
+from logitcache.server.engine.protocol import EngineFactory
+from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.grpc.servicer import LogitCacheService
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
-from logitcache.server.store.store import open_store
-from logitcache.server.streaming import DatasetStreamer, LoadedSegments
+from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.store import Store, open_store
+from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -37,10 +46,14 @@ GRACE_SECONDS = 5.0
 async def serve(
     config: ServerConfig,
     *,
+    engine_factory: EngineFactory = VLLMEngine,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT). ``on_ready(grpc_port, http_port)``."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT). ``on_ready(grpc_port, http_port)``.
+
+    Teachers' engines come from ``engine_factory`` (vLLM's by default).
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,27 +62,25 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
-    store = open_store(config.store, writable=True)
-    removed = store.clean_unsealed()
-    if removed:
-        log.info("removed %d unsealed segments left by dead writers", removed)
-    metrics = ServerMetrics(store_bytes=store.storage.disk_usage)
+    store = await loop.run_in_executor(None, _open_clean_store, config.store)
+    metrics = ServerMetrics(store_bytes=lambda: store.totals().stored_bytes)
     state: dict[str, bool] = {"engine": False, "store": True}
 
     async def readiness() -> dict[str, bool]:
-        return {"engine": state["engine"], "store": store.storage.path("").is_dir()}
+        return {"engine": state["engine"], "store": store.backend.exists("logitcache-store.json")}
 
     http = await start_http_side(make_http_app(metrics, readiness), config.host, config.http_port)
     teachers = None
     server = None
     readthrough = jobs = streamer = None
+    ready_file = Path(config.ready_file) if config.ready_file else None
     try:
         if not config.teachers:
             log.warning("no teacher configured: store-only server (streaming and listings)")
-        teachers = TeacherRegistry.start(config.teachers)
+        teachers = await TeacherRegistry.start(config.teachers, engine_factory)
         state["engine"] = True
         # Segments held in memory, shared by cache hits and streams, least recently used evicted.
-        loaded = LoadedSegments(config.loaded_segment_bytes)
+        loaded = SegmentCache(config.loaded_segment_bytes)
         readthrough = ReadThroughCache(
             store,
             metrics,
@@ -104,17 +115,23 @@ async def serve(
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        resumed = jobs.resume()
+        resumed = await jobs.resume()
+        freeze_startup_heap()
         log.info(
             "serving gRPC on %s:%d, HTTP on %s:%d (%d jobs resumed)",
             config.host, port, config.host, http.port, resumed,
         )  # fmt: skip
+        if ready_file is not None:
+            await loop.run_in_executor(None, write_ready_file, ready_file, port, http.port)
         if on_ready is not None:
             on_ready(port, http.port)
         await stop.wait()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
+        gc.unfreeze()
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)  # the ports are about to close
         if server is not None:
             await server.stop(GRACE_SECONDS)
         if jobs is not None:
@@ -126,3 +143,28 @@ async def serve(
         await http.close()
         if teachers is not None:
             teachers.shutdown()
+
+
+def freeze_startup_heap() -> None:
+    """Keep what start-up allocated (libraries, the engines' objects: they live as long as the
+    server) out of the cyclic collector's way. A full collection over that heap holds the GIL for
+    hundreds of milliseconds, so a request that allocates much (a large job) would stall the
+    loop that long; frozen, a collection walks only what serving allocated. vLLM's own API server
+    does the same. Nothing is collected first: that pass would be the very stall avoided, and
+    what it could free is start-up's garbage, once."""
+    gc.freeze()
+
+
+def _open_clean_store(url: str) -> Store:
+    store = open_store(url, writable=True)
+    removed = store.clean_unsealed()
+    if removed:
+        log.info("removed %d unsealed segments left by dead writers", removed)
+    return store
+
+
+def write_ready_file(path: Path, grpc_port: int, http_port: int) -> None:
+    """``{"grpc_port", "http_port", "pid"}`` at ``path``, atomically: a reader sees all or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "pid": os.getpid()}))
+    os.replace(tmp, path)

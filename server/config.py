@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from logitcache.client.errors import InvalidArgument
-from logitcache.server.engine.vllm_engine import MAX_TOP_K, VLLMOptions
+from logitcache.server.engine.capture import MAX_TOP_K
+from logitcache.server.engine.protocol import EngineOptions
 
 
 @dataclass
@@ -30,8 +31,8 @@ class TeacherConfig:
     gpu_memory_utilization: float = 0.85  # GPU engine only
     license: str | None = None  # recorded in provenance; default: the model card's
 
-    def engine_options(self) -> VLLMOptions:
-        return VLLMOptions(
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
             max_top_k=self.max_top_k,
             dtype=self.dtype,
             max_model_len=self.max_model_len,
@@ -66,6 +67,8 @@ class ServerConfig:
     segment_positions: int = 1 << 16
     flush_seconds: float = 2.0  # read-through results are sealed at least this often
     loaded_segment_bytes: int = 2 << 30  # memory for segments held decoded-from-disk
+    # Where to write {"grpc_port", "http_port", "pid"} once serving (empty: nowhere).
+    ready_file: str = ""
 
     def check(self) -> None:
         if not self.store:
@@ -75,10 +78,6 @@ class ServerConfig:
             raise InvalidArgument(f"teacher names must be unique, got {names}")
         for t in self.teachers:
             t.check()
-
-    @property
-    def default_teacher(self) -> str:
-        return self.teachers[0].name
 
 
 FIELD_HELP = {
@@ -96,6 +95,8 @@ FIELD_HELP = {
     "segment_positions": "positions per sealed segment (default: 65536)",
     "flush_seconds": "read-through results are sealed at least this often (default: 2)",
     "loaded_segment_bytes": "memory for segments held in RAM for streaming (default: 2 GiB)",
+    "ready_file": "once serving, write the bound ports and the pid to this file as JSON "
+    "(grpc_port, http_port, pid), replaced atomically; how launchers learn ports picked with 0",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",

@@ -17,23 +17,34 @@ is against the same numbers the store was built from, up to the engine's run-to-
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from logitcache.client.codecs import TopKRows, concat_rows
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.client.fidelity import fidelity
-from logitcache.server.engine.capture import CaptureConfig
+from logitcache.client.space import CaptureMode
+from logitcache.server.engine.capture import MAX_TOP_K, CaptureConfig
+from logitcache.server.engine.protocol import EngineFactory, EngineOptions
 from logitcache.server.engine.sampling import rng_for_key, sample_rows
-from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.store.store import Store
-from logitcache.server.teachers.identity import resolve_teacher
+from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher
 
 
 def check_fidelity(
-    store: Store, dataset: str, teacher: str | None, sample: int, seed: int = 0
-) -> dict:
-    """Fidelity figures of ``sample`` sequences of ``dataset`` (JSON-able)."""
+    store: Store,
+    dataset: str,
+    teacher: str | None,
+    sample: int,
+    seed: int = 0,
+    *,
+    engine_factory: EngineFactory = VLLMEngine,
+) -> dict[str, Any]:
+    """Fidelity figures of ``sample`` sequences of ``dataset`` (JSON-able), re-run on an engine
+    from ``engine_factory``."""
     if sample < 1:
         raise InvalidArgument("--sample must be at least 1")
     ds = store.dataset(dataset)
@@ -52,7 +63,8 @@ def check_fidelity(
     keys = [ds.raw_key(int(i)) for i in picks]
     records = [store.get(k) for k in keys]
     config = CaptureConfig.of_space(space)
-    exact = asyncio.run(_capture(info, space.engine_dtype, config, [r.input_ids for r in records]))
+    sequences = [r.input_ids for r in records]
+    exact = asyncio.run(_capture(engine_factory, info, space.engine_dtype, config, sequences))
     stored = concat_rows(
         [TopKRows(r.token_ids, r.logprobs, r.target_logprobs, r.tail_logprobs, r.counts)
          for r in records]
@@ -60,7 +72,7 @@ def check_fidelity(
     positions = len(stored)
     out = {"dataset": dataset, "space": space.to_json(), "sequences": len(records),
            "positions": positions, "teacher": teacher}  # fmt: skip
-    if config.mode == "sampled":
+    if config.mode is CaptureMode.SAMPLED:
         out.update(_sampled_figures(config, keys, exact, stored))
     else:
         out.update(fidelity(concat_rows(exact), stored, space.vocab_size).summary())
@@ -70,13 +82,16 @@ def check_fidelity(
     return out
 
 
-async def _capture(info, dtype: str, config: CaptureConfig, sequences) -> list[TopKRows]:
-    options = VLLMOptions(
-        max_top_k=max(1, min(config.k, 256)) if config.mode != "sampled" else 1,
+async def _capture(engine_factory: EngineFactory, info: TeacherInfo, dtype: str,
+                   config: CaptureConfig, sequences: Sequence[np.ndarray]) -> list[TopKRows]:  # fmt: skip
+    sampled = config.mode is CaptureMode.SAMPLED
+    options = EngineOptions(
+        max_top_k=1 if sampled else max(1, min(config.k, MAX_TOP_K)),
         dtype=dtype,
-        full_vocab=config.mode == "sampled",
+        full_vocab=sampled,
     )
-    engine = VLLMEngine(info, options)
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, engine_factory, info, options)
     try:
         return list(
             await asyncio.gather(*(engine.capture(s, config.engine_width) for s in sequences))
@@ -85,13 +100,17 @@ async def _capture(info, dtype: str, config: CaptureConfig, sequences) -> list[T
         engine.shutdown()
 
 
-def _sampled_figures(config, keys, exact: list[TopKRows], stored: TopKRows) -> dict:
+def _sampled_figures(config: CaptureConfig, keys: list[bytes], exact: list[TopKRows],
+                     stored: TopKRows) -> dict[str, Any]:  # fmt: skip
+    if stored.counts is None:
+        raise FailedPrecondition("stored sampled rows carry no draw counts")
+    counts = stored.counts
     # Exact log-probs of the stored ids: look each id up in its position's full row.
     full_ids = np.concatenate([e.token_ids for e in exact])
     full_lp = np.concatenate([e.logprobs for e in exact]).astype(np.float64)
     by_id = np.empty_like(full_lp)
     np.put_along_axis(by_id, full_ids, full_lp, axis=1)
-    present = stored.counts > 0
+    present: np.ndarray = counts > 0
     ref = np.take_along_axis(by_id, np.where(present, stored.token_ids, 0), axis=1)
     err = np.abs(np.where(present, stored.logprobs - ref, 0.0))
     again = concat_rows(
@@ -102,19 +121,18 @@ def _sampled_figures(config, keys, exact: list[TopKRows], stored: TopKRows) -> d
     def wide(a: np.ndarray) -> np.ndarray:
         return np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
-    same = (wide(again.token_ids) == wide(stored.token_ids)) & (
-        wide(again.counts) == wide(stored.counts)
-    )
+    assert again.counts is not None  # sample_rows always counts its draws
+    same = (wide(again.token_ids) == wide(stored.token_ids)) & (wide(again.counts) == wide(counts))
     return {
         "abs_err_mean": float(err[present].mean()) if present.any() else 0.0,
         "abs_err_max": float(err.max(initial=0.0)),
-        "draws_per_position_ok": bool((stored.counts.sum(axis=1) == config.k).all()),
+        "draws_per_position_ok": bool((counts.sum(axis=1) == config.k).all()),
         "distinct_ids_per_position": float(present.sum(axis=1).mean()),
         "draws_reproduced": float(same.all(axis=1).mean()),
     }
 
 
-def format_fidelity(f: dict) -> str:
+def format_fidelity(f: dict[str, Any]) -> str:
     space = f["space"]
     lines = [
         f"fidelity of dataset {f['dataset']} (mode {space['mode']}, k={space['k']}, codec "

@@ -1,16 +1,19 @@
-"""Start `logitcache serve` as a child process and wait until it serves (tests, benchmarks, demo)."""
+"""Start `logitcache serve` as a child process and wait until it serves (tests, benchmarks, demo).
+
+The server is told to write a ready file (``--ready-file``) once it serves; its ports (picked by
+the OS) come from that file, never from the log.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-_READY = re.compile(rb"serving gRPC on [^:]+:(\d+), HTTP on [^:]+:(\d+)")
 
 
 class ServerProcess:
@@ -32,38 +35,52 @@ class ServerProcess:
         self.store = store
         self.log_path = log_path or store.parent / f"{store.name}-serve.log"
         self._log = open(self.log_path, "ab")
-        offset = self._log.tell()  # a restart on the same store appends to the same log
+        self._log_start = self._log.tell()  # a restart on the same store appends to the same log
+        self._ready_dir = tempfile.TemporaryDirectory(prefix="logitcache-ready-")
+        ready_file = Path(self._ready_dir.name) / "ready.json"
         teacher_args = ["--teacher", f"demo={teacher}"] if teacher is not None else []
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "logitcache.cli", "serve", *teacher_args,
-             "--store", str(store), "--port", "0", "--http-port", "0", *extra],
+             "--store", str(store), "--port", "0", "--http-port", "0",
+             "--ready-file", str(ready_file), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.pid = self.proc.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = _READY.search(self.log_path.read_bytes()[offset:])
-            if match:
-                self.port, self.http_port = int(match.group(1)), int(match.group(2))
-                break
-            if self.proc.poll() is not None:
-                self._log.close()
-                raise RuntimeError(f"server exited early:\n{self.log_tail()}")
-            time.sleep(0.2)
-        else:
+        try:
+            ready = self._wait_ready(ready_file, timeout)
+        except BaseException:
             self.kill()
-            raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{self.log_tail()}")
+            raise
+        self.port, self.http_port = int(ready["grpc_port"]), int(ready["http_port"])
         self.target = f"127.0.0.1:{self.port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
 
+    def _wait_ready(self, ready_file: Path, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready_file.is_file():  # written atomically: complete once it exists
+                ready: dict[str, int] = json.loads(ready_file.read_text())
+                if ready.get("pid") == self.pid:
+                    return ready
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with code {self.proc.returncode} before it was ready:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        """The end of this process's part of the log."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")[-chars:]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self._log.close()
+        self._close()
 
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc.poll() is None:
@@ -73,7 +90,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
         self._log.close()
+        self._ready_dir.cleanup()
 
     def __enter__(self) -> ServerProcess:
         return self

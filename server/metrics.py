@@ -2,8 +2,9 @@
 
 Each `ServerMetrics` owns its own `CollectorRegistry` rather than the process-global one, so
 several servers (as in tests) can live in one process without sharing or clashing on values.
-Values that are cheap to read but expensive to keep current (the cache hit ratio, the store's
-size) are computed when Prometheus scrapes, not on every request.
+Everything is a running count kept as events happen; a scrape only reads them (the hit ratio
+and the store's size are read through callbacks, which must be as cheap: a scrape never walks
+the store).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class ServerMetrics:
     """
 
     def __init__(self, store_bytes: Callable[[], int] | None = None) -> None:
-        """`store_bytes` is called at every scrape, on the scraping thread: it must be cheap."""
+        """`store_bytes` is called at every scrape, on the event loop: it must read a running
+        total (the store's own), never measure the store."""
         self._registry = CollectorRegistry()
         self._lock = threading.Lock()  # guards the plain counts and sets below
         self._hits = 0

@@ -21,58 +21,69 @@ import numpy as np
 
 from logitcache.client.codecs import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
 from logitcache.client.errors import InvalidArgument
-from logitcache.client.space import CaptureSpace
+from logitcache.client.space import CaptureMode, CaptureSpace
 from logitcache.server.engine.sampling import MAX_SAMPLES, rng_for_key, sample_rows
 
-MODES = ("topk", "top_p", "sampled")
 MAX_TOP_K = 256  # the most log-probs per position a top-k or top-p capture keeps
 FULL_VOCAB = -1  # an engine width: every token of the vocabulary
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """What to capture: the mode, k (top-k, the most entries for top_p, or draws for sampled)."""
+    """What to capture: the mode, k (top-k, the most entries for top_p, or draws for sampled).
 
-    mode: str = "topk"
+    Errors name these fields as they are spelled here (``mode``, ``k``, ``top_p``, ``codec``);
+    a front end words them its own way (see ``LogitCacheError.worded``).
+    """
+
+    mode: CaptureMode = CaptureMode.TOPK
     k: int = 64
     top_p: float | None = None
     codec: str | None = None  # None: the mode's default
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InvalidArgument(f"capture mode must be one of {', '.join(MODES)}")
-        if self.mode == "top_p":
+        try:
+            object.__setattr__(self, "mode", CaptureMode(self.mode))
+        except ValueError:
+            modes = ", ".join(CaptureMode)
+            raise InvalidArgument(f"mode must be one of {modes}", fields=["mode"]) from None
+        if self.mode is CaptureMode.TOP_P:
             if self.top_p is None or not 0.0 < self.top_p <= 1.0:
-                raise InvalidArgument("--top-p must be in (0, 1]")
+                raise InvalidArgument("top_p must be in (0, 1]", fields=["top_p"])
         elif self.top_p is not None:
-            raise InvalidArgument("--top-p applies to adaptive top-k only (not --mode sampled)")
-        if self.mode == "sampled" and not 1 <= self.k <= MAX_SAMPLES:
-            raise InvalidArgument(f"--samples must be between 1 and {MAX_SAMPLES}")
-        if self.mode != "sampled" and not 1 <= self.k <= MAX_TOP_K:
-            flag = "--max-k" if self.mode == "top_p" else "--top-k"
-            raise InvalidArgument(f"{flag} must be between 1 and {MAX_TOP_K}")
+            raise InvalidArgument(
+                f"top_p is for adaptive top-k captures only (not mode {self.mode})",
+                fields=["top_p", "mode"],
+            )
+        if self.mode is CaptureMode.SAMPLED and not 1 <= self.k <= MAX_SAMPLES:
+            raise InvalidArgument(
+                f"k (draws per position) must be between 1 and {MAX_SAMPLES}", fields=["k"]
+            )
+        if self.mode is not CaptureMode.SAMPLED and not 1 <= self.k <= MAX_TOP_K:
+            raise InvalidArgument(f"k must be between 1 and {MAX_TOP_K}", fields=["k"])
         if self.codec is not None and self.codec not in CODECS:
             raise InvalidArgument(f"unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
-        if self.codec is not None and (self.codec == SampledCodec.name) != (self.mode == "sampled"):
+        sampled_codec = self.codec == SampledCodec.name
+        if self.codec is not None and sampled_codec != (self.mode is CaptureMode.SAMPLED):
             raise InvalidArgument(f"codec {self.codec} does not store {self.mode} captures")
-        if self.codec == "topk-q64-delta-v1" and self.mode != "topk":
+        if self.codec == "topk-q64-delta-v1" and self.mode is not CaptureMode.TOPK:
             raise InvalidArgument("codec topk-q64-delta-v1 stores fixed-k rows only")
 
     @property
     def space_mode(self) -> str:
         """The mode string of the capture space ("topk", "top_p:0.95", "sampled")."""
-        return f"top_p:{self.top_p:g}" if self.mode == "top_p" else self.mode
+        return f"top_p:{self.top_p:g}" if self.mode is CaptureMode.TOP_P else str(self.mode)
 
     @property
     def codec_name(self) -> str:
         if self.codec is not None:
             return self.codec
-        return SampledCodec.name if self.mode == "sampled" else DEFAULT_CODEC
+        return SampledCodec.name if self.mode is CaptureMode.SAMPLED else DEFAULT_CODEC
 
     @property
     def engine_width(self) -> int:
         """Log-probs to ask the engine for per position."""
-        return FULL_VOCAB if self.mode == "sampled" else self.k
+        return FULL_VOCAB if self.mode is CaptureMode.SAMPLED else self.k
 
     def space(self, teacher_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int,
               engine_dtype: str) -> CaptureSpace:  # fmt: skip
@@ -88,16 +99,14 @@ class CaptureConfig:
 
     @classmethod
     def of_space(cls, space: CaptureSpace) -> CaptureConfig:
-        if space.mode.startswith("top_p:"):
-            return cls("top_p", space.k, float(space.mode.split(":", 1)[1]), space.codec)
-        return cls(space.mode, space.k, None, space.codec)
+        return cls(space.capture_mode, space.k, space.top_p, space.codec)
 
 
 def stored_rows(config: CaptureConfig, rows: TopKRows, key: bytes) -> TopKRows:
     """Engine rows (top-k, or the full vocabulary for sampled) -> the rows a space stores."""
-    if config.mode == "topk":
+    if config.mode is CaptureMode.TOPK:
         return rows
-    if config.mode == "sampled":
+    if config.mode is CaptureMode.SAMPLED:
         return sample_rows(rows, config.k, rng_for_key(key))
     assert config.top_p is not None
     return top_p_rows(rows, config.top_p)

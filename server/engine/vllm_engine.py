@@ -1,8 +1,4 @@
-"""The teacher engine interface, and the vLLM engine that implements it.
-
-An engine turns a token sequence of length T into T rows (see ARCHITECTURE: row t is the
-distribution over the token after position t). vLLM is the engine; the transformers reference in
-``reference_engine`` exists only so tests can check vLLM against an independent computation.
+"""The vLLM engine: a teacher under vLLM's AsyncLLM, implementing :class:`TeacherEngine`.
 
 vLLM reports, per prompt position i >= 1, the actual token x[i] first and then the top-k, all as
 log-softmax over the full vocabulary at temperature 1, in a flat layout of exactly k + 1 entries per
@@ -13,85 +9,59 @@ over positions.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import uuid
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
 from logitcache.client.codecs import TopKRows
-from logitcache.client.errors import InvalidArgument
-from logitcache.server.engine.capture import FULL_VOCAB, MAX_TOP_K
+from logitcache.client.errors import Unavailable
+from logitcache.server.engine.capture import FULL_VOCAB
+from logitcache.server.engine.protocol import EngineOptions, check_options, check_width
+from logitcache.server.engine.protocol import TeacherEngine as TeacherEngine  # former home
 from logitcache.server.teachers.identity import TeacherInfo
 
-
-class TeacherEngine(Protocol):
-    """What the rest of the server needs from an engine."""
-
-    info: TeacherInfo
-    dtype: str
-    max_top_k: int
-    max_sequence_len: int
-
-    async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows: ...
-
-    def shutdown(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class VLLMOptions:
-    """Engine settings that matter for a teacher service; everything else keeps vLLM's default."""
-
-    max_top_k: int = 64
-    # "model": the checkpoint's own dtype (vLLM's "auto" would run a float32 teacher in bfloat16
-    # on CPUs, which is not what a cache of exact teacher distributions wants).
-    dtype: str = "model"
-    max_model_len: int | None = None
-    kv_cache_gib: float = 1.0  # CPU only: KV cache size (vLLM's default reserves most of the RAM)
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    # Schedule by request priority (interactive requests before precompute jobs).
-    scheduling_priority: bool = False
-    # Allow full-vocabulary requests (k = FULL_VOCAB), which sampled captures need.
-    full_vocab: bool = False
+# The former name of EngineOptions, while callers outside the engine package move over.
+VLLMOptions = EngineOptions
 
 
 class VLLMEngine:
-    """A teacher running under vLLM's AsyncLLM; the engine core lives in its own process."""
+    """A teacher running under vLLM's AsyncLLM; the engine core lives in its own process.
 
-    def __init__(self, info: TeacherInfo, options: VLLMOptions) -> None:
-        if not 1 <= options.max_top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"max top-k must be between 1 and {MAX_TOP_K}")
+    The constructor is the vLLM engine factory: it blocks until the engine has loaded.
+    """
+
+    def __init__(self, info: TeacherInfo, options: EngineOptions) -> None:
+        check_options(options)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(options.kv_cache_gib))
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs: dict = {}
+        kwargs: dict[str, Any] = {}
         if options.scheduling_priority:
             kwargs["scheduling_policy"] = "priority"
         if options.max_num_seqs:
             kwargs["max_num_seqs"] = options.max_num_seqs
         if options.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+        if options.max_model_len:
+            kwargs["max_model_len"] = options.max_model_len
         args = AsyncEngineArgs(
             model=str(info.path),
             skip_tokenizer_init=True,
             max_logprobs=FULL_VOCAB if options.full_vocab else options.max_top_k,
-            dtype=(info.native_dtype or "auto") if options.dtype == "model" else options.dtype,
-            max_model_len=options.max_model_len,
+            dtype=options.dtype_for(info),  # type: ignore[arg-type]  # vLLM checks the name
             gpu_memory_utilization=options.gpu_memory_utilization,
             enable_prefix_caching=False,
             disable_log_stats=True,
             **kwargs,
         )
         self.info = info
+        self.options = options
         self.max_top_k = options.max_top_k
-        self.full_vocab = options.full_vocab
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm: AsyncLLM | None = AsyncLLM.from_engine_args(args)
         model_config = self._llm.model_config
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
@@ -105,18 +75,16 @@ class VLLMEngine:
         ``full_vocab``), in descending probability.
         """
         output = await self.raw_output(input_ids, k, priority)
-        return rows_from_vllm_output(output, len(input_ids), self.vocab_size if k < 0 else k)
+        return rows_from_vllm_output(
+            output, len(input_ids), self.vocab_size if k == FULL_VOCAB else k
+        )
 
-    async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0):
+    async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0) -> Any:
         """vLLM's own RequestOutput for one sequence (what ``bench capture`` times as baseline)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if k == FULL_VOCAB:
-            if not self.full_vocab:
-                raise InvalidArgument("this engine was not started for full-vocabulary captures")
-        elif not 1 <= k <= self.max_top_k:
-            raise InvalidArgument(f"top-k {k} is outside 1..{self.max_top_k} for this engine")
+        check_width(k, self.options)
         params = SamplingParams(
             prompt_logprobs=k,
             logprobs=k,
@@ -126,6 +94,8 @@ class VLLMEngine:
             flat_logprobs=True,
         )
         prompt = TokensPrompt(prompt_token_ids=np.asarray(input_ids).tolist())
+        if self._llm is None:
+            raise Unavailable("the engine has been shut down")
         final = None
         request_id = uuid.uuid4().hex
         async for out in self._llm.generate(prompt, params, request_id, priority=priority):
@@ -142,7 +112,7 @@ class VLLMEngine:
             gc.collect()
 
 
-def rows_from_vllm_output(output, length: int, k: int) -> TopKRows:
+def rows_from_vllm_output(output: Any, length: int, k: int) -> TopKRows:
     """Convert one vLLM RequestOutput with flat logprobs into T rows (vectorised)."""
     width = k + 1
     prompt = output.prompt_logprobs
@@ -171,10 +141,3 @@ def rows_from_vllm_output(output, length: int, k: int) -> TopKRows:
 
 def _gib(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-
-
-async def capture_many(
-    engine: TeacherEngine, sequences: list[np.ndarray], k: int
-) -> list[TopKRows]:
-    """Capture several sequences concurrently (vLLM batches them)."""
-    return list(await asyncio.gather(*(engine.capture(s, k) for s in sequences)))

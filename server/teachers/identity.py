@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from logitcache.client.errors import InvalidArgument, NotFound
-from logitcache.client.space import CaptureSpace
+from logitcache.client.space import CaptureMode, CaptureSpace
 from logitcache.client.tokenizer import canonical_json, tokenizer_fingerprint
 from logitcache.server.engine.capture import CaptureConfig
 
@@ -43,7 +43,7 @@ class TeacherInfo:
 
 def topk_space(info: TeacherInfo, engine_dtype: str, k: int) -> CaptureSpace:
     """The capture space of top-k rows from this teacher, run in ``engine_dtype``."""
-    return capture_space(info, engine_dtype, CaptureConfig("topk", k))
+    return capture_space(info, engine_dtype, CaptureConfig(CaptureMode.TOPK, k))
 
 
 def capture_space(info: TeacherInfo, engine_dtype: str, config: CaptureConfig) -> CaptureSpace:

@@ -1,7 +1,13 @@
-"""The teachers a server runs: engine, fingerprints, limits, and the checks on incoming sequences."""
+"""The teachers a server runs: engine, fingerprints, limits, and the checks on incoming sequences.
+
+Engines come from an injected :data:`EngineFactory` (vLLM's unless told otherwise) and start in
+an executor, so the event loop keeps answering health probes while a teacher loads.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +15,8 @@ import numpy as np
 from logitcache.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from logitcache.client.space import CaptureSpace
 from logitcache.server.config import TeacherConfig
-from logitcache.server.engine.vllm_engine import TeacherEngine, VLLMEngine
+from logitcache.server.engine.protocol import EngineFactory, TeacherEngine
+from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher, topk_space
 
 
@@ -33,7 +40,8 @@ class Teacher:
             return self.config.default_top_k
         if not 1 <= k <= self.config.max_top_k:
             raise InvalidArgument(
-                f"top_k {k} is outside 1..{self.config.max_top_k} for teacher {self.name!r}"
+                f"top_k {k} is outside 1..{self.config.max_top_k} for teacher {self.name!r}",
+                fields=["top_k"],
             )
         return k
 
@@ -67,11 +75,24 @@ class TeacherRegistry:
         self.default = teachers[0].name if teachers else ""
 
     @classmethod
-    def start(cls, configs: list[TeacherConfig]) -> TeacherRegistry:
-        teachers = []
-        for config in configs:
-            info = resolve_teacher(config.source)
-            teachers.append(Teacher(config, info, VLLMEngine(info, config.engine_options())))
+    async def start(
+        cls, configs: list[TeacherConfig], engine_factory: EngineFactory = VLLMEngine
+    ) -> TeacherRegistry:
+        """Resolve and start every teacher off the event loop: fingerprinting reads the weights
+        and an engine loads for seconds to minutes. If one fails, the others are shut down."""
+        loop = asyncio.get_running_loop()
+        teachers: list[Teacher] = []
+        try:
+            for config in configs:
+                info = await loop.run_in_executor(None, resolve_teacher, config.source)
+                engine = await loop.run_in_executor(
+                    None, engine_factory, info, config.engine_options()
+                )
+                teachers.append(Teacher(config, info, engine))
+        except BaseException:
+            for teacher in teachers:
+                teacher.engine.shutdown()
+            raise
         return cls(teachers)
 
     def get(self, name: str) -> Teacher:
@@ -84,7 +105,7 @@ class TeacherRegistry:
                 f"teacher {name!r} is not served here (teachers: {sorted(self._teachers)})"
             ) from None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Teacher]:
         return iter(self._teachers.values())
 
     def shutdown(self) -> None:

@@ -8,6 +8,7 @@ combinations fail at once with one line and write nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -95,10 +96,12 @@ v1_dataset = _dataset_fixture("v1")
 
 @pytest.fixture(scope="module")
 def exact_rows(engine, loop_thread, sequences) -> list:
-    """The session engine's exact top-64 rows of every sequence."""
-    from logitcache.server.engine.vllm_engine import capture_many
+    """The session engine's exact top-64 rows of every sequence (captured concurrently)."""
 
-    return loop_thread.run(capture_many(engine, sequences, MAX_K))
+    async def capture_all() -> list:
+        return list(await asyncio.gather(*(engine.capture(s, MAX_K) for s in sequences)))
+
+    return loop_thread.run(capture_all())
 
 
 @pytest.fixture(scope="module")

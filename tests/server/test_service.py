@@ -602,8 +602,7 @@ def test_killed_server_resumes_its_job_after_restart(
 
     store = tmp_path / "store"
     args = (*server_args, "--segment-positions", "500")
-    # Each process logs to a file of its own: the launcher finds the ready line (and the ports)
-    # by searching the log, so a log reused on restart would point at the killed server.
+    # Each process logs to a file of its own, to tell the killed server's log from its successor's.
     first = ServerProcess(demo_teacher, store, *args, log_path=tmp_path / "first.log")
     try:
         channel, own = make_stub(first.target)

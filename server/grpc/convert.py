@@ -1,0 +1,171 @@
+"""Protobuf messages to core objects and back: the only code that knows both.
+
+Request parsing checks what only the wire can get wrong (message order, sizes against the
+server's limits); everything else is the core's to check. Messages name request fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from logitcache.client.errors import InvalidArgument, ResourceExhausted
+from logitcache.client.wire import encode_batch
+from logitcache.server.config import ServerConfig
+from logitcache.server.jobs import Job, JobSpec
+from logitcache.server.store.read import EncodedBatch
+from logitcache.server.streaming import StreamBatch, StreamRequest
+from logitcache.server.teachers.registry import Teacher
+from logitcache.v1 import logitcache_pb2 as pb
+
+# A streamed job input is held in memory until it is written; past this many tokens (times the
+# per-request limit) the client is told to hand the server a file instead.
+JOB_INPUT_REQUESTS = 64
+
+
+def sequences(request: pb.DistributionsRequest, config: ServerConfig) -> list[np.ndarray]:
+    """The request's sequences, refused whole if it is over the server's size limits."""
+    n = len(request.sequences)
+    if n > config.max_sequences_per_request:
+        raise ResourceExhausted(
+            f"{n} sequences in one request; the limit is "
+            f"{config.max_sequences_per_request} (split the request)",
+            fields=["sequences"],
+        )
+    parsed = [np.asarray(s.input_ids, dtype=np.int64) for s in request.sequences]
+    tokens = sum(s.size for s in parsed)
+    if tokens > config.max_tokens_per_request:
+        raise ResourceExhausted(
+            f"{tokens} tokens in one request; the limit is "
+            f"{config.max_tokens_per_request} (split the request)",
+            fields=["sequences"],
+        )
+    return parsed
+
+
+def record_batch(batch: EncodedBatch) -> pb.RecordBatch:
+    """Encoded records (as the store holds them) in one RecordBatch, in order."""
+    space = batch.space
+    if not batch.keys:
+        return pb.RecordBatch(
+            space_id=space.space_id, codec=space.codec, k=space.k, vocab_size=space.vocab_size
+        )
+    return encode_batch(space, batch.keys, batch.input_ids, batch.lengths, batch.arrays)
+
+
+def stream_batch(batch: StreamBatch) -> pb.RecordBatch:
+    """One batch of a dataset stream, with its dataset indices and the cursor after it."""
+    return encode_batch(
+        batch.space,
+        batch.keys,
+        batch.input_ids,
+        batch.lengths,
+        batch.arrays,
+        indices=batch.indices,
+        cursor=batch.cursor,
+    )
+
+
+def stream_request(request: pb.StreamDatasetRequest, config: ServerConfig) -> StreamRequest:
+    return StreamRequest(
+        dataset=request.dataset,
+        rank=request.rank,
+        world_size=request.world_size or 1,
+        seed=request.seed,
+        epoch=request.epoch,
+        start_cursor=request.start_cursor,
+        batch_records=request.batch_records or config.stream_batch_records,
+        allow_partial=request.allow_partial,
+        shuffle=not request.no_shuffle,
+    )
+
+
+async def job_submission(
+    requests: AsyncIterator[pb.SubmitJobRequest], config: ServerConfig
+) -> tuple[JobSpec, list[list[int]], list[str]]:
+    """A SubmitJob stream read to its end: the spec, then the sequences and texts."""
+    spec: JobSpec | None = None
+    sequences: list[list[int]] = []
+    texts: list[str] = []
+    tokens = 0
+    limit = JOB_INPUT_REQUESTS * config.max_tokens_per_request
+    async for item in requests:
+        kind = item.WhichOneof("item")
+        if spec is None:
+            if kind != "spec":
+                raise InvalidArgument(
+                    "the first SubmitJob message must carry the job spec", fields=["spec"]
+                )
+            spec = job_spec(item.spec)
+        elif kind == "sequence":
+            sequences.append(list(item.sequence.input_ids))
+            tokens += len(item.sequence.input_ids)
+        elif kind == "text":
+            texts.append(item.text)
+            tokens += len(item.text) // 4
+        else:
+            raise InvalidArgument("only the first SubmitJob message may carry a spec")
+        if tokens > limit:
+            raise ResourceExhausted(
+                "job input too large to stream; write it to a file the server can read and "
+                "submit it with server_path",
+                fields=["server_path"],
+            )
+    if spec is None:
+        raise InvalidArgument("empty SubmitJob stream: send the job spec first", fields=["spec"])
+    return spec, sequences, texts
+
+
+def job_spec(spec: pb.JobSpec) -> JobSpec:
+    return JobSpec(
+        dataset=spec.dataset,
+        teacher=spec.teacher,
+        top_k=spec.top_k,
+        server_path=spec.server_path,
+        max_len=spec.max_len,
+        overflow=spec.overflow or "error",
+        license=spec.license,
+    )
+
+
+def job_message(job: Job) -> pb.Job:
+    fields = asdict(job)
+    fields["spec"] = pb.JobSpec(**fields["spec"])
+    fields["state"] = str(job.state)
+    return pb.Job(**fields)
+
+
+def teacher_info(teacher: Teacher) -> pb.TeacherInfo:
+    return pb.TeacherInfo(
+        name=teacher.name,
+        source=teacher.config.source,
+        architecture=teacher.info.architecture,
+        vocab_size=teacher.info.vocab_size,
+        max_sequence_len=teacher.engine.max_sequence_len,
+        max_top_k=teacher.config.max_top_k,
+        default_top_k=teacher.config.default_top_k,
+        engine_dtype=teacher.engine.dtype,
+        teacher_fingerprint=teacher.info.teacher_fingerprint,
+        tokenizer_fingerprint=teacher.info.tokenizer_fingerprint,
+        license=teacher.license or "",
+    )
+
+
+def dataset_info(d: dict[str, Any]) -> pb.DatasetInfo:
+    """One dataset of ``store_summary``."""
+    space = {k: v for k, v in d["space"].items() if k in pb.CaptureSpace.DESCRIPTOR.fields_by_name}
+    return pb.DatasetInfo(
+        name=d["name"],
+        state=d["state"],
+        space=pb.CaptureSpace(**space),
+        sequences=d["sequences"],
+        positions=d["positions"],
+        sealed_sequences=d["sealed_sequences"],
+        provenance_json=json.dumps(d["provenance"], sort_keys=True),
+        created_at=d["created_at"],
+        completed_at=d["completed_at"] or 0.0,
+    )
