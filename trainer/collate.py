@@ -103,7 +103,7 @@ _Piece = tuple[int, int, int, int, int]
 def _alloc(
     rows: int, width: int, k: int, pad_token_id: int, sampled: bool
 ) -> dict[str, np.ndarray]:
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "input_ids": np.full((rows, width), pad_token_id, dtype=np.int64),
         "attention_mask": np.zeros((rows, width), dtype=np.int64),
         "labels": np.full((rows, width), IGNORE_INDEX, dtype=np.int64),

@@ -64,11 +64,12 @@ class _EpochDataLoader(DataLoader):
 
     def __init__(self, stream: TeacherStream, **kwargs: Any) -> None:
         super().__init__(stream, **kwargs)
+        self.stream = stream
         self.first_epoch = stream.epoch
 
     def set_epoch(self, epoch: int) -> None:  # called by the Trainer before each epoch
-        if self.first_epoch + epoch != self.dataset.epoch:  # else keep a loaded mid-epoch state
-            self.dataset.set_epoch(self.first_epoch + epoch)
+        if self.first_epoch + epoch != self.stream.epoch:  # else keep a loaded mid-epoch state
+            self.stream.set_epoch(self.first_epoch + epoch)
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -99,10 +100,11 @@ class DistillationTrainer(transformers.Trainer):
             data_collator=collator or Collator(),
             **kwargs,
         )
+        self.teacher_stream = teacher_stream
         self.loss = loss or DistillationLoss()
 
     def get_train_dataloader(self) -> DataLoader:
-        stream, args = self.train_dataset, self.args
+        stream, args = self.teacher_stream, self.args
         if (stream.rank, stream.world_size) != (args.process_index, args.world_size):
             raise ValueError(
                 f"teacher_stream reads partition {stream.rank} of {stream.world_size}, but this "
