@@ -523,13 +523,14 @@ def test_client_cancelling_a_stream_leaves_the_server_serving(stub, server, buil
 
 def test_abandoned_stream_leaves_no_task_behind(server, built):
     """In process: the streamer's producer task ends when its reader goes away."""
-    from logitcache.server.streaming import DatasetStreamer, LoadedSegments, StreamRequest
+    from logitcache.server.store.cache import SegmentCache
+    from logitcache.server.streaming import DatasetStreamer, StreamRequest
 
     name = built[0]
 
     async def abandon() -> list[str]:
         streamer = DatasetStreamer(
-            logitcache.open_store(str(server.store)), LoadedSegments(1 << 28), prefetch=2
+            logitcache.open_store(str(server.store)), SegmentCache(1 << 28), prefetch=2
         )
         try:
             async with asyncio.timeout(30):
