@@ -24,7 +24,8 @@ import numpy as np
 from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, stored_rows
-from logitcache.server.engine.vllm_engine import TeacherEngine, VLLMEngine, VLLMOptions
+from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
+from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import (
     InputReport,
     InputSource,
@@ -52,7 +53,7 @@ class PrecomputeRequest:
     segment_positions: int = DEFAULT_SEGMENT_POSITIONS
     max_in_flight: int = 256
     license: str | None = None
-    engine: VLLMOptions = field(default_factory=VLLMOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
     progress: bool = True
     mode: CaptureMode = CaptureMode.TOPK  # a mode's string works too; see engine.capture
     top_p: float | None = None
@@ -86,7 +87,7 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
     limit = info.max_model_len - 1
     if req.max_len is not None:
         if req.max_len < 1:
-            raise InvalidArgument("--max-len must be at least 1")
+            raise InvalidArgument("max_len must be at least 1", fields=["max_len"])
         limit = min(limit, req.max_len)
     return load_sequences(
         req.data,
@@ -107,12 +108,14 @@ async def precompute(
     req: PrecomputeRequest,
     engine: TeacherEngine | None = None,
     *,
+    engine_factory: EngineFactory = VLLMEngine,
     store: Store | None = None,
     info: TeacherInfo | None = None,
     priority: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PrecomputeResult:
-    """Precompute a dataset; starts (and stops) a vLLM engine unless one is given.
+    """Precompute a dataset; starts (and stops) an engine from ``engine_factory`` unless one is
+    given (vLLM by default; tests pass the reference engine's factory).
 
     A server passes its own engine, store handle and teacher info, a lower engine priority than
     interactive requests, and ``on_progress(sequences_done, positions_done)``.
@@ -131,13 +134,14 @@ async def precompute(
         return await loop.run_in_executor(None, _result, req, store, report, 0, 0, 0, 0.0)
     own_engine = engine is None
     if engine is None:
-        engine = VLLMEngine(info, _engine_options(req))
+        engine = await loop.run_in_executor(None, engine_factory, info, _engine_options(req))
     try:
         space = capture_space(info, engine.dtype, req.capture)
         if existing is not None and existing != space:
             raise FailedPrecondition(
-                f"dataset {req.dataset!r} was started with engine dtype {existing.engine_dtype}; "
-                f"this engine runs {space.engine_dtype} (pass --dtype {existing.engine_dtype})"
+                f"dataset {req.dataset!r} was started on an engine running {existing.engine_dtype}; "
+                f"this engine runs {space.engine_dtype} (pass dtype {existing.engine_dtype})",
+                fields=["dtype"],
             )
         todo = await loop.run_in_executor(
             None, _start_dataset, store, req, info, report, space, existing is None
@@ -308,10 +312,11 @@ def _existing_space(
     if not same:
         hint = "choose another name"
         if req.codec is None and space.codec != req.capture.codec_name:
-            hint += f" (or pass --codec {space.codec} to continue it)"
+            hint += f" (or pass codec {space.codec} to continue it)"
         raise AlreadyExists(
             f"dataset {req.dataset!r} exists in {store.url} with another teacher, tokenizer or "
-            f"capture (mode {space.mode}, k={space.k}, codec {space.codec}); {hint}"
+            f"capture (mode {space.mode}, k={space.k}, encoded with {space.codec}); {hint}",
+            fields=["codec"],
         )
     if ds.keys != [record_key(space.space_id, s).hex() for s in sequences]:
         raise AlreadyExists(
@@ -321,12 +326,12 @@ def _existing_space(
     return space, ds.complete
 
 
-def _engine_options(req: PrecomputeRequest) -> VLLMOptions:
+def _engine_options(req: PrecomputeRequest) -> EngineOptions:
     opts = req.engine
     if req.capture.mode == "sampled":
-        return VLLMOptions(**{**opts.__dict__, "full_vocab": True})
+        return EngineOptions(**{**opts.__dict__, "full_vocab": True})
     if opts.max_top_k < req.top_k:
-        opts = VLLMOptions(**{**opts.__dict__, "max_top_k": req.top_k})
+        opts = EngineOptions(**{**opts.__dict__, "max_top_k": req.top_k})
     return opts
 
 

@@ -53,11 +53,12 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def engine(demo_teacher: Path, loop_thread: LoopThread):
     """The demo teacher under vLLM (CPU build here), started once for the whole session."""
-    from logitcache.server.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from logitcache.server.engine.protocol import EngineOptions
+    from logitcache.server.engine.vllm_engine import VLLMEngine
     from logitcache.server.teachers.identity import resolve_teacher
 
     async def start() -> VLLMEngine:
-        return VLLMEngine(resolve_teacher(str(demo_teacher)), VLLMOptions(max_top_k=ENGINE_TOP_K))
+        return VLLMEngine(resolve_teacher(str(demo_teacher)), EngineOptions(max_top_k=ENGINE_TOP_K))
 
     eng = loop_thread.run(start())
     yield eng

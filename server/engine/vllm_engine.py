@@ -20,11 +20,7 @@ from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import Unavailable
 from logitcache.server.engine.capture import FULL_VOCAB
 from logitcache.server.engine.protocol import EngineOptions, check_options, check_width
-from logitcache.server.engine.protocol import TeacherEngine as TeacherEngine  # former home
 from logitcache.server.teachers.identity import TeacherInfo
-
-# The former name of EngineOptions, while callers outside the engine package move over.
-VLLMOptions = EngineOptions
 
 
 class VLLMEngine:

@@ -11,40 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from counting_engine import CountingEngine
 
 import logitcache
-from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import AlreadyExists, InvalidArgument
 from logitcache.client.space import record_key
 from logitcache.server.config import TeacherConfig
-from logitcache.server.engine.protocol import EngineOptions
-from logitcache.server.engine.reference import ReferenceEngine
 from logitcache.server.jobs import Job, JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.store.store import open_store
-from logitcache.server.teachers.identity import TeacherInfo
 from logitcache.server.teachers.registry import TeacherRegistry
 
 K = 8
 JOB_S = 120.0  # longest wait for a job (a deadline, not a speed bound)
-
-
-class CountingEngine(ReferenceEngine):
-    """The reference engine, counting the sequences it is asked to compute."""
-
-    def __init__(self, info: TeacherInfo, options: EngineOptions) -> None:
-        super().__init__(info, options)
-        self.computed: Counter[bytes] = Counter()
-
-    async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
-        self.computed[np.asarray(input_ids, dtype=np.int32).tobytes()] += 1
-        return await super().capture(input_ids, k, priority)
 
 
 @pytest.fixture(scope="module")
