@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 
 from logitcache.cli.options import add_engine_options, engine_options
 
@@ -106,7 +108,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="torch threads of the trainer in all three runs (default: 1, leaving the other "
         "core to the server and the stream)",
     )
-    p.set_defaults(handler=_distill)
+    p.set_defaults(handler=_run("distill"))
 
     p = bench.add_parser(
         "stream",
@@ -132,7 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--batch-records", type=int, default=64, help="records per streamed batch (default: 64)"
     )
     p.add_argument("--passes", type=int, default=3, help="timed passes (default: 3)")
-    p.set_defaults(handler=_stream)
+    p.set_defaults(handler=_run("stream"))
 
     p = bench.add_parser(
         "lookup",
@@ -143,7 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repeats", type=int, default=300, help="single-sequence requests timed (default: 300)"
     )
-    p.set_defaults(handler=_lookup)
+    p.set_defaults(handler=_run("lookup"))
 
     p = bench.add_parser(
         "storage",
@@ -180,7 +182,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=1, help="which sequences and id mapping (default: 1)"
     )
-    p.set_defaults(handler=_storage)
+    p.set_defaults(handler=_run("storage"))
 
 
 def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
@@ -198,29 +200,12 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distill(args: argparse.Namespace) -> int:
-    from logitcache.bench.distill import run_distill_benchmark
+def _run(benchmark: str) -> Callable[[argparse.Namespace], int]:
+    """The handler of ``bench BENCHMARK``: imports its module only when it runs."""
 
-    run_distill_benchmark(args)
-    return 0
+    def handler(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"logitcache.bench.{benchmark}")
+        getattr(module, f"run_{benchmark}_benchmark")(args)
+        return 0
 
-
-def _stream(args: argparse.Namespace) -> int:
-    from logitcache.bench.stream import run_stream_benchmark
-
-    run_stream_benchmark(args)
-    return 0
-
-
-def _lookup(args: argparse.Namespace) -> int:
-    from logitcache.bench.lookup import run_lookup_benchmark
-
-    run_lookup_benchmark(args)
-    return 0
-
-
-def _storage(args: argparse.Namespace) -> int:
-    from logitcache.bench.storage import run_storage_benchmark
-
-    run_storage_benchmark(args)
-    return 0
+    return handler

@@ -14,6 +14,8 @@ from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.reference import ReferenceEngine
 from logitcache.server.teachers.identity import TeacherInfo
 
+REFERENCE_K = 8  # the top-k the core tests capture at
+
 
 class CountingEngine(ReferenceEngine):
     """The reference engine, counting the sequences it is asked to compute."""

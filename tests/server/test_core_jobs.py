@@ -11,32 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from counting_engine import CountingEngine
+from counting_engine import REFERENCE_K, CountingEngine
 
 import logitcache
 from logitcache.client.errors import AlreadyExists, InvalidArgument
 from logitcache.client.space import record_key
-from logitcache.server.config import TeacherConfig
 from logitcache.server.jobs import Job, JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.store.store import open_store
 from logitcache.server.teachers.registry import TeacherRegistry
 
-K = 8
+K = REFERENCE_K
 JOB_S = 120.0  # longest wait for a job (a deadline, not a speed bound)
 
 
-@pytest.fixture(scope="module")
-def teachers(demo_teacher: Path) -> Iterator[TeacherRegistry]:
-    config = TeacherConfig("demo", str(demo_teacher), max_top_k=K, default_top_k=K)
-    registry = asyncio.run(TeacherRegistry.start([config], CountingEngine))
-    yield registry
-    registry.shutdown()
+@pytest.fixture
+def teachers(reference_teachers: TeacherRegistry) -> TeacherRegistry:
+    return reference_teachers
 
 
 @pytest.fixture

@@ -9,33 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from counting_engine import CountingEngine
+from counting_engine import REFERENCE_K, CountingEngine
 
 import logitcache
 from logitcache.client.record import Record
 from logitcache.client.space import record_key
-from logitcache.server.config import TeacherConfig
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import Store, open_store
 from logitcache.server.teachers.registry import Teacher, TeacherRegistry
 
-K = 8
+K = REFERENCE_K
 SEAL_WAIT_S = 30.0  # longest wait for a background seal (a deadline, not a speed bound)
 
 
-@pytest.fixture(scope="module")
-def teachers(demo_teacher: Path) -> Iterator[TeacherRegistry]:
-    config = TeacherConfig("demo", str(demo_teacher), max_top_k=K, default_top_k=K)
-    registry = asyncio.run(TeacherRegistry.start([config], CountingEngine))
-    yield registry
-    registry.shutdown()
+@pytest.fixture
+def teachers(reference_teachers: TeacherRegistry) -> TeacherRegistry:
+    return reference_teachers
 
 
 @pytest.fixture
