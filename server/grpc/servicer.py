@@ -8,8 +8,8 @@ store, encoding a large answer) runs off the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from grpc.aio import ServicerContext as Context
 
@@ -30,6 +30,7 @@ from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 # Answers up to this many positions are encoded on the loop (well under a millisecond); larger
 # ones in a thread, so one big request does not stall every other call.
 INLINE_ENCODE_POSITIONS = 1 << 15
+_Batch = TypeVar("_Batch")
 
 
 class LogitCacheService(pb_grpc.LogitCacheServicer):
@@ -84,10 +85,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
             k = teacher.resolve_k(request.top_k)
             sequences = convert.sequences(request, self.config)
             records, computed = await self.readthrough.get(teacher, k, sequences)
-            if records.positions <= INLINE_ENCODE_POSITIONS:
-                batch = convert.record_batch(records)
-            else:
-                batch = await asyncio.to_thread(convert.record_batch, records)
+            batch = await _encoded(convert.record_batch, records, records.positions)
             yield pb.DistributionsResponse(records=batch, computed=computed)
 
     # -- streaming ------------------------------------------------------------------------------
@@ -100,10 +98,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         try:
             async for batch in self.streamer.stream(convert.stream_request(request, self.config)):
                 positions += batch.positions
-                if batch.positions <= INLINE_ENCODE_POSITIONS:
-                    yield convert.stream_batch(batch)
-                else:
-                    yield await asyncio.to_thread(convert.stream_batch, batch)
+                yield await _encoded(convert.stream_batch, batch, batch.positions)
         finally:
             self.metrics.add_served("stream", positions)
 
@@ -136,3 +131,13 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
     ) -> AsyncIterator[pb.Job]:
         async for job in self.jobs.watch(request.id):
             yield convert.job_message(job)
+
+
+async def _encoded(
+    encode: Callable[[_Batch], pb.RecordBatch], batch: _Batch, positions: int
+) -> pb.RecordBatch:
+    """A batch as its RecordBatch: on the loop when small (a thread hop costs more than the
+    encoding), in a thread above ``INLINE_ENCODE_POSITIONS`` so the loop never stalls."""
+    if positions <= INLINE_ENCODE_POSITIONS:
+        return encode(batch)
+    return await asyncio.to_thread(encode, batch)
