@@ -6,8 +6,7 @@ the student's ``logits[:, t]``, the teacher's row t (its distribution over the t
 :mod:`logitcache.trainer.losses` with no shift::
 
     out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = distillation_loss(out.logits, batch["teacher_token_ids"], batch["teacher_logprobs"],
-                             batch["teacher_mask"], batch["labels"], alpha=0.1)
+    loss = distillation_loss(out.logits, TeacherTargets.from_batch(batch), alpha=0.1)
 
 Fields (B rows of T positions, k = the largest k in the batch)::
 
@@ -29,8 +28,9 @@ Fields (B rows of T positions, k = the largest k in the batch)::
                                           entry was drawn; 0 on padding. Absent for top-k records.
 
 A batch is all sampled or all top-k records (ValueError otherwise): the two need different losses
-(``distillation_loss(..., teacher_counts=batch["teacher_counts"])`` for sampled ones, see
-:func:`logitcache.trainer.losses.sampled_kl`). :func:`pack_records` adds ``position_ids`` and
+(the losses read ``teacher_counts`` and then estimate the KL from the draws, see
+:func:`logitcache.trainer.losses.sampled_kl`). :class:`TeacherTargets` gathers the fields the
+losses read. :func:`pack_records` adds ``position_ids`` and
 ``sequence_ids`` (see there).
 
 Only a Python loop over records (one slice assignment per field and record) runs per batch; there
@@ -39,7 +39,7 @@ is no per-position Python work. Each field is one numpy allocation, handed to to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,10 +49,39 @@ from torch.utils.data import get_worker_info
 
 from logitcache.client.record import Record
 
-__all__ = ["IGNORE_INDEX", "Collator", "collate_records", "pack_records"]
+__all__ = ["IGNORE_INDEX", "Collator", "TeacherTargets", "collate_records", "pack_records"]
 
 IGNORE_INDEX = -100
 """Label value for positions without a known next token (``F.cross_entropy``'s default)."""
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """What a student is scored against at each position: the teacher's rows and the next token.
+
+    Shapes as in the module docstring, over any leading dims (usually [B, T]). ``mask`` None
+    counts every position; ``labels`` are needed only to mix in cross-entropy; ``tail_logprobs``
+    None (or NaN) derives the tail from the entries; ``counts`` makes the rows sampled ones.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    tail_logprobs: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor]) -> TeacherTargets:
+        """The targets of a batch from :func:`collate_records` or :func:`pack_records`."""
+        return cls(
+            token_ids=batch["teacher_token_ids"],
+            logprobs=batch["teacher_logprobs"],
+            mask=batch["teacher_mask"],
+            labels=batch.get("labels"),
+            tail_logprobs=batch.get("teacher_tail_logprobs"),
+            counts=batch.get("teacher_counts"),
+        )
 
 
 # --- shared machinery ------------------------------------------------------------------------------

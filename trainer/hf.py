@@ -32,7 +32,7 @@ import transformers
 from torch.utils.data import DataLoader
 
 from logitcache.trainer.collate import Collator
-from logitcache.trainer.losses import KINDS, Kind, _check_options, distillation_loss
+from logitcache.trainer.losses import Kind, check_options, distillation_loss
 from logitcache.trainer.stream import TeacherStream
 
 __all__ = ["DistillationLoss", "DistillationTrainer"]
@@ -52,11 +52,7 @@ class DistillationLoss:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:  # fail when the job is set up, not at its first step
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        _check_options(self.temperature, None, self.beta)
+        check_options(self.kind, self.alpha, self.beta, self.temperature)
 
 
 class _EpochDataLoader(DataLoader):

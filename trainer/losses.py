@@ -44,8 +44,8 @@ both sides and they are equal. Details:
   ``log1mexp(logsumexp(log q(ids)))``. Both are the same number in exact arithmetic, but ``1 - Q_k``
   cancels: in fp32 every tail below ~1e-7 comes out as 0, and an over-confident student would get
   no gradient toward the tail exactly when the teacher puts real mass there. The complement sum has
-  full relative precision and is exactly empty (-inf) when the ids cover the vocabulary. Cost: one
-  masked copy of the chunk's logits.
+  full relative precision and is exactly empty (-inf) when the ids cover the vocabulary. It is
+  summed in the chunk's own buffer (no masked copy, see "Memory").
 - Floors: both tail buckets get ``TAIL_FLOOR`` (1e-12) added. Without it, p_tail = 0 with
   q_tail > 0 makes reverse KL (and q_tail = 0 with a rounding-noise p_tail makes forward KL) +inf.
   The added floor keeps the value finite and the gradient nonzero; where both tails are well above
@@ -104,35 +104,58 @@ tokens that were never drawn), and only at T = 1 (tempering p needs its normalis
 estimate can be negative; only its mean is a KL. Entries with count 0 are padding (any id, any
 log-prob); a position with no draws at all contributes 0.
 
-Memory
-------
-Only the unmasked positions are processed, ``chunk_size`` of them at a time; within a chunk the
-student's log-softmax over V is computed in fp32. Autograd never holds more than one chunk's
-[chunk, V] intermediates: a custom ``torch.autograd.Function`` computes each chunk's gradient during
-the forward pass (a local ``torch.autograd.grad``, after which the chunk's graph is freed) and
-writes it into one buffer shaped like the student logits. ``backward`` only scales that buffer.
-This was preferred to ``torch.utils.checkpoint`` per chunk because the backward of a chunk selected
-out of [B*T, V] would build a dense [B*T, V] gradient for every chunk, and checkpointing runs each
-chunk's forward twice. The price: the loss is differentiable once (no double backward), and the
-gradient is computed eagerly whenever the student logits require grad and grad mode is on.
+Memory and the chunked engine
+-----------------------------
+Every loss here runs through one engine, :class:`_ChunkedLoss`, in the manner of Liger-Kernel's
+fused linear losses. Only the positions that count (KD or CE) are processed, ``chunk_size`` of
+them at a time. For each chunk the engine
+
+1. computes its logits ``z [c, V]``: a slice of the given logits (:func:`distillation_loss`), or
+   ``hidden[chunk] @ W.T`` (:func:`fused_distillation_loss`), so [N, V] logits never exist;
+2. turns z, in place, into what the loss needs from it: the student's log-probabilities at the
+   teacher's ids and at the label, and its log-mass outside the teacher's ids (the tail), with
+   exact sums of positive terms (no ``1 - Q_k`` cancellation);
+3. evaluates the divergence (a row of :data:`DIVERGENCES`) and the CE term on those [c, k + 2]
+   numbers, with autograd on that small graph only;
+4. turns z's buffer, in place, into dL/dz in closed form (one pass: ``softmax(z)`` scaled per
+   row, plus k + 1 scattered entries), and from it the chunk's gradient of the logits, or of
+   ``hidden`` and ``W`` (two matmuls), which is accumulated; then the chunk's buffer is dropped.
+
+``backward`` only scales the accumulated gradients. So a training step holds one [c, V] buffer
+at a time, the gradient is computed eagerly whenever an input requires grad and grad mode is on,
+and the loss is differentiable once (no double backward). With ``W`` in half precision its
+gradient is accumulated in fp32 and cast at the end. A chunk's cost is a few passes over its
+[c, V] buffer, the same as a cross-entropy's (:func:`fused_cross_entropy` is this engine with
+CE only).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from logitcache.trainer.collate import IGNORE_INDEX, TeacherTargets
+
 __all__ = [
+    "DIVERGENCES",
+    "KINDS",
     "TAIL_FLOOR",
+    "ItemCounts",
     "Kind",
+    "TeacherTargets",
+    "check_options",
     "distillation_loss",
     "forward_kl",
+    "fused_cross_entropy",
+    "fused_distillation_loss",
+    "item_counts",
     "jsd",
     "log1mexp",
     "reverse_kl",
@@ -140,7 +163,6 @@ __all__ = [
 ]
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
-KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 
 TAIL_FLOOR = 1e-12
 """Probability added to both tail buckets so that a zero tail on one side stays finite."""
@@ -195,7 +217,40 @@ def _weighted_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(present, log_a.exp() * (log_a - log_b), 0.0)
 
 
-# --- the two sides as bucket distributions ---------------------------------------------------------
+# --- the divergences: teacher p, student q as log-probs over the last dim -> one value per row ----
+
+
+def _forward_kl(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    return _weighted_log_ratio(log_p, log_q).sum(-1)
+
+
+def _reverse_kl(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    return _weighted_log_ratio(log_q, log_p).sum(-1)
+
+
+def _jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    if beta in (0.0, 1.0):  # the mixture is one of the two sides: identically 0
+        return log_q.new_zeros(log_q.shape[:-1])
+    # log m = log(beta p + (1 - beta) q); entries empty on both sides stay empty (and NaN-free).
+    empty = (log_p == _NEG_INF) & (log_q == _NEG_INF)
+    a = torch.where(empty, 0.0, log_p + math.log(beta))
+    b = torch.where(empty, 0.0, log_q + math.log1p(-beta))
+    log_m = torch.where(empty, _NEG_INF, torch.logaddexp(a, b))
+    kl_pm = _weighted_log_ratio(log_p, log_m).sum(-1)
+    kl_qm = _weighted_log_ratio(log_q, log_m).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+Divergence = Callable[[Tensor, Tensor, float], Tensor]
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+}
+KINDS: tuple[str, ...] = tuple(DIVERGENCES)
+
+
+# --- the teacher's side as buckets ------------------------------------------------------------------
 
 
 def _teacher_buckets(lp: Tensor, valid: Tensor, tail: Tensor | None = None) -> Tensor:
@@ -216,78 +271,156 @@ def _teacher_buckets(lp: Tensor, valid: Tensor, tail: Tensor | None = None) -> T
     return torch.cat([buckets[:, :-1], _floored(buckets[:, -1:])], -1)
 
 
-def _student_buckets(z: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
-    """[n, k+1] log-probs of softmax(z) on the teacher's ids, then the student's remaining mass."""
-    n, vocab = z.shape
-    lse = torch.logsumexp(z, -1)
-    log_q = torch.where(valid, z.gather(-1, ids) - lse.unsqueeze(-1), _NEG_INF)
-    # Which vocabulary entries the teacher listed; padding entries write to a spare column V.
-    listed = torch.zeros((n, vocab + 1), dtype=torch.bool, device=z.device)
-    listed.scatter_(-1, torch.where(valid, ids, vocab), True)
-    outside = z.masked_fill(listed[:, :vocab], _NEG_INF)
-    # Rows with nothing left (k = V, or -inf logits) get a finite dummy: logsumexp of an all -inf
-    # row has a NaN gradient, which where() would turn into NaN * 0 = NaN.
-    has_tail = (outside > _NEG_INF).any(-1)
-    outside.masked_fill_(~has_tail.unsqueeze(-1), 0.0)
-    log_tail = torch.where(has_tail, torch.logsumexp(outside, -1) - lse, _NEG_INF)
-    return torch.cat([log_q, _floored(log_tail).unsqueeze(-1)], -1)
+# --- the student's side: a chunk's logits to the numbers the losses need, and back ----------------
 
 
-def _divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float) -> Tensor:
-    """Per-row divergence between teacher p and student q, given as log-probs over the last dim."""
-    if kind == "forward_kl":
-        return _weighted_log_ratio(log_p, log_q).sum(-1)
-    if kind == "reverse_kl":
-        return _weighted_log_ratio(log_q, log_p).sum(-1)
-    if beta in (0.0, 1.0):  # the mixture is one of the two sides: identically 0
-        return log_q.new_zeros(log_q.shape[:-1])
-    # log m = log(beta p + (1 - beta) q); entries empty on both sides stay empty (and NaN-free).
-    empty = (log_p == _NEG_INF) & (log_q == _NEG_INF)
-    a = torch.where(empty, 0.0, log_p + math.log(beta))
-    b = torch.where(empty, 0.0, log_q + math.log1p(-beta))
-    log_m = torch.where(empty, _NEG_INF, torch.logaddexp(a, b))
-    kl_pm = _weighted_log_ratio(log_p, log_m).sum(-1)
-    kl_qm = _weighted_log_ratio(log_q, log_m).sum(-1)
-    return beta * kl_pm + (1.0 - beta) * kl_qm
+def _write_listed(buf: Tensor, ids: Tensor, listed: Tensor, values: Tensor) -> None:
+    """``buf[r, ids[r, j]] = values[r, j]`` where ``listed``; every other entry stays as it is.
+
+    One ``scatter_`` whatever the collisions: an unlisted slot (padding, the label) may name any
+    column, a listed one included, so it is pointed at its row's first listed column with that
+    column's value, or, in a row with nothing listed, rewrites its own column's current value.
+    """
+    has_listed = listed.any(-1, keepdim=True)
+    first = listed.to(torch.uint8).argmax(-1, keepdim=True)
+    index = torch.where(listed, ids, torch.where(has_listed, ids.gather(1, first), ids))
+    current = buf.gather(1, ids)
+    value = torch.where(listed, values, torch.where(has_listed, values.gather(1, first), current))
+    buf.scatter_(1, index, value)
 
 
-def _per_position(
-    z: Tensor,
-    ids: Tensor,
-    lp: Tensor,
-    kind: str,
-    beta: float,
-    temperature: float,
-    tail: Tensor | None = None,
-) -> Tensor:
-    """The divergence for each row of a chunk: z [c, V] student logits, ids/lp [c, k] teacher,
-    tail [c] the teacher's explicit log tail (NaN: derive it) or None."""
-    valid = lp > _NEG_INF  # False for -inf padding (and NaN)
-    ids = ids.clamp(0, z.shape[-1] - 1)  # padding may hold any id; it is masked out below
-    if temperature == 1.0:
-        log_p = _teacher_buckets(lp, valid, tail)
-        log_q = _student_buckets(z, ids, valid)
-        return _divergence(log_p, log_q, kind, beta)
-    log_p = _masked_log_softmax(lp / temperature, valid)
-    log_q = _masked_log_softmax(z.gather(-1, ids) / temperature, valid)
-    return _divergence(log_p, log_q, kind, beta) * temperature**2
+@dataclass
+class _StudentSide:
+    """One chunk after :func:`_student_side`: what its closed-form gradient needs."""
+
+    buffer: Tensor  # [c, V] exp(z - max), 0 at the listed ids (the chunk's logits, reused)
+    ids: Tensor  # [c, m] the gathered columns
+    listed: Tensor  # [c, m] which of them are the teacher's bucket ids
+    exp_ids: Tensor  # [c, m] exp(z - max) at the gathered columns
+    total: Tensor  # [c] sum of exp(z - max) over the vocabulary
+    outside: Tensor  # [c] ... over the columns not listed
 
 
-def _sampled_per_position(z: Tensor, ids: Tensor, counts: Tensor, lp: Tensor) -> Tensor:
-    """(1 / U) sum_j c_j (lp_j - log q(id_j)) for each row: z [c, V], ids/counts/lp [c, k]."""
-    present = counts > 0
-    ids = ids.clamp(0, z.shape[-1] - 1)  # padding may hold any id; it is masked out below
-    log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
-    weight = counts.to(z.dtype)
-    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
-    lp = torch.where(present, lp, 0.0)  # padding's -inf (or NaN) never meets the arithmetic
-    return torch.where(present, weight * (lp - log_q), 0.0).sum(-1)
+def _student_side(z: Tensor, ids: Tensor, listed: Tensor) -> tuple[_StudentSide, Tensor, Tensor]:
+    """(side, log q at ``ids`` [c, m], log of q's mass outside the listed ids [c]).
+
+    ``z`` [c, V] is consumed: it becomes the side's buffer. Both sums are of positive terms, so
+    the tail keeps full relative precision (and is -inf exactly when nothing is outside).
+    """
+    top = z.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    shifted_ids = z.gather(1, ids) - top
+    buffer = z.sub_(top).exp_()
+    total = buffer.sum(-1)
+    _write_listed(buffer, ids, listed, torch.zeros_like(shifted_ids))
+    outside = buffer.sum(-1)
+    log_total = total.log()
+    side = _StudentSide(buffer, ids, listed, shifted_ids.exp(), total, outside)
+    return side, shifted_ids - log_total.unsqueeze(-1), outside.log() - log_total
 
 
-# --- chunked evaluation with the gradient computed in forward -------------------------------------
+def _student_grad(side: _StudentSide, grad_q: Tensor, grad_tail: Tensor) -> Tensor:
+    """dL/dz [c, V], written into the side's buffer, from dL/d(log q at ids) and dL/d(log tail).
 
-# fn(z_chunk, rows_chunk) -> per-row losses; z_chunk is [c, V] in the compute dtype.
-ChunkFn = Callable[[Tensor, Tensor], Tensor]
+    With s = softmax(z), G = sum(grad_q) + grad_tail: dz = scatter(grad_q) - G s
+    + grad_tail * s / q_tail outside the listed ids.
+    """
+    g = grad_q.sum(-1) + grad_tail
+    per_outside = torch.where(side.outside > 0, grad_tail / side.outside, 0.0) - g / side.total
+    dz = side.buffer.mul_(per_outside.unsqueeze(-1))
+    listed_value = -(g / side.total).unsqueeze(-1) * side.exp_ids
+    _write_listed(dz, side.ids, side.listed, listed_value)
+    return dz.scatter_add_(1, side.ids, grad_q)
+
+
+# --- what each position is scored against -----------------------------------------------------------
+
+
+class ItemCounts(NamedTuple):
+    """Divisors of the two terms: the KD positions and the CE labels a mean is taken over.
+
+    The default is this batch's own counts. For gradient accumulation pass the counts of all the
+    micro-batches of the step (and of all ranks, times the world size, where gradients are
+    averaged), so that every position weighs the same (transformers' ``num_items_in_batch``).
+    """
+
+    kd: int | Tensor
+    ce: int | Tensor
+
+
+def item_counts(targets: TeacherTargets, ignore_index: int = IGNORE_INDEX) -> ItemCounts:
+    """The positions with a teacher row and the labels of ``targets`` (sum these over batches)."""
+    kd = targets.token_ids[..., 0].numel() if targets.mask is None else targets.mask.sum()
+    ce = 0 if targets.labels is None else (targets.labels != ignore_index).sum()
+    return ItemCounts(kd, ce)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The targets flattened to N rows, checked, and weighted; scores one chunk at a time."""
+
+    ids: Tensor  # [N, k] int64 in [0, V) (padding clamped)
+    logprobs: Tensor  # [N, k] -inf on padding entries and on every entry of rows without KD
+    tail: Tensor | None  # [N] explicit log tail, NaN: derive it; only at T = 1
+    counts: Tensor | None  # [N, k] sampled rows; 0 on rows without KD
+    labels: Tensor | None  # [N] int64 in [0, V); present when CE is mixed in
+    kd_weight: Tensor | None  # [N] (1 - alpha) / n_kd on KD rows, 0 elsewhere; None: no KD
+    ce_weight: Tensor | None  # [N] alpha / n_ce on labelled rows, 0 elsewhere; None: no CE
+    rows: Tensor  # the rows with a nonzero weight
+    kind: str
+    beta: float
+    temperature: float
+
+    def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The vocabulary columns a chunk reads ([c, m]) and which of them form the bucket."""
+        parts, listed = [], []
+        if self.kd_weight is not None:
+            parts.append(self.ids[idx])
+            buckets = self.counts is None and self.temperature == 1.0
+            valid = self.logprobs[idx] > _NEG_INF
+            listed.append(valid if buckets else torch.zeros_like(valid))
+        if self.labels is not None:
+            labels = self.labels[idx].unsqueeze(-1)
+            parts.append(labels)
+            listed.append(torch.zeros_like(labels, dtype=torch.bool))
+        return torch.cat(parts, -1), torch.cat(listed, -1)
+
+    def chunk_loss(self, idx: Tensor, log_q: Tensor, log_tail: Tensor) -> Tensor:
+        """The chunk's weighted sum of KD and CE terms, from :func:`_student_side`'s outputs."""
+        loss = log_q.new_zeros(())
+        if self.kd_weight is not None:
+            k = self.ids.shape[-1]
+            per_row = self._kd_rows(idx, log_q[:, :k], log_tail)
+            loss = loss + (per_row * self.kd_weight[idx]).sum()
+        if self.ce_weight is not None:
+            loss = loss - (log_q[:, -1] * self.ce_weight[idx]).sum()
+        return loss
+
+    def _kd_rows(self, idx: Tensor, log_q: Tensor, log_tail: Tensor) -> Tensor:
+        lp = self.logprobs[idx]
+        if self.counts is not None:  # (1 / U) sum_j c_j (lp_j - log q(id_j))
+            counts = self.counts[idx]
+            drawn = counts > 0
+            weight = counts.to(log_q.dtype)
+            weight = weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
+            lp = torch.where(drawn, lp, 0.0)  # padding's -inf (or NaN) never meets the arithmetic
+            return torch.where(drawn, weight * (lp - log_q), 0.0).sum(-1)
+        valid = lp > _NEG_INF  # False for -inf padding (and NaN)
+        divergence = DIVERGENCES[self.kind]
+        if self.temperature == 1.0:
+            student = torch.cat(
+                [torch.where(valid, log_q, _NEG_INF), _floored(log_tail).unsqueeze(-1)], -1
+            )
+            tail = None if self.tail is None else self.tail[idx]
+            return divergence(_teacher_buckets(lp, valid, tail), student, self.beta)
+        # log q is z - lse per row: its softmax over the ids at T is z's, the lse cancels.
+        t = self.temperature
+        teacher = _masked_log_softmax(lp / t, valid)
+        student = _masked_log_softmax(log_q / t, valid)
+        return divergence(teacher, student, self.beta) * t**2
+
+
+# --- the chunked engine ------------------------------------------------------------------------------
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,54 +433,134 @@ def _chunks(rows: Tensor, chunk_size: int | None) -> Sequence[Tensor]:
     return (rows,) if chunk_size is None else rows.split(chunk_size)
 
 
-class _ChunkedSum(torch.autograd.Function):
-    """sum over row chunks of fn(logits[rows]); each chunk's gradient is taken during forward."""
+class _Gradients:
+    """Buffers for the gradients the engine accumulates chunk by chunk during forward."""
+
+    def __init__(self, inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+        def buffer(t: Tensor | None) -> Tensor | None:
+            if t is None or not t.requires_grad:
+                return None
+            half = t.dtype in (torch.float16, torch.bfloat16) and t is not inputs
+            return torch.zeros(t.shape, dtype=torch.float32 if half else t.dtype, device=t.device)
+
+        self.weight_in = weight
+        self.inputs, self.weight, self.bias = buffer(inputs), buffer(weight), buffer(bias)
+
+    def add(self, idx: Tensor, x: Tensor, dz: Tensor) -> None:
+        """Chunk ``idx`` with inputs ``x`` and logits gradient ``dz``."""
+        w = self.weight_in
+        if w is None:  # the inputs are the logits
+            if self.inputs is not None:
+                self.inputs.index_copy_(0, idx, dz.to(self.inputs.dtype))
+            return
+        dz_w = dz.to(w.dtype)
+        if self.inputs is not None:
+            self.inputs.index_copy_(0, idx, (dz_w @ w).to(self.inputs.dtype))
+        if self.weight is not None:
+            x_w = x.to(w.dtype)
+            if self.weight.dtype == w.dtype:
+                self.weight.addmm_(dz_w.t(), x_w)
+            else:
+                self.weight.add_(dz_w.t() @ x_w)
+        if self.bias is not None:
+            self.bias.add_(dz.sum(0))
+
+    def results(self, weight: Tensor | None, bias: Tensor | None) -> list[Tensor | None]:
+        def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return g if g is None or like is None else g.to(like.dtype)
+
+        return [self.inputs, cast(self.weight, weight), cast(self.bias, bias)]
+
+
+def _run_chunks(
+    inputs: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    plan: _Plan,
+    chunk_size: int | None,
+    gradients: _Gradients | None,
+) -> Tensor:
+    """The summed loss over ``plan.rows``, chunk by chunk; accumulates into ``gradients``."""
+    dtype = _compute_dtype(inputs.dtype)
+    total = torch.zeros((), dtype=dtype, device=inputs.device)
+    for idx in _chunks(plan.rows, chunk_size):
+        x = inputs.index_select(0, idx)
+        # index_select copied x: consuming it as the chunk's buffer leaves the caller's intact.
+        z = (x if weight is None else F.linear(x, weight, bias)).to(dtype)
+        ids, listed = plan.columns(idx)
+        side, log_q, log_tail = _student_side(z, ids, listed)
+        if gradients is None:
+            total += plan.chunk_loss(idx, log_q, log_tail)
+            continue
+        with torch.enable_grad():
+            log_q.requires_grad_(True)
+            log_tail.requires_grad_(True)
+            loss = plan.chunk_loss(idx, log_q, log_tail)
+        if loss.requires_grad:
+            grad_q, grad_tail = torch.autograd.grad(
+                loss, (log_q, log_tail), allow_unused=True, materialize_grads=True
+            )
+        else:  # a term that is constant in the student (jsd at beta 0 or 1)
+            grad_q, grad_tail = torch.zeros_like(log_q), torch.zeros_like(log_tail)
+        total += loss.detach()
+        gradients.add(idx, x, _student_grad(side, grad_q, grad_tail))
+    return total
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """The engine as one autograd node: forward computes the gradients, backward scales them."""
 
     @staticmethod
     def forward(
-        ctx: Any, logits: Tensor, rows: Tensor, fn: ChunkFn, chunk_size: int | None
+        ctx: Any,
+        inputs: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        plan: _Plan,
+        chunk_size: int | None,
     ) -> Tensor:
-        dtype = _compute_dtype(logits.dtype)
-        total = torch.zeros((), dtype=dtype, device=logits.device)
-        grad = torch.zeros_like(logits)  # the only [B*T, V] tensor: the logits' own gradient
-        for idx in _chunks(rows, chunk_size):
-            z = logits.index_select(0, idx).to(dtype)  # a fresh leaf: grad mode is off in forward
-            with torch.enable_grad():
-                z.requires_grad_(True)
-                loss = fn(z, idx).sum()
-                if loss.requires_grad:
-                    (g,) = torch.autograd.grad(loss, z, allow_unused=True)
-                    if g is not None:
-                        grad.index_copy_(0, idx, g.to(grad.dtype))
-            total += loss.detach()
-        ctx.save_for_backward(grad)
+        gradients = _Gradients(inputs, weight, bias)
+        total = _run_chunks(inputs, weight, bias, plan, chunk_size, gradients)
+        results = gradients.results(weight, bias)
+        ctx.present = [g is not None for g in results]
+        ctx.save_for_backward(*[g for g in results if g is not None])
         return total
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        if grad_total.item() == 1.0:  # the usual loss.backward(): no second [B*T, V] tensor
-            return grad, None, None, None
-        return grad * grad_total.to(grad.dtype), None, None, None
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        if grad_total.item() != 1.0:  # the usual loss.backward() needs no second buffer
+            grads = [None if g is None else g * grad_total.to(g.dtype) for g in grads]
+        return (*grads, None, None)
 
 
-def _chunked_sum(logits: Tensor, rows: Tensor, fn: ChunkFn, chunk_size: int | None) -> Tensor:
-    """sum_i fn(logits[rows])_i over chunks of ``chunk_size`` rows, differentiable w.r.t. logits."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ChunkedSum.apply(logits, rows, fn, chunk_size)
+def _evaluate(
+    inputs: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan, chunk_size: int | None
+) -> Tensor:
+    tracked = [t for t in (inputs, weight, bias) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and tracked:
+        return _ChunkedLoss.apply(inputs, weight, bias, plan, chunk_size)
     with torch.no_grad():
-        dtype = _compute_dtype(logits.dtype)
-        total = torch.zeros((), dtype=dtype, device=logits.device)
-        for idx in _chunks(rows, chunk_size):
-            total += fn(logits.index_select(0, idx).to(dtype), idx).sum()
-        return total
+        return _run_chunks(inputs, weight, bias, plan, chunk_size, None)
 
 
 # --- argument handling ----------------------------------------------------------------------------
 
 
-def _check_options(temperature: float, chunk_size: int | None, beta: float) -> None:
+def check_options(
+    kind: str = "forward_kl",
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> None:
+    """ValueError for options no loss accepts (callers check them when a job is set up)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (
         isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
     ):
@@ -358,248 +571,13 @@ def _check_options(temperature: float, chunk_size: int | None, beta: float) -> N
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
 
 
-def _flatten(
-    student_logits: Tensor, teacher_token_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Check shapes; return logits [N, V], ids [N, k] int64, logprobs [N, k], mask [N] bool."""
-    if not student_logits.is_floating_point():
-        raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}")
-    if student_logits.dim() < 2:
-        raise ValueError(
-            f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}"
-        )
-    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    if teacher_token_ids.shape != teacher_logprobs.shape or teacher_logprobs.shape[:-1] != lead:
-        raise ValueError(
-            f"teacher_token_ids {tuple(teacher_token_ids.shape)} and teacher_logprobs "
-            f"{tuple(teacher_logprobs.shape)} must both be {(*lead, 'k')} for student_logits "
-            f"{tuple(student_logits.shape)}"
-        )
-    if mask is not None and mask.shape != lead:
-        raise ValueError(f"mask must be {tuple(lead)}, got {tuple(mask.shape)}")
-    k = teacher_logprobs.shape[-1]
-    logits = student_logits.reshape(-1, vocab)
-    ids = teacher_token_ids.reshape(-1, k).long()
-    lp = teacher_logprobs.detach().reshape(-1, k).to(_compute_dtype(student_logits.dtype))
-    counts = (
-        torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        if mask is None
-        else mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
-    )
-    return logits, ids, lp, counts
-
-
-def _flatten_tail(tail: Tensor | None, student_logits: Tensor) -> Tensor | None:
-    """teacher_tail_logprobs [B, T] as [N] in the compute dtype (None stays None)."""
-    if tail is None:
-        return None
-    lead = student_logits.shape[:-1]
-    if tail.shape != lead:
-        raise ValueError(f"teacher_tail_logprobs must be {tuple(lead)}, got {tuple(tail.shape)}")
-    dtype = _compute_dtype(student_logits.dtype)
-    return tail.detach().reshape(-1).to(device=student_logits.device, dtype=dtype)
-
-
-def _flatten_counts(counts: Tensor, teacher_token_ids: Tensor, student_logits: Tensor) -> Tensor:
-    """teacher_counts [B, T, k] as [N, k] int64, after checking it matches the ids."""
-    if counts.shape != teacher_token_ids.shape:
-        raise ValueError(
-            f"teacher_counts {tuple(counts.shape)} must match teacher_token_ids "
-            f"{tuple(teacher_token_ids.shape)}"
-        )
-    if counts.is_floating_point() or counts.is_complex():
-        raise ValueError(f"teacher_counts must be integers, got {counts.dtype}")
-    return counts.reshape(-1, counts.shape[-1]).to(device=student_logits.device, dtype=torch.long)
-
-
-def _check_ids(sel_ids: Tensor, listed: Tensor, vocab: int, padding: str) -> None:
-    out_of_range = listed & ((sel_ids < 0) | (sel_ids >= vocab))
+def _check_ids(ids: Tensor, listed: Tensor, vocab: int, padding: str) -> None:
+    out_of_range = listed & ((ids < 0) | (ids >= vocab))
     if bool(out_of_range.any()):
         raise ValueError(
             f"teacher_token_ids holds ids outside [0, {vocab}) at non-padding entries "
             f"(only entries whose {padding} may hold arbitrary ids)"
         )
-
-
-def _kd_chunk_fn(
-    ids: Tensor,
-    lp: Tensor,
-    vocab: int,
-    rows: Tensor,
-    kind: str,
-    beta: float,
-    temperature: float,
-    tail: Tensor | None = None,
-) -> ChunkFn:
-    """The per-row KD loss for chunks of ``rows``; refuses listed ids outside the vocabulary."""
-    sel_ids, sel_lp = ids[rows], lp[rows]
-    _check_ids(sel_ids, sel_lp > _NEG_INF, vocab, "teacher_logprobs is -inf")
-    if temperature != 1.0:
-        tail = None  # the tail is dropped at T != 1
-    if tail is not None and bool((tail[rows] == math.inf).any()):
-        raise ValueError("teacher_tail_logprobs must be a log-probability, -inf or NaN, not +inf")
-
-    def fn(z: Tensor, idx: Tensor) -> Tensor:
-        row_tail = None if tail is None else tail[idx]
-        return _per_position(z, ids[idx], lp[idx], kind, beta, temperature, row_tail)
-
-    return fn
-
-
-def _sampled_chunk_fn(ids: Tensor, counts: Tensor, lp: Tensor, vocab: int, rows: Tensor) -> ChunkFn:
-    """The per-row sampled KL for chunks of ``rows``; refuses inconsistent sampled entries."""
-    sel_counts = counts[rows]
-    if bool((sel_counts < 0).any()):
-        raise ValueError("teacher_counts must be >= 0 (0 marks padding)")
-    drawn = sel_counts > 0
-    _check_ids(ids[rows], drawn, vocab, "teacher_counts is 0")
-    if not bool(torch.isfinite(lp[rows][drawn]).all()):
-        raise ValueError(
-            "teacher_logprobs must be finite at drawn entries (teacher_counts > 0): the teacher "
-            "cannot have drawn a token it gives no probability"
-        )
-
-    def fn(z: Tensor, idx: Tensor) -> Tensor:
-        return _sampled_per_position(z, ids[idx], counts[idx], lp[idx])
-
-    return fn
-
-
-def _kd_loss(
-    kind: str,
-    student_logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor | None,
-    beta: float,
-    temperature: float,
-    chunk_size: int | None,
-    teacher_tail_logprobs: Tensor | None = None,
-) -> Tensor:
-    _check_options(temperature, chunk_size, beta)
-    logits, ids, lp, counts = _flatten(student_logits, teacher_token_ids, teacher_logprobs, mask)
-    tail = _flatten_tail(teacher_tail_logprobs, student_logits)
-    rows = counts.nonzero().squeeze(1)
-    per_row = _kd_chunk_fn(ids, lp, logits.shape[-1], rows, kind, beta, temperature, tail)
-    n = max(rows.numel(), 1)
-    return _chunked_sum(logits, rows, lambda z, idx: per_row(z, idx) / n, chunk_size)
-
-
-# --- public losses --------------------------------------------------------------------------------
-
-
-def forward_kl(
-    student_logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor | None,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int | None = 4096,
-    teacher_tail_logprobs: Tensor | None = None,
-) -> Tensor:
-    """KL(teacher || student) over the k ids plus a tail bucket, mean over unmasked positions.
-
-    Mass-covering: the student is pushed to cover everything the teacher considers likely. The
-    standard KD loss (Hinton et al., 2015). With k = V it equals the dense KL exactly.
-    """
-    return _kd_loss(
-        "forward_kl",
-        student_logits,
-        teacher_token_ids,
-        teacher_logprobs,
-        mask,
-        0.5,
-        temperature,
-        chunk_size,
-        teacher_tail_logprobs,
-    )
-
-
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor | None,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int | None = 4096,
-    teacher_tail_logprobs: Tensor | None = None,
-) -> Tensor:
-    """KL(student || teacher) over the k ids plus a tail bucket, mean over unmasked positions.
-
-    Mode-seeking: the student is penalised for mass where the teacher has little (MiniLLM, Gu et
-    al., 2024). Student mass in the tail where the teacher has none costs ``q_tail * log(q_tail /
-    TAIL_FLOOR)``: large but finite.
-    """
-    return _kd_loss(
-        "reverse_kl",
-        student_logits,
-        teacher_token_ids,
-        teacher_logprobs,
-        mask,
-        0.5,
-        temperature,
-        chunk_size,
-        teacher_tail_logprobs,
-    )
-
-
-def jsd(
-    student_logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor | None,
-    beta: float = 0.5,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int | None = 4096,
-    teacher_tail_logprobs: Tensor | None = None,
-) -> Tensor:
-    """Generalised Jensen-Shannon divergence (GKD convention), mean over unmasked positions.
-
-    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``;
-    bounded, so one bad position cannot dominate a batch. beta in [0, 1]; 0 and 1 give 0.
-    """
-    return _kd_loss(
-        "jsd",
-        student_logits,
-        teacher_token_ids,
-        teacher_logprobs,
-        mask,
-        beta,
-        temperature,
-        chunk_size,
-        teacher_tail_logprobs,
-    )
-
-
-def sampled_kl(
-    logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_counts: Tensor,
-    teacher_logprobs: Tensor,
-    teacher_mask: Tensor | None,
-    *,
-    chunk_size: int | None = 4096,
-) -> Tensor:
-    """Unbiased estimate of the dense forward KL(teacher || student) from sampled rows, mean over
-    unmasked positions.
-
-    Per position ``(1 / U) * sum_j c_j * (teacher_logprobs_j - log_softmax(logits)[id_j])`` with
-    ``U = sum_j c_j`` (module docstring, "Sampled rows"): over the teacher's draws its expectation
-    is the forward KL over the full vocabulary, and its gradient w.r.t. ``logits`` is an unbiased
-    estimate of the dense gradient. ``teacher_counts`` [B, T, k] are the draw counts, 0 on
-    padding; ids and log-probs of padding entries may be anything. Same chunking (and memory) as
-    :func:`forward_kl`.
-    """
-    _check_options(1.0, chunk_size, 0.5)
-    flat_logits, ids, lp, keep = _flatten(logits, teacher_token_ids, teacher_logprobs, teacher_mask)
-    counts = _flatten_counts(teacher_counts, teacher_token_ids, logits)
-    rows = keep.nonzero().squeeze(1)
-    per_row = _sampled_chunk_fn(ids, counts, lp, flat_logits.shape[-1], rows)
-    n = max(rows.numel(), 1)
-    return _chunked_sum(flat_logits, rows, lambda z, idx: per_row(z, idx) / n, chunk_size)
 
 
 def _check_sampled(kind: str, temperature: float, tail: Tensor | None) -> None:
@@ -621,100 +599,347 @@ def _check_sampled(kind: str, temperature: float, tail: Tensor | None) -> None:
         )
 
 
+def _flat_rows(
+    t: Tensor | None, lead: torch.Size, name: str, device: torch.device
+) -> Tensor | None:
+    if t is None:
+        return None
+    if t.shape != lead:
+        raise ValueError(f"{name} must be {tuple(lead)}, got {tuple(t.shape)}")
+    return t.detach().reshape(-1).to(device)
+
+
+def _divisor(given: int | Tensor | None, counted: Tensor, dtype: torch.dtype) -> Tensor:
+    n = counted.sum() if given is None else torch.as_tensor(given, device=counted.device)
+    return n.to(dtype).clamp(min=1.0)
+
+
+def _plan(
+    targets: TeacherTargets,
+    lead: torch.Size,
+    vocab: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    kind: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+    ignore_index: int,
+    num_items: ItemCounts | None,
+) -> _Plan:
+    """Check ``targets`` against the student's [*lead, V]; flatten them into a :class:`_Plan`."""
+    ids_in, lp_in = targets.token_ids, targets.logprobs
+    if ids_in.shape != lp_in.shape or lp_in.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_token_ids {tuple(ids_in.shape)} and teacher_logprobs "
+            f"{tuple(lp_in.shape)} must both be {(*lead, 'k')} for student positions {tuple(lead)}"
+        )
+    k, n = lp_in.shape[-1], lead.numel()
+    ids = ids_in.reshape(n, k).to(device=device, dtype=torch.long)
+    lp = lp_in.detach().reshape(n, k).to(device=device, dtype=dtype)
+    mask = _flat_rows(targets.mask, lead, "mask", device)
+    kd_rows = torch.ones(ids.shape[0], dtype=torch.bool, device=device) if mask is None else (
+        mask.to(torch.bool)
+    )  # fmt: skip
+    tail = _flat_rows(targets.tail_logprobs, lead, "teacher_tail_logprobs", device)
+    counts = None
+    if targets.counts is not None:
+        if targets.counts.shape != ids_in.shape:
+            raise ValueError(
+                f"teacher_counts {tuple(targets.counts.shape)} must match teacher_token_ids "
+                f"{tuple(ids_in.shape)}"
+            )
+        if targets.counts.is_floating_point() or targets.counts.is_complex():
+            raise ValueError(f"teacher_counts must be integers, got {targets.counts.dtype}")
+        counts = targets.counts.reshape(n, k).to(device=device, dtype=torch.long)
+        _check_sampled(kind, temperature, tail)
+        tail = None
+    if tail is not None:
+        tail = tail.to(dtype) if temperature == 1.0 else None  # the tail is dropped at T != 1
+
+    labels = ce_weight = None
+    if alpha > 0.0:
+        if targets.labels is None:
+            raise ValueError("alpha > 0 mixes in cross-entropy on labels: pass labels")
+        flat = _flat_rows(targets.labels, lead, "labels", device)
+        assert flat is not None
+        labels = flat.to(torch.long)
+        ce_rows = labels != ignore_index
+        if bool((ce_rows & ((labels < 0) | (labels >= vocab))).any()):
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
+        labels = torch.where(ce_rows, labels, 0)
+        n_ce = _divisor(None if num_items is None else num_items.ce, ce_rows, dtype)
+        ce_weight = ce_rows.to(dtype) * (alpha / n_ce)
+    else:
+        ce_rows = torch.zeros_like(kd_rows)
+    kd_weight = None
+    if alpha < 1.0:
+        _check_kd_rows(ids, lp, tail, counts, kd_rows, vocab)
+        n_kd = _divisor(None if num_items is None else num_items.kd, kd_rows, dtype)
+        kd_weight = kd_rows.to(dtype) * ((1.0 - alpha) / n_kd)
+        # Rows that do not count get an empty teacher, so their (zero-weighted) terms are NaN-free.
+        lp = torch.where(kd_rows.unsqueeze(-1), lp, _NEG_INF)
+        if tail is not None:
+            tail = torch.where(kd_rows, tail, math.nan)
+        if counts is not None:
+            counts = torch.where(kd_rows.unsqueeze(-1), counts, 0)
+    else:
+        kd_rows = torch.zeros_like(kd_rows)
+    return _Plan(
+        ids=ids.clamp(0, vocab - 1), logprobs=lp, tail=tail, counts=counts, labels=labels,
+        kd_weight=kd_weight, ce_weight=ce_weight, rows=(kd_rows | ce_rows).nonzero().squeeze(1),
+        kind=kind, beta=beta, temperature=temperature,
+    )  # fmt: skip
+
+
+def _check_kd_rows(
+    ids: Tensor,
+    lp: Tensor,
+    tail: Tensor | None,
+    counts: Tensor | None,
+    kd_rows: Tensor,
+    vocab: int,
+) -> None:
+    """Refuse teacher values that no padding convention explains, at the rows that count."""
+    sel_ids, sel_lp = ids[kd_rows], lp[kd_rows]
+    if counts is None:
+        _check_ids(sel_ids, sel_lp > _NEG_INF, vocab, "teacher_logprobs is -inf")
+        if tail is not None and bool((tail[kd_rows] == math.inf).any()):
+            raise ValueError(
+                "teacher_tail_logprobs must be a log-probability, -inf or NaN, not +inf"
+            )
+        return
+    sel_counts = counts[kd_rows]
+    if bool((sel_counts < 0).any()):
+        raise ValueError("teacher_counts must be >= 0 (0 marks padding)")
+    drawn = sel_counts > 0
+    _check_ids(sel_ids, drawn, vocab, "teacher_counts is 0")
+    if not bool(torch.isfinite(sel_lp[drawn]).all()):
+        raise ValueError(
+            "teacher_logprobs must be finite at drawn entries (teacher_counts > 0): the teacher "
+            "cannot have drawn a token it gives no probability"
+        )
+
+
+# --- public losses --------------------------------------------------------------------------------
+
+
 def distillation_loss(
     student_logits: Tensor,
-    teacher_token_ids: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor | None,
+    teacher_token_ids: Tensor | TeacherTargets,
+    teacher_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
     labels: Tensor | None = None,
     *,
     kind: Kind = "forward_kl",
     beta: float = 0.5,
     alpha: float = 0.0,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = 4096,
     teacher_tail_logprobs: Tensor | None = None,
     teacher_counts: Tensor | None = None,
+    num_items: ItemCounts | None = None,
 ) -> Tensor:
-    """``(1 - alpha) * KD + alpha * CE``: a distillation loss mixed with the hard-label loss.
+    """``(1 - alpha) * KD + alpha * CE`` from the student's logits [..., V].
 
-    KD is ``kind`` (forward_kl, reverse_kl or jsd with ``beta``), averaged over ``mask``. CE is the
-    ordinary next-token cross-entropy of the untempered logits against ``labels`` [B, T], already
-    aligned with the logits' positions, averaged over labels != ``ignore_index`` (0 if there are
-    none, where ``F.cross_entropy`` would give NaN). Both terms share one chunked pass over V.
-
-    ``teacher_tail_logprobs`` [B, T]: the teacher's explicit tail (NaN: derive it), as in
-    :func:`forward_kl`. ``teacher_counts`` [B, T, k]: the rows are sampled, and KD is
-    :func:`sampled_kl`; that needs ``kind="forward_kl"`` and ``temperature=1`` (ValueError
-    otherwise), and a tail that is None or all NaN.
+    ``distillation_loss(logits, TeacherTargets.from_batch(batch), alpha=0.1)``, or with the
+    tensors one by one (``teacher_token_ids, teacher_logprobs, mask, labels``, and
+    ``teacher_tail_logprobs`` / ``teacher_counts``). KD is ``kind`` (forward_kl, reverse_kl or jsd
+    with ``beta``), averaged over the masked positions; with counts the rows are sampled and KD is
+    :func:`sampled_kl` (``kind="forward_kl"``, ``temperature=1`` and no tail, ValueError
+    otherwise). CE is the next-token cross-entropy of the untempered logits against ``labels``
+    (already aligned with the logits' positions), averaged over labels != ``ignore_index`` (0 if
+    there are none, where ``F.cross_entropy`` would give NaN). ``num_items``: see
+    :class:`ItemCounts`. Both terms share one chunked pass over V.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if teacher_counts is not None:
-        _check_sampled(kind, temperature, teacher_tail_logprobs)
-    if alpha == 0.0:
-        if teacher_counts is not None:
-            return sampled_kl(
-                student_logits,
-                teacher_token_ids,
-                teacher_counts,
-                teacher_logprobs,
-                mask,
-                chunk_size=chunk_size,
-            )
-        return _kd_loss(
-            kind,
-            student_logits,
-            teacher_token_ids,
-            teacher_logprobs,
-            mask,
-            beta,
-            temperature,
-            chunk_size,
-            teacher_tail_logprobs,
-        )
-    if labels is None:
-        raise ValueError("alpha > 0 mixes in cross-entropy on labels: pass labels")
-    _check_options(temperature, chunk_size, beta)
-    logits, ids, lp, kd_counts = _flatten(student_logits, teacher_token_ids, teacher_logprobs, mask)
-    tail = _flatten_tail(teacher_tail_logprobs, student_logits)
-    counts = (
-        None
-        if teacher_counts is None
-        else _flatten_counts(teacher_counts, teacher_token_ids, student_logits)
-    )
-    vocab = logits.shape[-1]
-    if labels.shape != student_logits.shape[:-1]:
+    if isinstance(teacher_token_ids, TeacherTargets):
+        given = (teacher_logprobs, mask, labels, teacher_tail_logprobs, teacher_counts)
+        if any(t is not None for t in given):
+            raise ValueError("pass either TeacherTargets or the teacher tensors, not both")
+        targets = teacher_token_ids
+    else:
+        if teacher_logprobs is None:
+            raise ValueError("teacher_logprobs is required with teacher_token_ids")
+        targets = TeacherTargets(
+            teacher_token_ids, teacher_logprobs, mask, labels, teacher_tail_logprobs,
+            teacher_counts,
+        )  # fmt: skip
+    check_options(kind, alpha, beta, temperature, chunk_size)
+    if not student_logits.is_floating_point():
+        raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}")
+    if student_logits.dim() < 2:
         raise ValueError(
-            f"labels must be {tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}"
+            f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}"
         )
-    targets = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
-    ce_counts = targets != ignore_index
-    if bool((ce_counts & ((targets < 0) | (targets >= vocab))).any()):
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
-    if alpha == 1.0:
-        kd_counts = torch.zeros_like(kd_counts)  # no KD term: skip its work entirely
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    plan = _plan(
+        targets, lead, vocab, student_logits.device, _compute_dtype(student_logits.dtype),
+        kind=kind, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+        num_items=num_items,
+    )  # fmt: skip
+    return _evaluate(student_logits.reshape(-1, vocab), None, None, plan, chunk_size)
 
-    rows = (kd_counts | ce_counts).nonzero().squeeze(1)
-    kd_rows = kd_counts.nonzero().squeeze(1)
-    kd_per_row = (
-        _kd_chunk_fn(ids, lp, vocab, kd_rows, kind, beta, temperature, tail)
-        if counts is None
-        else _sampled_chunk_fn(ids, counts, lp, vocab, kd_rows)
+
+def fused_distillation_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: TeacherTargets,
+    *,
+    lm_head_bias: Tensor | None = None,
+    kind: Kind = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = 1024,
+    num_items: ItemCounts | None = None,
+) -> Tensor:
+    """:func:`distillation_loss` of the logits ``hidden @ lm_head_weight.T (+ bias)``, which are
+    never built: each chunk's logits exist only while that chunk is scored.
+
+    ``hidden`` [..., H] are the student's last hidden states (after its final norm),
+    ``lm_head_weight`` [V, H] its output layer. Gradients reach ``hidden``, the weight and the
+    bias. The result equals :func:`distillation_loss` on the full logits up to rounding.
+    """
+    check_options(kind, alpha, beta, temperature, chunk_size)
+    if not hidden.is_floating_point() or hidden.dim() < 2:
+        raise ValueError(f"hidden must be floating point [..., H], got {tuple(hidden.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, {hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}"
+        )
+    lead, vocab = hidden.shape[:-1], lm_head_weight.shape[0]
+    plan = _plan(
+        targets, lead, vocab, hidden.device, _compute_dtype(hidden.dtype),
+        kind=kind, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+        num_items=num_items,
+    )  # fmt: skip
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _evaluate(flat, lm_head_weight, lm_head_bias, plan, chunk_size)
+
+
+def fused_cross_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = 1024,
+    num_items: int | Tensor | None = None,
+) -> Tensor:
+    """Next-token cross-entropy of ``hidden @ lm_head_weight.T`` against ``labels``, chunked like
+    :func:`fused_distillation_loss` (the same engine with CE only): its baseline."""
+    empty = labels.new_zeros((*labels.shape, 0))
+    targets = TeacherTargets(empty, empty.float(), labels=labels)
+    counts = None if num_items is None else ItemCounts(0, num_items)
+    return fused_distillation_loss(
+        hidden, lm_head_weight, targets, lm_head_bias=lm_head_bias, alpha=1.0,
+        ignore_index=ignore_index, chunk_size=chunk_size, num_items=counts,
+    )  # fmt: skip
+
+
+def _kd(
+    kind: Kind,
+    student_logits: Tensor,
+    targets: TeacherTargets,
+    beta: float,
+    temperature: float,
+    chunk_size: int | None,
+) -> Tensor:
+    return distillation_loss(
+        student_logits, targets, kind=kind, beta=beta, temperature=temperature,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def forward_kl(
+    student_logits: Tensor,
+    teacher_token_ids: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
+) -> Tensor:
+    """KL(teacher || student) over the k ids plus a tail bucket, mean over unmasked positions.
+
+    Mass-covering: the student is pushed to cover everything the teacher considers likely. The
+    standard KD loss (Hinton et al., 2015). With k = V it equals the dense KL exactly.
+    """
+    targets = TeacherTargets(
+        teacher_token_ids, teacher_logprobs, mask, tail_logprobs=teacher_tail_logprobs
     )
-    kd_scale = (1.0 - alpha) / max(kd_rows.numel(), 1)
-    ce_scale = alpha / max(int(ce_counts.sum()), 1)
+    return _kd("forward_kl", student_logits, targets, 0.5, temperature, chunk_size)
 
-    def fn(z: Tensor, idx: Tensor) -> Tensor:
-        # Each term runs on its own rows of the chunk, so no garbage row can leak a NaN into it.
-        ce_sel = ce_counts[idx]
-        loss = F.cross_entropy(z[ce_sel], targets[idx[ce_sel]], reduction="sum") * ce_scale
-        if alpha < 1.0:
-            kd_sel = kd_counts[idx]
-            loss = loss + kd_per_row(z[kd_sel], idx[kd_sel]).sum() * kd_scale
-        return loss
 
-    return _chunked_sum(logits, rows, fn, chunk_size)
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_token_ids: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
+) -> Tensor:
+    """KL(student || teacher) over the k ids plus a tail bucket, mean over unmasked positions.
+
+    Mode-seeking: the student is penalised for mass where the teacher has little (MiniLLM, Gu et
+    al., 2024). Student mass in the tail where the teacher has none costs ``q_tail * log(q_tail /
+    TAIL_FLOOR)``: large but finite.
+    """
+    targets = TeacherTargets(
+        teacher_token_ids, teacher_logprobs, mask, tail_logprobs=teacher_tail_logprobs
+    )
+    return _kd("reverse_kl", student_logits, targets, 0.5, temperature, chunk_size)
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_token_ids: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor | None,
+    beta: float = 0.5,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = 4096,
+    teacher_tail_logprobs: Tensor | None = None,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence (GKD convention), mean over unmasked positions.
+
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``;
+    bounded, so one bad position cannot dominate a batch. beta in [0, 1]; 0 and 1 give 0.
+    """
+    targets = TeacherTargets(
+        teacher_token_ids, teacher_logprobs, mask, tail_logprobs=teacher_tail_logprobs
+    )
+    return _kd("jsd", student_logits, targets, beta, temperature, chunk_size)
+
+
+def sampled_kl(
+    logits: Tensor,
+    teacher_token_ids: Tensor,
+    teacher_counts: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Tensor | None,
+    *,
+    chunk_size: int | None = 4096,
+) -> Tensor:
+    """Unbiased estimate of the dense forward KL(teacher || student) from sampled rows, mean over
+    unmasked positions.
+
+    Per position ``(1 / U) * sum_j c_j * (teacher_logprobs_j - log_softmax(logits)[id_j])`` with
+    ``U = sum_j c_j`` (module docstring, "Sampled rows"): over the teacher's draws its expectation
+    is the forward KL over the full vocabulary, and its gradient w.r.t. ``logits`` is an unbiased
+    estimate of the dense gradient. ``teacher_counts`` [B, T, k] are the draw counts, 0 on
+    padding; ids and log-probs of padding entries may be anything. Same chunking (and memory) as
+    :func:`forward_kl`.
+    """
+    targets = TeacherTargets(
+        teacher_token_ids, teacher_logprobs, teacher_mask, counts=teacher_counts
+    )
+    return _kd("forward_kl", logits, targets, 0.5, 1.0, chunk_size)
