@@ -18,8 +18,12 @@ def demo_teacher_path(seed: int = 0) -> Path:
     recipe = hashlib.sha256()
     for module in (language, teacher):
         recipe.update(Path(module.__file__).read_bytes())
-    cache = Path(os.environ.get("LOGITCACHE_CACHE", Path.home() / ".cache" / "logitcache"))
-    path = cache / f"demo-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
+    path = cache_dir() / f"demo-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
     if not (path / "config.json").is_file():
         teacher.build_demo_teacher(path, seed=seed)
     return path
+
+
+def cache_dir() -> Path:
+    """Where built teachers are kept: $LOGITCACHE_CACHE, else ~/.cache/logitcache."""
+    return Path(os.environ.get("LOGITCACHE_CACHE", Path.home() / ".cache" / "logitcache"))

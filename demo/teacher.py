@@ -3,7 +3,8 @@
 Demos and tests need a real model that vLLM can serve and whose next-token distributions
 are peaked and meaningful, but they cannot download one. This module trains a tokenizer and a
 ~1.3M parameter Llama on text of the demo language (:mod:`logitcache.demo.language`) in about a
-minute on two CPU cores, and saves them as an ordinary Hugging Face model directory.
+minute on two CPU cores, and saves them as an ordinary Hugging Face model directory. The same
+recipe trains on another :class:`Corpus`: the real-text teacher (:mod:`logitcache.demo.real_text`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +41,24 @@ PEAK_LEARNING_RATE = 3e-3
 FINAL_LOSS_WINDOW = 20
 # Marks a directory as a demo teacher, which is what lets a rebuild replace it.
 METADATA_FILE = "demo_teacher.json"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What a teacher learns from: train and held-out documents for a seed, and for how long."""
+
+    name: str
+    documents: Callable[[int], tuple[list[str], list[str]]]
+    train_steps: int = TRAIN_STEPS
+
+
+def demo_language_documents(seed: int) -> tuple[list[str], list[str]]:
+    """Train and held-out documents of the demo language."""
+    documents = generate_documents(TRAIN_DOCUMENTS + HELD_OUT_DOCUMENTS, seed)
+    return documents[:TRAIN_DOCUMENTS], documents[TRAIN_DOCUMENTS:]
+
+
+DEMO_LANGUAGE = Corpus("demo", demo_language_documents)
 
 
 @dataclass(frozen=True)
@@ -110,24 +129,33 @@ def teacher_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def learning_rate_factor(step: int) -> float:
+def learning_rate_factor(step: int, steps: int = TRAIN_STEPS) -> float:
     """Linear warm-up, then cosine decay to a tenth: stable and converged in few steps."""
     if step < WARMUP_STEPS:
         return (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, TRAIN_STEPS - WARMUP_STEPS)
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model: LlamaForCausalLM, blocks: torch.Tensor, seed: int, progress: bool) -> list[float]:
+def train(
+    model: LlamaForCausalLM,
+    blocks: torch.Tensor,
+    seed: int,
+    progress: bool,
+    corpus: Corpus = DEMO_LANGUAGE,
+) -> list[float]:
     """Run AdamW over randomly ordered blocks; returns the loss of every step."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LEARNING_RATE, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    epochs = math.ceil(TRAIN_STEPS * BATCH_SIZE / len(blocks))
+    steps = corpus.train_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, steps)
+    )
+    epochs = math.ceil(steps * BATCH_SIZE / len(blocks))
     order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(epochs)])
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(TRAIN_STEPS), desc="training demo teacher", disable=not progress)
+    bar = tqdm(range(steps), desc=f"training {corpus.name} teacher", disable=not progress)
     for step in bar:
         batch = blocks[order[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]]
         loss = model(input_ids=batch, labels=batch).loss
@@ -183,11 +211,11 @@ def move_into_place(staging_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
         staging_dir.rename(out_dir)
 
 
-def build_into(staging_dir: pathlib.Path, seed: int, progress: bool, started: float) -> None:
+def build_into(
+    staging_dir: pathlib.Path, seed: int, progress: bool, started: float, corpus: Corpus
+) -> None:
     """Train tokenizer and model from scratch and write everything into staging_dir."""
-    documents = generate_documents(TRAIN_DOCUMENTS + HELD_OUT_DOCUMENTS, seed)
-    train_documents = documents[:TRAIN_DOCUMENTS]
-    held_out_documents = documents[TRAIN_DOCUMENTS:]
+    train_documents, held_out_documents = corpus.documents(seed)
 
     tokenizer = train_tokenizer(train_documents)
     train_blocks = token_blocks(tokenizer, train_documents)
@@ -195,7 +223,7 @@ def build_into(staging_dir: pathlib.Path, seed: int, progress: bool, started: fl
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(teacher_config(tokenizer))
-    losses = train(model, train_blocks, seed, progress)
+    losses = train(model, train_blocks, seed, progress, corpus)
     held_out_loss = mean_loss(model, held_out_blocks)
 
     save_model(model, staging_dir, progress)
@@ -203,7 +231,7 @@ def build_into(staging_dir: pathlib.Path, seed: int, progress: bool, started: fl
     report = BuildReport(
         seed=seed,
         vocab_size=len(tokenizer),
-        train_steps=TRAIN_STEPS,
+        train_steps=corpus.train_steps,
         final_loss=round(sum(losses[-FINAL_LOSS_WINDOW:]) / FINAL_LOSS_WINDOW, 4),
         held_out_loss=round(held_out_loss, 4),
         build_seconds=round(time.perf_counter() - started, 1),
@@ -211,13 +239,17 @@ def build_into(staging_dir: pathlib.Path, seed: int, progress: bool, started: fl
     (staging_dir / METADATA_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     if progress:
         print(
-            f"demo teacher: final loss {report.final_loss:.3f}, held-out loss "
+            f"{corpus.name} teacher: final loss {report.final_loss:.3f}, held-out loss "
             f"{report.held_out_loss:.3f}, built in {report.build_seconds:.0f} s"
         )
 
 
 def build_demo_teacher(
-    out_dir: str | os.PathLike[str], seed: int = 0, *, progress: bool = True
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    corpus: Corpus = DEMO_LANGUAGE,
 ) -> pathlib.Path:
     """Build the demo teacher into out_dir and return its path.
 
@@ -243,7 +275,7 @@ def build_demo_teacher(
     torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng(devices=[]):
-            build_into(staging_dir, seed, progress, started)
+            build_into(staging_dir, seed, progress, started, corpus)
         move_into_place(staging_dir, out_dir)
     finally:
         torch.set_num_threads(threads)

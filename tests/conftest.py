@@ -44,6 +44,46 @@ def demo_teacher() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_text_teacher() -> Path:
+    """The teacher of real text (Python docstrings, 2,000 BPE tokens), built once and cached."""
+    from logitcache.demo.real_text import real_text_teacher_path
+
+    return real_text_teacher_path(seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_text_rows(real_text_teacher: Path):
+    """Exact top-64 rows with tails of the real-text teacher on 8 x 128 held-out tokens
+    (a float32 transformers forward pass)."""
+    import json
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.client.codecs import TopKRows
+    from logitcache.demo.real_text import held_out_path
+
+    texts = [json.loads(line)["text"] for line in held_out_path(real_text_teacher).open()]
+    tokenizer = AutoTokenizer.from_pretrained(str(real_text_teacher))
+    stream = [t for ids in tokenizer(texts[:40])["input_ids"] for t in ids]
+    ids = torch.tensor(stream[: 8 * 128]).view(8, 128)
+    model = AutoModelForCausalLM.from_pretrained(str(real_text_teacher), dtype=torch.float32)
+    with torch.no_grad():
+        lp = torch.log_softmax(model.eval()(input_ids=ids).logits.double(), dim=-1)
+    top, top_ids = lp.topk(64, dim=-1)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0 - 1e-12))
+    target = torch.cat([lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0],
+                        torch.full((8, 1), float("nan"), dtype=lp.dtype)], dim=1)  # fmt: skip
+    return TopKRows(
+        top_ids.reshape(-1, 64).numpy().astype(np.int32),
+        top.reshape(-1, 64).numpy().astype(np.float32),
+        target.reshape(-1).numpy().astype(np.float32),
+        tail.reshape(-1).numpy().astype(np.float32),
+    )
+
+
+@pytest.fixture(scope="session")
 def loop_thread() -> Iterator[LoopThread]:
     runner = LoopThread()
     yield runner

@@ -10,8 +10,8 @@ dimension P, one row per position) or per entry (one flat dimension E over all s
 row after row). Arrays of several records concatenate along their first dimension, which is how
 segments, wire batches and decoders handle many records at once.
 
-One module per codec (``topk_v2`` the default, ``topk_v1``, ``sampled``); the quantisation grids
-they share are in ``grid``.
+One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v1``, ``sampled``); the
+quantisation grids they share are in ``grid``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from logitcache.client.codecs.rows import TopKRows, concat_rows
 from logitcache.client.codecs.sampled import SampledCodec
 from logitcache.client.codecs.topk_v1 import QuantizedTopKCodec
 from logitcache.client.codecs.topk_v2 import TopKCodec
+from logitcache.client.codecs.topk_v3 import ContractGridTopKCodec
 
 __all__ = [
     "CODECS",
@@ -31,6 +32,7 @@ __all__ = [
     "Field",
     "QuantizedTopKCodec",
     "SampledCodec",
+    "ContractGridTopKCodec",
     "TopKCodec",
     "TopKRows",
     "codec_for",
@@ -39,7 +41,9 @@ __all__ = [
     "quantize",
 ]
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (QuantizedTopKCodec, TopKCodec, SampledCodec)}
+CODECS: dict[str, type[Codec]] = {
+    c.name: c for c in (QuantizedTopKCodec, TopKCodec, ContractGridTopKCodec, SampledCodec)
+}
 DEFAULT_CODEC = TopKCodec.name
 
 

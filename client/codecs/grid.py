@@ -1,6 +1,6 @@
 """The quantisation grids: log-probabilities as small integer codes, and back.
 
-Two grids over u = -log p, both non-decreasing in u, so sorted log-probs give sorted codes:
+Three grids over u = -log p, all non-decreasing in u, so sorted log-probs give sorted codes:
 
 - The uniform grid (``topk-q64-delta-v1``'s entries, and every codec's targets and tails):
   steps of 1/64 nat, codes in [0, 0xFFFE]; anything below -1023.98 nats clamps to the last
@@ -9,6 +9,11 @@ Two grids over u = -log p, both non-decreasing in u, so sorted log-probs give so
   down to p = 1e-3, then 1/8 nat down to p = 1e-4, then 1 nat; code 2047 (:data:`NEG_INF_CODE`)
   is -inf. Its error bounds: |decoded - exact| <= 1/128 nats for p >= 1e-3, and
   |exp(decoded) - p| <= 1e-4 below that (at most 6.5e-5 in fact).
+- The contract grid (``topk-v3`` entries, :func:`quantize_contract`): the coarsest grid the
+  storage contract allows, so fewer codes and more ties. Steps of 1/52 nat down to p = 1e-3
+  (|error| <= 1/104 nats), then 11 steps uniform in sqrt(p) down to 0 (|error| <= 8.9e-5 in
+  probability; uniform in sqrt(p) because that spends the least KL for a probability bound);
+  code 371 (:data:`CONTRACT_NEG_INF`) is -inf.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ _U0 = _C0 / 64
 _C1 = 19  # _U1 = _U0 + 19/8 = 9.297 > ln 10^4 = 9.210
 _U1 = _U0 + _C1 / 8
 NEG_INF_CODE = 2047  # -inf; finite u beyond _U1 + 1584 nats clamps to the step before
-_GRID = np.concatenate(
+PIECEWISE_GRID = np.concatenate(
     [
         -np.arange(_C0 + 1) / 64,
         -(_U0 + np.arange(1, _C1 + 1) / 8),
@@ -36,7 +41,7 @@ _GRID = np.concatenate(
         [-np.inf],
     ]
 ).astype(np.float32)
-assert _GRID.shape == (NEG_INF_CODE + 1,)
+assert PIECEWISE_GRID.shape == (NEG_INF_CODE + 1,)
 
 _UNIFORM = np.concatenate([-np.arange(NO_VALUE) / LOGPROB_SCALE, [np.nan]]).astype(np.float32)
 
@@ -58,15 +63,15 @@ def quantize(logprobs: np.ndarray) -> np.ndarray:
 
 def dequantize(codes: np.ndarray) -> np.ndarray:
     """Inverse of :func:`quantize` (a table lookup), float32."""
-    return _GRID.take(codes)
+    return PIECEWISE_GRID.take(codes)
 
 
 _DECODE_BLOCK = 4096  # rows per block: a block's codes stay in the cache
 
 
-def dequantize_gaps(gaps: np.ndarray) -> np.ndarray:
-    """[P, w] gaps between piecewise codes -> float32 log-probs: a running sum along rows, then
-    the grid table.
+def dequantize_gaps(gaps: np.ndarray, grid: np.ndarray = PIECEWISE_GRID) -> np.ndarray:
+    """[P, w] gaps between codes of ``grid`` (the piecewise one unless given) -> float32
+    log-probs: a running sum along rows, then the grid table.
 
     This is the top-k decoder's hot path. ``np.cumsum`` along short rows is slow (no SIMD), so
     each block of rows is transposed and summed column after column: w vectorised adds over the
@@ -80,8 +85,36 @@ def dequantize_gaps(gaps: np.ndarray) -> np.ndarray:
         for j in range(1, codes.shape[0]):
             np.add(codes[j - 1], codes[j], out=codes[j])
         # mode="clip": malformed input beyond the grid decodes as -inf instead of failing.
-        out[start : start + _DECODE_BLOCK] = _GRID.take(codes, mode="clip").T
+        out[start : start + _DECODE_BLOCK] = grid.take(codes, mode="clip").T
     return out
+
+
+# The contract grid over u = -log p:
+#   round(52 u) < 360 (every p >= 1e-3):  code = round(52 u)                          0 .. 359
+#   otherwise (p < 1e-3):                code = 370 - floor(sqrt(p) / _SQRT_STEP)   360 .. 370
+_FINE_STEPS = 52
+_FINE_CODES = int(np.log(1000.0) * _FINE_STEPS) + 1  # 360: codes 0..359 reach u = 6.904 < ln 1000
+_SQRT_LEVELS = 11
+_SQRT_STEP = float(np.sqrt(1e-3)) / _SQRT_LEVELS
+CONTRACT_NEG_INF = _FINE_CODES + _SQRT_LEVELS  # 371
+CONTRACT_GRID = np.concatenate(
+    [
+        -np.arange(_FINE_CODES) / _FINE_STEPS,
+        2 * np.log((np.arange(_SQRT_LEVELS)[::-1] + 0.5) * _SQRT_STEP),
+        [-np.inf],
+    ]
+).astype(np.float32)
+
+
+def quantize_contract(logprobs: np.ndarray) -> np.ndarray:
+    """Codes on the contract grid, int32 in [0, 371]; only -inf and NaN give 371 (-inf)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.minimum(np.where(np.isnan(lp), -np.inf, lp), 0.0)
+    fine = np.rint(np.minimum(-lp, 1e6) * _FINE_STEPS)  # (capped: no overflow far below the grid)
+    root = np.sqrt(np.exp(lp))  # p < 1e-3 here: sqrt(p) < 11 steps
+    coarse = _FINE_CODES + _SQRT_LEVELS - 1 - np.minimum(root // _SQRT_STEP, _SQRT_LEVELS - 1)
+    code = np.where(fine < _FINE_CODES, fine, coarse)
+    return np.where(lp == -np.inf, CONTRACT_NEG_INF, code).astype(np.int32)
 
 
 def quantize_uniform(logprobs: np.ndarray) -> np.ndarray:

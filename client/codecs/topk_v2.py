@@ -14,6 +14,7 @@ Error bounds (tested): |decoded - exact| <= 1/128 nats for every entry with p >=
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,6 +23,7 @@ import numpy as np
 from logitcache.client.codecs.base import Codec, Field, pad_rows, row_lengths, stored_row_lengths
 from logitcache.client.codecs.grid import (
     NO_VALUE,
+    PIECEWISE_GRID,
     dequantize_gaps,
     dequantize_uniform,
     quantize,
@@ -39,6 +41,9 @@ class TopKCodec(Codec):
     """
 
     name: ClassVar[str] = "topk-v2"
+    # The grid of the entries (``topk-v3`` is this codec on the contract grid).
+    quantize_entries: ClassVar[Callable[[np.ndarray], np.ndarray]] = staticmethod(quantize)
+    grid: ClassVar[np.ndarray] = PIECEWISE_GRID
 
     @property
     def fields(self) -> tuple[Field, ...]:
@@ -63,10 +68,10 @@ class TopKCodec(Codec):
         self.check_ids(ids, valid)
         if np.isnan(lp).any():
             raise ValueError("log-probabilities must not be NaN")
-        codes = quantize(lp)
+        codes = self.quantize_entries(lp)
         if (np.diff(codes, axis=1)[valid[:, 1:]] < 0).any():
             raise ValueError("log-probabilities must be sorted in descending order along k")
-        # Canonical order: by code, then by id (padding, code 2047 and id V, sorts last).
+        # Canonical order: by code, then by id (padding, code -inf and id V, sorts last).
         order = np.argsort(codes * np.int64(self.vocab_size + 1) + np.where(valid, ids, self.vocab_size),
                            axis=1, kind="stable")  # fmt: skip
         codes = np.take_along_axis(codes, order, axis=1)
@@ -89,7 +94,7 @@ class TopKCodec(Codec):
     def decode(self, arrays: dict[str, np.ndarray]) -> TopKRows:
         n = stored_row_lengths(arrays, "logprob_gaps")
         gaps = pad_rows(np.asarray(arrays["logprob_gaps"]), n, 0, np.uint16)
-        logprobs = dequantize_gaps(gaps)
+        logprobs = dequantize_gaps(gaps, self.grid)
         if gaps.shape[1] and not (n == gaps.shape[1]).all():
             logprobs[np.arange(gaps.shape[1]) >= n[:, None]] = -np.inf  # padding
         tail_q = np.asarray(arrays["tail_q"])
