@@ -1,21 +1,27 @@
 """``logitcache bench storage``: bytes per position and fidelity of every encoding, same positions.
 
-The teacher runs once under vLLM with full-vocabulary log-probs, so every encoding below is made
-from the same exact distributions:
+It runs on two teachers by default, because one flatters the codecs: the demo teacher on its
+synthetic language (peaked, repeated tails) and the real-text teacher on its held-out texts
+(flat; :mod:`logitcache.demo.real_text`). ``--teacher`` and ``--data`` (JSONL texts) pick another
+one. Each teacher runs once under vLLM with full-vocabulary log-probs, so every encoding below
+is made from the same exact distributions, and each printout starts with the teacher's
+statistics (vocabulary, mean entropy, top-k mass) so that a reader can tell a peaked case from a
+flat one:
 
     naive           int32 ids + float32 log-probs, k per position (the uncompressed baseline)
     distillkit      our re-implementation of DistillKit's compressed format (bench/distillkit.py)
     topk-q64-delta-v1   the first logitcache codec (fixed k, no stored tail)
     topk-v2         the default codec
-    top_p:P         adaptive k with topk-v2 (the shortest prefix of the top k reaching P)
+    topk-v3         topk-v2 on the contract grid
+    top_p:P         adaptive k with the default codec (the shortest prefix of the top k reaching P)
     sampled-v1      U draws per position from the full distribution
 
 Bytes for logitcache encodings are what a sealed segment of all positions takes on disk (zarr
 files, compression, metadata). Encode and decode rates are the codec's numpy work on one thread
 ("read + decode" adds reading the sealed segment back, including decompression). Fidelity is
-measured against the engine's exact top-k (see logitcache.client.fidelity). The sampled mode
-is also encoded over a large synthetic vocabulary: the same distributions with token ids mapped
-injectively into ``--synthetic-vocab`` ids, since the byte target is about large vocabularies.
+measured against the engine's exact top-k (see logitcache.client.fidelity). Every encoding is
+also made over a large synthetic vocabulary: the same distributions with token ids mapped
+injectively into ``--synthetic-vocab`` ids, since real teachers' vocabularies are large.
 """
 
 from __future__ import annotations
@@ -34,23 +40,39 @@ import numpy as np
 from logitcache.bench.distillkit import DistillKitStyleCodec
 from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.codecs import (
+    DEFAULT_CODEC,
+    ContractGridTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
     TopKCodec,
     TopKRows,
+    codec_for,
     concat_rows,
 )
 from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
+from logitcache.demo.real_text import held_out_path, real_text_teacher_path
 from logitcache.server.engine.capture import FULL_VOCAB, CaptureConfig, top_p_rows
 from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.sampling import rng_for_key, sample_rows
 from logitcache.server.engine.vllm_engine import VLLMEngine
+from logitcache.server.inputs import load_sequences
 from logitcache.server.store.backend import LocalBackend
 from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.writer import CapturedRecord, write_segment
 from logitcache.server.teachers.identity import capture_space, resolve_teacher
+
+DISTILLKIT = "distillkit-style"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A teacher and the texts it is measured on (None: demo-language sequences)."""
+
+    label: str
+    teacher: str
+    data: str | None
 
 
 @dataclass
@@ -64,13 +86,46 @@ class Captured:
     sampled_big: TopKRows
     lengths: list[int]
     mean_entropy: float
+    top_k_mass: float
 
 
-async def _capture(args, teacher: str) -> Captured:
-    info = resolve_teacher(teacher)
-    sequences = benchmark_sequences(
-        teacher, args.sequences, min(args.seq_len, info.max_model_len - 1), seed=args.seed
+def cases(args: argparse.Namespace) -> list[Case]:
+    """``--teacher`` (with ``--data``), else the demo language next to the real-text teacher."""
+    if args.teacher:
+        return [Case(args.teacher, args.teacher, args.data)]
+    real_text = real_text_teacher_path()
+    return [
+        Case("demo language", str(demo_teacher_path()), None),
+        Case("real text", str(real_text), args.data or str(held_out_path(real_text))),
+    ]
+
+
+def data_sequences(teacher: str, data: str, count: int, length: int) -> list[np.ndarray]:
+    """Up to ``count`` sequences of ``length`` tokens: the texts of ``data`` (JSONL, as precompute
+    reads it), tokenised with the teacher's tokenizer, run together and cut."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    report = load_sequences(
+        data,
+        vocab_size=len(tokenizer),
+        max_len=1 << 30,
+        tokenize=lambda texts: tokenizer(texts)["input_ids"],
     )
+    stream = np.concatenate([s.input_ids for s in report.sequences]).astype(np.int32)
+    usable = min(count, stream.shape[0] // length)
+    if usable == 0:
+        raise SystemExit(f"bench storage: {data} has fewer than {length} tokens")
+    return list(stream[: usable * length].reshape(usable, length))
+
+
+async def _capture(args, case: Case) -> Captured:
+    info = resolve_teacher(case.teacher)
+    length = min(args.seq_len, info.max_model_len - 1)
+    if case.data is None:
+        sequences = benchmark_sequences(case.teacher, args.sequences, length, seed=args.seed)
+    else:
+        sequences = data_sequences(case.teacher, case.data, args.sequences, length)
     engine = VLLMEngine(info, EngineOptions(max_top_k=1, full_vocab=True))
     try:
         vocab = engine.vocab_size
@@ -80,6 +135,7 @@ async def _capture(args, teacher: str) -> Captured:
         )
         slots = asyncio.Semaphore(32)
         entropy: list[float] = []
+        mass: list[float] = []
 
         async def one(ids: np.ndarray) -> tuple[TopKRows, ...]:
             async with slots:
@@ -87,6 +143,7 @@ async def _capture(args, teacher: str) -> Captured:
             key = record_key(sampled_space.space_id, ids)
             lp = full.logprobs.astype(np.float64)
             entropy.append(float(-(np.exp(lp) * lp).sum(axis=1).mean()))
+            mass.append(float(np.exp(lp[:, : args.top_k]).sum(axis=1).mean()))
             exact = TopKRows(
                 full.token_ids[:, : args.top_k].copy(),
                 full.logprobs[:, : args.top_k].copy(),
@@ -121,6 +178,7 @@ async def _capture(args, teacher: str) -> Captured:
         sampled_big=concat_rows([o[3] for o in out]),
         lengths=[len(s) for s in sequences],
         mean_entropy=float(np.mean(entropy)),
+        top_k_mass=float(np.mean(mass)),
     )
 
 
@@ -221,28 +279,9 @@ def _sampled_entry_error(exact: TopKRows, decoded: TopKRows) -> tuple[float, flo
     return float(err.mean()), float(err.max())
 
 
-def run_storage_benchmark(args: argparse.Namespace) -> None:
-    import numcodecs
-
-    numcodecs.blosc.set_nthreads(1)
-    teacher = args.teacher or str(demo_teacher_path())
-    if args.top_k < 17:
-        raise SystemExit("bench storage: --top-k must be at least 17 (DistillKit keeps 16 exact)")
-    cap = asyncio.run(_capture(args, teacher))
-    exact, k, vocab, big = cap.exact, args.top_k, int(cap.exact.token_ids.max()) + 1, None
-    vocab = resolve_teacher(teacher).vocab_size
-    big = args.synthetic_vocab
-    positions, repeats = len(exact), args.repeats
-    print(
-        f"teacher {teacher}: vocab {vocab}, {positions:,} positions "
-        f"({len(cap.lengths)} sequences), mean entropy {cap.mean_entropy:.2f} nats, k={k}; "
-        f"synthetic vocabulary {big:,} (same distributions, ids mapped)\n",
-        flush=True,
-    )
-    table: list[Row] = []
-
-    naive = 8 * k
-    ids32, lp32 = exact.token_ids.astype(np.int32), exact.logprobs.astype(np.float32)
+def _naive_row(rows: TopKRows, vocab: int, k: int, repeats: int) -> Row:
+    positions = len(rows)
+    ids32, lp32 = rows.token_ids.astype(np.int32), rows.logprobs.astype(np.float32)
     enc = _best_rate(lambda: (ids32.tobytes(), lp32.tobytes()), positions, repeats)
     blob_i, blob_l = ids32.tobytes(), lp32.tobytes()
     dec = _best_rate(
@@ -250,100 +289,130 @@ def run_storage_benchmark(args: argparse.Namespace) -> None:
                  np.frombuffer(blob_l, np.float32).reshape(positions, k).copy()),
         positions, repeats,
     )  # fmt: skip
-    table.append(
-        Row(
-            "naive int32+fp32",
-            vocab,
-            naive,
-            enc,
-            dec,
-            None,
-            fidelity(exact, exact, vocab).summary(),
-        )
+    fid = fidelity(rows, rows, vocab).summary()
+    return Row("naive int32+fp32", vocab, 8 * k, enc, dec, None, fid)
+
+
+def _distillkit_row(rows: TopKRows, vocab: int, k: int, repeats: int) -> Row:
+    codec = DistillKitStyleCodec(vocab, k)
+    buf = codec.encode(rows)
+    enc = _best_rate(lambda: codec.encode(rows), len(rows), repeats)
+    dec = _best_rate(lambda: codec.decode(buf), len(rows), repeats)
+    fid = fidelity(rows, codec.decode(buf), vocab).summary()
+    return Row(DISTILLKIT, vocab, codec.bytes_per_position, enc, dec, None, fid)
+
+
+def _stored_row(
+    root: str, name: str, codec, rows: TopKRows, ref: TopKRows, cap: Captured, repeats: int,
+    note: str = "",
+) -> Row:  # fmt: skip
+    vocab = codec.vocab_size
+    b, enc, dec, read, decoded = _store_encoding(
+        root, name, codec, rows, cap.lengths, vocab, repeats
     )
+    fid = fidelity(ref, decoded, vocab).summary() if rows.counts is None else None
+    if fid is None:
+        mean_err, max_err = _sampled_entry_error(rows, decoded)
+        note = f"{note}; stored log-prob |err| mean {mean_err:.4f} max {max_err:.4f}"
+    return Row(name, vocab, b, enc, dec, read, fid, note.strip("; "))
 
-    def distillkit(rows: TopKRows, v: int) -> Row:
-        codec = DistillKitStyleCodec(v, k)
-        buf = codec.encode(rows)
-        enc = _best_rate(lambda: codec.encode(rows), positions, repeats)
-        dec = _best_rate(lambda: codec.decode(buf), positions, repeats)
-        fid = fidelity(rows, codec.decode(buf), v).summary()
-        return Row("distillkit-style", v, codec.bytes_per_position, enc, dec, None, fid)
 
-    dk = distillkit(exact, vocab)
-    table.append(dk)
-    with tempfile.TemporaryDirectory(prefix="logitcache-bench-storage-") as root:
+def _encodings(args, cap: Captured, root: str, big: bool, vocab: int) -> list[Row]:
+    """Every encoding of the same positions at one vocabulary (the teacher's, or the synthetic
+    one with ids mapped)."""
+    exact, sampled = (cap.exact_big, cap.sampled_big) if big else (cap.exact, cap.sampled)
+    k, repeats = args.top_k, args.repeats
+    table = [_naive_row(exact, vocab, k, repeats), _distillkit_row(exact, vocab, k, repeats)]
+    for codec in (QuantizedTopKCodec(vocab), TopKCodec(vocab), ContractGridTopKCodec(vocab)):
+        table.append(_stored_row(root, codec.name, codec, exact, exact, cap, repeats))
+    default = codec_for(DEFAULT_CODEC, vocab)
+    for top_p in args.top_p:
+        adaptive = top_p_rows(exact, top_p)
+        mean_n = float((adaptive.logprobs > -np.inf).sum(axis=1).mean())
+        name = f"top_p:{top_p:g} ({DEFAULT_CODEC})"
+        note = f"{mean_n:.1f} entries/position"
+        table.append(_stored_row(root, name, default, adaptive, exact, cap, repeats, note))
+    distinct = float((sampled.counts > 0).sum(axis=1).mean())
+    note = f"{distinct:.1f} distinct ids/position"
+    name = f"sampled U={args.samples}"
+    table.append(_stored_row(root, name, SampledCodec(vocab), sampled, exact, cap, repeats, note))
+    return table
 
-        def stored(name: str, codec, rows: TopKRows, v: int, ref: TopKRows, note="") -> Row:
-            b, enc, dec, read, decoded = _store_encoding(
-                root, name, codec, rows, cap.lengths, v, repeats
-            )
-            fid = fidelity(ref, decoded, v).summary() if rows.counts is None else None
-            if fid is None:
-                mean_err, max_err = _sampled_entry_error(rows, decoded)
-                note = f"{note}; stored log-prob |err| mean {mean_err:.4f} max {max_err:.4f}"
-            return Row(name, v, b, enc, dec, read, fid, note.strip("; "))
 
-        table.append(stored("topk-q64-delta-v1", QuantizedTopKCodec(vocab), exact, vocab, exact))
-        table.append(stored("topk-v2", TopKCodec(vocab), exact, vocab, exact))
-        for top_p in args.top_p:
-            adaptive = top_p_rows(exact, top_p)
-            mean_n = float((adaptive.logprobs > -np.inf).sum(axis=1).mean())
-            note = f"{mean_n:.1f} entries/position"
-            table.append(
-                stored(f"top_p:{top_p:g} (v2)", TopKCodec(vocab), adaptive, vocab, exact, note)
-            )
-        distinct = float((cap.sampled.counts > 0).sum(axis=1).mean())
-        table.append(
-            stored(
-                f"sampled U={args.samples}",
-                SampledCodec(vocab),
-                cap.sampled,
-                vocab,
-                exact,
-                f"{distinct:.1f} distinct ids/position",
-            )  # fmt: skip
-        )
-        dk_big = distillkit(cap.exact_big, big)
-        table.append(dk_big)
-        table.append(stored("topk-v2", TopKCodec(big), cap.exact_big, big, cap.exact_big))
-        table.append(
-            stored(
-                f"sampled U={args.samples}", SampledCodec(big), cap.sampled_big, big, cap.exact_big
-            )  # fmt: skip
-        )
-    _print_table(table, {vocab: dk.bytes_per_position, big: dk_big.bytes_per_position})
-    v2, v2_big, sampled_big = table[3], table[-2], table[-1]
+def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(what, value, met) for every target of the issue, at each vocabulary."""
+    checks: list[tuple[str, str, bool]] = []
+    by_name = {(r.name, r.vocab): r for r in table}
+    for vocab in sorted({r.vocab for r in table}):
+        dk = by_name[DISTILLKIT, vocab]
+        for name in (TopKCodec.name, ContractGridTopKCodec.name):
+            r = by_name[name, vocab]
+            f, at = r.fid, f"{name} (vocab {vocab:,})"
+            assert f is not None and r.read_rate is not None
+            ratio = r.bytes_per_position / dk.bytes_per_position
+            err_hi, err_lo = f["max_err_p_ge_0.001"], f["max_prob_err_p_lt_0.001"]
+            checks += [
+                (f"{at}: bytes/position <= 0.5 x DistillKit-style (aim 1/3)",
+                 f"{r.bytes_per_position:.1f} vs {dk.bytes_per_position:.1f} = {ratio:.2f}x",
+                 ratio <= 0.5),
+                (f"{at}: mean KL <= DistillKit-style's", f"{f['kl_mean']:.2e} vs "
+                 f"{dk.fid['kl_mean']:.2e}" if dk.fid else "-",
+                 dk.fid is not None and f["kl_mean"] <= dk.fid["kl_mean"]),
+                (f"{at}: entries p >= 1e-3 within 0.01 nats, p < 1e-3 within 1e-4",
+                 f"max {err_hi:.4f} nats, {err_lo:.1e}", err_hi <= 0.01 and err_lo <= 1e-4),
+                (f"{at}: decode >= 2M positions/s, read + decode >= 0.5M on one core",
+                 f"{r.decode_rate / 1e6:.2f}M, {r.read_rate / 1e6:.2f}M",
+                 r.decode_rate >= 2e6 and r.read_rate >= 0.5e6),
+            ]  # fmt: skip
+        v2, v3 = by_name[TopKCodec.name, vocab], by_name[ContractGridTopKCodec.name, vocab]
+        checks.append(
+            (f"topk-v3 bytes/position <= topk-v2's (vocab {vocab:,})",
+             f"{v3.bytes_per_position:.1f} vs {v2.bytes_per_position:.1f}",
+             v3.bytes_per_position <= v2.bytes_per_position)
+        )  # fmt: skip
+    sampled = by_name[f"sampled U={args.samples}", args.synthetic_vocab]
+    checks.append(
+        (f"sampled U={args.samples} <= 40 bytes/position (vocab {args.synthetic_vocab:,})",
+         f"{sampled.bytes_per_position:.1f}", sampled.bytes_per_position <= 40)
+    )  # fmt: skip
+    return checks
+
+
+def run_storage_benchmark(args: argparse.Namespace) -> None:
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+    if args.top_k < 17:
+        raise SystemExit("bench storage: --top-k must be at least 17 (DistillKit keeps 16 exact)")
+    for case in cases(args):
+        _run_case(args, case)
+
+
+def _run_case(args: argparse.Namespace, case: Case) -> None:
+    print(f"== {case.label}: {case.teacher}, texts: {case.data or 'demo language'}", flush=True)
+    cap = asyncio.run(_capture(args, case))
+    vocab, big = resolve_teacher(case.teacher).vocab_size, args.synthetic_vocab
     print(
-        "\nvs DK: bytes/position over the DistillKit-style reference's at the same vocabulary "
-        "size.\n"
+        f"teacher {case.label}: vocab {vocab:,}, mean entropy {cap.mean_entropy:.2f} nats, "
+        f"top-{args.top_k} mass {cap.top_k_mass:.3f}; {len(cap.exact):,} positions "
+        f"({len(cap.lengths)} sequences), k={args.top_k}; synthetic vocabulary {big:,} (same "
+        "distributions, ids mapped)\n",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="logitcache-bench-storage-") as root:
+        table = _encodings(args, cap, root, False, vocab) + _encodings(args, cap, root, True, big)
+    reference = {r.vocab: r.bytes_per_position for r in table if r.name == DISTILLKIT}
+    _print_table(table, reference)
+    print(
+        "\nB/pos: bytes per position of a sealed segment on disk (DistillKit-style and naive: "
+        "their fixed record size); vs DK: over the DistillKit-style reference's at the same "
+        "vocabulary size.\n"
         "KL mean: KL(exact top-k with tail || decoded top-k with tail) per position; "
         "err p>=1e-3: largest log-prob error over entries with p >= 1e-3 (nats); "
         "dp p<1e-3: largest probability error below that.\n"
     )
-    checks = [
-        (f"topk-v2 bytes/position <= 0.5 x DistillKit-style (vocab {vocab})",
-         f"{v2.bytes_per_position:.1f} vs {dk.bytes_per_position:.1f} "
-         f"= {v2.bytes_per_position / dk.bytes_per_position:.2f}x",
-         v2.bytes_per_position <= 0.5 * dk.bytes_per_position),
-        (f"topk-v2 bytes/position <= 0.5 x DistillKit-style (vocab {big:,})",
-         f"{v2_big.bytes_per_position:.1f} vs {dk_big.bytes_per_position:.1f} "
-         f"= {v2_big.bytes_per_position / dk_big.bytes_per_position:.2f}x",
-         v2_big.bytes_per_position <= 0.5 * dk_big.bytes_per_position),
-        ("topk-v2 mean KL <= DistillKit-style mean KL",
-         f"{v2.fid['kl_mean']:.2e} vs {dk.fid['kl_mean']:.2e}",
-         v2.fid["kl_mean"] <= dk.fid["kl_mean"]),
-        ("topk-v2 every entry with p >= 1e-3 within 0.01 nats",
-         f"max {v2.fid['max_err_p_ge_0.001']:.4f}", v2.fid["max_err_p_ge_0.001"] <= 0.01),
-        ("topk-v2 every entry with p < 1e-3 within 1e-4 in probability",
-         f"max {v2.fid['max_prob_err_p_lt_0.001']:.1e}",
-         v2.fid["max_prob_err_p_lt_0.001"] <= 1e-4),
-        (f"sampled U={args.samples} <= 40 bytes/position (vocab {big:,})",
-         f"{sampled_big.bytes_per_position:.1f}", sampled_big.bytes_per_position <= 40),
-        ("topk-v2 decode >= 2M positions/s on one core",
-         f"{v2.decode_rate / 1e6:.2f}M (read + decode {v2.read_rate / 1e6:.2f}M)",
-         v2.decode_rate >= 2e6),
-    ]  # fmt: skip
-    print("targets:")
-    for what, value, ok in checks:
+    print(f"targets ({case.label}: mean entropy {cap.mean_entropy:.2f} nats, "
+          f"top-{args.top_k} mass {cap.top_k_mass:.3f}, vocab {vocab:,}):")  # fmt: skip
+    for what, value, ok in _targets(table, args):
         print(f"  [{'met' if ok else 'MISSED'}] {what}: {value}")
+    print(flush=True)

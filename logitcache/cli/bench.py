@@ -151,16 +151,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "storage",
         help="bytes/position, encode/decode speed and fidelity of every encoding on the same positions",
         description=(
-            "Runs the teacher once with full-vocabulary log-probs and encodes the same positions "
-            "as: naive int32+fp32, a DistillKit-style reference (16 exact bf16 values, a "
-            "polynomial fit of the rest, bit-packed ids), the old and the default logitcache "
-            "codecs, adaptive top-p, and sampled mode; then again on a large synthetic "
-            "vocabulary (the same distributions with ids mapped into it). Prints bytes/position, "
+            "On the demo teacher (demo language) and the real-text teacher (held-out texts), or "
+            "on --teacher with --data: runs the teacher once with full-vocabulary log-probs and "
+            "encodes the same positions as: naive int32+fp32, a DistillKit-style reference (16 "
+            "exact bf16 values, a polynomial fit of the rest, bit-packed ids), every logitcache "
+            "top-k codec, adaptive top-p, and sampled mode; then again on a large synthetic "
+            "vocabulary (the same distributions with ids mapped into it). Prints the teacher's "
+            "statistics (vocabulary, mean entropy, top-k mass), bytes/position on disk, "
             "encode/decode positions/s on one core, fidelity against the exact top-k, and the "
             "targets."
         ),
     )
-    _add_teacher_option(p)
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher directory or id (default: the demo teacher on the demo language, then the "
+        "real-text teacher on its held-out texts, both built if needed)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help='JSONL texts to measure on (one {"text": ...} per line, as precompute reads '
+        "them; default: the demo language with --teacher, else the real-text teacher's "
+        "held-out texts)",
+    )
     p.add_argument("--sequences", type=int, default=128, help="sequences (default: 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--top-k", type=int, default=64, help="k of the top-k encodings (default: 64)")
