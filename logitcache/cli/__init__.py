@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from logitcache.cli import bench, demo, precompute, serve
+from logitcache.cli import bench, demo, policy, precompute, serve
 from logitcache.client import commands as client_commands
 from logitcache.client.errors import LogitCacheError
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_commands.add_commands(sub)  # submit, jobs, fetch: clients of a running server
     demo.add_commands(sub)  # demo-teacher, demo-data, demo-service
     bench.add_commands(sub)  # bench capture|distill|stream|lookup|storage
+    policy.add_commands(sub)  # tokens create|list|revoke, audit verify
     _record_flags(sub)
     return parser
 
