@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.client.tokenizer import fingerprint_tokenizer_size
+
 KEY_BYTES = 16
 
 
@@ -53,6 +55,14 @@ class CaptureSpace:
         if self.capture_mode is not CaptureMode.TOP_P:
             return None
         return float(self.mode.partition(":")[2])
+
+    @property
+    def tokenizer_size(self) -> int | None:
+        """How many ids the tokenizer produces (largest + 1); None if the fingerprint predates tok2.
+
+        Below ``vocab_size`` for a teacher whose output layer is padded beyond its tokenizer.
+        """
+        return fingerprint_tokenizer_size(self.tokenizer_fingerprint)
 
     @property
     def space_id(self) -> str:

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from logitcache.client.errors import InvalidArgument, NotFound
 from logitcache.client.space import CaptureMode, CaptureSpace
-from logitcache.client.tokenizer import canonical_json, tokenizer_fingerprint
+from logitcache.client.tokenizer import (
+    canonical_json,
+    chat_template_fingerprint,
+    legacy_tokenizer_fingerprint,
+    tokenizer_fingerprint,
+)
 from logitcache.server.engine.capture import CaptureConfig
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
@@ -39,6 +44,13 @@ class TeacherInfo:
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     license: str | None
+    # For provenance and for spaces written before tok2 fingerprints (which record this value).
+    legacy_tokenizer_fingerprint: str | None = None
+    chat_template_fingerprint: str | None = None
+
+    def tokenizer_matches(self, recorded: str) -> bool:
+        """Whether a space's recorded tokenizer fingerprint, of either kind, is this teacher's."""
+        return recorded in (self.tokenizer_fingerprint, self.legacy_tokenizer_fingerprint)
 
 
 def topk_space(info: TeacherInfo, engine_dtype: str, k: int) -> CaptureSpace:
@@ -91,7 +103,17 @@ def resolve_teacher(name_or_path: str) -> TeacherInfo:
         teacher_fingerprint=weights_fingerprint(path),
         tokenizer_fingerprint=tokenizer_fingerprint(path),
         license=_license_of(path),
+        legacy_tokenizer_fingerprint=_legacy_fingerprint(path),
+        chat_template_fingerprint=chat_template_fingerprint(path),
     )
+
+
+def _legacy_fingerprint(path: Path) -> str | None:
+    """The pre-tok2 fingerprint that older spaces record; None where its files are absent."""
+    try:
+        return legacy_tokenizer_fingerprint(path)
+    except InvalidArgument:
+        return None
 
 
 def _local_path(name_or_path: str) -> Path:

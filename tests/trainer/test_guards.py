@@ -11,7 +11,7 @@ import pytest
 from logitcache.client.errors import FailedPrecondition
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
-from logitcache.client.tokenizer import tokenizer_fingerprint
+from logitcache.client.tokenizer import legacy_tokenizer_fingerprint, tokenizer_fingerprint
 from logitcache.trainer.guards import IncompatibleStudent, check_record_ids, check_student
 
 TEACHER_VOCAB = 151936
@@ -98,8 +98,10 @@ def test_vocab_mismatch_is_reported_precisely() -> None:
 
 
 def test_vocab_padding_accepts_only_a_larger_student(tokenizers: tuple[Path, Path]) -> None:
+    # A space of the file-bytes kind, which does not record the tokenizer's size: a smaller
+    # student is then refused (tests/trainer/test_padded_vocab.py has the rule with the size).
     teacher, student = tokenizers
-    space = space_for(tokenizer_fingerprint(teacher))
+    space = space_for(legacy_tokenizer_fingerprint(teacher))
     check_student(space, tokenizer_path=teacher, vocab_size=152064, allow_vocab_padding=True)
     check_student(space, vocab_size=TEACHER_VOCAB, allow_vocab_padding=True)
     with pytest.raises(IncompatibleStudent, match="151000") as err:
