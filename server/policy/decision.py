@@ -146,7 +146,10 @@ def decide(
     licence = catalogue.get(declared_licence)
 
     def answer(
-        verdict: Verdict, reason: str, clause: str | None = None, obligations: tuple = ()
+        verdict: Verdict,
+        reason: str,
+        clause: str | None = None,
+        obligations: tuple[Obligation, ...] = (),
     ) -> PolicyDecision:
         return PolicyDecision(
             verdict=verdict,
