@@ -4,6 +4,7 @@ thing is PERMISSION_DENIED. Messages name the user and the token's public id, ne
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 from collections.abc import Iterable
@@ -27,6 +28,20 @@ class Principal:
 
 # --allow-anonymous is the demo's single-user mode on a loopback bind: its one user is the admin.
 ANONYMOUS = Principal(user="anonymous", role=Role.ADMIN)
+
+
+def check_anonymous_bind(host: str) -> None:
+    """INVALID_ARGUMENT unless ``host`` is a loopback address or name: anonymous callers are
+    everyone who can reach the port, which must then be only this machine."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidArgument(
+            f"--allow-anonymous needs a loopback bind (127.0.0.1, ::1 or localhost), not {host!r}",
+            fields=("allow_anonymous",),
+        )
 
 
 class Action(StrEnum):

@@ -10,6 +10,7 @@ from logitcache.server.policy.access import (
     ANONYMOUS,
     Action,
     authenticate,
+    check_anonymous_bind,
     issue_token,
     may_read,
     require,
@@ -102,3 +103,14 @@ def test_a_token_needs_a_printable_user(state) -> None:
         issue_token(state, "", Role.ADMIN)
     with pytest.raises(InvalidArgument):
         issue_token(state, "a\nb", Role.ADMIN)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_anonymous_access_is_accepted_on_a_loopback_bind(host: str) -> None:
+    check_anonymous_bind(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "example.org", ""])
+def test_anonymous_access_is_refused_on_any_other_bind(host: str) -> None:
+    with pytest.raises(InvalidArgument, match="loopback"):
+        check_anonymous_bind(host)
