@@ -12,6 +12,22 @@ the same steps on the same batches in the same order, three ways:
     from ``TeacherStream`` (gRPC, ``shuffle=False`` so the order is (a)'s, checked batch by batch)
     through ``collate_records`` and the sparse top-k loss of ``logitcache.trainer.losses``.
 
+(a') is (a) computed the fused way (:func:`~logitcache.trainer.losses.fused_cross_entropy` inside
+the student's output layer, no [B, T, V] logits), the baseline the distillation runs are compared
+with: (c), (d) and (e) use the fused losses too (``fused_distillation_loss``); ``--modes l`` adds
+(l), (c)'s loss on full logits. ``--student-vocab`` pads the student's output layer beyond the
+teacher's vocabulary (e.g. 65536), the large-vocabulary case where the fused path matters: the
+extra tokens are outside every cached row, so they sit in the tail bucket.
+
+The results table has, per run, the student's step time (forward, loss, backward, optimizer
+step; data and teacher excluded) in ms and relative to (a') and (a), the peak memory of one step
+above what it starts with (the profiler's allocation events on CPU, where tracemalloc sees none of
+torch's tensors; ``torch.cuda.max_memory_allocated`` on GPU) relative to (a'), and positions
+trained per second. That one step runs under the profiler and is left out of the timing.
+
+The training sequences come from :func:`token_sequences` (documents of the demo language), the one
+place a second data source plugs in.
+
 Each student is then scored on held-out text (documents of another seed) by the mean
 KL(teacher || student) per token over the full vocabulary, with the teacher computed by the plain
 transformers reference forward pass, and by its perplexity on the actual next tokens.
@@ -40,15 +56,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from logitcache.client.errors import InvalidArgument
 from logitcache.demo.assets import demo_teacher_path
+from logitcache.trainer import losses
+from logitcache.trainer.collate import TeacherTargets, collate_records
+from logitcache.trainer.output_layer import loss_in_output_layer, output_layer
+from logitcache.trainer.stream import TeacherStream
 
 IGNORE_INDEX = -100
 EVAL_BATCH = 32
+T = TypeVar("T")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -114,24 +136,99 @@ def learning_rate_factor(step: int, steps: int) -> float:
 # ---- losses ----------------------------------------------------------------------------------------
 
 
+def _weighted_log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum a (log a - log b) over the last dim, 0 log 0 = 0 (a student vocabulary padded beyond
+    the teacher's gives the teacher -inf there)."""
+    present = log_a > float("-inf")
+    diff = torch.where(present, log_a - log_b, 0.0)
+    return (log_a.exp() * diff).sum(-1)
+
+
 def dense_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-position divergence over the full vocabulary; teacher log_p, student log_q [..., V]."""
     if kind == "forward_kl":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _weighted_log_ratio(log_p, log_q)
     if kind == "reverse_kl":
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
+        return _weighted_log_ratio(log_q, log_p)
     if kind == "jsd":  # beta = 0.5, as losses.jsd's default
         log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-        kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-        kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-        return 0.5 * kl_pm + 0.5 * kl_qm
+        return 0.5 * _weighted_log_ratio(log_p, log_m) + 0.5 * _weighted_log_ratio(log_q, log_m)
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def pad_vocabulary(log_p: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The teacher's log-probs over a student vocabulary of ``vocab`` >= its own (-inf beyond)."""
+    extra = vocab - log_p.shape[-1]
+    return log_p if extra == 0 else F.pad(log_p, (0, extra), value=float("-inf"))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+# A step's loss: (student, input_ids, attention_mask, labels, extra) -> loss; extra for the loss.
+StepLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+# (logits [B, T, V], labels, extra) -> loss
+LogitsLoss = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+# (hidden [B, T, H], output weight [V, H], bias, labels, extra) -> loss
+HiddenLoss = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict], torch.Tensor
+]
+
+
+def on_logits(loss: LogitsLoss) -> StepLoss:
+    """The usual way: the student returns [B, T, V] logits, the loss takes them."""
+
+    def step(model, input_ids, attention_mask, labels, extra):  # type: ignore[no-untyped-def]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return loss(logits, labels, extra)
+
+    return step
+
+
+def fused(loss: HiddenLoss) -> StepLoss:
+    """The fused way: the loss runs inside the student's output layer, on its hidden states."""
+
+    def step(model, input_ids, attention_mask, labels, extra):  # type: ignore[no-untyped-def]
+        head = output_layer(model)
+        if head is None:
+            raise RuntimeError("the student has no plain linear output layer to fuse the loss in")
+        with loss_in_output_layer(head, lambda h, w, b: loss(h, w, b, labels, extra)) as scored:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return scored.loss_from(outputs)
+
+    return step
+
+
+def step_peak_bytes(device: torch.device, run_step: Callable[..., T], *args: Any) -> tuple[int, T]:
+    """Peak memory one training step allocates above what it starts with (the model, optimizer
+    state and batch already held are not counted).
+
+    On GPU ``torch.cuda.max_memory_allocated``. On CPU the profiler's allocation events, summed in
+    time order: tracemalloc sees only Python's allocators, not torch's tensors."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = run_step(*args)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start, out
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run_step(*args)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]"
+    )
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak, out
 
 
 # ---- one training run -------------------------------------------------------------------------------
@@ -144,36 +241,65 @@ class RunResult:
     wall_s: float = 0.0  # the whole loop
     data_s: float = 0.0  # waiting for the batch (slicing, or the stream's next() + collation)
     teacher_s: float = 0.0  # (b): the teacher's forward pass
-    forward_s: float = 0.0  # the student's forward pass
-    loss_s: float = 0.0  # the loss (the top-k loss of (c) takes its gradient here already)
+    forward_s: float = 0.0  # the student's forward pass with the loss (fused: one and the same)
     update_s: float = 0.0  # backward, clipping, optimizer step
-    positions: int = 0
+    positions: int = 0  # trained in the timed steps
+    timed_steps: int = 0  # all but the one whose memory is measured (the profiler slows it)
+    peak_bytes: int = 0  # of that step (step_peak_bytes)
     first_batch_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     server_cpu_s: float | None = None
 
     @property
     def compute_s(self) -> float:
-        """The student's training work: forward, loss, backward, optimizer step."""
-        return self.forward_s + self.loss_s + self.update_s
+        """The student's training work in the timed steps: forward, loss, backward, step."""
+        return self.forward_s + self.update_s
+
+    @property
+    def step_ms(self) -> float:
+        return 1000.0 * self.compute_s / max(self.timed_steps, 1)
 
 
 # A batch source: step -> (input_ids [B, T], attention_mask, labels, extra) ; extra for the loss.
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
-LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+MEASURED_STEP = 1  # the step whose peak memory is taken: after the optimizer made its state
+
+
+def _train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    step_loss: StepLoss,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict],
+    timing: RunResult | None = None,
+) -> torch.Tensor:
+    """One optimizer step; adds its forward (with the loss) and update times to ``timing``."""
+    t0 = time.perf_counter()
+    loss = step_loss(model, *batch)
+    t1 = time.perf_counter()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if timing is not None:
+        timing.forward_s += t1 - t0
+        timing.update_s += time.perf_counter() - t1
+    return loss
 
 
 def train(
     name: str,
     init: Callable[[], torch.nn.Module],
     next_batch: BatchFn,
-    loss_fn: LossFn,
+    step_loss: StepLoss,
     teacher_fn: Callable[[torch.Tensor, dict], None] | None,
     args: argparse.Namespace,
     server_cpu: Callable[[], float] | None,
 ) -> RunResult:
     model = init()
     model.train()
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, args.steps)
@@ -192,22 +318,17 @@ def train(
         if teacher_fn is not None:
             teacher_fn(input_ids, extra)
         t2 = time.perf_counter()
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        t3 = time.perf_counter()
-        loss = loss_fn(logits, labels, extra)
-        t4 = time.perf_counter()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
+        batch = (input_ids, attention_mask, labels, extra)
+        if step == MEASURED_STEP or args.steps == 1:
+            result.peak_bytes, loss = step_peak_bytes(
+                device, _train_step, model, optimizer, schedule, step_loss, batch
+            )
+        else:
+            loss = _train_step(model, optimizer, schedule, step_loss, batch, result)
+            result.timed_steps += 1
+            result.positions += int(attention_mask.sum())
         result.data_s += t1 - t0
         result.teacher_s += t2 - t1
-        result.forward_s += t3 - t2
-        result.loss_s += t4 - t3
-        result.update_s += t5 - t4
-        result.positions += int(attention_mask.sum())
         result.losses.append(float(loss.detach()))
         if (step + 1) % report_every == 0 or step + 1 == args.steps:
             window = result.losses[-report_every:]
@@ -244,13 +365,42 @@ def evaluate(
     kl_sum, nll_sum, kl_n, nll_n = 0.0, 0.0, 0, 0
     for batch, log_p in zip(held_out.split(EVAL_BATCH), reference, strict=True):
         log_q = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
-        kl = dense_divergence(log_p, log_q, "forward_kl")
+        kl = dense_divergence(pad_vocabulary(log_p, log_q.shape[-1]), log_q, "forward_kl")
         kl_sum += float(kl.double().sum())
         kl_n += kl.numel()
         nll = -log_q[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
         nll_sum += float(nll.double().sum())
         nll_n += nll.numel()
     return kl_sum / kl_n, math.exp(nll_sum / nll_n)
+
+
+def print_results(
+    rows: list[tuple[str, float, float, RunResult | None]], fused_ce: RunResult, ce: RunResult
+) -> None:
+    """The results table: held-out quality, then the student's step against a CE step's."""
+    head = (
+        f"{'method':37s} {'KL(t||s)':>9s} {'ppl':>8s} {'step ms':>8s} {'x CE':>6s} "
+        f"{'x CE(a)':>8s} {'peak MB':>8s} {'x CE':>6s} {'pos/s trained':>14s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, kl, ppl, r in rows:
+        if r is None:
+            print(f"{label:37s} {kl:>9.4f} {ppl:>8.3f}")
+            continue
+        print(
+            f"{label:37s} {kl:>9.4f} {ppl:>8.3f} {r.step_ms:>8.1f} "
+            f"{r.step_ms / fused_ce.step_ms:>6.2f} {r.step_ms / ce.step_ms:>8.2f} "
+            f"{r.peak_bytes / 2**20:>8.1f} {r.peak_bytes / max(fused_ce.peak_bytes, 1):>6.2f} "
+            f"{r.positions / max(r.compute_s, 1e-9):>14,.0f}"
+        )
+    print(
+        "(step ms: the student's forward, loss, backward and optimizer step, data and teacher "
+        "excluded; x CE: against (a'), a cross-entropy step computed the same fused way; x CE(a): "
+        f"against (a), cross-entropy on full logits; peak MB: one step (step {MEASURED_STEP}) "
+        "above what it starts with, from the profiler's allocation events on CPU, "
+        "max_memory_allocated on GPU)"
+    )
 
 
 # ---- the server side ---------------------------------------------------------------------------------
@@ -305,6 +455,28 @@ def _records_forever(stream) -> Iterator:
             raise RuntimeError(f"dataset {stream.dataset!r} streamed no records")
 
 
+class _checked_batches:
+    """Collated batches of ``stream`` (epoch after epoch), refusing any whose input_ids are not
+    the fixed batches' of (a): every run must train on the same sequences in the same order."""
+
+    def __init__(
+        self, stream: TeacherStream, train_ids: torch.Tensor, batch_size: int, key: str
+    ) -> None:
+        self.records = _records_forever(stream)
+        self.train_ids, self.batch_size, self.key = train_ids, batch_size, key
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        records = [next(self.records) for _ in range(self.batch_size)]
+        batch = collate_records(records, pad_token_id=0, pin_memory=False)
+        rows = batch_rows(step, self.batch_size, len(self.train_ids))
+        if not torch.equal(batch["input_ids"], self.train_ids[rows]):
+            raise RuntimeError(
+                f"({self.key}) saw other sequences than (a) at step {step}: the comparison would "
+                "not be fair"
+            )
+        return batch["input_ids"], batch["attention_mask"], batch["labels"], {"batch": batch}
+
+
 # ---- the benchmark ------------------------------------------------------------------------------------
 
 
@@ -342,9 +514,6 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     from logitcache.client import Client
     from logitcache.server.engine.reference import TransformersReference
     from logitcache.server.launcher import ServerProcess
-    from logitcache.trainer import losses
-    from logitcache.trainer.collate import collate_records
-    from logitcache.trainer.stream import TeacherStream
 
     for name in ("steps", "batch_size", "seq_len", "eval_sequences", "threads", "top_k"):
         if getattr(args, name) < 1:
@@ -368,7 +537,10 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     held_out = token_sequences(tokenizer, args.eval_sequences, seq_len, args.eval_seed)
     epochs = steps * bsz / n_train
 
-    config = student_config(vocab, seq_len, args.student_hidden, args.student_layers)
+    student_vocab = args.student_vocab or vocab
+    if student_vocab < vocab:
+        raise InvalidArgument(f"--student-vocab must be at least the teacher's {vocab}")
+    config = student_config(student_vocab, seq_len, args.student_hidden, args.student_layers)
     torch.manual_seed(args.seed)
     initial = LlamaForCausalLM(config)
     initial.eval()
@@ -387,8 +559,9 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     )
     print(
         f"student: Llama hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-        f"{config.num_attention_heads} heads x {config.head_dim}, {n_params:,} parameters, "
-        f"init seed {args.seed}"
+        f"{config.num_attention_heads} heads x {config.head_dim}, output layer {student_vocab} "
+        f"tokens{' (padded beyond the teacher)' if student_vocab > vocab else ''}, "
+        f"{n_params:,} parameters, init seed {args.seed}"
     )
     print(
         f"data: {n_train} training sequences x {seq_len} tokens (documents seed "
@@ -408,9 +581,13 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     def ce_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
         return cross_entropy(logits, labels)
 
+    def fused_ce_loss(h, w, b, labels: torch.Tensor, extra: dict) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return losses.fused_cross_entropy(h, w, labels, lm_head_bias=b)
+
     @torch.no_grad()
     def online_teacher(ids: torch.Tensor, extra: dict) -> None:
-        extra["log_p"] = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+        log_p = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+        extra["log_p"] = pad_vocabulary(log_p, student_vocab)
 
     def dense_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
         log_q = torch.log_softmax(logits.float(), -1)
@@ -420,12 +597,14 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         return (1.0 - args.alpha) * kd + args.alpha * cross_entropy(logits, labels)
 
     def cached_loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
-        b = extra["batch"]
-        return losses.distillation_loss(
-            logits, b["teacher_token_ids"], b["teacher_logprobs"], b["teacher_mask"], labels,
-            kind=args.loss, alpha=args.alpha, teacher_tail_logprobs=b["teacher_tail_logprobs"],
-            teacher_counts=b.get("teacher_counts"),
-        )  # fmt: skip
+        targets = TeacherTargets.from_batch(extra["batch"])
+        return losses.distillation_loss(logits, targets, kind=args.loss, alpha=args.alpha)
+
+    def fused_cached_loss(h, w, b, labels: torch.Tensor, extra: dict) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        targets = TeacherTargets.from_batch(extra["batch"])
+        return losses.fused_distillation_loss(
+            h, w, targets, lm_head_bias=b, kind=args.loss, alpha=args.alpha
+        )
 
     results: dict[str, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="logitcache-bench-distill-") as tmp:
@@ -454,12 +633,19 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
-            print("\n(a) cross-entropy on the text", flush=True)
-            results["a"] = train("(a)", new_student, fixed_batch, ce_loss, None, args, server_cpu)
+            print("\n(a) cross-entropy on the text (logits)", flush=True)
+            results["a"] = train(
+                "(a)", new_student, fixed_batch, on_logits(ce_loss), None, args, server_cpu
+            )
+            print("(a') cross-entropy on the text, fused", flush=True)
+            results["a'"] = train(
+                "(a')", new_student, fixed_batch, fused(fused_ce_loss), None, args, server_cpu
+            )
             print(f"(b) online distillation, dense teacher ({args.loss})", flush=True)
             results["b"] = train(
-                "(b)", new_student, fixed_batch, dense_loss, online_teacher, args, server_cpu
-            )
+                "(b)", new_student, fixed_batch, on_logits(dense_loss), online_teacher, args,
+                server_cpu,
+            )  # fmt: skip
 
             print(f"(c) distillation from the cache over gRPC (top-{args.top_k})", flush=True)
             stream = TeacherStream(f"grpc://{server.target}", dataset, seed=args.seed,
@@ -473,30 +659,16 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 raise RuntimeError(
                     f"cache vocabulary {stream.space.vocab_size} != teacher's {vocab}"
                 )
-            records = _records_forever(stream)
-            mismatched: list[int] = []
-
-            def streamed_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-                batch = collate_records(
-                    [next(records) for _ in range(bsz)], pad_token_id=0, pin_memory=False
-                )
-                ids = batch["input_ids"]
-                if not torch.equal(ids, train_ids[batch_rows(step, bsz, n_train)]):
-                    mismatched.append(step)
-                return ids, batch["attention_mask"], batch["labels"], {"batch": batch}
-
-            try:
-                results["c"] = train(
-                    "(c)", new_student, streamed_batch, cached_loss, None, args, server_cpu
-                )
-            finally:
-                records.close()
-            if mismatched:
-                raise RuntimeError(
-                    f"(c) saw other sequences than (a) at {len(mismatched)} of {steps} steps "
-                    f"(first: step {mismatched[0]}): the comparison would not be fair"
-                )
-            print(f"  (c) every batch's input_ids equal (a)'s ({steps} batches checked)")
+            variants = [("c", "fused", fused(fused_cached_loss))]
+            if "l" in args.modes:
+                variants.append(("l", "on the logits", on_logits(cached_loss)))
+            for key, path, step_loss in variants:
+                print(f"({key}) top-{args.top_k} loss {path} (gRPC stream)", flush=True)
+                results[key] = train(
+                    f"({key})", new_student, _checked_batches(stream, train_ids, bsz, key),
+                    step_loss, None, args, server_cpu,
+                )  # fmt: skip
+                print(f"  ({key}) every batch's input_ids equal (a)'s ({steps} batches checked)")
 
         for key, mode in (("d", "top_p"), ("e", "sampled")):
             if key not in args.modes:
@@ -510,28 +682,11 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 flush=True,
             )
             stream = TeacherStream(str(store), dataset, seed=args.seed, shuffle=False)
-            records = _records_forever(stream)
-
-            def stored_batch(step: int, records=records, key=key) -> tuple:
-                batch = collate_records(
-                    [next(records) for _ in range(bsz)], pad_token_id=0, pin_memory=False
-                )
-                if not torch.equal(batch["input_ids"], train_ids[batch_rows(step, bsz, n_train)]):
-                    raise RuntimeError(f"({key}) saw other sequences than (a) at step {step}")
-                return (
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    {"batch": batch},
-                )
-
-            print(f"({key}) distillation from the {mode} cache (store stream)", flush=True)
-            try:
-                results[key] = train(
-                    f"({key})", new_student, stored_batch, cached_loss, None, args, None
-                )
-            finally:
-                records.close()
+            print(f"({key}) distillation from the {mode} cache, fused (store stream)", flush=True)
+            results[key] = train(
+                f"({key})", new_student, _checked_batches(stream, train_ids, bsz, key),
+                fused(fused_cached_loss), None, args, None,
+            )  # fmt: skip
 
     print("\nevaluating on held-out text (teacher: transformers reference forward pass) ...")
     t = time.perf_counter()
@@ -540,10 +695,12 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     rows.append(("student, untrained", *evaluate(initial, held_out, reference), None))
     labels = {
         "a": "(a) cross-entropy on text",
+        "a'": "(a') cross-entropy, fused",
         "b": f"(b) online KD, dense {args.loss}",
-        "c": f"(c) KD from cache, top-{args.top_k} {args.loss}",
-        "d": f"(d) KD, adaptive top-p {args.top_p:g}",
-        "e": f"(e) KD, sampled U={args.samples}",
+        "c": f"(c) KD from cache, top-{args.top_k}, fused",
+        "l": f"(l) KD from cache, top-{args.top_k}, logits",
+        "d": f"(d) KD, adaptive top-p {args.top_p:g}, fused",
+        "e": f"(e) KD, sampled U={args.samples}, fused",
     }
     scores = {}
     for key, r in results.items():
@@ -558,18 +715,7 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"\nheld-out: {args.eval_sequences} sequences x {seq_len} tokens = {held_positions:,} "
         f"positions; KL in nats per position over the full vocabulary; evaluated in {eval_s:.1f} s"
     )
-    head = (
-        f"{'method':37s} {'KL(teacher||student)':>21s} {'ppl':>8s} {'train s':>8s} {'steps/s':>8s}"
-    )
-    print(head)
-    print("-" * len(head))
-    for label, kl, ppl, r in rows:
-        timing = (
-            f"{r.wall_s:>8.1f} {steps / r.wall_s:>8.2f}"
-            if r is not None
-            else f"{'-':>8s} {'-':>8s}"
-        )
-        print(f"{label:37s} {kl:>21.4f} {ppl:>8.3f} {timing}")
+    print_results(rows, results["a'"], results["a"])
     for key in "cde":
         if key in scores:
             print(f"({key})/(b) KL ratio: {scores[key] / scores['b']:.3f}")
@@ -582,29 +728,21 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"{c.positions / max(c.data_s, 1e-9):,.0f} positions/s consumed; "
         f"{c.data_s / c.wall_s:.1%} of (c)'s wall time"
     )
-    print(
-        f"(c) student: {steps / c.compute_s:.2f} steps/s, {c.positions / c.compute_s:,.0f} "
-        f"positions/s trained (forward, loss, backward, step: {c.compute_s:.1f} s); "
-        f"{steps / c.wall_s:.2f} steps/s overall"
-    )
     print("\nwhere each run's time went (s):")
     head = (
-        f"{'run':5s} {'data':>7s} {'teacher':>8s} {'forward':>8s} {'loss':>7s} "
-        f"{'bwd+step':>9s} {'wall':>7s} {'pos/s trained':>14s} {'server CPU':>11s}"
+        f"{'run':5s} {'data':>7s} {'teacher':>8s} {'fwd+loss':>9s} {'bwd+step':>9s} {'wall':>7s} "
+        f"{'server CPU':>11s}"
     )
     print(head)
-    for key in sorted(results):
-        r = results[key]
+    for key, r in results.items():
         server = f"{r.server_cpu_s / r.wall_s:>10.0%}" if r.server_cpu_s is not None else "n/a"
         print(
-            f"{'(' + key + ')':5s} {r.data_s:>7.2f} {r.teacher_s:>8.2f} {r.forward_s:>8.2f} "
-            f"{r.loss_s:>7.2f} {r.update_s:>9.2f} {r.wall_s:>7.2f} "
-            f"{r.positions / r.compute_s:>14,.0f} {server:>11s}"
+            f"{'(' + key + ')':5s} {r.data_s:>7.2f} {r.teacher_s:>8.2f} {r.forward_s:>9.2f} "
+            f"{r.update_s:>9.2f} {r.wall_s:>7.2f} {server:>11s}"
         )
     print(
-        "(pos/s trained: positions / (forward + loss + bwd+step); the top-k loss of (c) takes "
-        "its gradient inside 'loss', the others in 'bwd+step'; server CPU: share of one core, "
-        "server and engine processes together)"
+        "(fwd+loss: the fused losses run inside the student's forward and take their gradient "
+        "there; server CPU: share of one core, server and engine processes together)"
     )
     print(
         f"(c) capture job: {capture_positions:,} positions in {capture_s:.1f} s "

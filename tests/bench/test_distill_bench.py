@@ -1,0 +1,57 @@
+"""The pieces of ``logitcache bench distill`` that decide its figures, on a tiny student: the fused
+and logits paths train the same student, and the step's peak memory is measured."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import LlamaForCausalLM
+
+from logitcache.bench import distill
+from logitcache.trainer import losses
+
+VOCAB, SEQ, BATCH, STEPS = 4096, 16, 4, 4
+
+
+def student() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(distill.student_config(VOCAB, SEQ, 32, 1))
+
+
+def fixed_batch(step: int):
+    gen = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    return ids, torch.ones_like(ids), distill.next_token_labels(ids), {}
+
+
+def run(step_loss: distill.StepLoss) -> distill.RunResult:
+    args = argparse.Namespace(lr=1e-2, steps=STEPS)
+    return distill.train("t", student, fixed_batch, step_loss, None, args, None)
+
+
+def test_fused_and_logits_cross_entropy_train_the_same_student() -> None:
+    on_logits = run(
+        distill.on_logits(lambda logits, labels, extra: distill.cross_entropy(logits, labels))
+    )
+    fused = run(
+        distill.fused(lambda h, w, b, labels, extra: losses.fused_cross_entropy(h, w, labels))
+    )
+    torch.testing.assert_close(fused.losses, on_logits.losses, rtol=1e-4, atol=1e-4)
+    for p, q in zip(fused.model.parameters(), on_logits.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+    assert fused.timed_steps == on_logits.timed_steps == STEPS - 1
+    assert fused.positions == (STEPS - 1) * BATCH * SEQ
+    # The logits path holds [B, T, V] logits and their gradient; the fused one never does.
+    logits_bytes = BATCH * SEQ * VOCAB * 4
+    assert on_logits.peak_bytes > 2 * logits_bytes > fused.peak_bytes > 0
+
+
+def test_padded_teacher_divergence_ignores_the_padding() -> None:
+    log_p = torch.randn(3, 5).log_softmax(-1)
+    log_q = torch.randn(3, 9).log_softmax(-1)
+    padded = distill.pad_vocabulary(log_p, 9)
+    kl = distill.dense_divergence(padded, log_q, "forward_kl")
+    assert torch.isfinite(kl).all()
+    want = (log_p.exp() * (log_p - log_q[:, :5])).sum(-1)
+    torch.testing.assert_close(kl, want)
