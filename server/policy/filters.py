@@ -227,6 +227,7 @@ def _has_digit(match: re.Match[str]) -> bool:
 
 
 _DIGIT = re.compile(r"\d")
+_PHONE_BREAK = re.compile(r"\n|\s{2,}")
 
 
 def _phone_shaped(raw: str) -> bool:
@@ -257,14 +258,33 @@ class PhoneDetector:
     name: str = "phone"
 
     def find(self, text: str) -> list[tuple[int, int]]:
-        if len(_DIGIT.findall(text)) < 7:  # too few digits for any number: skip the matcher
+        """The matcher reads numbers separated only by spaces as one candidate, and when that
+        is no number it may find none of them; no phone number spans a line break or a run of
+        spaces, so each stretch between them is searched on its own."""
+        spans, at = [], 0
+        for gap in _PHONE_BREAK.finditer(text):
+            spans += self._find(text, at, gap.start())
+            at = gap.end()
+        return spans + self._find(text, at, len(text))
+
+    def _find(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+        """Numbers in ``text[start:end]``; the text between the matcher's matches is searched
+        again, for the numbers it skipped while reading a longer candidate."""
+        if len(_DIGIT.findall(text, start, end)) < 7:  # too few digits for any phone number
             return []
-        spans = []
-        for match in phonenumbers.PhoneNumberMatcher(
-            text, self.region, leniency=phonenumbers.Leniency.VALID
-        ):
-            if _phone_shaped(match.raw_string) and not _inside_token(text, match.start, match.end):
-                spans.append((match.start, match.end))
+        matcher = phonenumbers.PhoneNumberMatcher(
+            text[start:end], self.region, leniency=phonenumbers.Leniency.VALID
+        )
+        spans: list[tuple[int, int]] = []
+        at = start
+        for match in matcher:
+            found = (start + match.start, start + match.end)
+            spans += self._find(text, at, found[0])
+            if _phone_shaped(match.raw_string) and not _inside_token(text, *found):
+                spans.append(found)
+            at = found[1]
+        if at > start:
+            spans += self._find(text, at, end)
         return spans
 
 

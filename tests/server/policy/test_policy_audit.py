@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from logitcache.client.errors import FailedPrecondition, Unavailable
 from logitcache.server.policy.audit import HEAD_FILE, AuditEvent, AuditLog, verify
@@ -197,3 +199,29 @@ def test_a_damaged_last_line_stops_the_log_from_appending(tmp_path) -> None:
     edit(path, -1, lambda line: "garbage\n")
     with pytest.raises(FailedPrecondition, match="audit verify"):
         AuditLog(tmp_path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_single_edit_deletion_or_swap_is_found(tmp_path_factory, data) -> None:
+    directory = tmp_path_factory.mktemp("audit")
+    write(directory, 6, max_bytes=700)  # a few rotated files
+    paths = files(directory)
+    path = data.draw(st.sampled_from(paths))
+    content = lines(path)
+    index = data.draw(st.integers(0, len(content) - 1))
+    how = data.draw(st.sampled_from(["edit", "delete", "swap"]))
+    if how == "edit":
+        record = json.loads(content[index])
+        key = data.draw(st.sampled_from(sorted(record)))
+        record[key] = data.draw(st.one_of(st.integers(), st.text(max_size=5), st.none()))
+        assume(json.dumps(record) != json.dumps(json.loads(content[index])))
+        content[index] = json.dumps(record) + "\n"
+    elif how == "delete":
+        del content[index]
+    else:
+        other = data.draw(st.integers(0, len(content) - 1).filter(lambda j: j != index))
+        assume(content[index] != content[other])
+        content[index], content[other] = content[other], content[index]
+    path.write_text("".join(content), encoding="utf-8")
+    assert not verify(directory).ok

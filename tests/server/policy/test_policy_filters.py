@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.server.policy.filters import (
@@ -244,3 +246,21 @@ def test_a_lab_registers_its_own_detector() -> None:
 def test_checksums_match_their_published_examples() -> None:
     assert luhn_valid("79927398713") and not luhn_valid("79927398710")
     assert verhoeff_valid("2363") and not verhoeff_valid("2364")
+
+
+_FINDABLE = [(name, example) for name, examples in POSITIVES.items() for example in examples]
+_FILLER = st.sampled_from(
+    ["", " ", "Hello, ", " and then ", "\n", "see: ", " (ok) ", "The quick brown fox. "]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_FILLER, st.sampled_from(_FINDABLE)), min_size=1, max_size=5), _FILLER)
+def test_redacted_text_has_nothing_left_to_find(parts, tail) -> None:
+    text = "".join(filler + " " + example + " " for filler, (_, example) in parts) + tail
+    every = SensitiveDataFilter(FilterAction.REDACT)
+    result = every.apply(text)
+    assert sum(result.counts.values()) >= 1
+    for _, (_, example) in parts:
+        assert example not in result.text
+    assert every.findings(result.text) == []
