@@ -26,6 +26,9 @@ Fields (B rows of T positions, k = the largest k in the batch)::
                                           the entries) and on padding
     teacher_counts     int64   [B, T, k]  sampled records only (``Record.counts``): how often each
                                           entry was drawn; 0 on padding. Absent for top-k records.
+    teacher_folded_entries  int64 []      with ``vocab_size`` only: teacher entries on ids the
+    teacher_folded_mass   float32 []      student lacks, folded into the tail, and the most mass
+                                          folded at one position (see trainer.vocab)
 
 A batch is all sampled or all top-k records (ValueError otherwise): the two need different losses
 (the losses read ``teacher_counts`` and then estimate the KL from the draws, see
@@ -48,6 +51,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from logitcache.client.record import Record
+from logitcache.trainer.vocab import fold_padding_ids
 
 __all__ = ["IGNORE_INDEX", "Collator", "TeacherTargets", "collate_records", "pack_records"]
 
@@ -147,8 +151,16 @@ def _alloc(
     return arrays
 
 
-def _fill(arrays: dict[str, np.ndarray], records: Sequence[Record], pieces: list[_Piece]) -> None:
-    """Copy positions [start, stop) of each record to (row, col...): one slice per field."""
+def _fill(
+    arrays: dict[str, np.ndarray],
+    records: Sequence[Record],
+    pieces: list[_Piece],
+    vocab_size: int | None,
+) -> None:
+    """Copy positions [start, stop) of each record to (row, col...): one slice per field.
+
+    Then, for a student of ``vocab_size`` rows, fold the teacher's entries on ids it lacks.
+    """
     for i, start, stop, row, col in pieces:
         if stop <= start:
             continue  # an empty record: its row stays padding
@@ -168,6 +180,8 @@ def _fill(arrays: dict[str, np.ndarray], records: Sequence[Record], pieces: list
             arrays["teacher_tail_logprobs"][row, col:end] = rec.tail_logprobs[start:stop]
         if rec.counts is not None:
             arrays["teacher_counts"][row, col:end, :k] = rec.counts[start:stop]
+    if vocab_size is not None:
+        fold_padding_ids(arrays, vocab_size)
 
 
 def _should_pin(pin_memory: bool | None) -> bool:
@@ -202,6 +216,7 @@ def collate_records(
     pad_token_id: int = 0,
     max_len: int | None = None,
     pin_memory: bool | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A right-padded batch of ``records`` (fields in the module docstring).
 
@@ -210,7 +225,10 @@ def collate_records(
     have different k (e.g. adaptive-k captures): k is padded to the batch's largest with id 0 and
     log-prob -inf (and count 0). Records must be all top-k or all sampled. ``pin_memory=None``
     pins when CUDA is available, except inside a DataLoader worker (use
-    ``DataLoader(pin_memory=True)`` there, which pins in the main process).
+    ``DataLoader(pin_memory=True)`` there, which pins in the main process). ``vocab_size``, the
+    student's output size when it is below the teacher's (a padded teacher), folds the teacher's
+    entries on ids >= ``vocab_size`` into the tail and counts them (see
+    :mod:`logitcache.trainer.vocab`).
     """
     records = _nonempty(records)
     if max_len is not None and (
@@ -221,7 +239,7 @@ def collate_records(
     lengths = [t if max_len is None else min(t, int(max_len)) for t, _ in shapes]
     k = max(kk for _, kk in shapes)
     arrays = _alloc(len(records), max(lengths), k, pad_token_id, _sampled(records))
-    _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)])
+    _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)], vocab_size)
     return _to_torch(arrays, pin_memory)
 
 
@@ -234,6 +252,7 @@ def pack_records(
     *,
     pad_token_id: int = 0,
     pin_memory: bool | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Records packed into rows of exactly ``seq_len`` positions, for students with per-document
     attention.
@@ -243,7 +262,8 @@ def pack_records(
     into the current row if it fits there, and otherwise starts a new row. So no piece is ever
     cut at a row boundary, full pieces fill a row alone, and the last row ends in padding.
 
-    Besides the fields of :func:`collate_records` (``teacher_mask`` and ``labels`` per piece):
+    Besides the fields of :func:`collate_records` (``teacher_mask`` and ``labels`` per piece;
+    ``vocab_size`` as there):
 
         position_ids   int64 [R, seq_len]  0, 1, 2, ... restarting at 0 for each piece (and once
                                            more for the padding at the end of a row)
@@ -284,7 +304,7 @@ def pack_records(
     rows = max(row + 1, 1)
 
     arrays = _alloc(rows, seq_len, k, pad_token_id, sampled)
-    _fill(arrays, records, pieces)
+    _fill(arrays, records, pieces, vocab_size)
     position_ids = np.zeros((rows, seq_len), dtype=np.int64)
     sequence_ids = np.full((rows, seq_len), -1, dtype=np.int64)
     ends = np.zeros(rows, dtype=np.int64)
@@ -310,7 +330,8 @@ class Collator:
     """``collate_fn`` for a DataLoader over records, with fixed options; picklable for workers.
 
     ``mode="pad"`` calls :func:`collate_records` (with ``max_len``), ``mode="pack"`` calls
-    :func:`pack_records` (with ``seq_len``, required). ``pin_memory=None``: see collate_records.
+    :func:`pack_records` (with ``seq_len``, required). ``pin_memory=None`` and ``vocab_size``:
+    see collate_records.
     """
 
     mode: Literal["pad", "pack"] = "pad"
@@ -318,6 +339,7 @@ class Collator:
     max_len: int | None = None
     seq_len: int | None = None
     pin_memory: bool | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("pad", "pack"):
@@ -326,6 +348,12 @@ class Collator:
             raise ValueError("mode='pack' needs seq_len")
         if self.mode == "pack" and self.max_len is not None:
             raise ValueError("max_len applies to mode='pad'; packing cuts records at seq_len")
+        if self.vocab_size is not None and (
+            isinstance(self.vocab_size, bool)
+            or int(self.vocab_size) != self.vocab_size
+            or self.vocab_size < 1
+        ):
+            raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
         if self.mode == "pad" and self.seq_len is not None:
             raise ValueError("seq_len applies to mode='pack'; use max_len to truncate padded rows")
 
@@ -333,11 +361,16 @@ class Collator:
         if self.mode == "pack":
             assert self.seq_len is not None
             return pack_records(
-                records, self.seq_len, pad_token_id=self.pad_token_id, pin_memory=self.pin_memory
+                records,
+                self.seq_len,
+                pad_token_id=self.pad_token_id,
+                pin_memory=self.pin_memory,
+                vocab_size=self.vocab_size,
             )
         return collate_records(
             records,
             pad_token_id=self.pad_token_id,
             max_len=self.max_len,
             pin_memory=self.pin_memory,
+            vocab_size=self.vocab_size,
         )
