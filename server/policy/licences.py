@@ -398,8 +398,22 @@ _RAIL_DISTILLATION = Clause(
 )
 
 
+_RAIL_FLOW_DOWN = Clause(
+    "paragraph 4.a",
+    "Use-based restrictions as referenced in paragraph 5 MUST be included as an enforceable "
+    "provision",
+    quoted=True,
+)
+
+
 def _rail(
-    id: str, name: str, url: str, aliases: tuple[str, ...], restricted: str, distillation: Clause
+    id: str,
+    name: str,
+    url: str,
+    aliases: tuple[str, ...],
+    restricted: str,
+    distillation: Clause,
+    flow_down: Clause,
 ) -> Licence:
     """A licence of the RAIL family: a distilled student is a Derivative of the Model, use is
     free (commercial included) except for the uses in Attachment A, and those restrictions
@@ -431,12 +445,7 @@ def _rail(
                 DutyKind.USE_RESTRICTIONS,
                 "include the Attachment A use-based restrictions as an enforceable provision "
                 "in the terms of the student, and tell its users they apply",
-                Clause(
-                    "paragraph 4.a",
-                    "Use-based restrictions as referenced in paragraph 5 MUST be included as an "
-                    "enforceable provision",
-                    quoted=True,
-                ),
+                flow_down,
             ),
             Duty(
                 DutyKind.LICENCE_COPY,
@@ -467,6 +476,7 @@ BIGSCIENCE_RAIL = _rail(
     ("bigscience rail 1.0", "bloom rail"),
     _RAIL_RESTRICTED,
     _RAIL_DISTILLATION,
+    _RAIL_FLOW_DOWN,
 )
 OPENRAIL_M = _rail(
     "bigscience-openrail-m",
@@ -475,6 +485,7 @@ OPENRAIL_M = _rail(
     ("openrail-m", "bigscience openrail-m"),
     _RAIL_RESTRICTED,
     _RAIL_DISTILLATION,
+    _RAIL_FLOW_DOWN,
 )
 DEEPSEEK = _rail(
     "deepseek",
@@ -489,26 +500,89 @@ DEEPSEEK = _rail(
         "the definition includes models trained by distillation or on synthetic data the Model "
         "generates",
     ),
+    Clause(
+        "paragraph 4.a",
+        "the Attachment A use restrictions must be an enforceable provision of any agreement "
+        "under which the Model or its derivatives are used or distributed",
+    ),
 )
 # DeepSeek-R1 and DeepSeek-V3-0324 are MIT licensed (their model cards say `license: mit`, and
 # R1's explicitly allows distillation into other models), so they resolve to MIT above.
 
 # --- Alibaba Qwen ------------------------------------------------------------------------------
 
+# The Tongyi Qianwen text (Qwen, Qwen1.5, Qwen2-72B) is cited by section and quoted. The 2024
+# Qwen and Qwen Research agreements (Qwen2.5-72B, Qwen2.5-3B) follow its shape; their clauses
+# are paraphrased and cited by heading, since their numbering differs between releases.
+
 _BUILT_WITH_QWEN = Duty(
     DutyKind.ATTRIBUTION,
     'display "Built with Qwen" or "Improved using Qwen" in the student\'s documentation',
     Clause(
-        "§3 (Redistribution)",
+        "Rules of use",
         "a model created, trained, fine-tuned or improved with the Materials or their outputs, "
-        "and distributed, displays the attribution in its documentation",
+        "and distributed or made available, displays the attribution in its documentation",
     ),
 )
-_QWEN_NOTICE = Duty(
-    DutyKind.NOTICE,
-    "ship the licence and a Notice file stating that Qwen is licensed under its licence "
-    "agreement, Copyright (c) Alibaba Cloud",
-    Clause("§3 (Redistribution)", "the agreement and the attribution notice go with copies"),
+
+
+def _qwen_notice(model: str, agreement: str, section: str, quoted: bool) -> Duty:
+    """The Notice file of the Qwen agreements; its wording is quoted only where the text is
+    at hand (``quoted``)."""
+    notice = f"{model} is licensed under the {agreement}, Copyright (c) Alibaba Cloud"
+    if quoted:
+        notice += ". All Rights Reserved."
+        return Duty(
+            DutyKind.NOTICE,
+            f'ship the agreement and a "Notice" text file that reads: {notice}',
+            Clause(section, notice, quoted=True),
+        )
+    return Duty(
+        DutyKind.NOTICE,
+        f'ship the agreement and a "Notice" text file stating that {notice}.',
+        Clause(section, "the agreement and an attribution notice go with copies"),
+    )
+
+
+TONGYI_QIANWEN = Licence(
+    id="tongyi-qianwen",
+    name="Tongyi Qianwen License Agreement",
+    url="https://github.com/QwenLM/Qwen/blob/main/Tongyi%20Qianwen%20LICENSE%20AGREEMENT",
+    aliases=("tongyi qianwen license agreement",),
+    outputs=OutputTerms(
+        False,
+        Clause(
+            "§5.b",
+            "You can not use the Materials or any output therefrom to improve any other large "
+            "language model (excluding Tongyi Qianwen or derivative works thereof).",
+            quoted=True,
+        ),
+        # §1.e: Tongyi Qianwen is Alibaba Cloud's large language models, Qwen and Qwen-Chat.
+        only_families=("qwen", "qwen1", "qwen1.5", "qwen2", "tongyiqianwen"),
+    ),
+    commercial=CommercialTerms(
+        True,
+        Clause(
+            "§2",
+            "to use, reproduce, distribute, copy, create derivative works of, and make "
+            "modifications to the Materials",
+            quoted=True,
+        ),
+        max_monthly_active_users=100_000_000,
+        users_clause=Clause(
+            "§4",
+            "If you are commercially using the Materials, and your product or service has more "
+            "than 100 million monthly active users, You shall request a license from Us.",
+            quoted=True,
+        ),
+        users_limit_commercial_only=True,
+    ),
+    use_restrictions=(
+        Clause("§5.a", "use must comply with applicable laws, export controls included"),
+    ),
+    duties=(
+        _qwen_notice("Tongyi Qianwen", "Tongyi Qianwen LICENSE AGREEMENT", "§3.c", quoted=True),
+    ),
 )
 
 QWEN = Licence(
@@ -519,23 +593,30 @@ QWEN = Licence(
     outputs=OutputTerms(
         True,
         Clause(
-            "§3 (Redistribution)",
-            "outputs may train other models, which then carry the Qwen attribution",
+            "Rules of use",
+            "outputs may train other models, which then carry the Qwen attribution (the "
+            "Tongyi Qianwen ban on improving other models is gone)",
         ),
     ),
     commercial=CommercialTerms(
         True,
-        Clause("§2", "a licence to use, reproduce, modify and distribute, commercial included"),
+        Clause(
+            "Grant of Rights",
+            "use, reproduction, modification and distribution, commercial included",
+        ),
         max_monthly_active_users=100_000_000,
         users_clause=Clause(
-            "§4 (Restrictions)",
+            "Restrictions",
             "commercial use by a product or service with more than 100 million monthly active "
             "users needs a licence requested from Alibaba Cloud",
         ),
         users_limit_commercial_only=True,
     ),
-    use_restrictions=(Clause("§4 (Restrictions)", "use must comply with applicable law"),),
-    duties=(_BUILT_WITH_QWEN, _QWEN_NOTICE),
+    use_restrictions=(Clause("Rules of use", "use must comply with applicable laws"),),
+    duties=(
+        _BUILT_WITH_QWEN,
+        _qwen_notice("Qwen", "Qwen LICENSE AGREEMENT", "Redistribution", quoted=False),
+    ),
 )
 
 QWEN_RESEARCH = Licence(
@@ -546,7 +627,7 @@ QWEN_RESEARCH = Licence(
     outputs=OutputTerms(
         True,
         Clause(
-            "§3 (Redistribution)",
+            "Rules of use",
             "outputs may train other models for non-commercial purposes, which then carry the "
             "Qwen attribution",
         ),
@@ -554,31 +635,15 @@ QWEN_RESEARCH = Licence(
     commercial=CommercialTerms(
         False,
         Clause(
-            "§2 (Grant of Rights), §4",
-            "rights are granted for non-commercial, research purposes only; commercial use, of "
-            "the Materials or their outputs, needs a separate licence from Alibaba Cloud",
+            "Definitions, Grant of Rights",
+            "rights are granted for non-commercial (research or evaluation) purposes only; "
+            "commercial use needs a separate licence from Alibaba Cloud",
         ),
     ),
-    duties=(_BUILT_WITH_QWEN, _QWEN_NOTICE),
-)
-
-TONGYI_QIANWEN = Licence(
-    id="tongyi-qianwen",
-    name="Tongyi Qianwen License Agreement",
-    url="https://github.com/QwenLM/Qwen/blob/main/Tongyi%20Qianwen%20LICENSE%20AGREEMENT",
-    aliases=("tongyi qianwen license agreement",),
-    outputs=OutputTerms(
-        False,
-        Clause(
-            "§4 (Restrictions)",
-            "the Materials and their outputs may not be used to improve any other large "
-            "language model, except Tongyi Qianwen and its derivative works",
-        ),
-        only_families=("qwen", "qwen1", "qwen1.5", "tongyiqianwen"),
+    duties=(
+        _BUILT_WITH_QWEN,
+        _qwen_notice("Qwen", "Qwen RESEARCH LICENSE AGREEMENT", "Redistribution", quoted=False),
     ),
-    commercial=QWEN.commercial,
-    use_restrictions=QWEN.use_restrictions,
-    duties=(_QWEN_NOTICE,),
 )
 
 BUILT_IN: tuple[Licence, ...] = (

@@ -131,3 +131,12 @@ def test_a_decision_records_its_time_and_request() -> None:
         "qwen2",
         5,
     )
+
+
+def test_tongyi_qianwen_outputs_improve_qwen_models_only() -> None:
+    refused = decide("tongyi-qianwen", request(family="llama3"))
+    assert refused.clause is not None and "§5.b" in refused.clause
+    allowed = decide("tongyi-qianwen", request(family="Qwen2"))
+    assert allowed.allowed
+    notice = next(o for o in allowed.obligations if o.kind == "notice")
+    assert "Tongyi Qianwen is licensed under the Tongyi Qianwen LICENSE AGREEMENT" in notice.text
