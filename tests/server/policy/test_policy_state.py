@@ -65,15 +65,16 @@ def test_tokens_are_listed_and_revoked_once(tmp_path) -> None:
 
 
 def test_usage_never_passes_its_limit_under_concurrent_charges(tmp_path) -> None:
-    state = open_state(tmp_path)
+    """Threads on one connection and on a second one (as a CLI or a replica would hold)."""
+    state, other = open_state(tmp_path), open_state(tmp_path)
     granted: list[int] = []
 
-    def charge() -> None:
+    def charge(on: SqliteState) -> None:
         for _ in range(50):
-            if state.add_usage("tok", "positions_served", "d", 3, 200) is not None:
+            if on.add_usage("tok", "positions_served", "d", 3, 200) is not None:
                 granted.append(3)
 
-    threads = [threading.Thread(target=charge) for _ in range(8)]
+    threads = [threading.Thread(target=charge, args=(s,)) for s in [state, other] * 4]
     for t in threads:
         t.start()
     for t in threads:
@@ -81,6 +82,7 @@ def test_usage_never_passes_its_limit_under_concurrent_charges(tmp_path) -> None
     assert sum(granted) == state.usage("tok", "positions_served", "d") == 198
     assert state.usage("tok", "positions_served", "another day") == 0
     state.close()
+    other.close()
 
 
 def test_stream_leases_count_against_a_limit_and_die_with_their_replica(tmp_path) -> None:
