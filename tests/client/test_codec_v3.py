@@ -10,6 +10,7 @@ import hashlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_codec import (
     SMALL_P,
     V2_SHAPES,
@@ -108,6 +109,28 @@ def test_v3_round_trip_on_the_real_text_teachers_rows(real_text_rows: TopKRows) 
     """The rows the storage benchmark is about: a small model of real text, top-64 with tail."""
     decoded = check_v2_round_trip(ContractGridTopKCodec(2000), real_text_rows, V3_BOUND)
     assert fidelity(real_text_rows, decoded, 2000).summary()["kl_mean"] < 1e-4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_v3_round_trip_on_slices_of_real_text_rows(real_text_rows: TopKRows, data) -> None:
+    """Any run of the real-text rows, cut to any k, made ragged or not, with or without tail."""
+    start = data.draw(st.integers(0, len(real_text_rows) - 1))
+    stop = data.draw(st.integers(start, len(real_text_rows)))
+    k = data.draw(st.integers(1, 64))
+    ids = real_text_rows.token_ids[start:stop, :k].copy()
+    lp = real_text_rows.logprobs[start:stop, :k].copy()
+    if data.draw(st.booleans()):
+        lengths = np.asarray(
+            data.draw(st.lists(st.integers(0, k), min_size=len(lp), max_size=len(lp)))
+        )
+        padding = np.arange(k) >= lengths[:, None]
+        lp[padding], ids[padding] = -np.inf, 0
+    tail = (
+        real_text_rows.tail_logprobs[start:stop] if data.draw(st.booleans()) and k == 64 else None
+    )
+    rows = TopKRows(ids, lp, real_text_rows.target_logprobs[start:stop], tail)
+    check_v2_round_trip(ContractGridTopKCodec(2000), rows, V3_BOUND)
 
 
 def test_topk_v2_still_writes_the_bytes_it_wrote_before() -> None:
