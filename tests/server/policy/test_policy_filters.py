@@ -49,7 +49,7 @@ POSITIVES = {
         "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
         "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
     ],
-    "secret.high_entropy": ["Zx9Qm2Lr7Tb4Kp1Vw8Nc3Hs6Yd5Gf0Ja"],
+    "secret.high_entropy": ["Zx9Qm2Lr7Tb4Kp1Vw8Nc3Hs6Yd5Gf0Ja", "q8Hf2Lx9Zr4Tb7Kp1Vw3Nc6Ys5Gd0Jm/aE2uR8iOv"],
     "ip_address": ["192.168.1.20", "10.20.30.40", "81.2.69.142", "2a00:1450:4009:81f::200e"],
 }  # fmt: skip
 
@@ -78,6 +78,9 @@ NEGATIVES = {
         "AbstractEventLoopPolicyForTesting2",
         "test_http2_connection_handler_timeout",
         "/usr/lib/python3.11/site-packages/torch",
+        "https://docs.google.com/document/d/1CX_hJ0PNy9f3R1y8TJrfkSeLkvGjjjLU84BSXgS2AZ8/edit",
+        "N18x509_attributes_st4DOLLAR_13E",
+        "dk/i18n/charmaps/HP-ROMAN8",
     ],
     "ip_address": ["127.0.0.1", "0.0.0.0", "255.255.255.0", "192.0.2.1", "2001:db8::1", "x[::2]", "12:30:45", "3.3.2.4", "fe80::1"],
 }  # fmt: skip
@@ -202,6 +205,13 @@ def test_allow_counts_and_the_report_adds_up_for_provenance() -> None:
         "texts_with_findings": 2,
         "texts_rejected": 0,
     }
+
+
+def test_a_secret_assigned_in_an_env_line_or_a_query_string_is_found() -> None:
+    secret = "Zx9Qm2Lr7Tb4Kp1Vw8Nc3Hs6Yd5Gf0Ja"
+    for text in [f"API_KEY={secret}", f"https://api.example.org/v1?token={secret}"]:
+        found = only("secret.high_entropy").findings(text)
+        assert [text[s:e] for s, e, _ in found] == [secret], text
 
 
 def test_overlapping_findings_keep_the_longer_one() -> None:
