@@ -8,10 +8,22 @@ order arithmetic of ``logitcache.client.order``:
 - rank r of W reads global positions r, r+W, ...; DataLoader worker w of N within that rank reads
   every N-th of those, which is exactly partition ``r + W*w`` of ``W*N``. So the global order is
   the same whatever the number of ranks and workers, and partitions are disjoint and complete;
+- every rank reads the same number of records per epoch (``uneven``), so with the same batch size
+  and workers every rank runs the same number of batches and no rank waits forever in a
+  collective that the others never reach. Where the world size does not divide the dataset,
+  ``uneven="wrap"`` (the default, as ``DistributedSampler``) gives every rank ceil(n / W) records:
+  the ranks that are one short read the first records of the epoch's global order once more, so
+  every record is read at least once and ``W * ceil(n / W) - n`` of them twice.
+  ``uneven="drop"`` gives every rank floor(n / W): the last ``n mod W`` records of the epoch's
+  order are left out of that epoch (other records each epoch, as the order changes). With one
+  rank nothing is padded or dropped, nor with ``allow_partial``, whose missing records make the
+  ranks' shares uneven anyway (so do not train multi-rank on a dataset that is still building);
 - progress is (batch cursor, records taken since it): ``state_dict()`` after any record and
-  ``load_state_dict()`` on a fresh stream continue with the very next record. Without a loaded
-  state, every ``iter()`` is a new pass over the epoch. ``len()`` counts the whole dataset, also
-  when ``allow_partial`` streams only its sealed part.
+  ``load_state_dict()`` on a fresh stream continue with the very next record;
+  :meth:`TeacherStream.load_batches_taken` does the same from a count of DataLoader batches (what
+  a trainer's checkpoint knows, whatever the number of workers). Without a loaded state, every
+  ``iter()`` is a new pass over the epoch. ``len()`` counts this rank's records of an epoch, also
+  when ``allow_partial`` streams only the dataset's sealed part.
 
 Records are fetched by a background thread into a bounded queue, so the training loop does not
 wait on the network while the source keeps up, and memory stays bounded when it does not.
@@ -23,7 +35,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -39,6 +51,7 @@ from logitcache.client.space import CaptureSpace
 
 STATE_VERSION = 1
 _END = object()
+Uneven = Literal["wrap", "drop"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,8 @@ class TeacherStream(IterableDataset):
     ``source`` is ``grpc://host:port`` (a logitcache server) or a store URL. ``rank`` and
     ``world_size`` default to torch.distributed's when it is initialised, else 0 and 1.
     ``allow_partial`` streams a dataset that is still building, up to its sealed part.
+    ``uneven``: how a dataset that the world size does not divide is evened out across ranks,
+    "wrap" (default) or "drop" (module docstring).
     """
 
     def __init__(
@@ -70,6 +85,7 @@ class TeacherStream(IterableDataset):
         allow_partial: bool = False,
         batch_records: int = 64,
         prefetch_records: int = 256,
+        uneven: Uneven = "wrap",
     ) -> None:
         super().__init__()
         if rank is None or world_size is None:
@@ -81,6 +97,8 @@ class TeacherStream(IterableDataset):
             )  # fmt: skip
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if uneven not in ("wrap", "drop"):
+            raise ValueError(f"uneven must be 'wrap' or 'drop', got {uneven!r}")
         self.source = source
         self.dataset = dataset
         self.seed = seed
@@ -91,6 +109,9 @@ class TeacherStream(IterableDataset):
         self.allow_partial = allow_partial
         self.batch_records = batch_records
         self.prefetch_records = prefetch_records
+        self.uneven = uneven
+        self._offsets: dict[Partition, int] | None = None  # from load_batches_taken
+        self._rotation = 0  # ... which also rotates the workers for that one pass
         self._cursor = 0  # batch cursor of this iterator's partition
         self._skip = 0  # records already taken after that cursor
         self._partition: Partition | None = None
@@ -108,10 +129,24 @@ class TeacherStream(IterableDataset):
         return self._space
 
     def __len__(self) -> int:
-        """Records this rank reads in one epoch (all workers together)."""
+        """Records this rank reads in one epoch (all workers together), the same on every rank."""
+        n = self.dataset_length
+        if self.world_size == 1 or self.allow_partial:
+            return rank_length(n, self.rank, self.world_size)
+        return -(-n // self.world_size) if self.uneven == "wrap" else n // self.world_size
+
+    @property
+    def dataset_length(self) -> int:
+        """Records in the dataset (all ranks)."""
         if self._length is None:
             self._space, self._length = _describe(self.source, self.dataset)
-        return rank_length(self._length, self.rank, self.world_size)
+        return self._length
+
+    def _partition_length(self, partition: Partition) -> int:
+        """Records of an epoch that ``partition`` (a worker of this rank) reads: every
+        ``workers``-th of this rank's ``len(self)``, starting at the worker's index."""
+        workers = partition.world_size // self.world_size
+        return rank_length(len(self), partition.rank // self.world_size, workers)
 
     def check_student(
         self,
@@ -135,17 +170,28 @@ class TeacherStream(IterableDataset):
         self.epoch = epoch
         self._cursor = self._skip = 0
         self._resuming = False
+        self._offsets, self._rotation = None, 0
 
     # -- iteration ------------------------------------------------------------------------------
 
     def _current_partition(self) -> Partition:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if self._resuming and self._offsets is not None:
+            worker = (worker + self._rotation) % workers
         return Partition(*worker_partition(self.rank, self.world_size, worker, workers))
 
     def __iter__(self) -> Iterator[Record]:
         partition = self._current_partition()
-        if self._resuming:  # continue where a loaded state stood
+        if self._resuming and self._offsets is not None:  # continue after the batches taken
+            if partition not in self._offsets:
+                raise ValueError(
+                    f"this stream was resumed for {len(self._offsets)} DataLoader worker(s) but "
+                    f"it is iterated as partition {partition}: resume with the same workers"
+                )
+            self._cursor, self._skip = self._offsets[partition], 0
+            self._resuming, self._offsets, self._rotation = False, None, 0
+        elif self._resuming:  # continue where a loaded state stood
             if self._partition != partition:
                 raise ValueError(
                     f"this stream's state belongs to partition {self._partition} but it is "
@@ -155,7 +201,7 @@ class TeacherStream(IterableDataset):
         else:  # a new pass over the epoch
             self._cursor = self._skip = 0
         self._partition = partition
-        source = _open_source(self, partition, self._cursor)
+        source = _evened(self, partition, self._cursor)
         records = _prefetched(source, self.prefetch_records)
         try:
             to_skip = self._skip  # records of the first batch taken before the state was saved
@@ -187,6 +233,37 @@ class TeacherStream(IterableDataset):
             "skip": self._skip,
         }
 
+    def load_batches_taken(self, batches: int, batch_size: int, num_workers: int) -> None:
+        """Continue this epoch after the first ``batches`` batches that a
+        ``DataLoader(self, batch_size=batch_size, num_workers=num_workers)`` delivered.
+
+        Each worker batches its own partition, and the DataLoader takes one batch from each
+        worker in turn, skipping those that are done; so the batch count says how many records
+        each worker had delivered, and each continues right after them. A new DataLoader starts
+        its turns at worker 0, so for this pass the workers are rotated: worker 0 reads the
+        partition whose batch was next, and the batches come in the very order they would have.
+        With workers, call :meth:`set_epoch` before the next pass (the workers iterate copies).
+        """
+        workers = max(num_workers, 1)
+        partitions = [
+            Partition(*worker_partition(self.rank, self.world_size, w, workers))
+            for w in range(workers)
+        ]
+        left = [-(-self._partition_length(p) // batch_size) for p in partitions]
+        taken = [0] * workers
+        remaining, next_worker = batches, 0
+        while remaining > 0 and any(left):  # one round: a batch from each worker not yet done
+            for w in range(workers):
+                if remaining > 0 and left[w] > 0:
+                    taken[w], left[w], remaining = taken[w] + 1, left[w] - 1, remaining - 1
+                    next_worker = (w + 1) % workers
+        self._rotation = next_worker
+        self._offsets = {
+            p: min(t * batch_size, self._partition_length(p))
+            for p, t in zip(partitions, taken, strict=True)
+        }
+        self._resuming = True
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown TeacherStream state version {state.get('version')!r}")
@@ -198,10 +275,50 @@ class TeacherStream(IterableDataset):
         self.epoch = state["epoch"]
         self._partition = Partition(*state["partition"])
         self._cursor, self._skip = int(state["cursor"]), int(state["skip"])
+        self._offsets, self._rotation = None, 0
         self._resuming = True
 
 
 # ---- sources: (record, cursor after it if it ends a batch) ---------------------------------
+
+
+def _evened(
+    stream: TeacherStream, partition: Partition, cursor: int
+) -> Iterator[tuple[Record, int | None]]:
+    """The partition's records from ``cursor``, evened out to its share of ``len(stream)``.
+
+    The partition's j-th record is the one at global position ``partition.rank + P * j``
+    (P = partition.world_size): its own records while that position is inside the dataset, then
+    (wrap) the record at that position modulo the dataset's length, which is the first record of
+    another partition's share; or (drop) it stops before its share runs out.
+    """
+    length = stream._partition_length(partition)
+    n = stream.dataset_length
+    own = min(length, rank_length(n, partition.rank, partition.world_size))
+    position = cursor
+    if position < own:
+        source = _open_source(stream, partition, position)
+        try:
+            for record, cursor_after in source:
+                position += 1
+                yield record, (position if position == own else cursor_after)
+                if position == own:
+                    break
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+    for j in range(max(position, own), length):  # wrapped around: a record of another partition
+        g = (partition.rank + partition.world_size * j) % n
+        owner = Partition(g % partition.world_size, partition.world_size)
+        source = _open_source(stream, owner, g // partition.world_size)
+        try:
+            record, _ = next(iter(source))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+        yield record, j + 1
 
 
 def _open_source(stream: TeacherStream, partition: Partition, cursor: int):

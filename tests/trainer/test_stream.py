@@ -97,32 +97,71 @@ def epoch_order(store: str, dataset: str, seed: int, epoch: int) -> list[str]:
 # --- size, partitions, order -----------------------------------------------------------------------
 
 
-def test_len_is_the_rank_share_and_matches_iteration(store: str) -> None:
+@pytest.mark.parametrize("uneven", ["wrap", "drop"])
+def test_every_rank_reads_the_same_number_of_records(store: str, uneven: str) -> None:
     for world_size in (1, 2, 3, 4):
         streams = [
-            TeacherStream(store, "bench", rank=r, world_size=world_size) for r in range(world_size)
+            TeacherStream(store, "bench", rank=r, world_size=world_size, uneven=uneven)  # type: ignore[arg-type]
+            for r in range(world_size)
         ]
-        lengths = [len(s) for s in streams]
-        assert sum(lengths) == N and max(lengths) - min(lengths) <= 1
-        assert [len(read(s)) for s in streams] == lengths
+        want = (
+            N if world_size == 1 else (-(-N // world_size) if uneven == "wrap" else N // world_size)
+        )
+        assert [len(s) for s in streams] == [want] * world_size
+        assert [len(read(s)) for s in streams] == [want] * world_size
 
 
+@pytest.mark.parametrize("uneven", ["wrap", "drop"])
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ranks_and_workers_split_one_global_order(
-    store: str, world_size: int, workers: int
+    store: str, world_size: int, workers: int, uneven: str
 ) -> None:
     per_rank = [
-        keys(read(TeacherStream(store, "bench", 5, rank=r, world_size=world_size, batch_records=4),
-                  workers))
+        keys(read(TeacherStream(store, "bench", 5, rank=r, world_size=world_size, batch_records=4,
+                                uneven=uneven), workers))  # type: ignore[arg-type]
         for r in range(world_size)
     ]  # fmt: skip
+    order = epoch_order(store, "bench", seed=5, epoch=0)
+    # Rank r's item i is global position r + W * i (workers interleave inside a rank), modulo N
+    # where "wrap" pads a rank that is one short with the first records of the order.
+    length = len(per_rank[0])
+    assert per_rank == [
+        [order[(r + world_size * i) % N] for i in range(length)] for r in range(world_size)
+    ]
     everything = [k for rank_keys in per_rank for k in rank_keys]
-    assert len(everything) == len(set(everything)) == N  # disjoint, and complete:
-    assert set(everything) == set(logitcache.open_store(store).dataset("bench").keys)
-    # Global position p is local item p // W of rank p % W (workers interleave inside a rank).
-    interleaved = [per_rank[p % world_size][p // world_size] for p in range(N)]
-    assert interleaved == epoch_order(store, "bench", seed=5, epoch=0)
+    if uneven == "wrap":  # every record at least once, the first W * L - N of the order twice
+        assert set(everything) == set(order)
+        assert everything.count(order[0]) == (2 if N % world_size else 1)
+    else:  # each record at most once; the last N mod W of the order are left out
+        assert len(set(everything)) == len(everything) == N - N % world_size
+
+
+def test_wrapped_epochs_stay_in_step_over_grpc_and_store_alike(store: str) -> None:
+    """The padding record is read through the same source path as any other (store here)."""
+    stream = TeacherStream(store, "bench", 3, rank=3, world_size=4, batch_records=4)
+    order = epoch_order(store, "bench", seed=3, epoch=0)
+    assert keys(stream)[-1] == order[(3 + 4 * (len(stream) - 1)) % N] == order[2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batches", [0, 1, 3, 4, 5, 7])
+def test_load_batches_taken_continues_after_the_batches_a_dataloader_delivered(
+    store: str, workers: int, batches: int
+) -> None:
+    def loader(stream: TeacherStream) -> DataLoader:
+        return DataLoader(stream, batch_size=3, num_workers=workers, collate_fn=keys)
+
+    def make() -> TeacherStream:
+        return TeacherStream(store, "bench", 4, rank=1, world_size=2, batch_records=5)
+
+    expected = list(loader(make()))  # 19 records: 7 batches (2 workers: 4 + 3)
+    assert len(expected) == 7
+    resumed = make()
+    resumed.load_batches_taken(batches, batch_size=3, num_workers=workers)
+    assert list(loader(resumed)) == expected[batches:]
+    resumed.set_epoch(resumed.epoch)  # (workers iterate copies: the next pass is set explicitly)
+    assert list(loader(resumed)) == expected
 
 
 def test_order_is_fixed_by_seed_and_epoch(store: str) -> None:
