@@ -14,7 +14,6 @@ Error bounds (tested): |decoded - exact| <= 1/128 nats for every entry with p >=
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,9 +40,11 @@ class TopKCodec(Codec):
     """
 
     name: ClassVar[str] = "topk-v2"
-    # The grid of the entries (``topk-v3`` is this codec on the contract grid).
-    quantize_entries: ClassVar[Callable[[np.ndarray], np.ndarray]] = staticmethod(quantize)
-    grid: ClassVar[np.ndarray] = PIECEWISE_GRID
+    grid: ClassVar[np.ndarray] = PIECEWISE_GRID  # the entries' grid (``topk-v3``: the contract one)
+
+    def quantize_entries(self, logprobs: np.ndarray) -> np.ndarray:
+        """Codes of the entries on :attr:`grid`."""
+        return quantize(logprobs)
 
     @property
     def fields(self) -> tuple[Field, ...]:

@@ -15,7 +15,6 @@ Error bounds (tested): |decoded - exact| <= 1/104 nats for every entry with p >=
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,5 +29,7 @@ class ContractGridTopKCodec(TopKCodec):
     """The arrays of ``topk-v2``; ``logprob_gaps`` are gaps between contract-grid codes."""
 
     name: ClassVar[str] = "topk-v3"
-    quantize_entries: ClassVar[Callable[[np.ndarray], np.ndarray]] = staticmethod(quantize_contract)
     grid: ClassVar[np.ndarray] = CONTRACT_GRID
+
+    def quantize_entries(self, logprobs: np.ndarray) -> np.ndarray:
+        return quantize_contract(logprobs)
