@@ -14,8 +14,10 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,23 +25,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from logitcache.client.errors import LogitCacheError
 from logitcache.server.config import ServerConfig
 from logitcache.server.engine.protocol import EngineFactory
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.grpc.servicer import LogitCacheService
+from logitcache.server.grpc.status import service_handler
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
+from logitcache.server.spool import remove_leftover_uploads
 from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.retention import (
+    ReadThroughRetention,
+    RetentionBudget,
+    RetentionPass,
+)
 from logitcache.server.store.store import Store, open_store
+from logitcache.server.store.summary import StoreSummaries
 from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
-from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
 log = logging.getLogger("logitcache.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LogitCache"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["LogitCache"]
+SERVICE_NAME = SERVICE.full_name
 GRACE_SECONDS = 5.0
 
 
@@ -63,16 +74,22 @@ async def serve(
             pass
 
     store = await loop.run_in_executor(None, _open_clean_store, config.store)
-    metrics = ServerMetrics(store_bytes=lambda: store.totals().stored_bytes)
+    # Listings, descriptions and totals of the store, kept up to date in a worker thread.
+    summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
+    await summaries.start()
+    metrics = ServerMetrics(store_bytes=lambda: summaries.totals.stored_bytes)
     state: dict[str, bool] = {"engine": False, "store": True}
 
+    probe = StoreProbe(store, writes=bool(config.teachers))
+
     async def readiness() -> dict[str, bool]:
-        return {"engine": state["engine"], "store": store.backend.exists("logitcache-store.json")}
+        return {"engine": state["engine"], "store": await loop.run_in_executor(None, probe)}
 
     http = await start_http_side(make_http_app(metrics, readiness), config.host, config.http_port)
     teachers = None
     server = None
     readthrough = jobs = streamer = None
+    retention_task: asyncio.Task | None = None
     ready_file = Path(config.ready_file) if config.ready_file else None
     try:
         if not config.teachers:
@@ -81,14 +98,21 @@ async def serve(
         state["engine"] = True
         # Segments held in memory, shared by cache hits and streams, least recently used evicted.
         loaded = SegmentCache(config.loaded_segment_bytes)
+        metrics.track_segment_cache(loaded)
+        retention = read_through_retention(store, config, metrics)
         readthrough = ReadThroughCache(
             store,
             metrics,
             segment_positions=config.segment_positions,
             flush_seconds=config.flush_seconds,
             loaded=loaded,
+            max_unsealed_bytes=config.max_unsealed_bytes,
+            on_hits=retention.touch if retention is not None else None,
         )
         readthrough.start()
+        if retention is not None:
+            interval = config.readthrough_retention_interval
+            retention_task = loop.create_task(retention.run_periodically(interval))
         streamer = DatasetStreamer(store, loaded, prefetch=config.stream_prefetch_batches)
         jobs = JobManager(
             store,
@@ -101,11 +125,13 @@ async def serve(
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", max_request_bytes(config)),
             ]
         )
-        service = LogitCacheService(config, store, teachers, readthrough, streamer, jobs, metrics)
-        pb_grpc.add_LogitCacheServicer_to_server(service, server)
+        service = LogitCacheService(
+            config, store, teachers, readthrough, streamer, jobs, metrics, summaries
+        )
+        server.add_generic_rpc_handlers((service_handler(service, SERVICE),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -136,13 +162,52 @@ async def serve(
             await server.stop(GRACE_SECONDS)
         if jobs is not None:
             await jobs.close()
+        if retention_task is not None:
+            retention_task.cancel()
         if readthrough is not None:
             await readthrough.close()
         if streamer is not None:
             streamer.close()
         await http.close()
+        await summaries.close()
         if teachers is not None:
             teachers.shutdown()
+
+
+def max_request_bytes(config: ServerConfig) -> int:
+    """The largest request message the server reads: what its request limits allow, encoded
+    (a token id takes at most 5 bytes, a sequence's framing a few more), plus room for the other
+    fields. gRPC refuses a larger message (RESOURCE_EXHAUSTED) from its length prefix, before
+    any of it is held or parsed, so a huge request costs the server no memory and no loop time.
+    """
+    encoded = 5 * config.max_tokens_per_request + 16 * config.max_sequences_per_request
+    return min(config.max_message_bytes, encoded + (1 << 16))
+
+
+class StoreProbe:
+    """/readyz's store check. A server that computes must be able to write: ready while the
+    store's last write succeeded, checked by a small write at most once a second (so readiness
+    recovers when space returns, and turns when the disk fills while nothing else writes). A
+    store-only server only needs to read it."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, store: Store, *, writes: bool) -> None:
+        self.store = store
+        self.writes = writes
+        self._probed = -math.inf
+
+    def __call__(self) -> bool:
+        backend = self.store.backend
+        if not self.writes:
+            return backend.exists("logitcache-store.json")
+        if time.monotonic() - self._probed >= self.INTERVAL_S:
+            self._probed = time.monotonic()
+            try:
+                backend.probe_write()
+            except LogitCacheError:
+                pass  # recorded in the store's health, read below
+        return backend.health.error is None
 
 
 def freeze_startup_heap() -> None:
@@ -155,11 +220,32 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def read_through_retention(
+    store: Store, config: ServerConfig, metrics: ServerMetrics
+) -> ReadThroughRetention | None:
+    """The retention of a server that computes (a store-only server deletes nothing), if its
+    configuration bounds it; condemned segments are deleted one pass later."""
+    budget = RetentionBudget(config.readthrough_retention_bytes, config.readthrough_retention_age)
+    if not config.teachers or not budget.bounded:
+        return None
+
+    def report(p: RetentionPass) -> None:
+        metrics.record_retention(p.retained_bytes, p.evicted_segments, p.evicted_bytes)
+
+    grace = config.readthrough_retention_interval / 2
+    return ReadThroughRetention(store, budget, grace_s=grace, on_pass=report)
+
+
 def _open_clean_store(url: str) -> Store:
+    """The store, without what dead writers left half-done: unsealed segments and datasets
+    whose writer is provably gone, and job uploads of submissions that never finished."""
     store = open_store(url, writable=True)
     removed = store.clean_unsealed()
     if removed:
-        log.info("removed %d unsealed segments left by dead writers", removed)
+        log.info("removed %d unsealed segments and datasets left by dead writers", removed)
+    uploads = remove_leftover_uploads(store.backend)
+    if uploads:
+        log.info("removed %d job uploads left by unfinished submissions", uploads)
     return store
 
 

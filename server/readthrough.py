@@ -4,17 +4,25 @@ Hits come from sealed segments, or from records computed moments ago and not sea
 starts one computation; every request for the same key, from any client, awaits that same
 computation. Computed records go to the store's :class:`SegmentWriter`, which seals them by size
 or at least every ``flush_seconds``, so a crash loses at most that window, and only cache
-entries, never answers already sent.
+entries, never answers already sent. A ``durable`` request is answered only once its records are
+sealed, for callers that cannot lose that window.
+
+Records answered and not sealed yet are held in memory, up to ``max_unsealed_bytes``. When the
+store refuses writes (a full disk), the writer keeps them and retries with backoff, so they are
+sealed once space returns; past the bound, requests that need a computation are refused with
+UNAVAILABLE instead of growing the heap (hits are still answered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from logitcache.client.errors import LogitCacheError, Unavailable
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.store.cache import SegmentCache
@@ -36,19 +44,29 @@ class ReadThroughCache:
         segment_positions: int,
         flush_seconds: float,
         loaded: SegmentCache,
+        max_unsealed_bytes: int,
+        on_hits: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.store = store
         self.loaded = loaded
+        self.on_hits = on_hits  # told which keys were answered from sealed segments (retention)
         self.metrics = metrics
         self.segment_positions = segment_positions
         self.flush_seconds = flush_seconds
+        self.max_unsealed_bytes = max_unsealed_bytes
         self._inflight: dict[bytes, asyncio.Future[CapturedRecord]] = {}
         self._unsealed: dict[bytes, CapturedRecord] = {}
+        self.unsealed_bytes = 0  # memory held by _unsealed
+        # Durable requests wait here for their records' next seal: None once sealed, else the
+        # error of the failed seal.
+        self._seal_waiters: dict[bytes, asyncio.Future[BaseException | None]] = {}
         self._writer = SegmentWriter(
             store,
             segment_positions=segment_positions,
             flush_seconds=flush_seconds,
             on_sealed=self._sealed,
+            on_failed=self._failed,
+            retries=True,
         )
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readthrough-reader")
         self._computing: set[asyncio.Task] = set()  # strong references: the loop keeps weak ones
@@ -59,9 +77,10 @@ class ReadThroughCache:
         self._writer.start()
 
     async def get(
-        self, teacher: Teacher, k: int, sequences: list[np.ndarray]
+        self, teacher: Teacher, k: int, sequences: list[np.ndarray], *, durable: bool = False
     ) -> tuple[EncodedBatch, int]:
-        """Records for ``sequences`` in order, as one batch, and how many this call computed."""
+        """Records for ``sequences`` in order, as one batch, and how many this call computed;
+        ``durable``: only once every one of them is sealed (else the store's error)."""
         teacher.check_sequences(sequences)
         space = teacher.space(k)
         loop = asyncio.get_running_loop()
@@ -74,6 +93,7 @@ class ReadThroughCache:
             return batch, 0
         waits: dict[int, asyncio.Future[CapturedRecord]] = {}
         computed = 0
+        self._check_room(keys, slices)
         for i, key in enumerate(keys):
             if slices[i] is not None:
                 continue
@@ -94,8 +114,36 @@ class ReadThroughCache:
             for i, record in zip(waits, done, strict=True):
                 slices[i] = record_slice(record, space)
             self.metrics.add_served("computed", sum(len(r) for r in done))
+        if durable:
+            await self._until_sealed(space, keys)
         batch = await loop.run_in_executor(self._reader, self._assemble, space, keys, slices)
         return batch, computed
+
+    def _check_room(self, keys: list[bytes], slices: list[RecordSlice | None]) -> None:
+        """Refuse a request that needs a computation while unsealed records fill their bound."""
+        if self.unsealed_bytes < self.max_unsealed_bytes:
+            return
+        if all(s is not None or k in self._unsealed or k in self._inflight
+               for k, s in zip(keys, slices, strict=True)):  # fmt: skip
+            return
+        error = self.store.backend.health.error
+        why = f" (the store: {error})" if error is not None else ""
+        raise Unavailable(
+            f"{self.unsealed_bytes >> 20} MiB of computed results are waiting to be sealed"
+            f"{why}; retry later"
+        )
+
+    async def _until_sealed(self, space: CaptureSpace, keys: list[bytes]) -> None:
+        """Wait until every one of ``keys`` that is held unsealed has been sealed."""
+        pending = {k for k in keys if k in self._unsealed}
+        if not pending:
+            return
+        loop = asyncio.get_running_loop()
+        waits = [self._seal_waiters.setdefault(k, loop.create_future()) for k in pending]
+        await self._writer.seal_now(space.space_id)
+        for outcome in await asyncio.gather(*(asyncio.shield(w) for w in waits)):
+            if outcome is not None:
+                raise outcome
 
     def _lookup(
         self, space: CaptureSpace, sequences: list[np.ndarray]
@@ -104,6 +152,8 @@ class ReadThroughCache:
         self.store.ensure_space(space)
         keys = [record_key(space.space_id, ids) for ids in sequences]
         slices = locate(self.store, self.loaded, keys)
+        if self.on_hits is not None:
+            self.on_hits([k for k, s in zip(keys, slices, strict=True) if s is not None])
         if all(s is not None for s in slices):
             return keys, slices, gather(space, [s for s in slices if s is not None])
         return keys, slices, None
@@ -138,6 +188,7 @@ class ReadThroughCache:
                     self._reader, CapturedRecord.encode, key, ids, rows, space
                 )
                 self._unsealed[key] = record
+                self.unsealed_bytes += record.nbytes
                 self.metrics.add_computed(teacher.name, len(ids))
                 future.set_result(record)
             except BaseException as e:  # the waiters get the error; the key can be retried
@@ -153,6 +204,7 @@ class ReadThroughCache:
                 await self._writer.add(space, record)
             except Exception as e:  # the answer was sent; only this cache entry is lost
                 log.error("caching a computed record failed", exc_info=e)
+                self._failed([record], e, retrying=False)
 
         task = loop.create_task(compute())
         self._computing.add(task)
@@ -161,11 +213,32 @@ class ReadThroughCache:
 
     def _sealed(self, records: list[CapturedRecord]) -> None:
         for record in records:
-            self._unsealed.pop(record.key, None)
+            self._forget(record)
+            self._tell(record.key, None)
+
+    def _failed(self, records: list[CapturedRecord], error: BaseException, retrying: bool) -> None:
+        """A seal failed: durable waiters are told; the records stay held for the writer's
+        retry, or are dropped (cache entries lost) when it does not retry this error."""
+        for record in records:
+            if not retrying:
+                self._forget(record)
+            self._tell(record.key, error)
+
+    def _forget(self, record: CapturedRecord) -> None:
+        if self._unsealed.pop(record.key, None) is not None:
+            self.unsealed_bytes -= record.nbytes
+
+    def _tell(self, key: bytes, outcome: BaseException | None) -> None:
+        waiter = self._seal_waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
 
     async def close(self) -> None:
         """Seal everything computed so far (graceful shutdown)."""
         try:
             await self._writer.close()
+        except LogitCacheError as e:  # the answers were sent; these cache entries are lost
+            log.error("%d computed records could not be sealed before shutdown: %s",
+                      len(self._unsealed), e)  # fmt: skip
         finally:
             self._reader.shutdown(wait=True)

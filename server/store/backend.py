@@ -9,27 +9,153 @@ on object storage it will be a conditional put of a manifest.
 
 Names (``rel``) are ``/``-separated and relative to the store's root. Names whose last part
 starts with ``.`` are the backend's own (temporary files, claims) and never listed.
+
+Storage errors are typed here, once, for every caller: out of space or quota is
+ResourceExhausted, a read-only, refused or unreachable store is Unavailable, each with a message
+that says what to do (never the bare errno text). Every backend keeps a :class:`WriteHealth`: the
+outcome of its last write, which readiness reports and which logs once when writes start failing
+and once when they succeed again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
+import logging
 import os
 import shutil
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 from urllib.parse import urlparse
 
+from zarr.abc.store import ByteRequest
 from zarr.abc.store import Store as ZarrStore
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore
 
-from logitcache.client.errors import InvalidArgument, NotFound
+from logitcache.client.errors import (
+    InvalidArgument,
+    LogitCacheError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---- storage errors -----------------------------------------------------------------------------
+
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS}
+_REFUSED = {errno.EACCES, errno.EPERM}
+_UNREACHABLE = {
+    getattr(errno, name)
+    for name in ("EIO", "ENOTCONN", "ESTALE", "ETIMEDOUT", "EHOSTDOWN", "EHOSTUNREACH",
+                 "ENETUNREACH", "ENODEV", "ENXIO", "ENOLINK", "EREMOTEIO", "ECONNREFUSED")
+    if hasattr(errno, name)
+}  # fmt: skip
+
+
+def storage_error(error: OSError, url: str, doing: str) -> LogitCacheError | None:
+    """The typed error a caller sees for a failed storage operation; None: not a storage fault
+    (a missing file, a bug), which the caller handles or which stays what it is."""
+    code = errno.errorcode.get(error.errno or 0, str(error.errno))
+    where = f"store {url} ({code} while {doing})"
+    if error.errno in _OUT_OF_SPACE:
+        return ResourceExhausted(
+            f"{where} is out of space or quota: free space on it or raise its quota, then retry"
+        )
+    if error.errno in _READ_ONLY:
+        return Unavailable(f"{where} is read-only: remount it writable, then retry")
+    if error.errno in _REFUSED:
+        return Unavailable(
+            f"{where} refused access: give the server's user read and write permission on the "
+            "store, then retry"
+        )
+    if error.errno in _UNREACHABLE:
+        return Unavailable(
+            f"{where} could not be reached: check its disk or network mount, then retry"
+        )
+    return None
+
+
+class WriteHealth:
+    """Whether a store accepted its last write, shared by everything that writes to it.
+
+    The first failure of an episode is logged (once, however many requests meet it), and so is
+    the first success after it; readiness reports :attr:`error` while it is set.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._error: LogitCacheError | None = None
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def error(self) -> LogitCacheError | None:
+        """The error of the last write if it failed; None while writes succeed."""
+        return self._error
+
+    def succeeded(self) -> None:
+        if self._error is None:
+            return
+        with self._lock:
+            if self._error is not None:
+                log.warning("store %s accepts writes again (after %.0f s of failures)",
+                            self.url, time.monotonic() - self._since)  # fmt: skip
+                self._error = None
+
+    def failed(self, error: LogitCacheError) -> None:
+        with self._lock:
+            if self._error is None:
+                log.error("store %s cannot be written: %s", self.url, error)
+                self._since = time.monotonic()
+            self._error = error
+
+
+@contextmanager
+def guarded(health: WriteHealth, doing: str, *, write: bool = True) -> Iterator[None]:
+    """Type the storage errors of the block (see :func:`storage_error`); a write block also
+    records its outcome in ``health``."""
+    try:
+        yield
+    except OSError as e:
+        typed = storage_error(e, health.url, doing)
+        if typed is None:
+            raise
+        if write:
+            health.failed(typed)
+        raise typed from e
+    if write:
+        health.succeeded()
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _storage_op(doing: str, *, write: bool) -> Callable[[_Method], _Method]:
+    """A backend method whose storage errors are typed (its first argument names the object)."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def run(self: LocalBackend, rel: str, *args: Any, **kwargs: Any) -> Any:
+            with guarded(self.health, f"{doing} {rel or '/'}", write=write):
+                return method(self, rel, *args, **kwargs)
+
+        return cast(_Method, run)
+
+    return wrap
 
 
 class Upload(Protocol):
@@ -48,6 +174,7 @@ class StoreBackend(Protocol):
     """What the store needs from the place its bytes live (see the module docstring)."""
 
     url: str
+    health: WriteHealth
 
     def read_bytes(self, rel: str) -> bytes: ...
 
@@ -85,6 +212,10 @@ class StoreBackend(Protocol):
 
     def spool(self, rel: str) -> Upload: ...
 
+    def probe_write(self) -> None:
+        """Write and remove a small hidden object (readiness): the typed error if it fails."""
+        ...
+
     def open_read(self, rel: str) -> BinaryIO:
         """A readable binary stream of one object (NotFound if it does not exist)."""
         ...
@@ -97,6 +228,13 @@ class StoreBackend(Protocol):
         """
         ...
 
+    def unpublish(self, final: str) -> None:
+        """Withdraw a published prefix: it leaves listings and reads at once, then is freed.
+
+        The inverse of ``publish`` (garbage collection uses it); no error if it is absent.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class StoredObject:
@@ -104,10 +242,11 @@ class StoredObject:
 
     backend: StoreBackend
     rel: str
+    label: str = ""  # how messages name it instead of its place in the store ("job input")
 
     @property
     def name(self) -> str:
-        return f"{self.backend.url.rstrip('/')}/{self.rel}"
+        return self.label or f"{self.backend.url.rstrip('/')}/{self.rel}"
 
     def open(self) -> BinaryIO:
         return self.backend.open_read(self.rel)
@@ -128,6 +267,7 @@ class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
+        self.health = WriteHealth(self.url)
 
     def _path(self, rel: str) -> Path:
         parts = [p for p in rel.split("/") if p]
@@ -135,12 +275,14 @@ class LocalBackend:
             raise InvalidArgument(f"store object name {rel!r} must stay inside the store")
         return self.root.joinpath(*parts)
 
+    @_storage_op("reading", write=False)
     def read_bytes(self, rel: str) -> bytes:
         try:
             return self._path(rel).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{rel} is not in store {self.url}") from None
 
+    @_storage_op("writing", write=True)
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self._path(rel)
         tmp = _write_temp(target, data)
@@ -153,6 +295,7 @@ class LocalBackend:
     def write_json(self, rel: str, obj: dict) -> None:
         self.write_bytes(rel, json_bytes(obj))
 
+    @_storage_op("writing", write=True)
     def create(self, rel: str, data: bytes) -> bool:
         target = self._path(rel)
         tmp = _write_temp(target, data)
@@ -162,15 +305,18 @@ class LocalBackend:
         tmp.unlink()
         return False
 
+    @_storage_op("looking up", write=False)
     def exists(self, rel: str) -> bool:
         return self._path(rel).exists()
 
+    @_storage_op("listing", write=False)
     def list_dir(self, rel: str) -> list[str]:
         p = self._path(rel)
         if not p.is_dir():
             return []
         return sorted(e.name for e in p.iterdir() if not e.name.startswith("."))
 
+    @_storage_op("removing", write=True)
     def remove_tree(self, rel: str) -> None:
         p = self._path(rel)
         if p.is_dir():
@@ -178,12 +324,14 @@ class LocalBackend:
         else:
             p.unlink(missing_ok=True)
 
+    @_storage_op("looking up", write=False)
     def modified_at(self, rel: str) -> float:
         try:
             return self._path(rel).stat().st_mtime
         except FileNotFoundError:
             raise NotFound(f"{rel} is not in store {self.url}") from None
 
+    @_storage_op("measuring", write=False)
     def stored_bytes(self, rel: str = "") -> int:
         p = self._path(rel)
         if p.is_file():
@@ -191,17 +339,24 @@ class LocalBackend:
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
     def zarr_store(self, rel: str, *, read_only: bool) -> LocalStore:
-        return LocalStore(self._path(rel), read_only=read_only)
+        return GuardedLocalStore(self._path(rel), read_only=read_only, health=self.health, rel=rel)
 
+    @_storage_op("writing", write=True)
     def spool(self, rel: str) -> LocalUpload:
-        return LocalUpload(self._path(rel))
+        return LocalUpload(self._path(rel), self.health, rel)
 
+    def probe_write(self) -> None:
+        self.write_bytes(_PROBE, b"\0" * _PROBE_BYTES)  # one block: a full disk refuses it
+        self._path(_PROBE).unlink(missing_ok=True)
+
+    @_storage_op("reading", write=False)
     def open_read(self, rel: str) -> BinaryIO:
         try:
             return open(self._path(rel), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"{rel} is not in store {self.url}") from None
 
+    @_storage_op("publishing", write=True)
     def publish(self, staging: str, final: str) -> bool:
         src, dst = self._path(staging), self._path(final)
         _fsync_tree(src)
@@ -213,12 +368,25 @@ class LocalBackend:
         _fsync_dir(src.parent)
         return True
 
+    @_storage_op("removing", write=True)
+    def unpublish(self, final: str) -> None:
+        path = self._path(final)
+        hidden = path.with_name(f".{path.name}.{uuid.uuid4().hex}.removing")
+        try:
+            os.rename(path, hidden)  # one step: readers see all of it or nothing
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+        shutil.rmtree(hidden, ignore_errors=True)
+
 
 class LocalUpload:
     """A spooled upload into a hidden file beside its target, linked into place create-only."""
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, health: WriteHealth, rel: str) -> None:
         self._target = target
+        self._health = health
+        self._doing = f"writing {rel}"
         target.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.spool")
         self._file: BinaryIO | None = open(self._tmp, "wb")
@@ -226,18 +394,20 @@ class LocalUpload:
     def write(self, chunk: bytes) -> None:
         if self._file is None:
             raise ValueError("this upload was already published or aborted")
-        self._file.write(chunk)
+        with guarded(self._health, self._doing):
+            self._file.write(chunk)
 
     def publish(self) -> bool:
         if self._file is None:
             raise ValueError("this upload was already published or aborted")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        if _rename_no_replace(self._tmp, self._target):
-            _fsync_dir(self._target.parent)
-            return True
+        with guarded(self._health, self._doing):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            if _rename_no_replace(self._tmp, self._target):
+                _fsync_dir(self._target.parent)
+                return True
         self._tmp.unlink(missing_ok=True)
         return False
 
@@ -260,14 +430,56 @@ def json_bytes(obj: dict) -> bytes:
 
 
 def _write_temp(target: Path, data: bytes) -> Path:
-    """``data`` in a durable hidden file beside ``target``, ready to be renamed into place."""
+    """``data`` in a durable hidden file beside ``target``, ready to be renamed into place
+    (nothing is left behind if it cannot be written: a full disk keeps no half files)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
+
+
+class GuardedLocalStore(LocalStore):
+    """zarr's local store with this backend's typed storage errors and write outcomes."""
+
+    def __init__(
+        self, root: Path | str, *, read_only: bool = False, health: WriteHealth, rel: str
+    ) -> None:
+        super().__init__(root, read_only=read_only)
+        self.health = health
+        self.rel = rel
+
+    def with_read_only(self, read_only: bool = False) -> GuardedLocalStore:
+        return GuardedLocalStore(self.root, read_only=read_only, health=self.health, rel=self.rel)
+
+    async def _open(self, *args: Any, **kwargs: Any) -> None:
+        with guarded(self.health, f"opening {self.rel}", write=not self.read_only):
+            await super()._open(*args, **kwargs)
+
+    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
+        with guarded(self.health, f"writing {self.rel}/{key}"):
+            await super()._set(key, value, exclusive)
+
+    async def get(
+        self,
+        key: str,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        with guarded(self.health, f"reading {self.rel}/{key}", write=False):
+            return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        with guarded(self.health, f"reading {self.rel}", write=False):
+            return await super().get_partial_values(prototype, key_ranges)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -300,6 +512,8 @@ def _fsync_tree(root: Path) -> None:
 # claim is removed right after; a publisher killed between claim and rename leaves a claim that
 # blocks that one name until it is deleted (segment names are never reused, dataset names are).
 
+_PROBE = ".write-probe"
+_PROBE_BYTES = 4096
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _RENAME_EXCL = 0x4  # darwin stdio.h

@@ -5,14 +5,15 @@ it create-only. :class:`SegmentWriter` feeds it from the event loop: it gathers 
 per capture space, seals a segment when it reaches ``segment_positions`` positions or when its
 oldest record is ``flush_seconds`` old, and writes in its own thread with at most two seals
 pending, so ``await add()`` waits when storage is slower than the engine and memory stays bounded.
+
+A staging folder names its writer (``liveness.writer_identity``), so a cleaner can tell a dead
+writer's leftovers from a live write; a write that fails removes its own staging folder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,9 +25,15 @@ import numpy as np
 import zarr
 
 from logitcache.client.codecs import TopKRows, codec_for
-from logitcache.client.errors import FailedPrecondition
+from logitcache.client.errors import (
+    FailedPrecondition,
+    LogitCacheError,
+    ResourceExhausted,
+    Unavailable,
+)
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.store.backend import StoreBackend
+from logitcache.server.store.liveness import writer_identity
 from logitcache.server.store.segments import (
     CHUNK_POSITIONS,
     ENTRY_CHUNK,
@@ -43,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_PENDING_SEALS = 2
+# Seals that failed on a storage error are retried after this long, doubling up to the maximum.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 10.0
+StorageFault = (ResourceExhausted, Unavailable)
 
 
 @dataclass
@@ -63,6 +74,11 @@ class CapturedRecord:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the record holds (what a bound on unsealed records counts)."""
+        return int(self.input_ids.nbytes + sum(a.nbytes for a in self.arrays.values()))
+
 
 def write_segment(
     backend: StoreBackend, space: CaptureSpace, records: Sequence[CapturedRecord]
@@ -70,6 +86,25 @@ def write_segment(
     """Write ``records`` as one segment and publish it create-only; returns the segment id."""
     if not records:
         raise ValueError("refusing to seal an empty segment")
+    writer_id = uuid.uuid4().hex[:12]
+    staging = f"{unsealed_dir(space.space_id)}/{writer_id}"
+    try:
+        _lay_out(backend, staging, space, records)
+        # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
+        segment_id = f"{time.time_ns():020d}-{writer_id}"
+        published = backend.publish(staging, f"{segments_dir(space.space_id)}/{segment_id}")
+    except BaseException:
+        backend.remove_tree(staging)  # a failed write (a full disk) keeps no partial folder
+        raise
+    if not published:
+        raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
+    return segment_id
+
+
+def _lay_out(
+    backend: StoreBackend, staging: str, space: CaptureSpace, records: Sequence[CapturedRecord]
+) -> None:
+    """The segment's zarr group under ``staging``, complete, with its writer named first."""
     lengths = np.array([len(r) for r in records], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     fields = codec_fields(space)
@@ -87,13 +122,8 @@ def write_segment(
         entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)
         arrays["entry_offsets"] = np.concatenate([[0], np.cumsum(entries)])
     plain = {f.name for f in fields if not f.shuffle}
-    writer_id = uuid.uuid4().hex[:12]
-    staging = f"{unsealed_dir(space.space_id)}/{writer_id}"
     group = zarr.open_group(store=backend.zarr_store(staging, read_only=False), mode="w")
-    backend.write_json(
-        f"{staging}/writer.json",
-        {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()},
-    )
+    backend.write_json(f"{staging}/writer.json", writer_identity())
     for name, data in arrays.items():
         rows = ENTRY_CHUNK if name in per_entry else CHUNK_POSITIONS
         chunks = (min(rows, max(1, data.shape[0])),) + data.shape[1:]
@@ -109,11 +139,6 @@ def write_segment(
             "stored_bytes": sum(backend.stored_bytes(f"{staging}/{name}") for name in arrays),
         }
     )
-    # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
-    segment_id = f"{time.time_ns():020d}-{writer_id}"
-    if not backend.publish(staging, f"{segments_dir(space.space_id)}/{segment_id}"):
-        raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
-    return segment_id
 
 
 @dataclass
@@ -128,9 +153,15 @@ class SegmentWriter:
     """Seals records into segments by size and age, in a writer thread, with back-pressure.
 
     ``on_sealed(records)`` runs on the event loop once a segment is sealed and indexed (the
-    read-through cache drops them from memory then). A failed seal is logged, and raised once
-    from the next :meth:`add`, :meth:`flush` or :meth:`close`. Seals are executor futures, not
-    tasks, so they finish even when the loop cancels every task (shutdown, a cancelled job).
+    read-through cache drops them from memory then); ``on_failed(records, error, retrying)``
+    when a seal fails. Seals are executor futures, not tasks, so they finish even when the loop
+    cancels every task (shutdown, a cancelled job).
+
+    A failed seal is raised once from the next :meth:`add`, :meth:`flush` or :meth:`close`,
+    unless the writer ``retries``: then a seal that failed on a storage fault (out of space, an
+    unreachable store) keeps its records and is tried again with backoff until it succeeds, so
+    results are sealed once space returns. The store's :class:`WriteHealth` logs the episode
+    (once); only unexpected errors are logged here, with their traceback.
     """
 
     def __init__(
@@ -140,13 +171,20 @@ class SegmentWriter:
         segment_positions: int,
         flush_seconds: float | None = None,
         on_sealed: Callable[[list[CapturedRecord]], None] | None = None,
+        on_failed: Callable[[list[CapturedRecord], BaseException, bool], None] | None = None,
+        retries: bool = False,
     ) -> None:
         self.store = store
         self.segment_positions = segment_positions
         self.flush_seconds = flush_seconds
         self.on_sealed = on_sealed
+        self.on_failed = on_failed
+        self.retries = retries
         self.segments_written = 0
         self._open: dict[str, _OpenSegment] = {}
+        self._held: dict[str, _OpenSegment] = {}  # failed seals waiting for their retry
+        self._retry_delay = RETRY_FIRST_S
+        self._retrying: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(MAX_PENDING_SEALS)  # FIFO: seals start in order
         self._pending: set[asyncio.Future[str]] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
@@ -158,6 +196,11 @@ class SegmentWriter:
     def unsealed_positions(self) -> int:
         """Positions gathered and not yet handed to the writer thread."""
         return sum(s.positions for s in self._open.values())
+
+    @property
+    def held_records(self) -> int:
+        """Records whose seal failed on a storage fault and waits for its retry."""
+        return sum(len(s.records) for s in self._held.values())
 
     async def add(self, space: CaptureSpace, record: CapturedRecord) -> None:
         """Add one encoded record; waits while two seals are pending."""
@@ -172,18 +215,30 @@ class SegmentWriter:
         if segment.positions >= self.segment_positions:
             await self._seal(segment)
 
+    async def seal_now(self, space_id: str) -> None:
+        """Hand the open segment of one capture space to the writer thread now (not waiting
+        for its age): for callers that wait until their records are sealed."""
+        segment = self._open.get(space_id)
+        if segment is not None:
+            await self._seal(segment)
+
     async def flush(self) -> None:
-        """Seal every open segment now and wait until all seals are done."""
+        """Seal every open segment now (and those held for a retry, once more) and wait until
+        all seals are done."""
         for segment in list(self._open.values()):
             await self._seal(segment)
+        held, self._held = self._held, {}
+        for segment in held.values():
+            await self._submit(segment, retry=False)
         while self._pending:
             await asyncio.wait(set(self._pending))  # wait: never cancels the seals themselves
         self._raise_error()
 
     async def close(self) -> None:
         """Seal what is left, wait for it, and stop the writer thread."""
-        if self._timer is not None:
-            self._timer.cancel()
+        for task in (self._timer, self._retrying):
+            if task is not None:
+                task.cancel()
         try:
             await self.flush()
         finally:
@@ -200,7 +255,7 @@ class SegmentWriter:
             return  # sealed meanwhile
         del self._open[segment.space.space_id]
         try:
-            await self._slots.acquire()
+            await self._submit(segment, retry=self.retries)
         except asyncio.CancelledError:  # the caller stopped waiting: keep the records open
             newer = self._open.get(segment.space.space_id)
             if newer is not None:
@@ -208,24 +263,55 @@ class SegmentWriter:
                 segment.positions += newer.positions
             self._open[segment.space.space_id] = segment
             raise
+
+    async def _submit(self, segment: _OpenSegment, *, retry: bool) -> None:
+        """Hand a segment to the writer thread once a seal slot is free."""
+        await self._slots.acquire()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
             self._thread, self.store.write_segment, segment.space, segment.records
         )
         self._pending.add(future)
-        future.add_done_callback(lambda f: self._sealed(f, segment))
+        future.add_done_callback(lambda f: self._sealed(f, segment, retry))
 
-    def _sealed(self, future: asyncio.Future[str], segment: _OpenSegment) -> None:
+    def _sealed(self, future: asyncio.Future[str], segment: _OpenSegment, retry: bool) -> None:
         self._pending.discard(future)
         self._slots.release()
         error = future.exception() if not future.cancelled() else None
-        if error is not None:  # storage failed: tell the caller, keep serving
-            log.error("sealing %d records failed", len(segment.records), exc_info=error)
-            self._error = self._error or error
+        if error is None:
+            self.segments_written += 1
+            self._retry_delay = RETRY_FIRST_S
+            if self.on_sealed is not None:
+                self.on_sealed(segment.records)
             return
-        self.segments_written += 1
-        if self.on_sealed is not None:
-            self.on_sealed(segment.records)
+        retrying = retry and isinstance(error, StorageFault)
+        if self.on_failed is not None:
+            self.on_failed(segment.records, error, retrying)
+        if retrying:
+            self._hold(segment)
+            return
+        if not isinstance(error, LogitCacheError):  # a typed error tells its caller enough
+            log.error("sealing %d records failed", len(segment.records), exc_info=error)
+        self._error = self._error or error
+
+    def _hold(self, segment: _OpenSegment) -> None:
+        """Keep a failed segment's records (merged per space) for a retry after the backoff."""
+        held = self._held.get(segment.space.space_id)
+        if held is None:
+            self._held[segment.space.space_id] = segment
+        else:
+            held.records += segment.records
+            held.positions += segment.positions
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_held())
+
+    async def _retry_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(self._retry_delay)
+            self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
+            held, self._held = self._held, {}
+            for segment in held.values():
+                await self._submit(segment, retry=True)
 
     async def _flush_when_due(self, flush_seconds: float) -> None:
         while True:

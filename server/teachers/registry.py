@@ -17,6 +17,7 @@ from logitcache.client.space import CaptureSpace
 from logitcache.server.config import TeacherConfig
 from logitcache.server.engine.protocol import EngineFactory, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
+from logitcache.server.names import shown
 from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher, topk_space
 
 
@@ -102,7 +103,7 @@ class TeacherRegistry:
             return self._teachers[name or self.default]
         except KeyError:
             raise NotFound(
-                f"teacher {name!r} is not served here (teachers: {sorted(self._teachers)})"
+                f"teacher {shown(name)} is not served here (teachers: {sorted(self._teachers)})"
             ) from None
 
     def __iter__(self) -> Iterator[Teacher]:

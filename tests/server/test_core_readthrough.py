@@ -54,6 +54,7 @@ def cache_on(store: Store, **settings: float) -> ReadThroughCache:
         segment_positions=int(options["segment_positions"]),
         flush_seconds=options["flush_seconds"],
         loaded=SegmentCache(1 << 28),
+        max_unsealed_bytes=int(options.get("max_unsealed_bytes", 1 << 28)),
     )
 
 

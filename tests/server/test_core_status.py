@@ -54,7 +54,7 @@ async def store_only_service(store_dir: Path) -> AsyncIterator[pb_grpc.LogitCach
     teachers = TeacherRegistry([])
     loaded = SegmentCache(1 << 26)
     readthrough = ReadThroughCache(store, metrics, segment_positions=1 << 16, flush_seconds=1.0,
-                                   loaded=loaded)  # fmt: skip
+                                   loaded=loaded, max_unsealed_bytes=1 << 26)  # fmt: skip
     streamer = DatasetStreamer(store, loaded, prefetch=2)
     jobs = JobManager(store, teachers, metrics, max_running=1, max_in_flight=1,
                       segment_positions=1 << 16)  # fmt: skip
