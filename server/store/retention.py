@@ -59,7 +59,8 @@ class AccessTimes:
                 self._changed = True
 
     def last_used(self, use: SegmentUse) -> float:
-        return max(self._times.get(use.segment.segment_id, 0.0), use.sealed_at)
+        """Its last hit, or its seal time if it has had none (since the times were saved)."""
+        return self._times.get(use.segment.segment_id, use.sealed_at)
 
     def save(self, keep: set[str]) -> None:
         """Write the times of the segments in ``keep`` (merged with what another server saved)."""
