@@ -23,7 +23,8 @@ The results table has, per run, the student's step time (forward, loss, backward
 step; data and teacher excluded) in ms and relative to (a') and (a), the peak memory of one step
 above what it starts with (the profiler's allocation events on CPU, where tracemalloc sees none of
 torch's tensors; ``torch.cuda.max_memory_allocated`` on GPU) relative to (a'), and positions
-trained per second. That one step runs under the profiler and is left out of the timing.
+trained per second. These come from :func:`measure_steps`, after training: steps of every run
+interleaved on each run's first batch, so that the ratios hold on a machine shared with others.
 
 The training sequences come from :func:`token_sequences` (documents of the demo language), the one
 place a second data source plugs in.
@@ -51,6 +52,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -243,26 +245,26 @@ class RunResult:
     teacher_s: float = 0.0  # (b): the teacher's forward pass
     forward_s: float = 0.0  # the student's forward pass with the loss (fused: one and the same)
     update_s: float = 0.0  # backward, clipping, optimizer step
-    positions: int = 0  # trained in the timed steps
-    timed_steps: int = 0  # all but the one whose memory is measured (the profiler slows it)
-    peak_bytes: int = 0  # of that step (step_peak_bytes)
+    positions: int = 0
     first_batch_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     server_cpu_s: float | None = None
+    step_loss: StepLoss | None = None
+    first_batch: Batch | None = None  # step 0's batch (with the teacher's output), for timing
+    step_s: float = 0.0  # median of the interleaved timed steps (measure_steps)
+    peak_bytes: int = 0  # of one step (step_peak_bytes)
 
     @property
     def compute_s(self) -> float:
-        """The student's training work in the timed steps: forward, loss, backward, step."""
+        """The student's training work: forward, loss, backward, optimizer step."""
         return self.forward_s + self.update_s
 
-    @property
-    def step_ms(self) -> float:
-        return 1000.0 * self.compute_s / max(self.timed_steps, 1)
 
-
-# A batch source: step -> (input_ids [B, T], attention_mask, labels, extra) ; extra for the loss.
-BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
-MEASURED_STEP = 1  # the step whose peak memory is taken: after the optimizer made its state
+# (input_ids [B, T], attention_mask, labels, extra); extra for the loss
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]
+# A batch source: step -> its batch.
+BatchFn = Callable[[int], Batch]
+TIMING_ROUNDS = 12  # interleaved steps per run in measure_steps (the first one warms up)
 
 
 def _train_step(
@@ -288,6 +290,41 @@ def _train_step(
     return loss
 
 
+def measure_steps(
+    results: dict[str, RunResult], init: Callable[[], torch.nn.Module], lr: float
+) -> None:
+    """Each run's step time and peak memory, on its first batch, on fresh students.
+
+    The runs' own timings are taken minutes apart on a machine that others share; these steps
+    are interleaved (one step of each run in turn, TIMING_ROUNDS rounds, the median kept), so
+    the ratios between runs hold under contention. The first round warms up (and makes the
+    optimizer's state); the second is the one whose peak memory is taken, outside the timing.
+    """
+    steppers = {}
+    for key in results:
+        model = init()
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        steppers[key] = (model, optimizer, schedule)
+    samples: dict[str, list[float]] = {key: [] for key in results}
+    for round_ in range(TIMING_ROUNDS + 1):
+        for key, r in results.items():
+            assert r.step_loss is not None and r.first_batch is not None
+            model, optimizer, schedule = steppers[key]
+            args = (model, optimizer, schedule, r.step_loss, r.first_batch)
+            if round_ == 1:
+                device = next(model.parameters()).device
+                r.peak_bytes, _ = step_peak_bytes(device, _train_step, *args)
+                continue
+            t0 = time.perf_counter()
+            _train_step(*args)
+            if round_ > 1:
+                samples[key].append(time.perf_counter() - t0)
+    for key, r in results.items():
+        r.step_s = statistics.median(samples[key])
+
+
 def train(
     name: str,
     init: Callable[[], torch.nn.Module],
@@ -299,12 +336,11 @@ def train(
 ) -> RunResult:
     model = init()
     model.train()
-    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, args.steps)
     )
-    result = RunResult(name, model)
+    result = RunResult(name, model, step_loss=step_loss)
     _settle(server_cpu)
     cpu0 = server_cpu() if server_cpu else None
     started = time.perf_counter()
@@ -319,14 +355,10 @@ def train(
             teacher_fn(input_ids, extra)
         t2 = time.perf_counter()
         batch = (input_ids, attention_mask, labels, extra)
-        if step == MEASURED_STEP or args.steps == 1:
-            result.peak_bytes, loss = step_peak_bytes(
-                device, _train_step, model, optimizer, schedule, step_loss, batch
-            )
-        else:
-            loss = _train_step(model, optimizer, schedule, step_loss, batch, result)
-            result.timed_steps += 1
-            result.positions += int(attention_mask.sum())
+        if step == 0:
+            result.first_batch = batch
+        loss = _train_step(model, optimizer, schedule, step_loss, batch, result)
+        result.positions += int(attention_mask.sum())
         result.data_s += t1 - t0
         result.teacher_s += t2 - t1
         result.losses.append(float(loss.detach()))
@@ -375,7 +407,10 @@ def evaluate(
 
 
 def print_results(
-    rows: list[tuple[str, float, float, RunResult | None]], fused_ce: RunResult, ce: RunResult
+    rows: list[tuple[str, float, float, RunResult | None]],
+    fused_ce: RunResult,
+    ce: RunResult,
+    positions: int,
 ) -> None:
     """The results table: held-out quality, then the student's step against a CE step's."""
     head = (
@@ -389,17 +424,17 @@ def print_results(
             print(f"{label:37s} {kl:>9.4f} {ppl:>8.3f}")
             continue
         print(
-            f"{label:37s} {kl:>9.4f} {ppl:>8.3f} {r.step_ms:>8.1f} "
-            f"{r.step_ms / fused_ce.step_ms:>6.2f} {r.step_ms / ce.step_ms:>8.2f} "
+            f"{label:37s} {kl:>9.4f} {ppl:>8.3f} {1000 * r.step_s:>8.1f} "
+            f"{r.step_s / fused_ce.step_s:>6.2f} {r.step_s / ce.step_s:>8.2f} "
             f"{r.peak_bytes / 2**20:>8.1f} {r.peak_bytes / max(fused_ce.peak_bytes, 1):>6.2f} "
-            f"{r.positions / max(r.compute_s, 1e-9):>14,.0f}"
+            f"{positions / r.step_s:>14,.0f}"
         )
     print(
-        "(step ms: the student's forward, loss, backward and optimizer step, data and teacher "
-        "excluded; x CE: against (a'), a cross-entropy step computed the same fused way; x CE(a): "
-        f"against (a), cross-entropy on full logits; peak MB: one step (step {MEASURED_STEP}) "
-        "above what it starts with, from the profiler's allocation events on CPU, "
-        "max_memory_allocated on GPU)"
+        "(step ms: the student's forward, loss, backward and optimizer step on one batch, data "
+        f"and teacher excluded, median of {TIMING_ROUNDS} interleaved with the other runs' "
+        "(measure_steps); x CE: against (a'), a cross-entropy step computed the same fused way; "
+        "x CE(a): against (a), cross-entropy on full logits; peak MB: one step above what it "
+        "starts with, from the profiler's allocation events on CPU, max_memory_allocated on GPU)"
     )
 
 
@@ -688,7 +723,9 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 fused(fused_cached_loss), None, args, None,
             )  # fmt: skip
 
-    print("\nevaluating on held-out text (teacher: transformers reference forward pass) ...")
+    print(f"\ntiming one step of each run, interleaved, {TIMING_ROUNDS} rounds ...", flush=True)
+    measure_steps(results, new_student, args.lr)
+    print("evaluating on held-out text (teacher: transformers reference forward pass) ...")
     t = time.perf_counter()
     reference = teacher_logprobs(teacher, held_out)
     rows = [("teacher (reference)", 0.0, evaluate(teacher, held_out, reference)[1], None)]
@@ -715,7 +752,7 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"\nheld-out: {args.eval_sequences} sequences x {seq_len} tokens = {held_positions:,} "
         f"positions; KL in nats per position over the full vocabulary; evaluated in {eval_s:.1f} s"
     )
-    print_results(rows, results["a'"], results["a"])
+    print_results(rows, results["a'"], results["a"], bsz * seq_len)
     for key in "cde":
         if key in scores:
             print(f"({key})/(b) KL ratio: {scores[key] / scores['b']:.3f}")
