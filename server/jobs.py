@@ -1,9 +1,20 @@
 """Precompute jobs run by the server: submitted, watched, cancelled, and resumed after a restart.
 
 A job is a precompute run with the server's own engine and store. Its spec and its input (the
-sequences or texts a client streamed) are written to the store before the job is accepted, so a
-server killed at any point finds every unfinished job on restart and runs it again; the
-precompute's own resume logic then skips what was already sealed.
+sequences or texts a client streamed) are written to the store, and its dataset is published
+(state building, create-only: of two submissions of one name exactly one wins), before the job
+is accepted; so a server killed at any point finds every unfinished job on restart and runs it
+again, and the precompute's own resume logic then skips what was already sealed.
+
+Ownership: the server that runs a job holds its dataset's lease (``leases``) from acceptance to
+the job's end, and renews it. Several servers may share a store: each one takes an unfinished job
+only when that lease is free (released by a clean stop, expired, or left by a dead process of the
+same host) and when it runs the job's teacher. A server that runs no teacher (a store-only read
+replica) never takes, fails or changes a job; every server reads the other jobs' documents
+afresh every third of the lease time, so its listings follow them.
+
+A retried submission (the same ``client_request_id``) returns the job of the first one, also from
+another server or after a restart: the id is kept in the job and in its dataset's provenance.
 
 Everything that grows with a job's input (serialising, writing, tokenising, checking) and every
 job document write runs in an executor: the event loop keeps serving while a large job is
@@ -15,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -31,15 +43,33 @@ from logitcache.client.errors import (
     NotFound,
 )
 from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport
+from logitcache.server.leases import (
+    DEFAULT_LEASE_S,
+    LeaseKeeper,
+    LeaseStore,
+    busy,
+    dataset_lease,
+    leases_for,
+)
 from logitcache.server.metrics import ServerMetrics
-from logitcache.server.precompute import PrecomputeRequest, precompute, prepare_inputs
+from logitcache.server.names import shown
+from logitcache.server.precompute import (
+    PrecomputeRequest,
+    create_dataset,
+    precompute,
+    prepare_inputs,
+)
+from logitcache.server.spool import adopt_upload
 from logitcache.server.store.backend import StoredObject
 from logitcache.server.store.store import Store, validate_dataset_name
-from logitcache.server.teachers.identity import TeacherInfo
-from logitcache.server.teachers.registry import TeacherRegistry
+from logitcache.server.teachers.identity import capture_space
+from logitcache.server.teachers.registry import Teacher, TeacherRegistry
+
+log = logging.getLogger(__name__)
 
 JOB_PRIORITY = 1  # after interactive requests (0) in the engine's queue
 _RATE_WINDOW_S = 10.0
+MAX_REQUEST_ID_CHARS = 128
 
 
 class JobState(StrEnum):
@@ -66,6 +96,7 @@ class JobSpec:
     max_len: int = 0
     overflow: str = "error"
     license: str = ""
+    client_request_id: str = ""  # the same on a client's retries of one submission
 
 
 @dataclass
@@ -88,6 +119,38 @@ class Job:
     def from_json(cls, obj: dict[str, Any]) -> Job:
         return cls(**{**obj, "spec": JobSpec(**obj["spec"]), "state": JobState(obj["state"])})
 
+    @property
+    def lease(self) -> str:
+        return dataset_lease(self.spec.dataset)
+
+
+def load_jobs(store: Store) -> list[Job]:
+    """Every job document in the store (a job being accepted has none yet)."""
+    jobs = []
+    for job_id in store.backend.list_dir("jobs"):
+        rel = f"jobs/{job_id}/job.json"
+        try:
+            jobs.append(Job.from_json(store.backend.read_json(rel)))
+        except (NotFound, FileNotFoundError):
+            continue  # being discarded
+    return jobs
+
+
+def save_job(store: Store, job: Job) -> None:
+    store.backend.write_json(f"jobs/{job.id}/job.json", asdict(job))
+
+
+def end_jobs(store: Store, dataset: str, reason: str) -> list[Job]:
+    """Mark the unfinished jobs of ``dataset`` cancelled with ``reason``, so no server resumes
+    them; the caller holds the dataset's lease. Returns them."""
+    ended = []
+    for job in load_jobs(store):
+        if job.spec.dataset == dataset and job.state.active:
+            job.state, job.error, job.finished_at = JobState.CANCELLED, reason, time.time()
+            save_job(store, job)
+            ended.append(job)
+    return ended
+
 
 class JobManager:
     def __init__(
@@ -99,50 +162,134 @@ class JobManager:
         max_running: int,
         max_in_flight: int,
         segment_positions: int,
+        lease_s: float = DEFAULT_LEASE_S,
+        leases: LeaseStore | None = None,
     ) -> None:
         self.store = store
         self.teachers = teachers
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.segment_positions = segment_positions
+        self.lease_s = lease_s
+        self._keeper = LeaseKeeper(leases or leases_for(store), lease_s, on_lost=self._lost)
         self._jobs: dict[str, Job] = {}
+        self._owned: set[str] = set()  # ids of the jobs this manager runs (it holds their lease)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._accepting: set[str] = set()  # dataset names of submissions being checked
+        self._requests: dict[str, asyncio.Future[Job | None]] = {}  # client request ids, same
         self._slots = asyncio.Semaphore(max_running)
         self._rate: dict[str, list[tuple[float, int]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         # One thread writes job documents, in the order the loop hands them over.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-writer")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def resume(self) -> int:
-        """Load all jobs from the store and restart the unfinished ones; returns how many."""
+        """Load all jobs from the store, run the unfinished ones this server may take, and keep
+        watching the store; returns how many jobs were started."""
+        started = await self.refresh()
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_store())
+        return started
+
+    async def refresh(self) -> int:
+        """Read every job document: fresh views of the jobs other servers run, and each
+        unfinished job whose lease is free and whose teacher runs here is taken over. Returns
+        how many were taken."""
         loop = asyncio.get_running_loop()
-        restarted = 0
-        for job in await loop.run_in_executor(None, self._load_jobs):
-            self._jobs[job.id] = job
-            self._changed[job.id] = asyncio.Event()
-            if job.state.active:
-                job.state = JobState.QUEUED
-                self._launch(job)
-                restarted += 1
+        taken = 0
+        for stored in await loop.run_in_executor(None, load_jobs, self.store):
+            if stored.id in self._owned or stored.id in self._tasks:
+                continue  # ours (or still winding down): memory is the truth
+            job = self._view(stored)
+            if job.state.active and self._runs_teacher_of(job) and await self._take(job):
+                taken += 1
         self._publish_counts()
-        return restarted
+        return taken
 
     async def close(self) -> None:
-        """Stop running jobs without marking them ended: they resume on the next start."""
+        """Stop running jobs without marking them ended, and release their leases: they resume
+        on the next start, or on another server at once."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
+        await asyncio.gather(
+            *self._tasks.values(), *([self._watcher] if self._watcher else []),
+            return_exceptions=True,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, _nothing)  # the last documents are written
+        await self._keeper.close()
+        await loop.run_in_executor(None, self._writer.shutdown)
 
     # -- requests -------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, sequences: Sequence[Sequence[int]],
-                     texts: Sequence[str]) -> Job:  # fmt: skip
-        """Check the spec and input completely, persist both, then queue the job."""
+                     texts: Sequence[str], *, upload: StoredObject | None = None) -> Job:  # fmt: skip
+        """Check the spec and input completely, persist both with the dataset, then queue the
+        job. A submission repeated with the same ``client_request_id`` returns the same job.
+
+        The input is ``sequences`` and ``texts``, or an ``upload`` spooled to the store as it
+        arrived (``spool.JobUpload``), which the accepted job adopts."""
         validate_dataset_name(spec.dataset)
+        request_id = spec.client_request_id
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(
+                f"client_request_id has {len(request_id)} characters; at most "
+                f"{MAX_REQUEST_ID_CHARS}",
+                fields=["client_request_id"],
+            )
+        if not request_id:
+            return await self._submit(spec, sequences, texts, upload)
+        while (pending := self._requests.get(request_id)) is not None:
+            earlier = await asyncio.shield(pending)  # an attempt being accepted here
+            if earlier is not None:
+                return earlier
+        self._requests[request_id] = asyncio.get_running_loop().create_future()
+        job: Job | None = None
+        try:
+            job = await self._submitted(spec) or await self._submit(spec, sequences, texts, upload)
+            return job
+        finally:
+            self._requests.pop(request_id).set_result(job)
+
+    async def _submitted(self, spec: JobSpec) -> Job | None:
+        """The job of an earlier submission with this request id: accepted here, or (after a
+        restart, or on another server) named by its dataset."""
+        request_id = spec.client_request_id
+        known = [j for j in self._jobs.values() if j.spec.client_request_id == request_id]
+        if not known:
+            loop = asyncio.get_running_loop()
+            stored = await loop.run_in_executor(None, self._job_of_request, spec)
+            known = [self._view(stored)] if stored is not None else []
+        if known and known[0].spec.dataset != spec.dataset:
+            raise InvalidArgument(
+                f"client_request_id {shown(request_id)} was used for job {known[0].id} of "
+                f"dataset {known[0].spec.dataset!r}; use a new id for a new submission",
+                fields=["client_request_id"],
+            )
+        return known[0] if known else None
+
+    def _job_of_request(self, spec: JobSpec) -> Job | None:
+        """The job that published ``spec.dataset`` for this request id, if one did."""
+        rel = f"datasets/{spec.dataset}/dataset.json"
+        if not self.store.backend.exists(rel):
+            return None
+        made_by = self.store.backend.read_json(rel)["provenance"].get("job") or {}
+        if made_by.get("client_request_id") != spec.client_request_id:
+            return None
+        doc = f"jobs/{made_by['id']}/job.json"
+        return (
+            Job.from_json(self.store.backend.read_json(doc))
+            if self.store.backend.exists(doc)
+            else None
+        )
+
+    async def _submit(self, spec: JobSpec, sequences: Sequence[Sequence[int]],
+                      texts: Sequence[str], upload: StoredObject | None) -> Job:  # fmt: skip
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
         spec.top_k = teacher.resolve_k(spec.top_k)
@@ -151,7 +298,7 @@ class JobManager:
                 f"overflow must be one of {OVERFLOW_POLICIES}, not {spec.overflow!r}",
                 fields=["overflow"],
             )
-        streamed = bool(sequences) or bool(texts)
+        streamed = bool(sequences) or bool(texts) or upload is not None
         if spec.server_path and streamed:
             raise InvalidArgument(
                 "give either server_path or streamed sequences/texts, not both",
@@ -168,19 +315,29 @@ class JobManager:
         job = Job(id=uuid.uuid4().hex[:16], spec=spec)
         loop = asyncio.get_running_loop()
         self._accepting.add(spec.dataset)
-        accepting = loop.run_in_executor(None, self._accept, job, teacher.info, sequences, texts)
         try:
-            await asyncio.shield(accepting)
-        except asyncio.CancelledError:
-            # The client went away: once the thread is done with the input, remove it.
-            accepting.add_done_callback(
-                lambda _: loop.run_in_executor(None, self._discard_files, job.id)
+            if not await self._keeper.acquire(job.lease, self._note(job)):
+                holder = await loop.run_in_executor(None, self._keeper.leases.holder, job.lease)
+                raise AlreadyExists(
+                    busy(f"dataset {spec.dataset!r}", holder, "choose another name")
+                )
+            accepting = loop.run_in_executor(
+                None, self._accept, job, teacher, sequences, texts, upload
             )
-            raise
+            try:
+                await asyncio.shield(accepting)
+            except asyncio.CancelledError:
+                # The client went away: once the thread is done with the input, remove it.
+                loop.create_task(self._abandon(job, accepting))
+                raise
+            except BaseException:
+                await self._keeper.release(job.lease)
+                raise
         finally:
             self._accepting.discard(spec.dataset)
         self._jobs[job.id] = job
         self._changed[job.id] = asyncio.Event()
+        self._owned.add(job.id)
         self._launch(job)
         return job
 
@@ -188,7 +345,7 @@ class JobManager:
         try:
             return self._jobs[job_id]
         except KeyError:
-            raise NotFound(f"job {job_id!r} does not exist") from None
+            raise NotFound(f"job {shown(job_id)} does not exist") from None
 
     def newest_first(self) -> list[Job]:
         return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
@@ -197,10 +354,49 @@ class JobManager:
         job = self.get(job_id)
         if not job.state.active:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state})")
+        if job_id not in self._owned:
+            raise FailedPrecondition(
+                f"job {job_id} is not run by this server: cancel it on the server that runs "
+                f"it, or, if none does, finish or delete its dataset {job.spec.dataset!r}"
+            )
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
         self._finish(job, JobState.CANCELLED)
+        return job
+
+    async def resume_dataset(self, name: str) -> Job:
+        """Run the newest job of a dataset that is not complete again (a cancelled, failed or
+        stuck job, or one finished as partial); the job is returned once queued."""
+        validate_dataset_name(name)
+        await self.refresh()
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(None, self._dataset_state, name)
+        if state == "complete":
+            raise FailedPrecondition(f"dataset {name!r} is complete: there is nothing to resume")
+        built = sorted(
+            (j for j in self._jobs.values() if j.spec.dataset == name),
+            key=lambda j: j.created_at,
+        )
+        if not built:
+            raise FailedPrecondition(
+                f"dataset {name!r} was not built by a server's job: rerun its `logitcache "
+                "precompute` command with the same input and flags, which continues from what "
+                "is sealed"
+            )
+        job = built[-1]
+        if job.id in self._owned:
+            return job  # running here already
+        self.teachers.get(job.spec.teacher)  # this server must run the job's teacher
+        if not await self._keeper.acquire(job.lease, self._note(job)):
+            holder = await loop.run_in_executor(None, self._keeper.leases.holder, job.lease)
+            raise FailedPrecondition(
+                busy(f"dataset {name!r}", holder, "it is being built; wait for it to finish")
+            )
+        if state == "partial":
+            await loop.run_in_executor(None, self.store.mark_state, name, "building")
+        job.error, job.finished_at = "", 0.0
+        self._own(job)
         return job
 
     async def watch(self, job_id: str) -> AsyncIterator[Job]:
@@ -214,12 +410,69 @@ class JobManager:
                 return
             await event.wait()
 
+    # -- ownership ------------------------------------------------------------------------------
+
+    def _runs_teacher_of(self, job: Job) -> bool:
+        return any(t.name == job.spec.teacher for t in self.teachers)
+
+    def _note(self, job: Job) -> str:
+        return f"job {job.id} of logitcache serve"
+
+    def _view(self, stored: Job) -> Job:
+        """The job as stored, in the one object that watchers and listings hold."""
+        job = self._jobs.get(stored.id)
+        if job is None:
+            job = self._jobs[stored.id] = stored
+            self._changed[stored.id] = asyncio.Event()
+        elif job != stored:
+            vars(job).update(vars(stored))
+        self._changed[job.id].set()
+        return job
+
+    async def _take(self, job: Job) -> bool:
+        """Take over an unfinished job whose lease is free; False if another owner has it."""
+        if not await self._keeper.acquire(job.lease, self._note(job)):
+            return False
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(None, self.store.backend.read_json,
+                                            f"jobs/{job.id}/job.json")  # fmt: skip
+        self._view(Job.from_json(stored))  # it may have ended or moved on before the lease was ours
+        if not job.state.active:
+            await self._keeper.release(job.lease)
+            return False
+        log.info("running job %s (dataset %s)", job.id, job.spec.dataset)
+        self._own(job)
+        return True
+
+    def _own(self, job: Job) -> None:
+        job.state = JobState.QUEUED
+        self._owned.add(job.id)
+        self._changed_now(job)
+        self._launch(job)
+
+    def _lost(self, lease: str) -> None:
+        """Another server took over a lease of ours (we stalled past its expiry): stop that
+        job here without writing anything more; its new owner runs it."""
+        for job_id in [j for j in self._owned if self._jobs[j].lease == lease]:
+            self._owned.discard(job_id)
+            task = self._tasks.get(job_id)
+            if task is not None:
+                task.cancel()
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.refresh()
+            except Exception:  # a store hiccup: the next look may succeed
+                log.exception("reading the store's jobs failed")
+
     # -- accepting (worker threads) -------------------------------------------------------------
 
-    def _accept(self, job: Job, info: TeacherInfo, sequences: Sequence[Sequence[int]],
-                texts: Sequence[str]) -> None:  # fmt: skip
-        """Check the input as the job will read it, then write it and save the job; on any
-        error leave nothing behind."""
+    def _accept(self, job: Job, teacher: Teacher, sequences: Sequence[Sequence[int]],
+                texts: Sequence[str], upload: StoredObject | None) -> None:  # fmt: skip
+        """Check the input as the job will read it, then write it, publish the dataset and save
+        the job; on any error leave nothing behind."""
         spec = job.spec
         if spec.dataset in self.store.datasets():
             raise AlreadyExists(f"dataset {spec.dataset!r} already exists; choose another name")
@@ -230,36 +483,53 @@ class JobManager:
             )
         request = self._request(job)
         data = _input_bytes(sequences, texts)
-        if data:
+        checked = request
+        if upload is not None:
+            checked = replace(request, data=upload)  # read back from the store as it spooled
+        elif data:
             # Checked from memory, before anything is written: the bytes are the ones written
             # next, and nothing is read back from the store.
             stream = io.BytesIO(data)
             stream.name = "job input"  # messages name rows as "job input:LINE"
-            request = replace(request, data=stream)
-        report = prepare_inputs(request, info)
+            checked = replace(request, data=stream)
+        report = prepare_inputs(checked, teacher.info)
         job.sequences_total = len(report.sequences)
         job.positions_total = _positions(report)
+        space = capture_space(teacher.info, teacher.engine.dtype, request.capture)
+        made_by = {"id": job.id, "client_request_id": spec.client_request_id}
         try:
-            if data:
+            if upload is not None:
+                adopt_upload(upload, f"jobs/{job.id}")
+            elif data:
                 self.store.backend.write_bytes(f"jobs/{job.id}/input.jsonl", data)
-            self._save_now(asdict(job))
+            # Create-only: of two servers accepting one name, one publishes, the other is refused.
+            create_dataset(self.store, request, teacher.info, report, space, job=made_by)
+            save_job(self.store, job)
         except BaseException:
-            self._discard_files(job.id)
+            self._discard(job)
             raise
 
-    def _discard_files(self, job_id: str) -> None:
-        self.store.backend.remove_tree(f"jobs/{job_id}")
+    async def _abandon(self, job: Job, accepting: asyncio.Future[None]) -> None:
+        """After a submission whose client went away: undo it once its thread is done."""
+        try:
+            await accepting
+        except Exception:
+            pass  # refused: nothing was left behind
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self._discard, job)
+        await self._keeper.release(job.lease)
 
-    def _load_jobs(self) -> list[Job]:
-        jobs = []
-        for job_id in self.store.backend.list_dir("jobs"):
-            rel = f"jobs/{job_id}/job.json"
-            if self.store.backend.exists(rel):
-                jobs.append(Job.from_json(self.store.backend.read_json(rel)))
-        return jobs
+    def _discard(self, job: Job) -> None:
+        """Remove a submission's files, and its dataset if this submission published it."""
+        self.store.backend.remove_tree(f"jobs/{job.id}")
+        rel = f"datasets/{job.spec.dataset}/dataset.json"
+        if self.store.backend.exists(rel):
+            made_by = self.store.backend.read_json(rel)["provenance"].get("job") or {}
+            if made_by.get("id") == job.id:
+                self.store.delete_dataset(job.spec.dataset)
 
-    def _save_now(self, document: dict[str, Any]) -> None:
-        self.store.backend.write_json(f"jobs/{document['id']}/job.json", document)
+    def _dataset_state(self, name: str) -> str:
+        return str(self.store.dataset(name).manifest["state"])
 
     # -- running --------------------------------------------------------------------------------
 
@@ -304,6 +574,7 @@ class JobManager:
                     info=teacher.info,
                     priority=JOB_PRIORITY,
                     on_progress=lambda s, p: self._progress(job, s, p),
+                    lease_held=True,
                 )
                 job.sequences_done, job.positions_done = job.sequences_total, job.positions_total
                 self.metrics.add_computed(teacher.name, result.computed_positions)
@@ -314,7 +585,16 @@ class JobManager:
             job.error = str(e) or type(e).__name__
             self._finish(job, JobState.FAILED)
         finally:
-            self._tasks.pop(job.id, None)
+            await self._ended(job)
+
+    async def _ended(self, job: Job) -> None:
+        """The job's task is over: once its last document is written, an ended job's lease
+        goes (a job stopped by close() keeps it until close() releases every lease)."""
+        if not job.state.active and job.id in self._owned:
+            await asyncio.get_running_loop().run_in_executor(self._writer, _nothing)
+            self._owned.discard(job.id)
+            await self._keeper.release(job.lease)
+        self._tasks.pop(job.id, None)
 
     def _progress(self, job: Job, sequences_done: int, positions_done: int) -> None:
         job.sequences_done, job.positions_done = sequences_done, positions_done
@@ -340,9 +620,9 @@ class JobManager:
         self._publish_counts()
 
     def _changed_now(self, job: Job, *, save: bool = True) -> None:
-        if save:
+        if save and job.id in self._owned:  # only the owner writes a job's document
             # A snapshot taken now, written in order by the writer thread.
-            self._writer.submit(self._save_now, asdict(job))
+            self._writer.submit(save_job, self.store, replace(job, spec=replace(job.spec)))
         self._changed[job.id].set()
 
     def _publish_counts(self) -> None:
@@ -350,6 +630,10 @@ class JobManager:
         for j in self._jobs.values():
             counts[j.state] = counts.get(j.state, 0) + 1
         self.metrics.set_job_counts(counts)
+
+
+def _nothing() -> None:
+    """A no-op for the job writer: when it has run, every document handed over before is written."""
 
 
 def _input_bytes(sequences: Sequence[Sequence[int]], texts: Sequence[str]) -> bytes:

@@ -8,6 +8,11 @@ The pipeline keeps the engine busy: up to ``max_in_flight`` sequences are queued
 times, while encoding runs in worker threads and the store's segment writer seals full segments
 in its own thread. Reading the input, hashing it and every store operation run off the event
 loop too, so a server running a job keeps answering.
+
+One dataset is built by one process at a time: a precompute holds the dataset's lease (see
+``leases``) while it runs, and a second precompute of the same dataset, or a server job for it,
+is refused with a message naming the holder (its pid and host) rather than computing the same
+records twice. Progress counts sealed work only: what a crash would keep.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from logitcache.server.inputs import (
     open_input,
     source_name,
 )
+from logitcache.server.leases import dataset_lease, holding, leases_for
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
@@ -113,12 +119,15 @@ async def precompute(
     info: TeacherInfo | None = None,
     priority: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
+    lease_held: bool = False,
 ) -> PrecomputeResult:
     """Precompute a dataset; starts (and stops) an engine from ``engine_factory`` unless one is
     given (vLLM by default; tests pass the reference engine's factory).
 
     A server passes its own engine, store handle and teacher info, a lower engine priority than
-    interactive requests, and ``on_progress(sequences_done, positions_done)``.
+    interactive requests, ``on_progress(sequences_done, positions_done)`` (sealed work), and
+    ``lease_held``: its job manager holds the dataset's lease already. Otherwise the run takes
+    that lease first, and FailedPrecondition names the process that holds it.
     """
     validate_dataset_name(req.dataset)
     loop = asyncio.get_running_loop()
@@ -127,6 +136,30 @@ async def precompute(
     report = await loop.run_in_executor(None, prepare_inputs, req, info)
     if store is None:
         store = await loop.run_in_executor(None, lambda: open_store(req.out, writable=True))
+    if lease_held:
+        return await _build(req, engine, engine_factory, store, info, report, priority, on_progress)
+    async with holding(
+        leases_for(store),
+        dataset_lease(req.dataset),
+        "logitcache precompute",
+        what=f"dataset {req.dataset!r} in {store.url}",
+        todo="it is being built; wait for that process to finish, or stop it and rerun this "
+        "command, which continues from what it sealed",
+    ):
+        return await _build(req, engine, engine_factory, store, info, report, priority, on_progress)
+
+
+async def _build(
+    req: PrecomputeRequest,
+    engine: TeacherEngine | None,
+    engine_factory: EngineFactory,
+    store: Store,
+    info: TeacherInfo,
+    report: InputReport,
+    priority: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> PrecomputeResult:
+    loop = asyncio.get_running_loop()
     sequences = [s.input_ids for s in report.sequences]
     found = await loop.run_in_executor(None, _existing_space, store, req, info, sequences)
     existing, complete = found if found is not None else (None, False)
@@ -181,15 +214,36 @@ def _start_dataset(
     sequences = [s.input_ids for s in report.sequences]
     keys = [record_key(space.space_id, s) for s in sequences]
     if create:
-        store.create_dataset(
-            req.dataset,
-            space,
-            keys,
-            positions=sum(len(s) for s in sequences),
-            provenance=_provenance(req, info, report),
-        )
+        create_dataset(store, req, info, report, space)
+    elif store.dataset(req.dataset).manifest["state"] == "partial":
+        store.mark_state(req.dataset, "building")  # finished as partial, and now resumed
     store.clean_unsealed()
     return _missing(store, keys, sequences)
+
+
+def create_dataset(
+    store: Store,
+    req: PrecomputeRequest,
+    info: TeacherInfo,
+    report: InputReport,
+    space: CaptureSpace,
+    *,
+    job: dict[str, str] | None = None,
+) -> None:
+    """Publish the dataset of ``req`` (state building) with its whole key list, create-only:
+    AlreadyExists if the name is taken. ``job`` (its id and client request id) goes into the
+    provenance of a dataset that a server's job builds."""
+    sequences = [s.input_ids for s in report.sequences]
+    provenance = _provenance(req, info, report)
+    if job is not None:
+        provenance["job"] = job
+    store.create_dataset(
+        req.dataset,
+        space,
+        [record_key(space.space_id, s) for s in sequences],
+        positions=sum(len(s) for s in sequences),
+        provenance=provenance,
+    )
 
 
 async def capture_into_store(
@@ -208,7 +262,8 @@ async def capture_into_store(
 
     Engine work is bounded by ``max_in_flight`` queued sequences; at most two full segments wait
     for the writer thread, so memory stays bounded when storage is slower than the engine.
-    ``on_progress(sequences_done, positions_done)`` is called after every captured sequence.
+    ``on_progress(sequences_done, positions_done)`` is called after every sealed segment: it
+    counts only what is in the store.
     """
     from tqdm import tqdm
 
@@ -234,18 +289,21 @@ async def capture_into_store(
             slots.release()
         return await loop.run_in_executor(None, encode, key, ids, rows)
 
-    writer = SegmentWriter(store, segment_positions=segment_positions)
+    sealed_sequences = sealed_positions = 0
+
+    def sealed(records: list[CapturedRecord]) -> None:
+        nonlocal sealed_sequences, sealed_positions
+        sealed_sequences += len(records)
+        sealed_positions += sum(len(r) for r in records)
+        if on_progress is not None:
+            on_progress(sealed_sequences, sealed_positions)
+
+    writer = SegmentWriter(store, segment_positions=segment_positions, on_sealed=sealed)
     tasks: set[asyncio.Task] = set()
-    done_sequences = done_positions = 0
 
     async def collect(record: CapturedRecord) -> None:
-        nonlocal done_sequences, done_positions
         await writer.add(space, record)
         bar.update(len(record))
-        done_sequences += 1
-        done_positions += len(record)
-        if on_progress is not None:
-            on_progress(done_sequences, done_positions)
 
     try:
         for key, ids in todo:

@@ -45,14 +45,16 @@ class Sequence(_message.Message):
     def __init__(self, input_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DistributionsRequest(_message.Message):
-    __slots__ = ("teacher", "top_k", "sequences")
+    __slots__ = ("teacher", "top_k", "sequences", "durable")
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     teacher: str
     top_k: int
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
-    def __init__(self, teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...) -> None: ...
+    durable: bool
+    def __init__(self, teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class DistributionsResponse(_message.Message):
     __slots__ = ("records", "computed")
@@ -164,6 +166,32 @@ class DatasetInfo(_message.Message):
     completed_at: float
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., space: _Optional[_Union[CaptureSpace, _Mapping]] = ..., sequences: _Optional[int] = ..., positions: _Optional[int] = ..., sealed_sequences: _Optional[int] = ..., provenance_json: _Optional[str] = ..., created_at: _Optional[float] = ..., completed_at: _Optional[float] = ...) -> None: ...
 
+class FinishDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class ResumeDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ("dataset", "cancelled_jobs")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    cancelled_jobs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dataset: _Optional[str] = ..., cancelled_jobs: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -181,7 +209,7 @@ class DescribeDatasetRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "teacher", "top_k", "server_path", "max_len", "overflow", "license")
+    __slots__ = ("dataset", "teacher", "top_k", "server_path", "max_len", "overflow", "license", "client_request_id")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +217,7 @@ class JobSpec(_message.Message):
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
     OVERFLOW_FIELD_NUMBER: _ClassVar[int]
     LICENSE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     teacher: str
     top_k: int
@@ -196,7 +225,8 @@ class JobSpec(_message.Message):
     max_len: int
     overflow: str
     license: str
-    def __init__(self, dataset: _Optional[str] = ..., teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., server_path: _Optional[str] = ..., max_len: _Optional[int] = ..., overflow: _Optional[str] = ..., license: _Optional[str] = ...) -> None: ...
+    client_request_id: str
+    def __init__(self, dataset: _Optional[str] = ..., teacher: _Optional[str] = ..., top_k: _Optional[int] = ..., server_path: _Optional[str] = ..., max_len: _Optional[int] = ..., overflow: _Optional[str] = ..., license: _Optional[str] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "sequence", "text")

@@ -85,6 +85,21 @@ class LogitCacheStub:
                 request_serializer=logitcache_dot_v1_dot_logitcache__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.Job.FromString,
                 _registered_method=True)
+        self.FinishDataset = channel.unary_unary(
+                '/logitcache.v1.LogitCache/FinishDataset',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.FinishDatasetRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DatasetInfo.FromString,
+                _registered_method=True)
+        self.ResumeDataset = channel.unary_unary(
+                '/logitcache.v1.LogitCache/ResumeDataset',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.ResumeDatasetRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.Job.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/logitcache.v1.LogitCache/DeleteDataset',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class LogitCacheServicer:
@@ -171,6 +186,43 @@ class LogitCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishDataset(self, request, context):
+        """End a dataset that is still building but that no job or precompute is building any more
+        (its job was cancelled, or its server is gone): its state becomes "partial" ("complete"
+        if every record is sealed after all), and its unfinished jobs are cancelled so that no
+        server resumes them. Streams read its sealed part with allow_partial.
+        NOT_FOUND: no such dataset. FAILED_PRECONDITION: the dataset is not building (complete or
+        partial already), or a job or precompute holds it now (the message names which, with its
+        pid and host: cancel or stop it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeDataset(self, request, context):
+        """Run the newest job of a dataset that is not complete again: a cancelled, failed or stuck
+        job, or one whose dataset was finished as partial (it becomes "building" again). Sealed
+        records are not computed again. Returns the job, queued (or as it is, if this server runs
+        it already).
+        NOT_FOUND: no such dataset. FAILED_PRECONDITION: the dataset is complete; it was built by
+        an offline precompute, not a job (rerun that command instead); this server runs no teacher
+        or not the job's; or another server or precompute holds it now (the message names it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Remove a dataset's manifest and key list; its name can be used again. Records stay in the
+        store (other datasets may share them) until an explicit gc collects those that no dataset
+        references. Unfinished jobs of the dataset are cancelled.
+        NOT_FOUND: no such dataset. FAILED_PRECONDITION: a job or precompute is building it now (the
+        message names which: cancel or stop it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LogitCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +275,21 @@ def add_LogitCacheServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.WatchJobRequest.FromString,
                     response_serializer=logitcache_dot_v1_dot_logitcache__pb2.Job.SerializeToString,
+            ),
+            'FinishDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishDataset,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.FinishDatasetRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.DatasetInfo.SerializeToString,
+            ),
+            'ResumeDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeDataset,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ResumeDatasetRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.Job.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +563,87 @@ class LogitCache:
             '/logitcache.v1.LogitCache/WatchJob',
             logitcache_dot_v1_dot_logitcache__pb2.WatchJobRequest.SerializeToString,
             logitcache_dot_v1_dot_logitcache__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/FinishDataset',
+            logitcache_dot_v1_dot_logitcache__pb2.FinishDatasetRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/ResumeDataset',
+            logitcache_dot_v1_dot_logitcache__pb2.ResumeDatasetRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/DeleteDataset',
+            logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
