@@ -67,6 +67,9 @@ class ServerConfig:
     segment_positions: int = 1 << 16
     flush_seconds: float = 2.0  # read-through results are sealed at least this often
     loaded_segment_bytes: int = 2 << 30  # memory for segments held decoded-from-disk
+    # How often the server looks for datasets and segments other processes wrote (the bound on
+    # how stale a listing is); a read of a record not indexed yet looks at once.
+    store_refresh_seconds: float = 5.0
     # Where to write {"grpc_port", "http_port", "pid"} once serving (empty: nowhere).
     ready_file: str = ""
 
@@ -95,6 +98,9 @@ FIELD_HELP = {
     "segment_positions": "positions per sealed segment (default: 65536)",
     "flush_seconds": "read-through results are sealed at least this often (default: 2)",
     "loaded_segment_bytes": "memory for segments held in RAM for streaming (default: 2 GiB)",
+    "store_refresh_seconds": "look for datasets and segments written by other processes this "
+    "often: listings are at most this old, and a read of a record not yet known looks at once "
+    "(default: 5)",
     "ready_file": "once serving, write the bound ports and the pid to this file as JSON "
     "(grpc_port, http_port, pid), replaced atomically; how launchers learn ports picked with 0",
 }

@@ -4,7 +4,9 @@ Each `ServerMetrics` owns its own `CollectorRegistry` rather than the process-gl
 several servers (as in tests) can live in one process without sharing or clashing on values.
 Everything is a running count kept as events happen; a scrape only reads them (the hit ratio
 and the store's size are read through callbacks, which must be as cheap: a scrape never walks
-the store).
+the store). Every label takes values from a small fixed set (methods, status codes, configured
+teachers, sources, queues, job states), never job ids or dataset names, so the number of series
+stays bounded however long the server runs.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from logitcache.server.store.cache import SegmentCache
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +105,18 @@ class ServerMetrics:
             ["queue"],
             registry=registry,
         )
-        self._job_done = Gauge(
+        # Summed over the jobs in progress: a label per job id would grow without bound.
+        self._job_progress: dict[str, tuple[int, int]] = {}
+        Gauge(
             "logitcache_job_positions_done",
-            "Positions a precompute job has finished.",
-            ["job"],
+            "Positions the precompute jobs in progress have finished, together.",
             registry=registry,
-        )
-        self._job_total = Gauge(
+        ).set_function(lambda: self._job_positions(0))
+        Gauge(
             "logitcache_job_positions_total",
-            "Positions a precompute job has in all.",
-            ["job"],
+            "Positions the precompute jobs in progress have in all, together.",
             registry=registry,
-        )
+        ).set_function(lambda: self._job_positions(1))
         self._jobs = Gauge(
             "logitcache_jobs",
             "Precompute jobs, by state.",
@@ -155,13 +161,22 @@ class ServerMetrics:
         self._queue_depth.labels(queue).set(depth)
 
     def set_job_progress(self, job: str, done: int, total: int) -> None:
-        self._job_done.labels(job).set(done)
-        self._job_total.labels(job).set(total)
+        """A job's progress, counted in the job series until :meth:`remove_job`."""
+        with self._lock:
+            self._job_progress[job] = (done, total)
 
     def remove_job(self, job: str) -> None:
-        """Drop a finished job's progress series, so job ids do not pile up; idempotent."""
-        self._job_done.remove(job)
-        self._job_total.remove(job)
+        """A finished job leaves the progress sums; idempotent."""
+        with self._lock:
+            self._job_progress.pop(job, None)
+
+    def _job_positions(self, which: int) -> int:
+        with self._lock:
+            return sum(progress[which] for progress in self._job_progress.values())
+
+    def track_segment_cache(self, cache: SegmentCache) -> None:
+        """Export the bytes, segments and loads of the server's segment cache at each scrape."""
+        self._registry.register(_SegmentCacheCollector(cache))
 
     def set_job_counts(self, counts: Mapping[str, int]) -> None:
         """Set the number of jobs per state; states seen before but absent now read 0."""
@@ -180,6 +195,31 @@ class ServerMetrics:
         with self._lock:
             lookups = self._hits + self._misses
             return self._hits / lookups if lookups else 0.0
+
+
+class _SegmentCacheCollector(Collector):
+    """The segment cache's own counts, read at scrape time (a few attributes, under its lock)."""
+
+    def __init__(self, cache: SegmentCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        held = self._cache.held()
+        yield GaugeMetricFamily(
+            "logitcache_loaded_segment_bytes",
+            "Bytes of the segments held in memory for batched reads (budget: "
+            "--loaded-segment-bytes).",
+            value=sum(held.values()),
+        )
+        yield GaugeMetricFamily(
+            "logitcache_loaded_segments", "Segments held in memory for batched reads.",
+            value=len(held),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "logitcache_segment_loads",
+            "Segments read whole from storage into memory, reloads after eviction included.",
+            value=self._cache.loads,
+        )
 
 
 def _read_store_bytes(store_bytes: Callable[[], int]) -> float:

@@ -10,7 +10,7 @@ from logitcache.cli.options import add_engine_options, engine_options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench`` and its benchmarks: capture, distill, stream, lookup, storage."""
+    """Add ``bench`` and its benchmarks: capture, distill, stream, lookup, soak, storage."""
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench", required=True, metavar="BENCH"
     )
@@ -146,6 +146,61 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=300, help="single-sequence requests timed (default: 300)"
     )
     p.set_defaults(handler=_run("lookup"))
+
+    p = bench.add_parser(
+        "soak",
+        help="N streams, read-through clients and a lister against one server for a bounded time",
+        description="Builds a store (a streamable synthetic dataset and a dataset of --listing-keys records), starts a server, then (1) streams alone and beside a client calling ListDatasets in a loop, and (2) runs --streams streams, --readthrough GetDistributions clients and one lister for --duration seconds. Prints stream positions/s, p50/p99 latencies and the server's RSS over time.",
+    )
+    _add_teacher_option(p)
+    p.add_argument("--duration", type=float, default=30.0, help="soak seconds (default: 30)")
+    p.add_argument(
+        "--interval", type=float, default=5.0, help="seconds per printed row (default: 5)"
+    )
+    p.add_argument(
+        "--compare-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of streaming alone, then beside the lister (default: 10)",
+    )
+    p.add_argument("--streams", type=int, default=4, help="concurrent streams (default: 4)")
+    p.add_argument(
+        "--readthrough",
+        type=int,
+        default=2,
+        help="GetDistributions clients; 0 runs a store-only server (default: 2)",
+    )
+    p.add_argument(
+        "--rt-batch", type=int, default=8, help="sequences per GetDistributions (default: 8)"
+    )
+    p.add_argument(
+        "--rt-seq-len",
+        type=int,
+        default=128,
+        help="tokens per read-through sequence (default: 128)",
+    )
+    p.add_argument(
+        "--listing-keys",
+        type=int,
+        default=2_000_000,
+        help="records of the dataset that makes the store big (default: 2,000,000)",
+    )
+    p.add_argument(
+        "--positions", type=int, default=500_000, help="streamable positions (default: 500,000)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per streamed sequence (default: 512)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=16,
+        help="entries per position, stream and teacher (default: 16)",
+    )
+    p.add_argument(
+        "--batch-records", type=int, default=16, help="records per streamed batch (default: 16)"
+    )
+    p.set_defaults(handler=_run("soak"))
 
     p = bench.add_parser(
         "storage",

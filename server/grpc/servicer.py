@@ -21,7 +21,7 @@ from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.store.store import Store
-from logitcache.server.store.summary import store_summary
+from logitcache.server.store.summary import StoreSummaries
 from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
@@ -43,8 +43,11 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         streamer: DatasetStreamer,
         jobs: JobManager,
         metrics: ServerMetrics,
+        summaries: StoreSummaries | None = None,
     ) -> None:
         self.config = config
+        # Listings and descriptions, kept up to date off the loop (see StoreSummaries).
+        self.summaries = summaries or StoreSummaries(store)
         self.store = store
         self.teachers = teachers
         self.readthrough = readthrough
@@ -63,16 +66,12 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
 
     @rpc
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> Any:
-        summary = await asyncio.to_thread(store_summary, self.store)
-        return pb.ListDatasetsResponse(
-            datasets=[convert.dataset_info(d) for d in summary["datasets"]]
-        )
+        datasets = await self.summaries.datasets()
+        return pb.ListDatasetsResponse(datasets=[convert.dataset_info(d) for d in datasets])
 
     @rpc
     async def DescribeDataset(self, request: pb.DescribeDatasetRequest, context: Context) -> Any:
-        summary = await asyncio.to_thread(store_summary, self.store, request.dataset)
-        (info,) = summary["datasets"]
-        return convert.dataset_info(info)
+        return convert.dataset_info(await self.summaries.dataset(request.dataset))
 
     # -- read-through ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ class SegmentCache:
         self._held: OrderedDict[str, tuple[SegmentArrays, int]] = OrderedDict()
         self._loading: dict[str, Future[SegmentArrays]] = {}
         self._bytes = 0
+        self.loads = 0  # segments read from storage, reloads after eviction included
         self._lock = threading.Lock()
 
     @property
@@ -66,6 +67,7 @@ class SegmentCache:
             raise
         nbytes = sum(a.nbytes for a in arrays.values())
         with self._lock:
+            self.loads += 1
             del self._loading[key]
             self._held[key] = (arrays, nbytes)
             self._bytes += nbytes

@@ -18,6 +18,7 @@ gives the same answer whatever order it found the segments in.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -43,6 +44,8 @@ from logitcache.server.store.writer import CapturedRecord, write_segment
 STORE_FORMAT = "logitcache-store-v1"
 DEFAULT_SEGMENT_CACHE_BYTES = 1 << 30  # a handle's own segment cache (a trainer's, say)
 _DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes seconds, not hours
+_KEY_DTYPE = np.dtype((np.void, KEY_BYTES))  # one key as one item: .tolist() gives its bytes
+_COUNT_CHUNK = 8192  # keys per GIL-holding pass of count_sealed (about a millisecond)
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -130,6 +133,11 @@ class Dataset:
         return bytes(self._keys[i])
 
     @property
+    def raw_keys(self) -> np.ndarray:
+        """Every key, uint8 [n, 16], in dataset order."""
+        return self._keys
+
+    @property
     def keys(self) -> list[str]:
         return [bytes(k).hex() for k in self._keys]
 
@@ -144,7 +152,7 @@ class Dataset:
     def sealed_count(self) -> int:
         """How many of the dataset's sequences can be read now (all of them once complete)."""
         self._store.refresh()
-        return sum(self._store.contains(bytes(k)) for k in self._keys)
+        return self._store.count_sealed(self._keys)
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, sequences={len(self)}, state={self.manifest['state']})"
@@ -167,6 +175,11 @@ class Store:
         self._segment_cache: SegmentCache | None = None
         # Segments are sealed from writer threads while the event loop reads the index.
         self._lock = threading.RLock()
+        self._refreshing = threading.Lock()  # one look at the backend at a time
+        self._refresh_started = -math.inf  # time.monotonic() at the start of the last look
+        # Bumped whenever what this handle knows changes (a segment or dataset added, marked or
+        # dropped, here or seen by a refresh): summaries of the store are current while it holds.
+        self.generation = 0
         self.refresh()
 
     @property
@@ -204,9 +217,19 @@ class Store:
     # -- records --------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Pick up capture spaces and segments sealed since the last look."""
-        with self._lock:
+        """Pick up capture spaces and segments sealed since the last look.
+
+        Concurrent callers share looks: one that waited while a look started after it asked
+        takes that look's result. The backend is listed without the index lock, which is held
+        only while a segment's keys go into the index, so lookups never wait for a listing.
+        """
+        asked = time.monotonic()
+        with self._refreshing:
+            if self._refresh_started >= asked:
+                return
+            started = time.monotonic()
             self._refresh()
+            self._refresh_started = started
 
     def _refresh(self) -> None:
         for space_id in self.backend.list_dir("spaces"):
@@ -233,6 +256,7 @@ class Store:
                 # The first sealed copy of a key is the answer: the smallest segment id.
                 if held is None or segment_id < held.segment.segment_id:
                     self._index[key] = Location(reader, i)
+            self.generation += 1
             counts = self._counts.setdefault(space.space_id, [0, 0, 0, 0])
             counts[0] += 1
             counts[1] += len(reader)
@@ -257,6 +281,19 @@ class Store:
 
     def contains(self, key: bytes | str) -> bool:
         return _key_bytes(key) in self._index
+
+    def count_sealed(self, keys: np.ndarray) -> int:
+        """How many of ``keys`` (uint8 [n, 16]) this handle has indexed, duplicates counted.
+
+        Counted in chunks: each chunk is one pass in C, and between chunks other threads (the
+        event loop among them) take the GIL, however many keys there are.
+        """
+        rows = np.ascontiguousarray(keys, dtype=np.uint8).view(_KEY_DTYPE).ravel()
+        contains = self._index.__contains__
+        return sum(
+            sum(map(contains, rows[start : start + _COUNT_CHUNK].tolist()))
+            for start in range(0, len(rows), _COUNT_CHUNK)
+        )
 
     def find(self, key: bytes) -> Location | None:
         """Where a sealed record is, as far as this handle knows (no refresh)."""
@@ -392,6 +429,7 @@ class Store:
         )
         if not self.backend.publish(staging, f"datasets/{name}"):
             raise AlreadyExists(f"dataset {name!r} already exists in store {self.url}")
+        self.generation += 1
         return self.dataset(name)
 
     def mark_complete(self, name: str) -> None:
@@ -403,11 +441,13 @@ class Store:
         manifest["state"] = "complete"
         manifest["completed_at"] = time.time()
         self.backend.write_json(rel, manifest)
+        self.generation += 1
 
     def delete_dataset(self, name: str) -> None:
         """Remove a dataset's key list; records stay (other datasets may share them)."""
         self._require_writable()
         self.backend.remove_tree(f"datasets/{validate_dataset_name(name)}")
+        self.generation += 1
 
     def _require_writable(self) -> None:
         if self.read_only:
