@@ -114,14 +114,17 @@ class LogitCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDatasets(self, request, context):
-        """Datasets in the store, with sizes and state.
+        """Datasets in the store, with sizes and state. Changes made through this server show at once;
+        datasets and records written by other processes show within the server's
+        --store-refresh-seconds (default 5 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DescribeDataset(self, request, context):
-        """One dataset: capture space, sizes, provenance. NOT_FOUND if it does not exist.
+        """One dataset: capture space, sizes, provenance. A dataset the server has not seen yet is
+        looked for in the store first; NOT_FOUND if it does not exist there either.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +146,9 @@ class LogitCacheServicer:
         The global order depends only on (dataset, seed, epoch); rank r of world_size W receives
         the global positions p with p % W == r, so ranks are disjoint and together cover the
         dataset. Each batch carries a cursor; passing it back as start_cursor resumes right after it.
+        Records sealed by another process (a separate precompute) are found: a record this server
+        has not indexed is looked for in the store before the stream fails or, with allow_partial,
+        leaves it out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
