@@ -149,7 +149,6 @@ class ReadThroughCache:
         self, space: CaptureSpace, sequences: list[np.ndarray]
     ) -> tuple[list[bytes], list[RecordSlice | None], EncodedBatch | None]:
         """Keys, the sealed records among them, and the whole batch if every one was sealed."""
-        self.store.ensure_space(space)
         keys = [record_key(space.space_id, ids) for ids in sequences]
         slices = locate(self.store, self.loaded, keys)
         if self.on_hits is not None:

@@ -51,6 +51,8 @@ from logitcache.client.errors import (
 )
 
 log = logging.getLogger(__name__)
+# A command (precompute) reports the typed error itself; only a server's log shows the episode.
+log.addHandler(logging.NullHandler())
 
 
 # ---- storage errors -----------------------------------------------------------------------------
@@ -112,22 +114,25 @@ class WriteHealth:
             return
         with self._lock:
             if self._error is not None:
-                log.warning("store %s accepts writes again (after %.0f s of failures)",
+                log.warning("the store %s accepts writes again, after %.0f s of failures",
                             self.url, time.monotonic() - self._since)  # fmt: skip
                 self._error = None
 
     def failed(self, error: LogitCacheError) -> None:
         with self._lock:
             if self._error is None:
-                log.error("store %s cannot be written: %s", self.url, error)
+                log.error("the store cannot be written (logged once until it can): %s", error)
                 self._since = time.monotonic()
             self._error = error
 
 
 @contextmanager
-def guarded(health: WriteHealth, doing: str, *, write: bool = True) -> Iterator[None]:
-    """Type the storage errors of the block (see :func:`storage_error`); a write block also
-    records its outcome in ``health``."""
+def guarded(
+    health: WriteHealth, doing: str, *, write: bool = True, proves: bool | None = None
+) -> Iterator[None]:
+    """Type the storage errors of the block (see :func:`storage_error`). A failed ``write``
+    is recorded in ``health``; a success only if it ``proves`` the store takes data (bytes
+    written and flushed: a full disk still removes, renames and creates empty files)."""
     try:
         yield
     except OSError as e:
@@ -137,20 +142,22 @@ def guarded(health: WriteHealth, doing: str, *, write: bool = True) -> Iterator[
         if write:
             health.failed(typed)
         raise typed from e
-    if write:
+    if write if proves is None else proves:
         health.succeeded()
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def _storage_op(doing: str, *, write: bool) -> Callable[[_Method], _Method]:
+def _storage_op(
+    doing: str, *, write: bool, proves: bool | None = None
+) -> Callable[[_Method], _Method]:
     """A backend method whose storage errors are typed (its first argument names the object)."""
 
     def wrap(method: _Method) -> _Method:
         @functools.wraps(method)
         def run(self: LocalBackend, rel: str, *args: Any, **kwargs: Any) -> Any:
-            with guarded(self.health, f"{doing} {rel or '/'}", write=write):
+            with guarded(self.health, f"{doing} {rel or '/'}", write=write, proves=proves):
                 return method(self, rel, *args, **kwargs)
 
         return cast(_Method, run)
@@ -316,7 +323,7 @@ class LocalBackend:
             return []
         return sorted(e.name for e in p.iterdir() if not e.name.startswith("."))
 
-    @_storage_op("removing", write=True)
+    @_storage_op("removing", write=True, proves=False)
     def remove_tree(self, rel: str) -> None:
         p = self._path(rel)
         if p.is_dir():
@@ -341,7 +348,7 @@ class LocalBackend:
     def zarr_store(self, rel: str, *, read_only: bool) -> LocalStore:
         return GuardedLocalStore(self._path(rel), read_only=read_only, health=self.health, rel=rel)
 
-    @_storage_op("writing", write=True)
+    @_storage_op("writing", write=True, proves=False)
     def spool(self, rel: str) -> LocalUpload:
         return LocalUpload(self._path(rel), self.health, rel)
 
@@ -356,7 +363,7 @@ class LocalBackend:
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"{rel} is not in store {self.url}") from None
 
-    @_storage_op("publishing", write=True)
+    @_storage_op("publishing", write=True, proves=False)
     def publish(self, staging: str, final: str) -> bool:
         src, dst = self._path(staging), self._path(final)
         _fsync_tree(src)
@@ -368,7 +375,7 @@ class LocalBackend:
         _fsync_dir(src.parent)
         return True
 
-    @_storage_op("removing", write=True)
+    @_storage_op("removing", write=True, proves=False)
     def unpublish(self, final: str) -> None:
         path = self._path(final)
         hidden = path.with_name(f".{path.name}.{uuid.uuid4().hex}.removing")
@@ -394,7 +401,7 @@ class LocalUpload:
     def write(self, chunk: bytes) -> None:
         if self._file is None:
             raise ValueError("this upload was already published or aborted")
-        with guarded(self._health, self._doing):
+        with guarded(self._health, self._doing, proves=False):  # buffered, not flushed yet
             self._file.write(chunk)
 
     def publish(self) -> bool:
@@ -413,8 +420,11 @@ class LocalUpload:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # bytes it could not flush (a full disk) belong to a file being removed
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalUpload:
@@ -459,7 +469,7 @@ class GuardedLocalStore(LocalStore):
         return GuardedLocalStore(self.root, read_only=read_only, health=self.health, rel=self.rel)
 
     async def _open(self, *args: Any, **kwargs: Any) -> None:
-        with guarded(self.health, f"opening {self.rel}", write=not self.read_only):
+        with guarded(self.health, f"opening {self.rel}", write=not self.read_only, proves=False):
             await super()._open(*args, **kwargs)
 
     async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:

@@ -23,9 +23,16 @@ REFERENCE_K = 8
 class ReferenceServer:
     """A server process on loopback; ``pid`` is the process that serves (no engine child)."""
 
-    def __init__(self, teacher: Path, store: Path, *extra: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        teacher: Path,
+        store: Path,
+        *extra: str,
+        log_path: Path | None = None,
+        timeout: float = 120.0,
+    ) -> None:
         self.store = store
-        self.log_path = store.parent / f"{store.name}-reference-serve.log"
+        self.log_path = log_path or store.parent / f"{store.name}-reference-serve.log"
         self._log = open(self.log_path, "ab")
         self._log_start = self._log.tell()
         self._ready_dir = tempfile.TemporaryDirectory(prefix="logitcache-ready-")
