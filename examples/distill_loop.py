@@ -2,7 +2,9 @@
 
 The recipe reads top to bottom: ``main`` joins torch.distributed if torchrun started us, and
 ``train`` opens this rank's share of the cached teacher distributions, builds the student, checks
-that the cache can teach it, and loops: batch -> student logits -> distillation loss -> step.
+that the cache can teach it, and loops: batch -> student -> distillation loss -> step. The loss
+is computed inside the student's output layer from its hidden states (``fused``), so its
+[B, T, V] logits never exist; a student without a plain output layer gets the loss on logits.
 
     # one process, from a logitcache server or straight from a store on a shared file system
     python examples/distill_loop.py --source grpc://localhost:50051 --dataset demo --steps 200
@@ -10,6 +12,12 @@ that the cache can teach it, and loops: batch -> student logits -> distillation 
 
     # data parallel: each rank streams its own partition of every epoch (gloo on CPU, nccl on GPU)
     torchrun --nproc-per-node 2 examples/distill_loop.py --source /data/logitcache --dataset demo
+
+    # sharded (FSDP2), saving at the end and resuming from there on the next run
+    torchrun --nproc-per-node 2 examples/distill_loop.py ... --fsdp --checkpoint ckpt/
+
+Every rank runs the same number of batches per epoch (the stream evens the ranks' shares out,
+``TeacherStream(uneven=...)``), so the collectives of DDP and FSDP always pair up.
 """
 
 from __future__ import annotations
@@ -26,14 +34,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from logitcache import Record
-from logitcache.trainer.collate import Collator
+from logitcache.trainer.collate import Collator, TeacherTargets
 from logitcache.trainer.guards import check_student
-from logitcache.trainer.losses import distillation_loss
+from logitcache.trainer.losses import distillation_loss, fused_distillation_loss
+from logitcache.trainer.output_layer import loss_in_output_layer, output_layer
 from logitcache.trainer.stream import TeacherStream
 
 
@@ -70,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="data order and student initialisation")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2, not DDP")
+    p.add_argument(
+        "--checkpoint",
+        help="directory: resume from it if it holds a checkpoint, and save one there at the end",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument(
         "--report",
@@ -121,6 +142,59 @@ def collate_with_keys(records: list[Record], collator: Collator) -> dict[str, An
     return {**collator(records), "keys": [r.key for r in records]}
 
 
+def distill_step_loss(
+    model: torch.nn.Module,
+    head: torch.nn.Linear | None,
+    batch: dict[str, Any],
+    args: argparse.Namespace,
+) -> torch.Tensor:
+    """(1 - alpha) * KD + alpha * CE for one batch: fused in the output layer when there is one.
+
+    Position t of every tensor is aligned: the student's output at t, the teacher's row t (its
+    distribution over token t + 1), labels[:, t] = input_ids[:, t + 1].
+    """
+    targets = TeacherTargets.from_batch(batch)
+    options = dict(kind=args.loss, beta=args.beta, alpha=args.alpha, temperature=args.temperature)
+    inputs = dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    if head is None:
+        return distillation_loss(model(**inputs).logits, targets, **options)
+    with loss_in_output_layer(
+        head, lambda h, w, b: fused_distillation_loss(h, w, targets, lm_head_bias=b, **options)
+    ) as scored:
+        return scored.loss_from(model(**inputs))  # fmt: skip
+
+
+def save_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: dict[str, int],
+    rank: int,
+) -> None:
+    """Model and optimizer (each rank its shards), and each rank's place in the data."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    Path(path, f"progress-rank{rank}.json").write_text(json.dumps(progress))
+
+
+def load_checkpoint(
+    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> dict[str, int] | None:
+    """The saved progress after loading the state saved at ``path``; None if there is none."""
+    progress = Path(path, f"progress-rank{rank}.json")
+    if not progress.exists():
+        return None
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    return json.loads(progress.read_text())
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     value = value.detach().clone()
     if dist.is_initialized():
@@ -129,9 +203,15 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def parameters_checksum(model: torch.nn.Module) -> str:
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole parameters, gathered from the ranks' shards under FSDP (a collective)."""
+    state, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True))
+    return state
+
+
+def parameters_checksum(parameters: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name, param in model.state_dict().items():
+    for name, param in parameters.items():
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -162,49 +242,46 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         vocab_size=student.get_output_embeddings().weight.shape[0],
     )
     student.to(device).train()
-    # DDP averages the gradients of all ranks in backward(), so every rank takes the same step.
-    model = (
-        DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-        if world_size > 1
-        else student
-    )
+    head = output_layer(student)  # the loss is fused into it; None: on the logits
+    # DDP averages the gradients of all ranks in backward(), so every rank takes the same step;
+    # FSDP2 shards parameters, gradients and optimizer state across the ranks instead.
+    if args.fsdp:
+        model = fully_shard(student)
+    elif world_size > 1:
+        model = DistributedDataParallel(
+            student, device_ids=[device] if device.type == "cuda" else None
+        )
+    else:
+        model = student
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
+    # --- resume: the weights, the optimizer, and the place in the data -------------------------
+    step, epoch, batches_in_epoch = 0, 0, 0
+    progress = load_checkpoint(args.checkpoint, model, optimizer, rank) if args.checkpoint else None
+    if progress is not None:
+        step, epoch, batches_in_epoch = progress["step"], progress["epoch"], progress["batches"]
+        stream.set_epoch(epoch)
+        stream.load_batches_taken(batches_in_epoch, args.batch_size, args.workers)
+
     # --- the loop ---------------------------------------------------------------------------------
-    # Every rank runs exactly --steps steps (ranks may hold one record more than others), so
-    # DDP's collective calls always pair up.
-    step, epoch, losses, keys = 0, 0, [], []
+    # Every rank runs exactly --steps steps, and the same number of batches per epoch.
+    losses, keys = [], []
+    loss = torch.tensor(float("nan"), device=device)  # (a run resumed at its last step)
     started = time.perf_counter()
     while step < args.steps:
-        stream.set_epoch(epoch)  # a new order each epoch, the same on every rank
+        if batches_in_epoch == 0:
+            stream.set_epoch(epoch)  # a new order each epoch, the same on every rank
         for batch in loader:
             keys += batch.pop("keys")
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-
-            # Position t of every tensor is aligned: the student's logits[:, t], the teacher's
-            # row t (its distribution over token t + 1), labels[:, t] = input_ids[:, t + 1].
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            loss = distillation_loss(
-                logits,
-                batch["teacher_token_ids"],
-                batch["teacher_logprobs"],
-                batch["teacher_mask"],
-                batch["labels"],
-                kind=args.loss,
-                beta=args.beta,
-                alpha=args.alpha,
-                temperature=args.temperature,
-                teacher_tail_logprobs=batch["teacher_tail_logprobs"],
-                teacher_counts=batch.get("teacher_counts"),
-            )
+            loss = distill_step_loss(model, head, batch, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             optimizer.step()
 
             step += 1
+            batches_in_epoch += 1
             losses.append(loss.item())
             if step % args.log_every == 0 or step == args.steps:
                 mean = mean_over_ranks(loss)
@@ -213,19 +290,25 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
                     print(f"step {step:>6}  epoch {epoch}  loss {mean:.4f}  {elapsed:7.1f} s")
             if step == args.steps:
                 break
-        epoch += 1
+        else:  # the epoch ran out
+            epoch, batches_in_epoch = epoch + 1, 0
 
     final_loss = mean_over_ranks(loss)
     if rank == 0:
         print(f"final loss {final_loss:.4f}")
+    if args.checkpoint:
+        progress = {"step": step, "epoch": epoch, "batches": batches_in_epoch}
+        save_checkpoint(args.checkpoint, model, optimizer, progress, rank)
     if args.report:
+        parameters = full_parameters(model)
         report = {
             "rank": rank,
             "world_size": world_size,
             "keys": keys,
             "losses": losses,
             "final_loss": final_loss,
-            "parameters_sha256": parameters_checksum(student),
+            "parameters_sha256": parameters_checksum(parameters),
+            "parameter_sums": [float(t.double().sum()) for t in parameters.values()],
         }
         Path(args.report.format(rank=rank)).write_text(json.dumps(report))
     return final_loss

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["HeadLoss", "ScoredOutputLayer", "loss_in_output_layer", "output_layer"]
@@ -57,14 +58,23 @@ class ScoredOutputLayer:
 
     def loss_from(self, outputs: Any) -> Tensor:
         """The loss, as the model returned it (``outputs.logits``); RuntimeError if the model
-        changed it on the way out or never called its output layer."""
+        changed it on the way out or never called its output layer.
+
+        The returned tensor is used, not the layer's: a wrapper (DDP) may pass outputs through
+        an autograd node of its own, which must stay in the graph.
+        """
         returned = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        if self.result is None or returned is not self.result:
+        if (
+            self.result is None
+            or not isinstance(returned, Tensor)
+            or returned.shape != self.result.shape
+            or not torch.equal(returned.detach(), self.result.detach())
+        ):
             raise RuntimeError(
                 "the model did not return its output layer's result unchanged, so the fused "
                 "loss cannot be used with it: use the logits path (fused=False)"
             )
-        return self.result
+        return returned
 
 
 @contextmanager
