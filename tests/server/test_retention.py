@@ -8,12 +8,15 @@ import asyncio
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from reference_server import ReferenceServer
 from test_core_readthrough import K, cache_on, sequences
 from test_gc import SPACE, create_dataset, readable, records
 
+from logitcache.client import Client
 from logitcache.client.space import record_key
 from logitcache.server.app import read_through_retention
 from logitcache.server.config import ServerConfig, TeacherConfig
@@ -260,3 +263,35 @@ def test_a_pass_waits_for_a_running_gc(path: Path, store: Store) -> None:
     with gc.collector_lock(store.backend):
         assert retention(store, max_bytes=1).run_once() is None
     assert len(on_disk(path)) == 1
+
+
+EVICTED = "logitcache_readthrough_evicted_segments_total"
+
+
+def test_a_server_keeps_its_read_through_results_under_the_budget(
+    demo_teacher: Path, tmp_path: Path
+) -> None:
+    """``logitcache serve`` in its own process: results it computed and sealed are evicted by
+    its periodic passes, the figures reach /metrics, and what it keeps fits the budget."""
+    path = tmp_path / "store"
+    flags = ("--flush-seconds", "0.1", "--readthrough-retention-bytes", "1",
+             "--readthrough-retention-interval", "0.3")  # fmt: skip
+    with ReferenceServer(demo_teacher, path, *flags) as server, Client(server.target) as client:
+        for seed in range(3):  # three segments, sealed by time
+            client.get_distributions([s.tolist() for s in sequences(seed=seed, count=2)])
+            time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10).read().decode()
+            figures = {
+                name: float(value)
+                for name, _, value in (line.partition(" ") for line in text.splitlines())
+                if name.startswith("logitcache_readthrough_")
+            }
+            if not list(path.glob("spaces/*/segments/*")) and figures[EVICTED] > 0:
+                break
+            time.sleep(0.2)
+    assert list(path.glob("spaces/*/segments/*")) == [], server.log_tail()
+    assert figures[EVICTED] >= 3  # each request's results were sealed apart
+    assert figures["logitcache_readthrough_evicted_bytes_total"] > 0
+    assert figures["logitcache_readthrough_retained_bytes"] == 0
