@@ -203,13 +203,13 @@ class StoreSummaries:
                 generation == old.counted_generation
                 or time.monotonic() - old.counted_at < RECOUNT_S
             ):
-                assert old.entry is not None
-                return _Listed(modified, {**old.entry, **dataset_entry(manifest, len(keys),
-                               old.entry["sealed_sequences"])}, None, keys,
-                               old.counted_generation, old.counted_at)  # fmt: skip
+                assert old.entry is not None  # counted lately: the manifest may be newer
+                entry = dataset_entry(manifest, len(keys), old.entry["sealed_sequences"])
+                return _Listed(modified, entry, None, keys, old.counted_generation, old.counted_at)
+            if manifest["state"] == "complete":  # a manifest of an older store: no count in it
+                return _Listed(modified, dataset_entry(manifest, len(keys), len(keys)))
             counted_at = time.monotonic()
-            sealed = len(keys) if manifest["state"] == "complete" else self.store.count_sealed(keys)
-            entry = dataset_entry(manifest, len(keys), sealed)
+            entry = dataset_entry(manifest, len(keys), self.store.count_sealed(keys))
             return _Listed(modified, entry, None, keys, generation, counted_at)
         except NotFound:
             return None

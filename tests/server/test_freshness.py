@@ -10,6 +10,7 @@ description of a dataset it has not seen looks first, and listings catch up with
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from test_store import SPACE, synthetic_record
 
 from logitcache.server.launcher import ServerProcess
 from logitcache.server.store.store import open_store
+from logitcache.server.store.summary import RECOUNT_S, StoreSummaries
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
@@ -107,3 +109,31 @@ def test_a_partial_stream_returns_what_another_process_sealed(server) -> None:
         return info.state == "complete" and info.sealed_sequences == 100
 
     assert eventually(described_whole, within_s=10 * REFRESH_S + 5)
+
+
+def test_changes_made_through_the_server_show_at_once(tmp_path: Path) -> None:
+    """The summaries' cache never hides this process's own writes, however long the interval."""
+    store = open_store(str(tmp_path / "store"), writable=True)
+    summaries = StoreSummaries(store, refresh_seconds=3600)
+    records = [synthetic_record(20_000 + i, 5) for i in range(10)]
+
+    async def scenario() -> list[object]:
+        await summaries.start()
+        try:
+            seen: list[object] = [await summaries.datasets()]
+            store.create_dataset("mine", SPACE, [r.key for r in records], 50, provenance={})
+            seen.append((await summaries.dataset("mine"))["sealed_sequences"])
+            store.write_segment(SPACE, records[:4])
+            await asyncio.sleep(RECOUNT_S)  # a building dataset is recounted at most this often
+            seen.append((await summaries.dataset("mine"))["sealed_sequences"])
+            store.write_segment(SPACE, records[4:])
+            store.mark_complete("mine")
+            (entry,) = await summaries.datasets()
+            seen.append((entry["state"], entry["sealed_sequences"]))
+            store.delete_dataset("mine")
+            seen.append(await summaries.datasets())
+            return seen
+        finally:
+            await summaries.close()
+
+    assert asyncio.run(scenario()) == [[], 0, 4, ("complete", 10), []]
