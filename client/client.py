@@ -47,6 +47,7 @@ import numpy as np
 
 from logitcache.client.record import Record
 from logitcache.client.sync import Feed, SyncIterator, sync
+from logitcache.client.tls import PathLike, client_tls, open_channel, tls_mismatch, tls_refusal
 from logitcache.client.wire import decode_batch
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -421,10 +422,15 @@ class AsyncClient:
         timeout: float = 60.0,
         retries: int = 5,
         max_message_bytes: int = 256 << 20,
+        tls: bool | None = None,
+        ca: PathLike | None = None,
+        cert: PathLike | None = None,
+        key: PathLike | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._backoff = _Backoff(retries)
+        self._tls = client_tls(tls, ca=ca, cert=cert, key=key)
         self._options = _channel_options(max_message_bytes)
         self._connection: tuple[grpc.aio.Channel, pb_grpc.LogitCacheStub] | None = None
         self._closed = False
@@ -445,7 +451,7 @@ class AsyncClient:
                 "DataLoader workers start), make them in the child, or start workers with spawn"
             )
         if self._connection is None:
-            channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            channel = open_channel(self.target, self._tls, self._options)
             self._connection = (channel, pb_grpc.LogitCacheStub(channel))
             _connected.add(self)
             _channels_made = True
@@ -466,6 +472,7 @@ class AsyncClient:
             try:
                 return await call()
             except grpc.RpcError as e:
+                await self._raise_tls_mismatch(e, attempt)
                 delay = self._backoff.delay(e, attempt)
                 if delay is None:
                     raise
@@ -474,6 +481,14 @@ class AsyncClient:
             except asyncio.CancelledError:
                 self._raise_if_closed()
                 raise
+
+    async def _raise_tls_mismatch(self, error: grpc.RpcError, attempt: int) -> None:
+        """When a call's first failure is a connection the two sides' TLS did not agree on: an
+        UNAVAILABLE that says so, at once (retrying cannot help), for grpc's "Socket closed"."""
+        if attempt == 0:
+            message = await tls_mismatch(self.target, self._tls, error)
+            if message is not None:
+                raise tls_refusal(message) from None
 
     async def _unary(self, method: str, request: Any) -> Any:
         return await self._retrying(
@@ -492,6 +507,7 @@ class AsyncClient:
                     yield message
                 return
             except grpc.RpcError as e:
+                await self._raise_tls_mismatch(e, attempt)
                 delay = self._backoff.delay(e, attempt)
                 if delay is None:
                     raise
@@ -704,6 +720,13 @@ class Client:
     consecutive UNAVAILABLE retries of any call; ``max_message_bytes`` caps messages both ways
     (match the server's ``--max-message-bytes``). Use as a context manager or call ``close()``.
 
+    TLS: ``ca`` is the CA that signed the server's certificate (``tls=True`` alone trusts grpc's
+    default roots); ``cert`` and ``key`` are this client's certificate for a server that requires
+    one (mutual TLS). Unset, they come from ``LOGITCACHE_CA``, ``LOGITCACHE_CERT``,
+    ``LOGITCACHE_KEY`` (and ``LOGITCACHE_TLS=1``); ``tls=False`` forces plaintext. A connection
+    the two sides' TLS does not agree on (plaintext to a TLS port, a missing client certificate)
+    fails at once with UNAVAILABLE and a message that says which.
+
     Each method is the :class:`AsyncClient` call run on the background loop thread of
     :mod:`logitcache.client.sync`, so one Client can serve several threads at once. Close it
     before the process forks (see :class:`AsyncClient`).
@@ -716,9 +739,20 @@ class Client:
         timeout: float = 60.0,
         retries: int = 5,
         max_message_bytes: int = 256 << 20,
+        tls: bool | None = None,
+        ca: PathLike | None = None,
+        cert: PathLike | None = None,
+        key: PathLike | None = None,
     ) -> None:
         self._async = AsyncClient(
-            target, timeout=timeout, retries=retries, max_message_bytes=max_message_bytes
+            target,
+            timeout=timeout,
+            retries=retries,
+            max_message_bytes=max_message_bytes,
+            tls=tls,
+            ca=ca,
+            cert=cert,
+            key=key,
         )
 
     @property

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.client.errors import InvalidArgument
-from logitcache.client.options import add_dataset_options, add_progress_option, add_server_options
+from logitcache.client.options import (
+    add_dataset_options,
+    add_progress_option,
+    add_server_options,
+    client_arguments,
+)
 
 
 class JobNotCompleted(Exception):
@@ -102,7 +107,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from logitcache.client.client import Client
 
-    return Client(args.server, timeout=args.timeout)
+    return Client(args.server, **client_arguments(args))
 
 
 def _follow(client: Any, job_id: str, args: argparse.Namespace) -> Any:

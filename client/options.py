@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
 OVERFLOW_POLICIES = ("error", "truncate", "split")
 
 
 def add_server_options(parser: argparse.ArgumentParser, *, timeout: float = 60.0) -> None:
-    """``--server`` and ``--timeout``: where a running server is and how long a call may take."""
+    """``--server``, ``--timeout`` and TLS: where a running server is, how long a call may take,
+    and how to trust it and prove who this client is; :func:`client_arguments` reads them."""
     group = parser.add_argument_group("server")
     group.add_argument(
         "--server",
@@ -29,6 +31,37 @@ def add_server_options(parser: argparse.ArgumentParser, *, timeout: float = 60.0
         default=timeout,
         help=f"deadline of each call in seconds (default: {timeout:g})",
     )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the default roots (implied by --ca, --cert; "
+        "default: $LOGITCACHE_TLS)",
+    )
+    group.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="CA certificate that signed the server's certificate (default: $LOGITCACHE_CA)",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="PEM",
+        help="this client's certificate, for a server that requires one (mutual TLS; "
+        "default: $LOGITCACHE_CERT)",
+    )
+    group.add_argument(
+        "--key", metavar="PEM", help="private key of --cert (default: $LOGITCACHE_KEY)"
+    )
+
+
+def client_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``Client(args.server, ...)`` that add_server_options' flags give."""
+    return {
+        "timeout": args.timeout,
+        "tls": True if args.tls else None,
+        "ca": args.ca,
+        "cert": args.cert,
+        "key": args.key,
+    }
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, *, license_default: str) -> None:

@@ -34,6 +34,7 @@ from logitcache.server.grpc.status import service_handler
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.tls import add_grpc_port, load_server_tls
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.spool import remove_leftover_uploads
 from logitcache.server.store.cache import SegmentCache
@@ -73,6 +74,7 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
+    tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     store = await loop.run_in_executor(None, _open_clean_store, config.store)
     # Listings, descriptions and totals of the store, kept up to date in a worker thread.
     summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
@@ -85,7 +87,12 @@ async def serve(
     async def readiness() -> dict[str, bool]:
         return {"engine": state["engine"], "store": await loop.run_in_executor(None, probe)}
 
-    http = await start_http_side(make_http_app(metrics, readiness), config.host, config.http_port)
+    http = await start_http_side(
+        make_http_app(metrics, readiness),
+        config.host,
+        config.http_port,
+        ssl_context=tls.ssl_context() if tls is not None else None,
+    )
     teachers = None
     server = None
     readthrough = jobs = streamer = None
@@ -137,7 +144,7 @@ async def serve(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = add_grpc_port(server, f"{config.host}:{config.port}", tls)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -10,6 +10,7 @@ without threads. Kubernetes-style semantics:
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -62,8 +63,11 @@ class HttpSide:
         await self.runner.cleanup()
 
 
-async def start_http_side(app: web.Application, host: str, port: int) -> HttpSide:
-    """Serve `app` on host:port from the running loop; port 0 picks a free port.
+async def start_http_side(
+    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> HttpSide:
+    """Serve `app` on host:port from the running loop; port 0 picks a free port; HTTPS with
+    `ssl_context`.
 
     When `host` resolves to several addresses, `HttpSide.port` is the first socket's port.
     """
@@ -71,7 +75,7 @@ async def start_http_side(app: web.Application, host: str, port: int) -> HttpSid
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise

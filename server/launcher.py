@@ -20,7 +20,7 @@ class ServerProcess:
     """A real `logitcache serve` process on loopback, on ports the OS picks.
 
     ``teacher=None`` starts a store-only server. Its log goes to ``log_path`` (default: next to
-    the store). ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the
+    the store). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https. ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the
     SIGTERM an orchestrator sends.
     """
 
@@ -53,7 +53,8 @@ class ServerProcess:
             raise
         self.port, self.http_port = int(ready["grpc_port"]), int(ready["http_port"])
         self.target = f"127.0.0.1:{self.port}"
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        tls = any(a == "--tls-cert" or a.startswith("--tls-cert=") for a in extra)
+        self.http_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def _wait_ready(self, ready_file: Path, timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout
