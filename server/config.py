@@ -11,10 +11,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import MAX_TOP_K
-from logitcache.server.engine.protocol import EngineOptions
+from logitcache.server.engine.protocol import EngineOptions, check_options, parse_engine_args
 
 
 @dataclass
@@ -27,9 +28,11 @@ class TeacherConfig:
     default_top_k: int = 64  # k when a request says 0
     dtype: str = "model"  # "model" = the checkpoint's own dtype
     max_model_len: int | None = None
-    kv_cache_gib: float = 1.0  # CPU engine only
+    kv_cache_gib: float | None = None  # default: 1 GiB on CPUs (VLLM_CPU_KVCACHE_SPACE if set)
     gpu_memory_utilization: float = 0.85  # GPU engine only
     license: str | None = None  # recorded in provenance; default: the model card's
+    # Any other vLLM engine option, by its AsyncEngineArgs name ([teachers.engine_args] table).
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
@@ -39,6 +42,7 @@ class TeacherConfig:
             kv_cache_gib=self.kv_cache_gib,
             gpu_memory_utilization=self.gpu_memory_utilization,
             scheduling_priority=True,
+            engine_args=self.engine_args,
         )
 
     def check(self) -> None:
@@ -46,6 +50,12 @@ class TeacherConfig:
             raise InvalidArgument(
                 f"teacher {self.name!r}: need 1 <= default_top_k <= max_top_k <= {MAX_TOP_K}"
             )
+        if not isinstance(self.engine_args, dict):
+            raise InvalidArgument(f"teacher {self.name!r}: engine_args must be a table")
+        try:
+            check_options(self.engine_options())
+        except InvalidArgument as e:
+            raise InvalidArgument(f"teacher {self.name!r}: {e}") from None
 
 
 @dataclass
@@ -72,10 +82,6 @@ class ServerConfig:
     store_refresh_seconds: float = 5.0
     # Where to write {"grpc_port", "http_port", "pid"} once serving (empty: nowhere).
     ready_file: str = ""
-    # TLS on both ports (PEM paths; empty: plaintext); a client CA makes gRPC require client certs.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
 
     def check(self) -> None:
         if not self.store:
@@ -107,21 +113,23 @@ FIELD_HELP = {
     "(default: 5)",
     "ready_file": "once serving, write the bound ports and the pid to this file as JSON "
     "(grpc_port, http_port, pid), replaced atomically; how launchers learn ports picked with 0",
-    "tls_cert": "PEM certificate chain the server presents: TLS on the gRPC port and HTTPS on the "
-    "HTTP port (default: none, plaintext)",
-    "tls_key": "PEM private key of --tls-cert (unencrypted)",
-    "tls_client_ca": "PEM CA certificates that sign clients' certificates: gRPC callers must "
-    "present one (mutual TLS); the HTTP side asks for none, for probes (default: none)",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",
     "default_top_k": "k used when a request says 0 (default: 64)",
     "dtype": "engine dtype: model (the checkpoint's), auto, float32, bfloat16, float16",
     "max_model_len": "context length to run the teacher with (default: the model's)",
-    "kv_cache_gib": "CPU engine only: KV cache size in GiB (default: 1)",
+    "kv_cache_gib": "KV cache size in GiB, any fraction (default on CPUs: "
+    "VLLM_CPU_KVCACHE_SPACE if set, else 1; on GPUs: what gpu_memory_utilization leaves)",
     "gpu_memory_utilization": "GPU engine only: fraction of GPU memory for vLLM (default: 0.85)",
     "license": "teacher licence recorded in provenance (default: the model card's)",
+    "revision": "hub teachers: branch, tag or commit to fetch (vLLM's revision)",
+    "engine_arg": "any vLLM engine option as KEY=VALUE (an AsyncEngineArgs field, e.g. "
+    "tensor_parallel_size=2; VALUE read as JSON where it parses); in --config: a "
+    "[teachers.engine_args] table",
 }
+# Teacher flags that set an entry of engine_args rather than a field of their own.
+_ENGINE_ARG_FLAGS = ("revision", "engine_arg")
 
 
 def parse_teacher(spec: str) -> TeacherConfig:
@@ -142,7 +150,13 @@ def teachers_from_flags(specs: list[str], flags: dict) -> list[TeacherConfig]:
         t = parse_teacher(spec)
         for name in TEACHER_FLAG_HELP:
             value = flags.get(f"teacher_{name}")
-            if value is not None:
+            if value is None:
+                continue
+            if name in _ENGINE_ARG_FLAGS:
+                items = [value] if isinstance(value, str) else list(value)
+                given = {"revision": value} if name == "revision" else parse_engine_args(items)
+                t.engine_args = {**t.engine_args, **given}
+            else:
                 setattr(t, name, _coerce(name, value, _TEACHER_TYPES[name]()))
         teachers.append(t)
     return teachers

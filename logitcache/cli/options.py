@@ -21,8 +21,31 @@ DEFAULT_SAMPLES = 12
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """vLLM's own settings for a teacher that this command starts."""
-    group = parser.add_argument_group("engine (vLLM)")
+    """vLLM's own settings for a teacher that this command starts: any field of vLLM's
+    AsyncEngineArgs with --engine-arg, and dedicated flags for the common ones."""
+    group = parser.add_argument_group(
+        "engine (vLLM)",
+        "Any vLLM engine option, by the name of its AsyncEngineArgs field (vllm serve --help), "
+        "with --engine-arg; the flags below are shorthands for some of them. Refused, with the "
+        "reason: speculative decoding and a logprobs_mode other than raw_logprobs (they change "
+        "the captured distributions), and the options logitcache sets itself (model, tokenizer, "
+        "max_logprobs, skip_tokenizer_init, scheduling_policy, hf_token).",
+    )
+    group.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine option, repeatable: tensor_parallel_size=2, quantization=fp8, "
+        "kv_cache_dtype=fp8, trust_remote_code=true, enforce_eager=true, ... VALUE is read as "
+        "JSON where it parses (numbers, true/false, {...}), else as a string",
+    )
+    group.add_argument(
+        "--revision",
+        default=None,
+        help="hub teachers: the branch, tag or commit to fetch (recorded in provenance as the "
+        "resolved commit; default: main)",
+    )
     group.add_argument(
         "--dtype",
         default="model",
@@ -38,8 +61,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-cache-gib",
         type=float,
-        default=1.0,
-        help="CPU engine only: KV cache size in GiB (default: 1)",
+        default=None,
+        help="KV cache size in GiB, any fraction (vLLM's kv_cache_memory_bytes; default on CPUs: "
+        "VLLM_CPU_KVCACHE_SPACE if set, else 1; on GPUs: what --gpu-memory-utilization leaves)",
     )
     group.add_argument(
         "--gpu-memory-utilization",
@@ -62,10 +86,16 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace, max_top_k: int) -> EngineOptions:
-    """The engine group's values, for an engine that answers up to ``max_top_k`` entries."""
-    from logitcache.server.engine.protocol import EngineOptions
+    """The engine group's values, for an engine that answers up to ``max_top_k`` entries;
+    refused settings are refused here, before anything loads."""
+    from logitcache.server.engine.protocol import EngineOptions, check_options, parse_engine_args
 
-    return EngineOptions(
+    engine_args = parse_engine_args(args.engine_arg)
+    if args.revision is not None:
+        if engine_args.get("revision", args.revision) != args.revision:
+            raise InvalidArgument("the revision is given twice: --revision and --engine-arg")
+        engine_args["revision"] = args.revision
+    options = EngineOptions(
         max_top_k=max_top_k,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -73,7 +103,10 @@ def engine_options(args: argparse.Namespace, max_top_k: int) -> EngineOptions:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        engine_args=engine_args,
     )
+    check_options(options)
+    return options
 
 
 def add_capture_options(parser: argparse.ArgumentParser) -> None:

@@ -9,18 +9,30 @@ over positions.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import gc
 import os
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from logitcache.client.codecs import TopKRows
-from logitcache.client.errors import Unavailable
+from logitcache.client.errors import InvalidArgument, Unavailable
 from logitcache.server.engine.capture import FULL_VOCAB
-from logitcache.server.engine.protocol import EngineOptions, check_options, check_width
+from logitcache.server.engine.protocol import (
+    GIB,
+    HUB_ENGINE_ARGS,
+    EngineOptions,
+    check_options,
+    check_width,
+)
 from logitcache.server.teachers.identity import TeacherInfo
+
+if TYPE_CHECKING:
+    from vllm import AsyncEngineArgs
 
 
 class VLLMEngine:
@@ -31,36 +43,30 @@ class VLLMEngine:
 
     def __init__(self, info: TeacherInfo, options: EngineOptions) -> None:
         check_options(options)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(options.kv_cache_gib))
-        from vllm import AsyncEngineArgs
+        check_engine_arg_names(options.engine_args)
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs: dict[str, Any] = {}
-        if options.scheduling_priority:
-            kwargs["scheduling_policy"] = "priority"
-        if options.max_num_seqs:
-            kwargs["max_num_seqs"] = options.max_num_seqs
-        if options.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
-        if options.max_model_len:
-            kwargs["max_model_len"] = options.max_model_len
-        args = AsyncEngineArgs(
-            model=str(info.path),
-            skip_tokenizer_init=True,
-            max_logprobs=FULL_VOCAB if options.full_vocab else options.max_top_k,
-            dtype=options.dtype_for(info),  # type: ignore[arg-type]  # vLLM checks the name
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enable_prefix_caching=False,
-            disable_log_stats=True,
-            **kwargs,
-        )
+        kv_cache_bytes = _kv_cache_bytes(options)
+        args = vllm_engine_args(info, options, kv_cache_bytes)
+        try:
+            config = args.create_engine_config()
+        except (TypeError, ValueError) as e:  # vLLM's own checks of names, values and combinations
+            raise InvalidArgument(f"vLLM refused the engine options: {e}") from None
+        if kv_cache_bytes is not None:
+            # The CPU build replaces it with VLLM_CPU_KVCACHE_SPACE where that is set: an
+            # explicit size wins over the environment, as every other flag does.
+            config.cache_config.kv_cache_memory_bytes = kv_cache_bytes
         self.info = info
         self.options = options
         self.max_top_k = options.max_top_k
-        self._llm: AsyncLLM | None = AsyncLLM.from_engine_args(args)
+        self._llm: AsyncLLM | None = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+        # Blocks of block_size tokens the KV cache holds (per rank), as the engine core sized it.
+        self.kv_cache_blocks = int(config.cache_config.num_gpu_blocks or 0)
         model_config = self._llm.model_config
         self.vocab_size = int(model_config.get_vocab_size())
-        self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.dtype = engine_dtype(
+            str(model_config.dtype), model_config.quantization, config.cache_config.cache_dtype
+        )
         # One generated token must fit after the prompt: it carries the last row.
         self.max_sequence_len = int(model_config.max_model_len) - 1
 
@@ -135,5 +141,88 @@ def rows_from_vllm_output(output: Any, length: int, k: int) -> TopKRows:
     )
 
 
-def _gib(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+def engine_dtype(dtype: str, quantization: str | None, kv_cache_dtype: str) -> str:
+    """The engine dtype a capture space records: the compute dtype, plus the quantisation and
+    the KV-cache dtype where they change the numbers, so that such rows never mix with the
+    same teacher's unquantised ones (``bfloat16+fp8+kv-fp8_e4m3``)."""
+    parts = [dtype.removeprefix("torch.")]
+    if quantization:
+        parts.append(quantization)
+    if kv_cache_dtype not in ("auto", parts[0]):
+        parts.append(f"kv-{kv_cache_dtype}")
+    return "+".join(parts)
+
+
+def vllm_engine_args(
+    info: TeacherInfo, options: EngineOptions, kv_cache_bytes: int | None = None
+) -> AsyncEngineArgs:
+    """vLLM's AsyncEngineArgs for a teacher: the user's engine options, then what capture needs
+    (token ids in, flat log-probs up to the widest capture out), which nobody overrides."""
+    from vllm import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = {"enable_prefix_caching": False, "disable_log_stats": True}
+    # The hub options chose the checkpoint that info.path already is.
+    kwargs.update((k, v) for k, v in options.engine_args.items() if k not in HUB_ENGINE_ARGS)
+    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(options, name):
+            kwargs[name] = getattr(options, name)
+    if kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    kwargs.update(
+        model=str(info.path),
+        skip_tokenizer_init=True,
+        max_logprobs=FULL_VOCAB if options.full_vocab else options.max_top_k,
+        dtype=options.dtype_for(info),
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        scheduling_policy="priority" if options.scheduling_priority else "fcfs",
+    )
+    try:
+        return AsyncEngineArgs(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"vLLM refused the engine options: {e}") from None
+
+
+def check_engine_arg_names(engine_args: Mapping[str, Any]) -> None:
+    """Refuse names that are not fields of vLLM's AsyncEngineArgs, with vLLM's message and the
+    nearest names, before anything loads (vLLM's import takes seconds; the engine start, more)."""
+    if not engine_args:
+        return
+    from vllm import AsyncEngineArgs
+
+    names = [f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_")]
+    unknown = sorted(set(engine_args) - set(names))
+    if not unknown:
+        return
+    try:
+        AsyncEngineArgs(**{unknown[0]: engine_args[unknown[0]]})
+        message = f"unexpected keyword argument {unknown[0]!r}"
+    except TypeError as e:
+        message = str(e)
+    nearest = difflib.get_close_matches(unknown[0], names, n=4)
+    hint = f"; nearest: {', '.join(nearest)}" if nearest else ""
+    raise InvalidArgument(
+        f"unknown engine option {unknown[0]!r} ({message}){hint}; the options are the fields "
+        "of vLLM's AsyncEngineArgs (vllm serve --help lists them)"
+    )
+
+
+def _kv_cache_bytes(options: EngineOptions) -> int | None:
+    """The KV cache size to give vLLM: the one asked for, in bytes (any fraction of a GiB).
+
+    On CPUs, where vLLM would otherwise reserve most of the RAM, the default is
+    VLLM_CPU_KVCACHE_SPACE if set (which vLLM's CPU build reads as whole GiB), else 1 GiB.
+    """
+    from vllm.platforms import current_platform
+
+    asked = options.kv_cache_bytes()
+    if not current_platform.is_cpu():
+        return asked
+    env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+    if env and not env.isdigit():
+        raise InvalidArgument(
+            f"VLLM_CPU_KVCACHE_SPACE={env!r}: vLLM's CPU build reads it as a whole number of "
+            f"GiB; unset it and pass --kv-cache-gib {env} (any fraction) instead"
+        )
+    if asked is None and not env:
+        return GIB
+    return asked

@@ -21,6 +21,7 @@ from logitcache.client.tokenizer import (
     tokenizer_fingerprint,
 )
 from logitcache.server.engine.capture import CaptureConfig
+from logitcache.server.teachers.hub import download_teacher
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
 # file sizes plus sampled blocks, which detects any re-upload or conversion in practice while
@@ -47,6 +48,7 @@ class TeacherInfo:
     # For provenance and for spaces written before tok2 fingerprints (which record this value).
     legacy_tokenizer_fingerprint: str | None = None
     chat_template_fingerprint: str | None = None
+    revision: str | None = None  # hub teachers: the commit fetched (provenance); None: a directory
 
     def tokenizer_matches(self, recorded: str) -> bool:
         """Whether a space's recorded tokenizer fingerprint, of either kind, is this teacher's."""
@@ -65,9 +67,12 @@ def capture_space(info: TeacherInfo, engine_dtype: str, config: CaptureConfig) -
     )
 
 
-def resolve_teacher(name_or_path: str) -> TeacherInfo:
-    """Locate a teacher and fingerprint it; raise NotFound/InvalidArgument with a one-line reason."""
-    path = _local_path(name_or_path)
+def resolve_teacher(
+    name_or_path: str, revision: str | None = None, download_dir: str | None = None
+) -> TeacherInfo:
+    """Locate a teacher (a hub id at ``revision``, cached in ``download_dir``) and fingerprint
+    it; raise a typed error with a one-line reason (see :mod:`.hub` for the hub's)."""
+    path, commit = _local_path(name_or_path, revision, download_dir)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InvalidArgument(f"teacher {name_or_path!r}: no config.json in {path}")
@@ -105,6 +110,7 @@ def resolve_teacher(name_or_path: str) -> TeacherInfo:
         license=_license_of(path),
         legacy_tokenizer_fingerprint=_legacy_fingerprint(path),
         chat_template_fingerprint=chat_template_fingerprint(path),
+        revision=commit,
     )
 
 
@@ -116,23 +122,24 @@ def _legacy_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _local_path(name_or_path: str) -> Path:
+def _local_path(
+    name_or_path: str, revision: str | None, download_dir: str | None
+) -> tuple[Path, str | None]:
+    """The teacher's directory, and the hub commit it was fetched at (None for a directory)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise InvalidArgument(f"teacher {name_or_path!r} is a file; expected a model directory")
-        return path.resolve()
+        if revision is not None:
+            raise InvalidArgument(
+                f"teacher {name_or_path!r} is a directory; a revision applies to hub ids only"
+            )
+        return path.resolve(), None
     looks_like_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not looks_like_id:
         raise NotFound(f"teacher {name_or_path!r}: no such directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path))
-    except Exception as e:  # the hub client raises many types; one line is what the user needs
-        raise NotFound(
-            f"teacher {name_or_path!r}: not a local directory and not on the hub ({type(e).__name__})"
-        ) from None
+    snapshot = download_teacher(name_or_path, revision, download_dir)
+    return snapshot, snapshot.name  # the hub cache names a snapshot by its commit
 
 
 def weights_fingerprint(path: Path) -> str:

@@ -85,10 +85,11 @@ class TeacherRegistry:
         teachers: list[Teacher] = []
         try:
             for config in configs:
-                info = await loop.run_in_executor(None, resolve_teacher, config.source)
-                engine = await loop.run_in_executor(
-                    None, engine_factory, info, config.engine_options()
+                options = config.engine_options()
+                info = await loop.run_in_executor(
+                    None, resolve_teacher, config.source, options.revision, options.download_dir
                 )
+                engine = await loop.run_in_executor(None, engine_factory, info, options)
                 teachers.append(Teacher(config, info, engine))
         except BaseException:
             for teacher in teachers:
