@@ -82,6 +82,10 @@ class ServerConfig:
     store_refresh_seconds: float = 5.0
     # Where to write {"grpc_port", "http_port", "pid"} once serving (empty: nowhere).
     ready_file: str = ""
+    # TLS on both ports (PEM paths; empty: plaintext); a client CA makes gRPC require client certs.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def check(self) -> None:
         if not self.store:
@@ -113,6 +117,11 @@ FIELD_HELP = {
     "(default: 5)",
     "ready_file": "once serving, write the bound ports and the pid to this file as JSON "
     "(grpc_port, http_port, pid), replaced atomically; how launchers learn ports picked with 0",
+    "tls_cert": "PEM certificate chain the server presents: TLS on the gRPC port and HTTPS on the "
+    "HTTP port (default: none, plaintext)",
+    "tls_key": "PEM private key of --tls-cert (unencrypted)",
+    "tls_client_ca": "PEM CA certificates that sign clients' certificates: gRPC callers must "
+    "present one (mutual TLS); the HTTP side asks for none, for probes (default: none)",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",
