@@ -181,6 +181,7 @@ class JobManager:
         self._slots = asyncio.Semaphore(max_running)
         self._rate: dict[str, list[tuple[float, int]]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._refreshing = asyncio.Lock()  # one look at a time: a job is taken over once
         # One thread writes job documents, in the order the loop hands them over.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-writer")
 
@@ -200,12 +201,13 @@ class JobManager:
         how many were taken."""
         loop = asyncio.get_running_loop()
         taken = 0
-        for stored in await loop.run_in_executor(None, load_jobs, self.store):
-            if stored.id in self._owned or stored.id in self._tasks:
-                continue  # ours (or still winding down): memory is the truth
-            job = self._view(stored)
-            if job.state.active and self._runs_teacher_of(job) and await self._take(job):
-                taken += 1
+        async with self._refreshing:
+            for stored in await loop.run_in_executor(None, load_jobs, self.store):
+                if stored.id in self._owned or stored.id in self._tasks:
+                    continue  # ours (or still winding down): memory is the truth
+                job = self._view(stored)
+                if job.state.active and self._runs_teacher_of(job) and await self._take(job):
+                    taken += 1
         self._publish_counts()
         return taken
 
@@ -393,6 +395,8 @@ class JobManager:
             raise FailedPrecondition(
                 busy(f"dataset {name!r}", holder, "it is being built; wait for it to finish")
             )
+        if job.id in self._owned:
+            return job  # taken meanwhile, by a look at the store or another resume
         if state == "partial":
             await loop.run_in_executor(None, self.store.mark_state, name, "building")
         job.error, job.finished_at = "", 0.0
@@ -436,6 +440,8 @@ class JobManager:
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(None, self.store.backend.read_json,
                                             f"jobs/{job.id}/job.json")  # fmt: skip
+        if job.id in self._owned:
+            return False  # resumed here meanwhile (ResumeDataset)
         self._view(Job.from_json(stored))  # it may have ended or moved on before the lease was ours
         if not job.state.active:
             await self._keeper.release(job.lease)

@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ).add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
     actions = {
         "finish": (
+            "end a dataset as partial",
             "end a dataset that nothing builds any more (its job was cancelled, or its server "
             "is gone): its state becomes partial (complete if every record is sealed), and its "
             "unfinished jobs are cancelled; streams read its sealed part with allow_partial. "
@@ -31,19 +32,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             _finish,
         ),
         "resume": (
+            "run a dataset's job again",
             "run the newest job of a dataset that is not complete again, on the server "
             "(sealed records are not computed again). A dataset built by `logitcache "
             "precompute` resumes by running that command again.",
             _resume,
         ),
         "delete": (
+            "remove a dataset (its records stay until gc)",
             "remove a dataset's manifest and key list; its records stay until `logitcache gc` "
             "collects those no dataset references. Refused while a job or precompute builds it.",
             _delete,
         ),
     }
-    for action, (description, handler) in actions.items():
-        p = datasets.add_parser(action, help=description.split(":")[0], description=description)
+    for action, (summary, description, handler) in actions.items():
+        p = datasets.add_parser(action, help=summary, description=description)
         p.add_argument("dataset", metavar="NAME", help="the dataset")
         add_server_options(p)
         p.add_argument(

@@ -69,7 +69,9 @@ def test_a_retried_submission_returns_the_same_job(
             with pytest.raises(AlreadyExists):  # another request for the name is still refused
                 await jobs.submit(JobSpec(dataset="retried"), inputs, [])
             with pytest.raises(InvalidArgument, match="client_request_id"):
-                await jobs.submit(JobSpec(dataset="other", client_request_id="request-1"), inputs, [])
+                await jobs.submit(
+                    JobSpec(dataset="other", client_request_id="request-1"), inputs, []
+                )
             return [j.id for j in (*at_once, later, ended)]
         finally:
             await jobs.close()
