@@ -28,6 +28,7 @@ from counting_engine import REFERENCE_K, CountingEngine
 from reference_server import ReferenceServer
 from small_disk import SmallDisk, mounted_small_disk
 
+from logitcache.client import Client
 from logitcache.client.errors import ResourceExhausted, Unavailable
 from logitcache.client.space import record_key
 from logitcache.server.metrics import ServerMetrics
@@ -276,3 +277,17 @@ def test_start_up_removes_only_what_provably_dead_writers_left(
     server = ReferenceServer(demo_teacher, store_dir)
     server.stop()
     assert sorted(p.name for p in staging.iterdir()) == ["live-writer", "other-host", "unnamed-new"]
+
+
+def test_the_clients_durable_option_answers_once_the_records_are_sealed(
+    demo_teacher: Path, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    seqs = [list(map(int, s)) for s in sequences(8, 6)]
+    with ReferenceServer(demo_teacher, store_dir, "--flush-seconds", "3600") as server:
+        with Client(server.target) as client:
+            records = client.get_distributions(seqs, durable=True)
+        space_id = open_store(str(store_dir)).spaces()[0].space_id
+        keys = [record_key(space_id, np.asarray(s)) for s in seqs]
+        assert len(records) == len(seqs)
+        assert sealed(str(store_dir), keys) == len(keys)  # an hour before the flush
