@@ -50,7 +50,7 @@ def test_every_command_is_there():
     assert names == {
         "precompute", "inspect", "serve", "submit", "jobs", "fetch", "demo-teacher", "demo-data",
         "demo-service", "bench capture", "bench distill", "bench stream", "bench lookup",
-        "bench storage",
+        "bench storage", "datasets finish", "datasets resume", "datasets delete",
     }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from logitcache.cli import bench, demo, policy, precompute, serve
+from logitcache.cli import bench, datasets, demo, gc, policy, precompute, serve
 from logitcache.client import commands as client_commands
 from logitcache.client.errors import LogitCacheError
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     precompute.add_commands(sub)  # precompute, inspect
+    gc.add_commands(sub)
+    datasets.add_commands(sub)  # datasets finish|resume|delete
     serve.add_commands(sub)
     client_commands.add_commands(sub)  # submit, jobs, fetch: clients of a running server
     demo.add_commands(sub)  # demo-teacher, demo-data, demo-service

@@ -46,7 +46,9 @@ def sequences(seed: int, count: int, lengths: tuple[int, int] = (3, 40)) -> list
     return [rng.integers(4, 1785, size=int(rng.integers(*lengths))).tolist() for _ in range(count)]
 
 
-def manager(url: str, teachers: TeacherRegistry, segment_positions: int = 1 << 16) -> JobManager:
+def manager(
+    url: str, teachers: TeacherRegistry, segment_positions: int = 1 << 16, lease_s: float = 30.0
+) -> JobManager:
     return JobManager(
         open_store(url, writable=True),
         teachers,
@@ -54,6 +56,7 @@ def manager(url: str, teachers: TeacherRegistry, segment_positions: int = 1 << 1
         max_running=1,
         max_in_flight=4,
         segment_positions=segment_positions,
+        lease_s=lease_s,
     )
 
 
@@ -102,7 +105,8 @@ def test_a_cancelled_job_stops_and_stays_cancelled(teachers, engine, tmp_path):
     inputs = sequences(seed=2, count=400, lengths=(100, 200))
 
     async def scenario() -> tuple[Job, int, int]:
-        jobs = manager(url, teachers)
+        # Small segments: progress counts sealed work, so the first update comes with a seal.
+        jobs = manager(url, teachers, segment_positions=2000)
         try:
             job = await jobs.submit(JobSpec(dataset="cancelled"), inputs, [])
             async with asyncio.timeout(JOB_S):
@@ -131,8 +135,9 @@ def test_an_abandoned_job_resumes_in_the_next_manager(teachers, engine, tmp_path
 
     async def crash_midway() -> str:
         """Submit, wait for two sealed segments, then return without closing the manager:
-        leaving asyncio.run stops its task as a crash would, with nothing marked ended."""
-        jobs = manager(url, teachers, segment_positions=400)
+        leaving asyncio.run stops its task as a crash would, with nothing marked ended. Its
+        lease is short: a dead process's lease is free at once, but this process lives on."""
+        jobs = manager(url, teachers, segment_positions=400, lease_s=0.5)
         job = await jobs.submit(JobSpec(dataset="resumed"), inputs, [])
         deadline = time.monotonic() + JOB_S
         while len(logitcache.open_store(url).segments()) < 2:
@@ -142,6 +147,7 @@ def test_an_abandoned_job_resumes_in_the_next_manager(teachers, engine, tmp_path
         return job.id
 
     job_id = asyncio.run(crash_midway())
+    time.sleep(0.6)  # the crashed manager's lease expires
     saved = json.loads((tmp_path / "store" / "jobs" / job_id / "job.json").read_text())
     assert saved["state"] == "running"
     partial = logitcache.open_store(url).dataset("resumed")
