@@ -29,6 +29,7 @@ from logitcache.server.engine.protocol import (
     check_options,
     check_width,
 )
+from logitcache.server.engine.shared_memory import remove_leftover_shared_memory
 from logitcache.server.teachers.identity import TeacherInfo
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class VLLMEngine:
     def __init__(self, info: TeacherInfo, options: EngineOptions) -> None:
         check_options(options)
         check_engine_arg_names(options.engine_args)
+        remove_leftover_shared_memory()  # of engines killed before (see engine.shared_memory)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kv_cache_bytes = _kv_cache_bytes(options)
@@ -112,6 +114,7 @@ class VLLMEngine:
             self._llm.shutdown()
             self._llm = None
             gc.collect()
+            remove_leftover_shared_memory()
 
 
 def rows_from_vllm_output(output: Any, length: int, k: int) -> TopKRows:
