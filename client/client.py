@@ -485,10 +485,14 @@ class AsyncClient:
     async def _raise_tls_mismatch(self, error: grpc.RpcError, attempt: int) -> None:
         """When a call's first failure is a connection the two sides' TLS did not agree on: an
         UNAVAILABLE that says so, at once (retrying cannot help), for grpc's "Socket closed"."""
-        if attempt == 0:
-            message = await tls_mismatch(self.target, self._tls, error)
-            if message is not None:
-                raise tls_refusal(message) from None
+        connection = self._connection
+        if attempt or connection is None:
+            return
+        if connection[0].get_state() == grpc.ChannelConnectivity.READY:
+            return  # connected: the server itself answered UNAVAILABLE
+        message = await tls_mismatch(self.target, self._tls, error)
+        if message is not None:
+            raise tls_refusal(message) from None
 
     async def _unary(self, method: str, request: Any) -> Any:
         return await self._retrying(

@@ -106,12 +106,11 @@ def open_channel(
 
 
 async def tls_mismatch(target: str, tls: ClientTls | None, error: grpc.RpcError) -> str | None:
-    """Why the server at ``target`` refused the connection that failed with ``error``, when it
-    was the TLS of the two sides that did not match; None when it was not (or is not known)."""
-    if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
+    """Why the server at ``target`` refused the connection that failed with ``error`` (a call on a
+    channel that is not connected), when it was the TLS of the two sides that did not match; None
+    when it was not, or is not known."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
         return None
-    if "Error received from peer" in (error.debug_error_string() or ""):
-        return None  # the server answered: the connection itself works
     address = _host_port(target)
     if address is None:
         return None

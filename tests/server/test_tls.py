@@ -135,6 +135,14 @@ def test_plaintext_client_at_a_tls_port_is_told_the_server_expects_tls(tls_serve
         assert "expects TLS" in error.details() and "--ca" in error.details()
 
 
+def test_a_stream_that_cannot_connect_says_why_too(tls_server):
+    with Client(tls_server.target, tls=False, timeout=RPC_S) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(client.watch_job("feedfacefeedface"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "expects TLS" in caught.value.details()
+
+
 def test_mutual_tls_without_a_client_certificate_is_refused(mtls_server, pki):
     error = _refusal(mtls_server.target, ca=pki.ca)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
