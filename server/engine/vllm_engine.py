@@ -54,6 +54,7 @@ class VLLMEngine:
             config = args.create_engine_config()
         except (TypeError, ValueError) as e:  # vLLM's own checks of names, values and combinations
             raise InvalidArgument(f"vLLM refused the engine options: {e}") from None
+        _check_cpu_thread_binding(config.parallel_config.world_size)
         if kv_cache_bytes is not None:
             # The CPU build replaces it with VLLM_CPU_KVCACHE_SPACE where that is set: an
             # explicit size wins over the environment, as every other flag does.
@@ -206,6 +207,35 @@ def check_engine_arg_names(engine_args: Mapping[str, Any]) -> None:
     raise InvalidArgument(
         f"unknown engine option {unknown[0]!r} ({message}){hint}; the options are the fields "
         "of vLLM's AsyncEngineArgs (vllm serve --help lists them)"
+    )
+
+
+def _check_cpu_thread_binding(world_size: int) -> None:
+    """Refuse, with the setting that works, several CPU ranks that vLLM cannot bind itself.
+
+    vLLM's CPU build binds each rank's threads to a NUMA node of its own; with fewer nodes than
+    ranks its engine core dies at start-up, deep in a worker. An explicit CPU list per rank
+    (VLLM_CPU_OMP_THREADS_BIND, which the engine's processes read when they start) works.
+    """
+    from vllm.platforms import current_platform
+
+    if world_size <= 1 or not current_platform.is_cpu():
+        return
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    nodes = len(get_visible_memory_node())
+    if nodes >= world_size:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world_size:
+        raise InvalidArgument(f"{world_size} engine ranks need a CPU each; {len(cpus)} are allowed")
+    per_rank = np.array_split(np.asarray(cpus), world_size)
+    binding = "|".join(",".join(str(c) for c in group) for group in per_rank)
+    raise InvalidArgument(
+        f"{world_size} engine ranks on {nodes} NUMA node(s): vLLM's CPU build binds each rank to "
+        f"a node of its own; give each rank its CPUs with VLLM_CPU_OMP_THREADS_BIND='{binding}'"
     )
 
 

@@ -264,6 +264,19 @@ def test_unknown_and_invalid_engine_args_fail_with_vllms_message(demo_info):
 
 
 @pytest.mark.slow  # imports vLLM
+def test_cpu_ranks_without_a_numa_node_each_are_refused_with_the_binding(demo_info, monkeypatch):
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    from logitcache.server.engine.vllm_engine import VLLMEngine
+
+    if len(get_visible_memory_node()) >= 2:
+        pytest.skip("vLLM binds two ranks itself on a machine with two NUMA nodes")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    with pytest.raises(InvalidArgument, match=r"VLLM_CPU_OMP_THREADS_BIND='[0-9,]+\|[0-9,]+'"):
+        VLLMEngine(demo_info, EngineOptions(engine_args={"tensor_parallel_size": 2}))
+
+
+@pytest.mark.slow  # imports vLLM
 def test_fractional_kv_cache_env_is_refused_clearly(demo_info, monkeypatch):
     from logitcache.server.engine.vllm_engine import VLLMEngine
 
