@@ -8,8 +8,10 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,70 @@ def test_https_healthz_with_the_ca_and_not_without(tls_server, mtls_server, pki)
         urllib.request.urlopen(tls_server.http_url.replace("https:", "http:") + "/healthz")
 
 
+# ---- renewed certificates ------------------------------------------------------------------
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Replace a file the way renewal tools do: a new file renamed over the old."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _served_with(server: ServerProcess, ca: Path) -> bool:
+    with Client(server.target, ca=ca, timeout=RPC_S, retries=0) as client:
+        try:
+            client.list_datasets()
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def _https_with(server: ServerProcess, ca: Path) -> bool:
+    context = ssl.create_default_context(cafile=ca)
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/healthz", context=context) as r:
+            return r.status == 200
+    except urllib.error.URLError:
+        return False
+
+
+def test_renewed_certificates_are_served_without_a_restart(pki, tmp_path):
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    _replace(cert, pki.server_cert.read_bytes())
+    _replace(key, pki.server_key.read_bytes())
+    flags = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with ServerProcess(None, tmp_path / "store", *flags, timeout=120) as server:
+        assert _served_with(server, pki.ca) and _https_with(server, pki.ca)
+
+        # A half-done renewal (a key that is not the certificate's) is logged; the old pair serves.
+        _replace(key, pki.client_key.read_bytes())
+        assert _eventually(
+            lambda: _https_with(server, pki.ca) and "do not check out" in server.log_tail()
+        ), server.log_tail()
+        assert _served_with(server, pki.ca)
+
+        renewed = trustme.CA()
+        renewed_ca = tmp_path / "renewed-ca.pem"
+        renewed.cert_pem.write_to_path(str(renewed_ca))
+        leaf = renewed.issue_cert("localhost", "127.0.0.1")
+        _replace(key, leaf.private_key_pem.bytes())
+        _replace(cert, b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        assert _eventually(lambda: _served_with(server, renewed_ca)), server.log_tail()
+        assert _eventually(lambda: _https_with(server, renewed_ca)), server.log_tail()
+        assert "not trusted with the CA" in _refusal(server.target, ca=pki.ca).details()
+        assert not _https_with(server, pki.ca)
+
+
 # ---- the CLI's client flags -----------------------------------------------------------------
 
 
@@ -231,7 +297,7 @@ def test_server_tls_configuration_errors_name_the_file_never_its_content(pki, tm
         load_server_tls(str(pki.server_cert), str(pki.client_key))  # another certificate's key
     assert "PRIVATE KEY" not in str(caught.value)
     tls = load_server_tls(str(pki.server_cert), str(pki.server_key), str(pki.ca))
-    assert tls is not None and tls.client_ca == pki.ca.read_bytes()
+    assert tls is not None and tls.current().client_ca == pki.ca.read_bytes()
 
 
 def test_server_with_a_mismatched_key_exits_before_serving(pki, tmp_path):
