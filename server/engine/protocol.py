@@ -187,6 +187,10 @@ def check_options(options: EngineOptions) -> None:
                 f"engine option {key}: speculative decoding is refused on a teacher, because it "
                 "is known to corrupt prompt log-probabilities"
             )
+    if args.get("load_format") == "dummy":
+        raise InvalidArgument(
+            "engine option load_format='dummy' runs random weights, not the teacher's"
+        )
     # enable_prefix_caching is allowed: vLLM never reads the prefix cache for a request with
     # prompt logprobs (SamplingParams.skip_reading_prefix_cache), so every row is computed.
     mode = args.get("logprobs_mode", RAW_LOGPROBS)

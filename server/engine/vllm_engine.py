@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import gc
+import hashlib
+import json
 import os
 import uuid
 from collections.abc import Mapping
@@ -68,7 +70,10 @@ class VLLMEngine:
         model_config = self._llm.model_config
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = engine_dtype(
-            str(model_config.dtype), model_config.quantization, config.cache_config.cache_dtype
+            str(model_config.dtype),
+            model_config.quantization,
+            config.cache_config.cache_dtype,
+            options.engine_args.get("hf_overrides"),
         )
         # One generated token must fit after the prompt: it carries the last row.
         self.max_sequence_len = int(model_config.max_model_len) - 1
@@ -145,15 +150,20 @@ def rows_from_vllm_output(output: Any, length: int, k: int) -> TopKRows:
     )
 
 
-def engine_dtype(dtype: str, quantization: str | None, kv_cache_dtype: str) -> str:
-    """The engine dtype a capture space records: the compute dtype, plus the quantisation and
-    the KV-cache dtype where they change the numbers, so that such rows never mix with the
-    same teacher's unquantised ones (``bfloat16+fp8+kv-fp8_e4m3``)."""
+def engine_dtype(
+    dtype: str, quantization: str | None, kv_cache_dtype: str, hf_overrides: Any = None
+) -> str:
+    """The engine dtype a capture space records: the compute dtype, plus what else changes the
+    numbers (quantisation, the KV-cache dtype, overrides of the model's config), so that such
+    rows never mix with the same teacher's plain ones (``bfloat16+fp8+kv-fp8_e4m3``)."""
     parts = [dtype.removeprefix("torch.")]
     if quantization:
         parts.append(quantization)
     if kv_cache_dtype not in ("auto", parts[0]):
         parts.append(f"kv-{kv_cache_dtype}")
+    if hf_overrides:
+        canonical = json.dumps(hf_overrides, sort_keys=True, default=repr).encode()
+        parts.append(f"hf-{hashlib.sha256(canonical).hexdigest()[:12]}")
     return "+".join(parts)
 
 

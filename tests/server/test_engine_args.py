@@ -85,6 +85,7 @@ def test_kv_cache_size_takes_fractions_of_a_gib():
         ({"skip_tokenizer_init": False}, "token ids"),
         ({"hf_token": "hf_x"}, "HF_TOKEN"),
         ({"scheduling_policy": "fcfs"}, "priority"),
+        ({"load_format": "dummy"}, "random weights"),
     ],
 )
 def test_options_that_would_corrupt_captures_are_refused_with_the_reason(engine_args, reason):
@@ -211,6 +212,11 @@ def test_quantised_and_kv_cache_dtypes_are_part_of_the_engine_dtype():
     assert engine_dtype("torch.bfloat16", None, "auto") == "bfloat16"
     assert engine_dtype("torch.float16", None, "float16") == "float16"
     assert engine_dtype("torch.bfloat16", "fp8", "fp8_e4m3") == "bfloat16+fp8+kv-fp8_e4m3"
+    rope = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    labelled = engine_dtype("torch.bfloat16", None, "auto", rope)
+    assert labelled.startswith("bfloat16+hf-") and labelled != engine_dtype(
+        "torch.bfloat16", None, "auto", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    )
     # A recorded engine dtype asks the engine for its compute dtype.
     assert EngineOptions(dtype="bfloat16+fp8").dtype_for(None) == "bfloat16"  # type: ignore[arg-type]
 
