@@ -295,23 +295,31 @@ class SegmentWriter:
         self._error = self._error or error
 
     def _hold(self, segment: _OpenSegment) -> None:
-        """Keep a failed segment's records (merged per space) for a retry after the backoff."""
+        """Keep a failed segment's records for a retry after the backoff."""
+        self._keep(segment)
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_held())
+
+    def _keep(self, segment: _OpenSegment) -> None:
+        """Hold a segment's records, merged with those held for its capture space."""
         held = self._held.get(segment.space.space_id)
         if held is None:
             self._held[segment.space.space_id] = segment
         else:
             held.records += segment.records
             held.positions += segment.positions
-        if self._retrying is None or self._retrying.done():
-            self._retrying = asyncio.get_running_loop().create_task(self._retry_held())
 
     async def _retry_held(self) -> None:
         while self._held:
             await asyncio.sleep(self._retry_delay)
             self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
-            held, self._held = self._held, {}
-            for segment in held.values():
-                await self._submit(segment, retry=True)
+            for space_id in list(self._held):
+                segment = self._held.pop(space_id)
+                try:
+                    await self._submit(segment, retry=True)
+                except asyncio.CancelledError:  # not handed over (close): held for its flush
+                    self._keep(segment)
+                    raise
 
     async def _flush_when_due(self, flush_seconds: float) -> None:
         while True:
