@@ -191,7 +191,10 @@ def _explain(target: str, tls: ClientTls | None, met: _Handshake) -> str | None:
         return None
     if tls is None:
         if met.completed or met.refused is not None:
-            return f"the server at {target} expects TLS and this client connected in plaintext: {HINT_TLS}"
+            return (
+                f"the server at {target} expects TLS and this client connected in plaintext: "
+                f"{HINT_TLS}"
+            )
         return None
     if met.not_tls:
         return (

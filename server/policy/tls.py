@@ -163,7 +163,8 @@ def load_files(files: TlsFiles) -> LoadedTls:
     except ssl.SSLError as e:
         raise InvalidArgument(
             f"tls_cert {str(files.cert)!r} and tls_key {str(files.key)!r} do not make a usable "
-            f"certificate ({e.reason or 'invalid PEM'}): is the key the certificate's, unencrypted?",
+            f"certificate ({e.reason or 'invalid PEM'}): is the key the certificate's, and "
+            "unencrypted?",
             fields=("tls_cert", "tls_key"),
         ) from None
     if files.client_ca is not None:
