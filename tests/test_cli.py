@@ -50,7 +50,8 @@ def test_every_command_is_there():
     assert names == {
         "precompute", "inspect", "serve", "submit", "jobs", "fetch", "demo-teacher", "demo-data",
         "demo-service", "bench capture", "bench distill", "bench stream", "bench lookup",
-        "bench storage", "datasets finish", "datasets resume", "datasets delete",
+        "bench storage", "bench soak", "datasets finish", "datasets resume", "datasets delete",
+        "gc", "tokens create", "tokens list", "tokens revoke", "audit verify",
     }  # fmt: skip
 
 

@@ -76,7 +76,7 @@ RULES = [
         "protobuf",
         "the core never sees protobuf: only the gRPC adapter (server/grpc/, server/app.py), the "
         "client's wire and client modules, and the benchmarks that time the wire itself "
-        "(bench/stream.py, bench/lookup.py) import the stubs",
+        "(bench/stream.py, bench/lookup.py, bench/soak.py) import the stubs",
         ("logitcache",),
         (STUBS, "google.protobuf"),
         exempt=(
@@ -87,6 +87,7 @@ RULES = [
             "logitcache.client.client",
             "logitcache.bench.stream",
             "logitcache.bench.lookup",
+            "logitcache.bench.soak",
         ),
     ),
 ]

@@ -32,8 +32,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=text)
     g = p.add_argument_group("teachers given with --teacher")
     for name, text in TEACHER_FLAG_HELP.items():
+        repeatable = {"action": "append", "metavar": "KEY=VALUE"} if name == "engine_arg" else {}
         g.add_argument(
-            f"--{name.replace('_', '-')}", dest=f"teacher_{name}", default=None, help=text
+            f"--{name.replace('_', '-')}",
+            dest=f"teacher_{name}",
+            default=None,
+            help=text,
+            **repeatable,  # type: ignore[arg-type]
         )
     p.set_defaults(handler=_serve)
 
