@@ -52,7 +52,7 @@ async def _precompute_pipeline(
 
 
 async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -> None:
-    info = resolve_teacher(teacher)
+    info = resolve_teacher(teacher, options.revision, options.download_dir)
     sequences = benchmark_sequences(
         teacher, args.sequences, min(args.seq_len, info.max_model_len - 1)
     )

@@ -29,6 +29,7 @@ import gc
 import os
 import random
 import sys
+import uuid
 import weakref
 from collections import deque
 from collections.abc import (
@@ -107,12 +108,13 @@ def _sequence(ids: Any, index: int) -> pb.Sequence:
 
 
 def _distributions_request(
-    sequences: Iterable[Any], teacher: str | None, top_k: int | None
+    sequences: Iterable[Any], teacher: str | None, top_k: int | None, durable: bool = False
 ) -> pb.DistributionsRequest:
     return pb.DistributionsRequest(
         teacher=teacher or "",
         top_k=top_k or 0,
         sequences=[_sequence(s, i) for i, s in enumerate(sequences)],
+        durable=durable,
     )
 
 
@@ -155,7 +157,8 @@ class _Submission:
 
     ``messages()`` can be called again for a retry when the input is re-iterable (a list, an
     array, or any object whose ``__iter__`` starts over); a one-shot iterator is sent once and not
-    retried. An error raised while building messages (a bad item in the input) is kept in
+    retried. The spec carries one ``client_request_id`` for all attempts, so a retry after a lost
+    reply gets the job of the attempt that reached the server. An error raised while building messages (a bad item in the input) is kept in
     ``error`` and raised in place of what grpc makes of it (UNKNOWN "Exception iterating
     requests", or a cancelled call in grpc.aio).
     """
@@ -183,6 +186,7 @@ class _Submission:
             max_len=max_len or 0,
             overflow=overflow or "",
             license=license or "",
+            client_request_id=uuid.uuid4().hex,
         )
         self.texts = texts
         self.input_ids = input_ids
@@ -535,12 +539,26 @@ class AsyncClient:
     async def describe_dataset(self, name: str) -> pb.DatasetInfo:
         return await self._unary("DescribeDataset", pb.DescribeDatasetRequest(dataset=name))
 
+    async def finish_dataset(self, name: str) -> pb.DatasetInfo:
+        return await self._unary("FinishDataset", pb.FinishDatasetRequest(dataset=name))
+
+    async def resume_dataset(self, name: str) -> pb.Job:
+        return await self._unary("ResumeDataset", pb.ResumeDatasetRequest(dataset=name))
+
+    async def delete_dataset(self, name: str) -> pb.DeleteDatasetResponse:
+        return await self._unary("DeleteDataset", pb.DeleteDatasetRequest(dataset=name))
+
     # -- read-through ---------------------------------------------------------------------------
 
     async def get_distributions(
-        self, sequences: Iterable[Any], *, teacher: str | None = None, top_k: int | None = None
+        self,
+        sequences: Iterable[Any],
+        *,
+        teacher: str | None = None,
+        top_k: int | None = None,
+        durable: bool = False,
     ) -> list[Record]:
-        request = _distributions_request(sequences, teacher, top_k)
+        request = _distributions_request(sequences, teacher, top_k, durable)
 
         async def call() -> list[Record]:
             responses = [
@@ -784,17 +802,38 @@ class Client:
         """Capture space, sizes and provenance of a dataset; NOT_FOUND if there is none."""
         return sync(self._async.describe_dataset(name))
 
+    def finish_dataset(self, name: str) -> pb.DatasetInfo:
+        """End a building dataset that nothing builds any more: state "partial" (or "complete")."""
+        return sync(self._async.finish_dataset(name))
+
+    def resume_dataset(self, name: str) -> pb.Job:
+        """Run the newest job of a dataset that is not complete again; the job, queued."""
+        return sync(self._async.resume_dataset(name))
+
+    def delete_dataset(self, name: str) -> pb.DeleteDatasetResponse:
+        """Remove a dataset (its records stay until gc); refused while it is being built."""
+        return sync(self._async.delete_dataset(name))
+
     # -- read-through ---------------------------------------------------------------------------
 
     def get_distributions(
-        self, sequences: Iterable[Any], *, teacher: str | None = None, top_k: int | None = None
+        self,
+        sequences: Iterable[Any],
+        *,
+        teacher: str | None = None,
+        top_k: int | None = None,
+        durable: bool = False,
     ) -> list[Record]:
         """One record per sequence (lists or arrays of token ids), in the same order.
 
         Cached sequences come from the store, the others are computed by the teacher.
-        ``teacher`` and ``top_k`` default to the server's defaults.
+        ``teacher`` and ``top_k`` default to the server's defaults. ``durable``: answered only
+        once every record is sealed in the store (a server crash after the answer cannot lose
+        them); RESOURCE_EXHAUSTED or UNAVAILABLE if the store cannot take them now.
         """
-        return sync(self._async.get_distributions(sequences, teacher=teacher, top_k=top_k))
+        return sync(
+            self._async.get_distributions(sequences, teacher=teacher, top_k=top_k, durable=durable)
+        )
 
     def get_distributions_iter(
         self,

@@ -232,15 +232,17 @@ def read_through_retention(
 ) -> ReadThroughRetention | None:
     """The retention of a server that computes (a store-only server deletes nothing), if its
     configuration bounds it; condemned segments are deleted one pass later."""
-    budget = RetentionBudget(config.readthrough_retention_bytes, config.readthrough_retention_age)
+    interval = config.readthrough_retention_interval  # a segment outlives one pass at least
+    budget = RetentionBudget(
+        config.readthrough_retention_bytes, config.readthrough_retention_age, min_idle_s=interval
+    )
     if not config.teachers or not budget.bounded:
         return None
 
     def report(p: RetentionPass) -> None:
         metrics.record_retention(p.retained_bytes, p.evicted_segments, p.evicted_bytes)
 
-    grace = config.readthrough_retention_interval / 2
-    return ReadThroughRetention(store, budget, grace_s=grace, on_pass=report)
+    return ReadThroughRetention(store, budget, grace_s=interval / 2, on_pass=report)
 
 
 def _open_clean_store(url: str) -> Store:

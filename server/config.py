@@ -76,10 +76,16 @@ class ServerConfig:
     max_running_jobs: int = 1
     segment_positions: int = 1 << 16
     flush_seconds: float = 2.0  # read-through results are sealed at least this often
+    max_unsealed_bytes: int = 256 << 20  # read-through results held until sealed
+    max_job_upload_tokens: int = 1 << 27  # tokens one SubmitJob may stream
     loaded_segment_bytes: int = 2 << 30  # memory for segments held decoded-from-disk
     # How often the server looks for datasets and segments other processes wrote (the bound on
     # how stale a listing is); a read of a record not indexed yet looks at once.
     store_refresh_seconds: float = 5.0
+    # Records no dataset references (read-through results) are kept under these budgets; 0: none.
+    readthrough_retention_bytes: int = 0
+    readthrough_retention_age: float = 0.0  # seconds since a segment's last hit
+    readthrough_retention_interval: float = 60.0  # seconds between retention passes
     # Where to write {"grpc_port", "http_port", "pid"} once serving (empty: nowhere).
     ready_file: str = ""
     # TLS on both ports (PEM paths; empty: plaintext); a client CA makes gRPC require client certs.
@@ -104,17 +110,31 @@ FIELD_HELP = {
     "http_port": "HTTP port for /healthz, /readyz, /metrics; 0 picks a free one (default: 8080)",
     "max_sequences_per_request": "most sequences in one GetDistributions request (default: 4096)",
     "max_tokens_per_request": "most tokens in one GetDistributions request (default: 2097152)",
-    "max_message_bytes": "largest gRPC message in either direction (default: 256 MiB)",
+    "max_message_bytes": "largest gRPC message in either direction; a request message is also "
+    "held to what the request limits allow, so a larger one is refused before it is read "
+    "(default: 256 MiB)",
     "stream_batch_records": "records per StreamDataset batch when the client says 0 (default: 64)",
     "stream_prefetch_batches": "batches a stream prepares ahead of a slow client (default: 4)",
     "job_max_in_flight": "sequences one job keeps queued in the engine (default: 64)",
     "max_running_jobs": "jobs that run at the same time; others queue (default: 1)",
     "segment_positions": "positions per sealed segment (default: 65536)",
     "flush_seconds": "read-through results are sealed at least this often (default: 2)",
+    "max_unsealed_bytes": "memory for read-through results answered and not sealed yet (while "
+    "the store refuses writes, they are retried); past it, requests that need a computation "
+    "are refused with UNAVAILABLE (default: 256 MiB)",
+    "max_job_upload_tokens": "most tokens one SubmitJob may stream, spooled to the store as they "
+    "arrive; larger inputs go in a file given with server_path (default: 134217728)",
     "loaded_segment_bytes": "memory for segments held in RAM for streaming (default: 2 GiB)",
     "store_refresh_seconds": "look for datasets and segments written by other processes this "
     "often: listings are at most this old, and a read of a record not yet known looks at once "
     "(default: 5)",
+    "readthrough_retention_bytes": "keep at most this many bytes of records no dataset "
+    "references (read-through results), evicting least recently used segments (default: 0, "
+    "no size bound)",
+    "readthrough_retention_age": "evict such records not hit for this many seconds (default: 0, "
+    "no age bound)",
+    "readthrough_retention_interval": "seconds between retention passes; an evicted segment is "
+    "deleted one pass after it was condemned (default: 60)",
     "ready_file": "once serving, write the bound ports and the pid to this file as JSON "
     "(grpc_port, http_port, pid), replaced atomically; how launchers learn ports picked with 0",
     "tls_cert": "PEM certificate chain the server presents: TLS on the gRPC port and HTTPS on the "

@@ -52,7 +52,7 @@ def check_fidelity(
     teacher = teacher or ds.provenance.get("teacher")
     if not teacher:
         raise InvalidArgument(f"dataset {dataset!r} names no teacher; pass --teacher")
-    info = resolve_teacher(teacher)
+    info = resolve_teacher(teacher, ds.provenance.get("revision"))
     if info.teacher_fingerprint != space.teacher_fingerprint:
         raise FailedPrecondition(
             f"teacher {teacher!r} is not the one dataset {dataset!r} was captured with "

@@ -123,6 +123,22 @@ class ServerMetrics:
             ["state"],
             registry=registry,
         )
+        self._retained_bytes = Gauge(
+            "logitcache_readthrough_retained_bytes",
+            "Bytes of records no dataset references (read-through results) kept after the last "
+            "retention pass.",
+            registry=registry,
+        )
+        self._evicted_segments = Counter(
+            "logitcache_readthrough_evicted_segments_total",
+            "Unreferenced segments deleted by read-through retention.",
+            registry=registry,
+        )
+        self._evicted_bytes = Counter(
+            "logitcache_readthrough_evicted_bytes_total",
+            "Bytes of unreferenced segments deleted by read-through retention.",
+            registry=registry,
+        )
         if store_bytes is not None:
             Gauge(
                 "logitcache_store_bytes",
@@ -156,6 +172,14 @@ class ServerMetrics:
             self._misses += misses
         self._lookups.labels("hit").inc(hits)
         self._lookups.labels("miss").inc(misses)
+
+    def record_retention(
+        self, retained_bytes: int, evicted_segments: int, evicted_bytes: int
+    ) -> None:
+        """One read-through retention pass: what it kept and what it deleted."""
+        self._retained_bytes.set(retained_bytes)
+        self._evicted_segments.inc(evicted_segments)
+        self._evicted_bytes.inc(evicted_bytes)
 
     def set_queue_depth(self, queue: str, depth: int) -> None:
         self._queue_depth.labels(queue).set(depth)

@@ -132,7 +132,9 @@ async def precompute(
     validate_dataset_name(req.dataset)
     loop = asyncio.get_running_loop()
     if info is None:
-        info = await loop.run_in_executor(None, resolve_teacher, req.teacher)
+        info = await loop.run_in_executor(
+            None, resolve_teacher, req.teacher, req.engine.revision, req.engine.download_dir
+        )
     report = await loop.run_in_executor(None, prepare_inputs, req, info)
     if store is None:
         store = await loop.run_in_executor(None, lambda: open_store(req.out, writable=True))
@@ -362,7 +364,7 @@ def _existing_space(
     space = ds.space
     same = (
         space.teacher_fingerprint == info.teacher_fingerprint
-        and space.tokenizer_fingerprint == info.tokenizer_fingerprint
+        and info.tokenizer_matches(space.tokenizer_fingerprint)
         and space.k == req.top_k
         and space.mode == req.capture.space_mode
         and space.codec == req.capture.codec_name
@@ -409,6 +411,8 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
         "teacher_architecture": info.architecture,
         "teacher_fingerprint": info.teacher_fingerprint,
         "tokenizer_fingerprint": info.tokenizer_fingerprint,
+        "chat_template_fingerprint": info.chat_template_fingerprint,
+        "revision": info.revision,
         "license": req.license or info.license,
         "policy_decision": None,
         "requester": getpass.getuser(),

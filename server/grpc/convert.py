@@ -16,15 +16,12 @@ import numpy as np
 from logitcache.client.errors import InvalidArgument, ResourceExhausted
 from logitcache.client.wire import encode_batch
 from logitcache.server.config import ServerConfig
+from logitcache.server.dataset_lifecycle import DatasetEnd
 from logitcache.server.jobs import Job, JobSpec
 from logitcache.server.store.read import EncodedBatch
 from logitcache.server.streaming import StreamBatch, StreamRequest
 from logitcache.server.teachers.registry import Teacher
 from logitcache.v1 import logitcache_pb2 as pb
-
-# A streamed job input is held in memory until it is written; past this many tokens (times the
-# per-request limit) the client is told to hand the server a file instead.
-JOB_INPUT_REQUESTS = 64
 
 
 def sequences(request: pb.DistributionsRequest, config: ServerConfig) -> list[np.ndarray]:
@@ -36,15 +33,15 @@ def sequences(request: pb.DistributionsRequest, config: ServerConfig) -> list[np
             f"{config.max_sequences_per_request} (split the request)",
             fields=["sequences"],
         )
-    parsed = [np.asarray(s.input_ids, dtype=np.int64) for s in request.sequences]
-    tokens = sum(s.size for s in parsed)
+    # Counted before anything is converted: a request over the limit costs no memory.
+    tokens = sum(len(s.input_ids) for s in request.sequences)
     if tokens > config.max_tokens_per_request:
         raise ResourceExhausted(
             f"{tokens} tokens in one request; the limit is "
             f"{config.max_tokens_per_request} (split the request)",
             fields=["sequences"],
         )
-    return parsed
+    return [np.asarray(s.input_ids, dtype=np.int64) for s in request.sequences]
 
 
 def record_batch(batch: EncodedBatch) -> pb.RecordBatch:
@@ -85,39 +82,29 @@ def stream_request(request: pb.StreamDatasetRequest, config: ServerConfig) -> St
 
 
 async def job_submission(
-    requests: AsyncIterator[pb.SubmitJobRequest], config: ServerConfig
-) -> tuple[JobSpec, list[list[int]], list[str]]:
-    """A SubmitJob stream read to its end: the spec, then the sequences and texts."""
-    spec: JobSpec | None = None
-    sequences: list[list[int]] = []
-    texts: list[str] = []
-    tokens = 0
-    limit = JOB_INPUT_REQUESTS * config.max_tokens_per_request
-    async for item in requests:
-        kind = item.WhichOneof("item")
-        if spec is None:
-            if kind != "spec":
-                raise InvalidArgument(
-                    "the first SubmitJob message must carry the job spec", fields=["spec"]
-                )
-            spec = job_spec(item.spec)
-        elif kind == "sequence":
-            sequences.append(list(item.sequence.input_ids))
-            tokens += len(item.sequence.input_ids)
-        elif kind == "text":
-            texts.append(item.text)
-            tokens += len(item.text) // 4
-        else:
-            raise InvalidArgument("only the first SubmitJob message may carry a spec")
-        if tokens > limit:
-            raise ResourceExhausted(
-                "job input too large to stream; write it to a file the server can read and "
-                "submit it with server_path",
-                fields=["server_path"],
-            )
-    if spec is None:
+    requests: AsyncIterator[pb.SubmitJobRequest],
+) -> tuple[JobSpec, AsyncIterator[list[int] | str]]:
+    """A SubmitJob stream: its spec (the first message), then its items one by one as they
+    arrive (token id lists and texts), so the input is never gathered here."""
+    first = await anext(aiter(requests), None)
+    if first is None:
         raise InvalidArgument("empty SubmitJob stream: send the job spec first", fields=["spec"])
-    return spec, sequences, texts
+    if first.WhichOneof("item") != "spec":
+        raise InvalidArgument(
+            "the first SubmitJob message must carry the job spec", fields=["spec"]
+        )
+
+    async def items() -> AsyncIterator[list[int] | str]:
+        async for item in requests:
+            kind = item.WhichOneof("item")
+            if kind == "sequence":
+                yield list(item.sequence.input_ids)
+            elif kind == "text":
+                yield item.text
+            else:
+                raise InvalidArgument("only the first SubmitJob message may carry a spec")
+
+    return job_spec(first.spec), items()
 
 
 def job_spec(spec: pb.JobSpec) -> JobSpec:
@@ -129,6 +116,7 @@ def job_spec(spec: pb.JobSpec) -> JobSpec:
         max_len=spec.max_len,
         overflow=spec.overflow or "error",
         license=spec.license,
+        client_request_id=spec.client_request_id,
     )
 
 
@@ -137,6 +125,10 @@ def job_message(job: Job) -> pb.Job:
     fields["spec"] = pb.JobSpec(**fields["spec"])
     fields["state"] = str(job.state)
     return pb.Job(**fields)
+
+
+def dataset_deleted(end: DatasetEnd) -> pb.DeleteDatasetResponse:
+    return pb.DeleteDatasetResponse(dataset=end.dataset, cancelled_jobs=end.ended_jobs)
 
 
 def teacher_info(teacher: Teacher) -> pb.TeacherInfo:

@@ -15,11 +15,13 @@ from grpc.aio import ServicerContext as Context
 
 from logitcache.client.errors import Unavailable
 from logitcache.server.config import ServerConfig
+from logitcache.server.dataset_lifecycle import delete_dataset, finish_dataset
 from logitcache.server.grpc import convert
 from logitcache.server.grpc.status import rpc
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.readthrough import ReadThroughCache
+from logitcache.server.spool import JobUpload, teacher_tokenize
 from logitcache.server.store.store import Store
 from logitcache.server.store.summary import StoreSummaries
 from logitcache.server.streaming import DatasetStreamer
@@ -73,6 +75,22 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
     async def DescribeDataset(self, request: pb.DescribeDatasetRequest, context: Context) -> Any:
         return convert.dataset_info(await self.summaries.dataset(request.dataset))
 
+    @rpc
+    async def FinishDataset(self, request: pb.FinishDatasetRequest, context: Context) -> Any:
+        await asyncio.to_thread(finish_dataset, self.store, request.dataset)
+        await self.jobs.refresh()  # the jobs it cancelled
+        return convert.dataset_info(await self.summaries.dataset(request.dataset))
+
+    @rpc
+    async def ResumeDataset(self, request: pb.ResumeDatasetRequest, context: Context) -> Any:
+        return convert.job_message(await self.jobs.resume_dataset(request.dataset))
+
+    @rpc
+    async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context: Context) -> Any:
+        end = await asyncio.to_thread(delete_dataset, self.store, request.dataset)
+        await self.jobs.refresh()
+        return convert.dataset_deleted(end)
+
     # -- read-through ---------------------------------------------------------------------------
 
     @rpc
@@ -83,7 +101,9 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
             teacher = self.teachers.get(request.teacher)
             k = teacher.resolve_k(request.top_k)
             sequences = convert.sequences(request, self.config)
-            records, computed = await self.readthrough.get(teacher, k, sequences)
+            records, computed = await self.readthrough.get(
+                teacher, k, sequences, durable=request.durable
+            )
             batch = await _encoded(convert.record_batch, records, records.positions)
             yield pb.DistributionsResponse(records=batch, computed=computed)
 
@@ -107,10 +127,16 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
     async def SubmitJob(
         self, requests: AsyncIterator[pb.SubmitJobRequest], context: Context
     ) -> Any:
-        spec, sequences, texts = await convert.job_submission(requests, self.config)
-        if context.cancelled():  # a cut-off stream is not the whole input
-            raise Unavailable("the client cancelled the submission")
-        return convert.job_message(await self.jobs.submit(spec, sequences, texts))
+        spec, items = await convert.job_submission(requests)
+        tokenize = teacher_tokenize(self.teachers.get(spec.teacher).info)
+        limit = self.config.max_job_upload_tokens
+        async with JobUpload(self.store.backend, max_tokens=limit, tokenize=tokenize) as upload:
+            async for item in items:  # spooled to the store as it arrives, limits checked
+                await upload.add(item)
+            if context.cancelled():  # a cut-off stream is not the whole input
+                raise Unavailable("the client cancelled the submission")
+            streamed = await upload.finish()
+            return convert.job_message(await self.jobs.submit(spec, [], [], upload=streamed))
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> Any:

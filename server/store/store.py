@@ -19,13 +19,11 @@ gives the same answer whatever order it found the segments in.
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,14 +32,19 @@ import zarr
 from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
 from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
+from logitcache.server.names import shown
 from logitcache.server.store.backend import StoreBackend, backend_for_url, json_bytes
 from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.gc import condemned_segments, other_copies, withdrawn_segments
+from logitcache.server.store.liveness import process_alive as process_alive  # leases, gc
+from logitcache.server.store.liveness import writer_gone
 from logitcache.server.store.read import EncodedBatch, read_batch
 from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.segments import segments_dir, unsealed_dir, zarr_array
 from logitcache.server.store.writer import CapturedRecord, write_segment
 
 STORE_FORMAT = "logitcache-store-v1"
+STORE_MARKER = "logitcache-store.json"  # at the root of every store
 DEFAULT_SEGMENT_CACHE_BYTES = 1 << 30  # a handle's own segment cache (a trainer's, say)
 _DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes seconds, not hours
 _KEY_DTYPE = np.dtype((np.void, KEY_BYTES))  # one key as one item: .tolist() gives its bytes
@@ -50,9 +53,11 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def validate_dataset_name(name: str) -> str:
-    if not _DATASET_NAME.match(name):
+    """The name itself, if it is 1-128 printable characters of a small set with no whitespace
+    anywhere (so no name looks like another); refused naming only a short prefix of it."""
+    if not _DATASET_NAME.fullmatch(name):
         raise InvalidArgument(
-            f"dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"dataset name {shown(name)}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -239,9 +244,57 @@ class Store:
                 doc = self.backend.read_json(f"spaces/{space_id}/space.json")
                 self._spaces[space_id] = CaptureSpace.from_json(doc)
             space = self._spaces[space_id]
-            for segment_id in self.backend.list_dir(segments_dir(space_id)):
-                if segment_id not in self._segments:
-                    self._add_segment(space, segment_id)
+            with self._lock:  # known before the listing, so published before it
+                known = {s for s, r in self._segments.items() if r.space.space_id == space_id}
+            listed = self.backend.list_dir(segments_dir(space_id))
+            withdrawn = self._forget_withdrawn(space_id, known, listed)
+            for segment_id in listed:
+                if segment_id not in self._segments and segment_id not in withdrawn:
+                    try:
+                        self._add_segment(space, segment_id)
+                    except Exception:  # collected since the listing: nothing to index
+                        if self.backend.exists(f"{segments_dir(space_id)}/{segment_id}"):
+                            raise
+
+    def _forget_withdrawn(self, space_id: str, known: set[str], listed: list[str]) -> set[str]:
+        """Forget the ``known`` segments that gc collected or condemned (see ``store.gc``);
+        returns the condemned ones, which are not to be indexed again."""
+        withdrawn = condemned_segments(self.backend, space_id)
+        self.forget_segments(known - (set(listed) - withdrawn))
+        return withdrawn
+
+    def forget_segments(self, segment_ids: Iterable[str]) -> int:
+        """Stop answering from these segments (collected, or about to be): their keys point at
+        another sealed copy if this handle knows one, else they are absent. Returns how many."""
+        with self._lock:
+            dropped = [self._segments.pop(s) for s in list(segment_ids) if s in self._segments]
+            self.generation += bool(dropped)
+            orphans: list[bytes] = []
+            for reader in dropped:
+                blob = reader.keys.tobytes()
+                for i in range(len(reader)):
+                    key = blob[i * KEY_BYTES : (i + 1) * KEY_BYTES]
+                    held = self._index.get(key)
+                    if held is not None and held.segment is reader:
+                        del self._index[key]
+                        orphans.append(key)
+                counts = self._counts[reader.space.space_id]
+                counts[0] -= 1
+                counts[1] -= len(reader)
+                counts[2] -= reader.positions
+                if reader in self._unsized:
+                    self._unsized.remove(reader)
+                else:
+                    counts[3] -= reader.stored_bytes
+            if orphans:  # rare (two sealed copies of a key): one vectorised look over the rest
+                for reader, i in other_copies(list(self._segments.values()), orphans):
+                    key = bytes(reader.keys[i])
+                    held = self._index.get(key)
+                    if held is None or reader.segment_id < held.segment.segment_id:
+                        self._index[key] = Location(reader, i)
+            if dropped:
+                self.generation += 1
+            return len(dropped)
 
     def _add_segment(self, space: CaptureSpace, segment_id: str) -> None:
         reader = SegmentReader(self.backend, space, segment_id)
@@ -345,11 +398,10 @@ class Store:
         self._add_segment(space, segment_id)
         return segment_id
 
-    def clean_unsealed(self, *, older_than_s: float = 24 * 3600) -> int:
-        """Remove unsealed segments whose writer is gone (dead local process, or too old)."""
+    def clean_unsealed(self) -> int:
+        """Remove unsealed segments whose writer is provably gone (``liveness.writer_gone``)."""
         self._require_writable()
         removed = 0
-        host = socket.gethostname()
         for space_id in self.backend.list_dir("spaces"):
             base = unsealed_dir(space_id)
             for segment_id in self.backend.list_dir(base):
@@ -362,9 +414,7 @@ class Store:
                     started = float(writer.get("started", self.backend.modified_at(rel)))
                 except NotFound:
                     continue  # published or removed meanwhile
-                same_host = writer.get("host") == host
-                dead = same_host and not _process_alive(int(writer.get("pid", -1)))
-                if dead or time.time() - started > older_than_s:
+                if writer_gone(writer, time.time() - started):
                     self.backend.remove_tree(rel)
                     removed += 1
         for tmp in self.backend.list_dir("datasets/.unsealed"):
@@ -430,24 +480,52 @@ class Store:
         if not self.backend.publish(staging, f"datasets/{name}"):
             raise AlreadyExists(f"dataset {name!r} already exists in store {self.url}")
         self.generation += 1
+        self._forget_reused_withdrawn(space, keys)
         return self.dataset(name)
 
+    def _forget_reused_withdrawn(self, space: CaptureSpace, keys: list[bytes]) -> None:
+        """The writer's half of gc's handshake (``store.gc``), run after the key list is
+        published: copies in segments gc has marked or collected are not counted on, so the
+        dataset's writer computes those records again instead of reusing them."""
+        with self._lock:  # taken before the listings, so every segment was published before them
+            held = {k: loc for k in keys if (loc := self._index.get(k)) is not None}
+        marked = withdrawn_segments(self.backend, space.space_id)
+        listed = set(self.backend.list_dir(segments_dir(space.space_id)))
+        with self._lock:
+            self.forget_segments({loc.segment.segment_id for loc in held.values()} - listed)
+            for key, loc in held.items():
+                if loc.segment.segment_id in marked and self._index.get(key) is loc:
+                    del self._index[key]
+                    self.generation += 1
+
     def mark_complete(self, name: str) -> None:
+        self.mark_state(name, "complete")
+
+    def mark_state(self, name: str, state: str) -> None:
+        """``building``, ``complete``, or ``partial``: ended with records missing (see
+        ``server.dataset_lifecycle``)."""
         self._require_writable()
         rel = f"datasets/{validate_dataset_name(name)}/dataset.json"
         if not self.backend.exists(rel):
             raise NotFound(f"dataset {name!r} is not in store {self.url}")
         manifest = self.backend.read_json(rel)
-        manifest["state"] = "complete"
-        manifest["completed_at"] = time.time()
+        manifest["state"] = state
+        manifest["completed_at"] = None if state == "building" else time.time()
         self.backend.write_json(rel, manifest)
         self.generation += 1
 
     def delete_dataset(self, name: str) -> None:
-        """Remove a dataset's key list; records stay (other datasets may share them)."""
+        """Remove a dataset's manifest and key list; records stay (other datasets may share
+        them; ``gc`` collects the unreferenced). Moved aside first, so that a reader finds the
+        whole dataset or none of it."""
         self._require_writable()
-        self.backend.remove_tree(f"datasets/{validate_dataset_name(name)}")
-        self.generation += 1
+        rel = f"datasets/{validate_dataset_name(name)}"
+        if not self.backend.exists(rel):
+            raise NotFound(f"dataset {name!r} is not in store {self.url}")
+        trash = f"datasets/.unsealed/deleted-{uuid.uuid4().hex}"
+        if self.backend.publish(rel, trash):
+            self.generation += 1
+            self.backend.remove_tree(trash)
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -467,22 +545,10 @@ def _key_bytes(key: bytes | str) -> bytes:
     return raw
 
 
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def open_store(url: str, *, writable: bool = False) -> Store:
     """Open a store by URL. Read-only unless ``writable``; a writable open creates the store."""
     backend = backend_for_url(url, create=writable)
-    marker = "logitcache-store.json"
+    marker = STORE_MARKER
     if backend.exists(marker):
         fmt = backend.read_json(marker).get("format")
         if fmt != STORE_FORMAT:
