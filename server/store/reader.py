@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from logitcache.client.codecs import codec_for
+from logitcache.client.errors import Unavailable
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.server.store.backend import StoreBackend
@@ -73,7 +74,18 @@ class SegmentReader:
     def load(self) -> dict[str, np.ndarray]:
         """Every encoded array of the segment (``input_ids`` and the codec's), read whole."""
         names = ("input_ids", *(f.name for f in self._fields))
-        return {name: self._read(name) for name in names}
+        arrays = {name: self._read(name) for name in names}
+        self._check_present()
+        return arrays
+
+    def _check_present(self) -> None:
+        """zarr reads the chunks of a removed segment as zeros, not as an error: after a read,
+        make sure the segment was still there (gc and retention remove unreferenced ones)."""
+        if not self._backend.exists(self.rel):
+            raise Unavailable(
+                f"segment {self.segment_id} was collected while it was read (it held no "
+                "dataset's records); retry: the store's index drops it at its next refresh"
+            )
 
     def span(self, i: int) -> tuple[int, int, int, int]:
         """Record ``i``'s positions and entries: (start, stop, entry start, entry stop)."""
@@ -92,6 +104,7 @@ class SegmentReader:
             for f in self._fields
         }
         input_ids = self._read("input_ids", start, stop).astype(np.int32, copy=False)
+        self._check_present()
         return CapturedRecord(bytes(self.keys[i]), input_ids, arrays)
 
     def record(self, i: int) -> Record:

@@ -19,7 +19,7 @@ import pytest
 from test_store import SPACE, dead_pid, synthetic_record
 
 from logitcache.cli import main
-from logitcache.client.errors import FailedPrecondition
+from logitcache.client.errors import FailedPrecondition, Unavailable
 from logitcache.server.store import gc
 from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.store import Store, open_store
@@ -336,3 +336,17 @@ def test_gc_racing_a_reader_and_a_writer_loses_no_referenced_record(tmp_path: Pa
     for name in fresh.datasets():
         assert readable(url, name), name
     assert not any(u.unreferenced for u in gc.segment_uses(fresh))
+
+
+def test_a_segment_collected_under_an_open_reader_is_an_error_not_zeros(tmp_path):
+    """zarr reads a removed segment's chunks as zeros; the reader must say it is gone."""
+    store = open_store(str(tmp_path), writable=True)
+    recs = records(1, 2)
+    segment = store.write_segment(SPACE, recs)
+    reader = SegmentReader(store.backend, SPACE, segment)
+    assert bytes(reader.encoded(0).key) == recs[0].key
+    store.backend.unpublish(reader.rel)
+    with pytest.raises(Unavailable, match="collected"):
+        reader.load()
+    with pytest.raises(Unavailable, match="collected"):
+        reader.encoded(1)
