@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from logitcache.client.errors import FailedPrecondition
-from logitcache.client.options import add_server_options
+from logitcache.client.options import add_server_options, client_arguments
 
 STORE_URL = "a directory path or file:// URL"
 
@@ -61,7 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from logitcache.client.client import Client
 
-    return Client(args.server, timeout=args.timeout)
+    return Client(args.server, **client_arguments(args))
 
 
 def _open(args: argparse.Namespace) -> Any:
