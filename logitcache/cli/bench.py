@@ -64,8 +64,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--modes",
         default="de",
-        help="which of the extra cache modes to run: d (adaptive top-p), e (sampled); "
-        "'' for none (default: de)",
+        help="which of the extra runs to do: d (adaptive top-p cache), e (sampled cache), "
+        "l (the top-k loss on full logits, next to (c)'s fused one); '' for none (default: de)",
     )
     p.add_argument(
         "--loss",
@@ -101,6 +101,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--student-hidden", type=int, default=64, help="student hidden size (default: 64)"
     )
     p.add_argument("--student-layers", type=int, default=2, help="student layers (default: 2)")
+    p.add_argument(
+        "--student-vocab",
+        type=int,
+        default=None,
+        help="student output layer size, padded beyond the teacher's vocabulary, e.g. 65536 "
+        "for a large-vocabulary student where the fused losses matter (default: the teacher's)",
+    )
     p.add_argument(
         "--threads",
         type=int,
