@@ -1,18 +1,27 @@
-"""Reading sequences to capture from JSONL or Parquet, with every problem traced to file and line.
+"""Reading sequences to capture from JSONL or Parquet shards, with every problem traced to its row.
 
-Input rows carry either ``text`` (tokenised with the teacher's tokenizer, special tokens added the
-way the tokenizer adds them) or ``input_ids``. The whole file is checked before anything is
-written, so a bad row never leaves a partial dataset behind.
+Input rows carry either a text field (``text`` by default; tokenised with the teacher's tokenizer,
+special tokens added the way the tokenizer adds them) or a token-id field (``input_ids``). Every
+row is checked before anything is written, so a bad row never leaves a partial dataset behind.
 
-The input is a file path, an object in a store (a job's uploaded input, read through the
-store's backend) or an open binary stream; it is Parquet when its name ends in ``.parquet``.
+The input is a file path, a directory of shards, a glob, an object in a store (a job's uploaded
+input, read through the store's backend) or an open binary stream; a shard is Parquet when its
+name ends in ``.parquet``. Shards are read in name order, so the same shard set always gives the
+same sequences (and the same dataset keys): resume and idempotence do not depend on how the file
+system lists them.
+
+Reading is a stream: JSONL in blocks of lines, Parquet in row batches, and rows are tokenised and
+checked ``BLOCK_ROWS`` at a time, so the raw input is never in memory whole. What is kept is the
+checked token ids (4 bytes a token), which the dataset's key list needs up front.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +33,8 @@ from logitcache.client.errors import InvalidArgument, NotFound
 from logitcache.server.store.backend import StoredObject
 
 OVERFLOW_POLICIES = ("error", "truncate", "split")
+SHARD_SUFFIXES = (".jsonl", ".parquet")
+BLOCK_ROWS = 1024  # rows tokenised and checked together: one tokenizer call, bounded memory
 InputSource = str | Path | StoredObject | BinaryIO
 
 
@@ -48,10 +59,48 @@ def open_input(source: InputSource) -> AbstractContextManager[BinaryIO]:
     return nullcontext(source)
 
 
+def input_shards(source: InputSource) -> list[InputSource]:
+    """The shards of an input in reading order: a directory's ``.jsonl`` and ``.parquet`` files
+    (recursively, skipping names that start with ``.`` or ``_`` such as ``_SUCCESS``) or a glob's
+    matches, sorted by name; any other input is its own single shard."""
+    if not isinstance(source, str | Path):
+        return [source]
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        shards = sorted(
+            (p for p in path.rglob("*") if p.is_file() and _is_shard(p.relative_to(path))),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not shards:
+            raise NotFound(f"input directory {str(source)!r} holds no .jsonl or .parquet shards")
+        return list(shards)
+    if glob.has_magic(str(source)):
+        matches = sorted(m for m in glob.glob(str(source), recursive=True) if Path(m).is_file())
+        if not matches:
+            raise NotFound(f"no input file matches {str(source)!r}")
+        return [Path(m) for m in matches]
+    return [path]  # missing: open_input names it
+
+
+def describe_input(source: InputSource) -> dict:
+    """The input's provenance: its name, sha256, and every shard's name, size and sha256.
+
+    One shard's sha256 is the file's own; several shards' is the sha256 of their digests in
+    reading order, so it names the content whatever the shards are called."""
+    shards = [_digest(shard) for shard in input_shards(source)]
+    if len(shards) == 1:
+        sha256 = shards[0]["sha256"]
+    else:
+        sha256 = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    return {"path": source_name(source), "sha256": sha256, "shards": shards}
+
+
 @dataclass(frozen=True)
 class InputSequence:
     input_ids: np.ndarray  # int32 [T]
-    source: str  # "file:line" of the row it came from
+    source: str  # "file:line" or "file:row N" of the row it came from
 
 
 @dataclass
@@ -70,6 +119,9 @@ class _RowError(Exception):
         self.category = category
 
 
+Row = tuple[str, object]  # (where, the parsed row or the _RowError it raised)
+
+
 def load_sequences(
     source: InputSource,
     *,
@@ -78,67 +130,134 @@ def load_sequences(
     tokenize: Callable[[list[str]], list[list[int]]],
     overflow: str = "error",
     skip_invalid: bool = False,
+    text_field: str = "text",
+    ids_field: str = "input_ids",
 ) -> InputReport:
-    """Read, tokenise and check every row; raise InvalidArgument naming the first bad one.
+    """Read, tokenise and check every row of every shard; InvalidArgument names the first bad one.
 
     ``overflow`` decides what happens to a sequence longer than ``max_len``: ``error``, keep the
     first ``max_len`` tokens (``truncate``), or cut it into consecutive pieces (``split``).
-    ``skip_invalid`` skips bad rows instead of failing, counting them by reason.
+    ``skip_invalid`` skips bad rows instead of failing, counting them by reason. ``text_field``
+    and ``ids_field`` name the columns (a row with both uses the ids).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise InvalidArgument(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
-    name = source_name(source)
-    report = InputReport()
-    texts: list[tuple[str, str]] = []  # (source, text), tokenised in one batch
-    id_rows: list[tuple[str, object]] = []
-    with open_input(source) as stream:
-        rows: Iterable[tuple[str, object]] = (
-            _parquet_rows(stream, name)
-            if name.endswith(".parquet")
-            else _jsonl_rows(stream, name, report, skip_invalid)
-        )
-        for where, row in rows:
-            try:
-                kind, value = _field_of(row)
-            except _RowError as e:
-                _fail_or_skip(report, skip_invalid, where, e.category, str(e))
-                continue
-            if kind == "text":
-                texts.append((where, str(value)))
-            else:
-                id_rows.append((where, value))
+    reader = _Reader(vocab_size, max_len, tokenize, overflow, skip_invalid, text_field, ids_field)
+    block: list[Row] = []
+    for shard in input_shards(source):
+        name = source_name(shard)
+        with open_input(shard) as stream:
+            rows = (
+                reader.parquet_rows(stream, name)
+                if name.endswith(".parquet")
+                else _jsonl_rows(stream, name)
+            )
+            for row in rows:
+                block.append(row)
+                if len(block) == BLOCK_ROWS:
+                    reader.check(block)
+                    block = []
+    reader.check(block)
+    if not reader.report.sequences:
+        raise InvalidArgument(f"{source_name(source)}: no usable sequences")
+    return reader.report
 
-    tokenized = tokenize([t for _, t in texts]) if texts else []
-    candidates = [(s, ids) for (s, _), ids in zip(texts, tokenized, strict=True)] + id_rows
-    candidates.sort(key=lambda c: _source_order(c[0]))
-    for source, raw in candidates:
+
+@dataclass
+class _Reader:
+    """Checks blocks of rows in order, collecting the usable sequences in ``report``."""
+
+    vocab_size: int
+    max_len: int
+    tokenize: Callable[[list[str]], list[list[int]]]
+    overflow: str
+    skip_invalid: bool
+    text_field: str
+    ids_field: str
+    report: InputReport = field(default_factory=InputReport)
+
+    def check(self, block: list[Row]) -> None:
+        """Tokenise the block's texts in one call, then check its rows in order."""
+        fields: list[tuple[str, object] | _RowError] = []
+        for _, row in block:
+            try:
+                fields.append(self._field_of(row))
+            except _RowError as e:
+                fields.append(e)
+        texts = [str(f[1]) for f in fields if isinstance(f, tuple) and f[0] == "text"]
+        tokenized = iter(self.tokenize(texts) if texts else [])
+        for (where, _), found in zip(block, fields, strict=True):
+            try:
+                if isinstance(found, _RowError):
+                    raise found
+                raw = next(tokenized) if found[0] == "text" else found[1]
+                self._accept(where, _check_ids(raw, self.vocab_size))
+            except _RowError as e:
+                self._fail_or_skip(where, e.category, str(e))
+
+    def parquet_rows(self, stream: BinaryIO, name: str) -> Iterator[Row]:
+        """The rows of a Parquet shard, read one row batch at a time (only the column used)."""
+        import pyarrow.parquet as pq
+
         try:
-            ids = _check_ids(raw, vocab_size)
-        except _RowError as e:
-            _fail_or_skip(report, skip_invalid, source, e.category, str(e))
-            continue
+            parquet = pq.ParquetFile(stream)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise InvalidArgument(f"{name}: not a readable Parquet file ({e})") from None
+        names = parquet.schema_arrow.names
+        column = next((c for c in (self.ids_field, self.text_field) if c in names), None)
+        if column is None:
+            raise InvalidArgument(
+                f"{name}: needs a {self.text_field!r} or {self.ids_field!r} column, has {names}"
+            )
+        number = 0
+        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield f"{name}:row {number}", {column: value}
+
+    def _field_of(self, row: object) -> tuple[str, object]:
+        if isinstance(row, _RowError):
+            raise row
+        wanted = f"{self.text_field!r} or {self.ids_field!r}"
+        if not isinstance(row, dict):
+            raise _RowError("not an object", f"each row must be a JSON object with {wanted}")
+        if self.ids_field in row:
+            return "input_ids", row[self.ids_field]
+        if self.text_field in row:
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise _RowError("bad text", f"{self.text_field!r} must be a string")
+            if not text.strip():
+                raise _RowError("empty text", "empty text")
+            return "text", text
+        raise _RowError("missing field", f"missing field {wanted} (found {sorted(row)[:5]})")
+
+    def _accept(self, where: str, ids: np.ndarray) -> None:
+        report, max_len = self.report, self.max_len
         if len(ids) <= max_len:
-            report.sequences.append(InputSequence(ids, source))
-        elif overflow == "truncate":
+            report.sequences.append(InputSequence(ids, where))
+        elif self.overflow == "truncate":
             report.truncated += 1
-            report.sequences.append(InputSequence(ids[:max_len], source))
-        elif overflow == "split":
+            report.sequences.append(InputSequence(ids[:max_len], where))
+        elif self.overflow == "split":
             report.split += 1
             for start in range(0, len(ids), max_len):
-                report.sequences.append(InputSequence(ids[start : start + max_len], source))
+                report.sequences.append(InputSequence(ids[start : start + max_len], where))
         else:
-            _fail_or_skip(
-                report,
-                skip_invalid,
-                source,
+            self._fail_or_skip(
+                where,
                 "too long",
                 f"sequence of {len(ids)} tokens exceeds the maximum of {max_len} "
                 "(use overflow truncate or overflow split, or a larger max_len)",
                 fields=("overflow", "max_len"),
             )
-    if not report.sequences:
-        raise InvalidArgument(f"{name}: no usable sequences")
-    return report
+
+    def _fail_or_skip(
+        self, where: str, category: str, reason: str, fields: tuple[str, ...] = ()
+    ) -> None:
+        if not self.skip_invalid:
+            raise InvalidArgument(f"{where}: {reason}", fields=fields)
+        self.report.skipped[category] += 1
 
 
 def _lines(stream: BinaryIO) -> Iterator[bytes]:
@@ -152,59 +271,21 @@ def _lines(stream: BinaryIO) -> Iterator[bytes]:
         yield from block
 
 
-def _jsonl_rows(
-    stream: BinaryIO, name: str, report: InputReport, skip_invalid: bool
-) -> Iterator[tuple[str, object]]:
+def _jsonl_rows(stream: BinaryIO, name: str) -> Iterator[Row]:
+    """The parsed rows of a JSONL shard; a line that does not parse yields its _RowError."""
     for number, raw_line in enumerate(_lines(stream), start=1):
         where = f"{name}:{number}"
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError:
-            _fail_or_skip(report, skip_invalid, where, "malformed JSON", "not valid UTF-8")
+            yield where, _RowError("malformed JSON", "not valid UTF-8")
             continue
         if not line.strip():
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
-            _fail_or_skip(
-                report, skip_invalid, where, "malformed JSON", f"malformed JSON ({e.msg})"
-            )
-
-
-def _parquet_rows(stream: BinaryIO, name: str) -> list[tuple[str, object]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(stream)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise InvalidArgument(f"{name}: not a readable Parquet file ({e})") from None
-    column = next((c for c in ("input_ids", "text") if c in table.column_names), None)
-    if column is None:
-        raise InvalidArgument(
-            f"{name}: needs a 'text' or 'input_ids' column, has {table.column_names}"
-        )
-    values = table.column(column).to_pylist()
-    return [(f"{name}:row {n}", {column: v}) for n, v in enumerate(values, start=1)]
-
-
-def _field_of(row: object) -> tuple[str, object]:
-    if not isinstance(row, dict):
-        raise _RowError(
-            "not an object", "each row must be a JSON object with 'text' or 'input_ids'"
-        )
-    if "input_ids" in row:
-        return "input_ids", row["input_ids"]
-    if "text" in row:
-        text = row["text"]
-        if not isinstance(text, str):
-            raise _RowError("bad text", "'text' must be a string")
-        if not text.strip():
-            raise _RowError("empty text", "empty text")
-        return "text", text
-    raise _RowError(
-        "missing field", f"missing field 'text' or 'input_ids' (found {sorted(row)[:5]})"
-    )
+            yield where, _RowError("malformed JSON", f"malformed JSON ({e.msg})")
 
 
 def _check_ids(raw: object, vocab_size: int) -> np.ndarray:
@@ -226,18 +307,15 @@ def _check_ids(raw: object, vocab_size: int) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _fail_or_skip(
-    report: InputReport,
-    skip_invalid: bool,
-    source: str,
-    category: str,
-    reason: str,
-    fields: tuple[str, ...] = (),
-) -> None:
-    if not skip_invalid:
-        raise InvalidArgument(f"{source}: {reason}", fields=fields)
-    report.skipped[category] += 1
+def _is_shard(relative: Path) -> bool:
+    hidden = any(part.startswith((".", "_")) for part in relative.parts)
+    return relative.suffix in SHARD_SUFFIXES and not hidden
 
 
-def _source_order(source: str) -> int:
-    return int(source.rsplit(":", 1)[1].removeprefix("row "))
+def _digest(shard: InputSource) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open_input(shard) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"path": source_name(shard), "size": size, "sha256": h.hexdigest()}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +30,7 @@ from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, stored_rows
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
-from logitcache.server.inputs import (
-    InputReport,
-    InputSource,
-    load_sequences,
-    open_input,
-    source_name,
-)
+from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences
 from logitcache.server.leases import dataset_lease, holding, leases_for
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
@@ -49,7 +42,7 @@ DEFAULT_SEGMENT_POSITIONS = 1 << 16
 @dataclass(frozen=True)
 class PrecomputeRequest:
     teacher: str
-    data: InputSource  # a file, or an object in the store (a job's uploaded input)
+    data: InputSource  # a file, directory or glob of shards, or a store object (a job's input)
     out: str
     dataset: str
     top_k: int  # k for top-k, the most entries for top_p, draws for sampled
@@ -64,6 +57,8 @@ class PrecomputeRequest:
     mode: CaptureMode = CaptureMode.TOPK  # a mode's string works too; see engine.capture
     top_p: float | None = None
     codec: str | None = None
+    text_field: str = "text"
+    ids_field: str = "input_ids"
 
     @property
     def capture(self) -> CaptureConfig:
@@ -102,6 +97,8 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
         tokenize=_tokenizer_of(info),
         overflow=req.overflow,
         skip_invalid=req.skip_invalid,
+        text_field=req.text_field,
+        ids_field=req.ids_field,
     )
 
 
@@ -396,11 +393,16 @@ def _engine_options(req: PrecomputeRequest) -> EngineOptions:
 
 
 def _tokenizer_of(info: TeacherInfo) -> Callable[[list[str]], list[list[int]]]:
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        from transformers import AutoTokenizer
+    """Tokenise with the teacher's tokenizer, loaded once on first use: the input reader calls
+    this once per block of rows."""
+    loaded: list = []
 
-        tokenizer = AutoTokenizer.from_pretrained(str(info.path))
-        return tokenizer(texts, add_special_tokens=True)["input_ids"]
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        if not loaded:
+            from transformers import AutoTokenizer
+
+            loaded.append(AutoTokenizer.from_pretrained(str(info.path)))
+        return loaded[0](texts, add_special_tokens=True)["input_ids"]
 
     return tokenize
 
@@ -417,8 +419,9 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
         "policy_decision": None,
         "requester": getpass.getuser(),
         "source": {
-            "path": source_name(req.data),
-            "sha256": _sha256(req.data),
+            **describe_input(req.data),  # path, sha256 and each shard's path, size and sha256
+            "text_field": req.text_field,
+            "ids_field": req.ids_field,
             "skipped_rows": dict(report.skipped),
             "truncated_rows": report.truncated,
             "split_rows": report.split,
@@ -432,14 +435,6 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
             "tool": "logitcache precompute",
         },
     }
-
-
-def _sha256(source: InputSource) -> str:
-    h = hashlib.sha256()
-    with open_input(source) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _result(req, store, report, computed, computed_positions, written, seconds) -> PrecomputeResult:

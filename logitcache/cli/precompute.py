@@ -29,13 +29,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "Run the teacher over every sequence of a JSONL or Parquet file and store the top-k "
             'distribution at every position. Rows hold {"text": ...} (tokenised with the '
             'teacher\'s tokenizer, special tokens included) or {"input_ids": [...]}; Parquet '
-            "files need a 'text' or 'input_ids' column. The whole file is checked first; a bad row "
-            "stops the run with file:line and nothing written (or is skipped with --skip-invalid). "
+            "files need a 'text' or 'input_ids' column (--text-field, --ids-field choose others). "
+            "Every shard is checked first; a bad row stops the run with file:line (or "
+            "shard:row N) and nothing written (or is skipped with --skip-invalid). "
             "Interrupted runs resume: rerun the same command."
         ),
     )
     p.add_argument("--teacher", required=True, help="teacher model directory or Hugging Face id")
-    p.add_argument("--data", required=True, type=Path, help="input .jsonl or .parquet file")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="input: a .jsonl or .parquet file, a directory of such shards, or a glob (quote it); "
+        "shards are read in name order, as a stream",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="the column of texts to tokenise (default: text)"
+    )
+    p.add_argument(
+        "--ids-field",
+        default="input_ids",
+        help="the column of token ids, used before --text-field (default: input_ids)",
+    )
     p.add_argument("--out", required=True, help=f"the store to write ({STORE_URL})")
     add_dataset_options(p, license_default="the model card's 'license:'")
     add_capture_options(p)
@@ -100,6 +115,8 @@ def _precompute(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         overflow=args.overflow,
         skip_invalid=args.skip_invalid,
+        text_field=args.text_field,
+        ids_field=args.ids_field,
         segment_positions=args.segment_positions,
         max_in_flight=args.max_in_flight,
         license=args.license,
