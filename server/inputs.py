@@ -11,8 +11,10 @@ same sequences (and the same dataset keys): resume and idempotence do not depend
 system lists them.
 
 Reading is a stream: JSONL in blocks of lines, Parquet in row batches, and rows are tokenised and
-checked ``BLOCK_ROWS`` at a time, so the raw input is never in memory whole. What is kept is the
-checked token ids (4 bytes a token), which the dataset's key list needs up front.
+checked ``BLOCK_ROWS`` at a time, so the raw input is never in memory whole. The checked token ids
+are spooled to an unlinked temporary file (in ``TMPDIR``) and mapped back read-only
+(``SpooledSequences``): the dataset's key list needs every sequence up front, and this way memory
+holds only a small index per sequence, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import mmap
+import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -35,6 +40,7 @@ from logitcache.server.store.backend import StoredObject
 OVERFLOW_POLICIES = ("error", "truncate", "split")
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 BLOCK_ROWS = 1024  # rows tokenised and checked together: one tokenizer call, bounded memory
+SPOOL_TOKENS = 1 << 20  # checked token ids buffered in memory before they go to the spool file
 InputSource = str | Path | StoredObject | BinaryIO
 
 
@@ -103,9 +109,83 @@ class InputSequence:
     source: str  # "file:line" or "file:row N" of the row it came from
 
 
+class Where(NamedTuple):
+    """Where a row is: ``prefix`` ("file:" or "file:row ") and its 1-based number."""
+
+    prefix: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.prefix}{self.number}"
+
+
+class SpooledSequences:
+    """The checked sequences in input order, their token ids spooled to disk.
+
+    ``add`` buffers ids and appends them to an unlinked temporary file every ``SPOOL_TOKENS``
+    tokens; ``seal`` maps the file back read-only. Memory then holds an index per sequence (its
+    start, length and source), not its tokens; the returned ``input_ids`` are read-only views.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="logitcache-input-")
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self._ends = array("q")  # where each sequence's tokens end in the spool
+        self._prefixes: dict[str, int] = {}  # a shard's "file:" or "file:row " -> its index
+        self._names: list[str] = []  # the prefixes by index
+        self._prefix_of = array("I")  # each sequence's prefix index and row number
+        self._number_of = array("q")
+        self._tokens: np.ndarray | None = None
+
+    def add(self, ids: np.ndarray, where: Where) -> None:
+        if self._tokens is not None:
+            raise RuntimeError("sequences are sealed")
+        self._pending.append(ids)
+        self._pending_tokens += len(ids)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(ids))
+        if where.prefix not in self._prefixes:
+            self._prefixes[where.prefix] = len(self._names)
+            self._names.append(where.prefix)
+        self._prefix_of.append(self._prefixes[where.prefix])
+        self._number_of.append(where.number)
+        if self._pending_tokens >= SPOOL_TOKENS:
+            self._flush()
+
+    def seal(self) -> None:
+        """Map the spooled tokens back; no more ``add``."""
+        self._flush()
+        self._file.flush()
+        if self._ends:
+            mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._tokens = np.frombuffer(mapped, dtype=np.int32)
+        else:
+            self._tokens = np.empty(0, dtype=np.int32)
+        self._file.close()  # the mapping keeps the (unlinked) file's pages
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> InputSequence:
+        if self._tokens is None:
+            raise RuntimeError("sequences are not sealed yet")
+        index = range(len(self._ends))[index]  # negative indexes, IndexError
+        start = self._ends[index - 1] if index else 0
+        source = f"{self._names[self._prefix_of[index]]}{self._number_of[index]}"
+        return InputSequence(self._tokens[start : self._ends[index]], source)
+
+    def __iter__(self) -> Iterator[InputSequence]:
+        return (self[i] for i in range(len(self)))
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._file.write(np.concatenate(self._pending).astype("<i4", copy=False).tobytes())
+            self._pending, self._pending_tokens = [], 0
+
+
 @dataclass
 class InputReport:
-    sequences: list[InputSequence] = field(default_factory=list)
+    sequences: SpooledSequences = field(default_factory=SpooledSequences)
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
     truncated: int = 0
     split: int = 0
@@ -119,7 +199,7 @@ class _RowError(Exception):
         self.category = category
 
 
-Row = tuple[str, object]  # (where, the parsed row or the _RowError it raised)
+Row = tuple[Where, object]  # (where, the parsed row or the _RowError it raised)
 
 
 def load_sequences(
@@ -158,6 +238,7 @@ def load_sequences(
                     reader.check(block)
                     block = []
     reader.check(block)
+    reader.report.sequences.seal()
     if not reader.report.sequences:
         raise InvalidArgument(f"{source_name(source)}: no usable sequences")
     return reader.report
@@ -213,7 +294,7 @@ class _Reader:
         for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=[column]):
             for value in batch.column(0).to_pylist():
                 number += 1
-                yield f"{name}:row {number}", {column: value}
+                yield Where(f"{name}:row ", number), {column: value}
 
     def _field_of(self, row: object) -> tuple[str, object]:
         if isinstance(row, _RowError):
@@ -232,17 +313,17 @@ class _Reader:
             return "text", text
         raise _RowError("missing field", f"missing field {wanted} (found {sorted(row)[:5]})")
 
-    def _accept(self, where: str, ids: np.ndarray) -> None:
+    def _accept(self, where: Where, ids: np.ndarray) -> None:
         report, max_len = self.report, self.max_len
         if len(ids) <= max_len:
-            report.sequences.append(InputSequence(ids, where))
+            report.sequences.add(ids, where)
         elif self.overflow == "truncate":
             report.truncated += 1
-            report.sequences.append(InputSequence(ids[:max_len], where))
+            report.sequences.add(ids[:max_len], where)
         elif self.overflow == "split":
             report.split += 1
             for start in range(0, len(ids), max_len):
-                report.sequences.append(InputSequence(ids[start : start + max_len], where))
+                report.sequences.add(ids[start : start + max_len], where)
         else:
             self._fail_or_skip(
                 where,
@@ -253,7 +334,7 @@ class _Reader:
             )
 
     def _fail_or_skip(
-        self, where: str, category: str, reason: str, fields: tuple[str, ...] = ()
+        self, where: Where, category: str, reason: str, fields: tuple[str, ...] = ()
     ) -> None:
         if not self.skip_invalid:
             raise InvalidArgument(f"{where}: {reason}", fields=fields)
@@ -274,7 +355,7 @@ def _lines(stream: BinaryIO) -> Iterator[bytes]:
 def _jsonl_rows(stream: BinaryIO, name: str) -> Iterator[Row]:
     """The parsed rows of a JSONL shard; a line that does not parse yields its _RowError."""
     for number, raw_line in enumerate(_lines(stream), start=1):
-        where = f"{name}:{number}"
+        where = Where(f"{name}:", number)
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError:

@@ -277,3 +277,29 @@ def test_a_sharded_dataset_resumes_under_any_name_of_its_shard_set(
     write_jsonl(root / "c.jsonl", [{"text": "more"}])
     with pytest.raises(AlreadyExists, match="different sequences"):
         asyncio.run(precompute(request(root), engine_factory=factory))
+
+
+def test_checked_sequences_are_spooled_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token ids leave memory every SPOOL_TOKENS tokens and come back as read-only views of the
+    spool, in order, with their sources; the spool file is unlinked (nothing left in TMPDIR)."""
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    monkeypatch.setattr(inputs, "SPOOL_TOKENS", 5)
+    monkeypatch.setattr(inputs.tempfile, "tempdir", str(spool_dir))
+    rows = [{"input_ids": list(range(n % 7 + 1))} for n in range(30)]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    report = load(path, overflow="split", max_len=4)
+
+    want = []
+    for n in range(30):
+        ids = list(range(n % 7 + 1))
+        want += [ids[i : i + 4] for i in range(0, len(ids), 4)]
+    assert ids_of(report) == want
+    assert report.sequences[-1].source == f"{path}:30"
+    assert report.sequences[-1].input_ids.tolist() == want[-1]
+    assert not report.sequences[0].input_ids.flags.writeable
+    assert list(spool_dir.iterdir()) == []
+    with pytest.raises(IndexError):
+        report.sequences[len(want)]
