@@ -303,3 +303,16 @@ def test_checked_sequences_are_spooled_to_disk(
     assert list(spool_dir.iterdir()) == []
     with pytest.raises(IndexError):
         report.sequences[len(want)]
+
+
+def test_precompute_command_takes_the_field_flags() -> None:
+    from logitcache.cli import build_parser
+
+    base = ["precompute", "--teacher", "t", "--data", "corpus/*.parquet", "--out", "s"]
+    base += ["--dataset", "d", "--top-k", "8"]
+    parser = build_parser()
+    defaults = parser.parse_args(base)
+    assert (defaults.text_field, defaults.ids_field) == ("text", "input_ids")
+    chosen = parser.parse_args([*base, "--text-field", "body", "--ids-field", "tokens"])
+    assert (chosen.text_field, chosen.ids_field) == ("body", "tokens")
+    assert str(chosen.data) == "corpus/*.parquet"
