@@ -110,19 +110,24 @@ Every loss here runs through one engine, :class:`_ChunkedLoss`, in the manner of
 fused linear losses. Only the positions that count (KD or CE) are processed, ``chunk_size`` of
 them at a time. For each chunk the engine
 
-1. computes its logits ``z [c, V]``: a slice of the given logits (:func:`distillation_loss`), or
+1. takes the chunk's teacher rows (indexed, cast and masked per chunk: the caller's [N, k]
+   tensors are never copied whole) and turns them into the teacher's side of the divergence
+   (buckets, tempered entries or draw weights) before the chunk's logits exist;
+2. computes its logits ``z [c, V]``: a slice of the given logits (:func:`distillation_loss`), or
    ``hidden[chunk] @ W.T`` (:func:`fused_distillation_loss`), so [N, V] logits never exist;
-2. turns z, in place, into what the loss needs from it: the student's log-probabilities at the
+3. turns z, in place, into what the loss needs from it: the student's log-probabilities at the
    teacher's ids and at the label, and its log-mass outside the teacher's ids (the tail), with
    exact sums of positive terms (no ``1 - Q_k`` cancellation);
-3. evaluates the divergence (a row of :data:`DIVERGENCES`) and the CE term on those [c, k + 2]
+4. evaluates the divergence (a row of :data:`DIVERGENCES`) and the CE term on those [c, k + 2]
    numbers, with autograd on that small graph only;
-4. turns z's buffer, in place, into dL/dz in closed form (one pass: ``softmax(z)`` scaled per
+5. turns z's buffer, in place, into dL/dz in closed form (one pass: ``softmax(z)`` scaled per
    row, plus k + 1 scattered entries), and from it the chunk's gradient of the logits, or of
    ``hidden`` and ``W`` (two matmuls), which is accumulated; then the chunk's buffer is dropped.
 
 ``backward`` only scales the accumulated gradients. So a training step holds one [c, V] buffer
-at a time, the gradient is computed eagerly whenever an input requires grad and grad mode is on,
+at a time (each chunk runs in a call of its own, so its buffers are freed before the next
+chunk's are made) and, beside it, a few [c, k] tensors; the teacher's side costs memory in k,
+not V. The gradient is computed eagerly whenever an input requires grad and grad mode is on,
 and the loss is differentiable once (no double backward). With ``W`` in half precision its
 gradient is accumulated in fp32 and cast at the end. A chunk's cost is a few passes over its
 [c, V] buffer, the same as a cross-entropy's (:func:`fused_cross_entropy` is this engine with
@@ -213,8 +218,8 @@ def _weighted_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     """Elementwise ``a * (log a - log b)``, exactly 0 where a == 0 and with a zero gradient there."""
     present = log_a > _NEG_INF
     log_a = torch.where(present, log_a, 0.0)
-    log_b = torch.where(present, log_b, 0.0)
-    return torch.where(present, log_a.exp() * (log_a - log_b), 0.0)
+    # One expression: each temporary is freed as soon as the next one is made (a chunk's memory).
+    return torch.where(present, log_a.exp() * (log_a - torch.where(present, log_b, 0.0)), 0.0)
 
 
 # --- the divergences: teacher p, student q as log-probs over the last dim -> one value per row ----
@@ -274,19 +279,15 @@ def _teacher_buckets(lp: Tensor, valid: Tensor, tail: Tensor | None = None) -> T
 # --- the student's side: a chunk's logits to the numbers the losses need, and back ----------------
 
 
-def _write_listed(buf: Tensor, ids: Tensor, listed: Tensor, values: Tensor) -> None:
-    """``buf[r, ids[r, j]] = values[r, j]`` where ``listed``; every other entry stays as it is.
+def _zero_listed(buf: Tensor, ids: Tensor, listed: Tensor) -> None:
+    """``buf[r, ids[r, j]] = 0`` where ``listed``; every other entry stays as it is.
 
-    One ``scatter_`` whatever the collisions: an unlisted slot (padding, the label) may name any
-    column, a listed one included, so it is pointed at its row's first listed column with that
-    column's value, or, in a row with nothing listed, rewrites its own column's current value.
+    A min-reduction with 0 at the listed slots and +inf at the others, so an unlisted slot
+    (padding, the label) that names a listed column, or any column, changes nothing whatever the
+    order of the collisions, and no [c, m] index or gathered copy of ``buf`` is needed.
     """
-    has_listed = listed.any(-1, keepdim=True)
-    first = listed.to(torch.uint8).argmax(-1, keepdim=True)
-    index = torch.where(listed, ids, torch.where(has_listed, ids.gather(1, first), ids))
-    current = buf.gather(1, ids)
-    value = torch.where(listed, values, torch.where(has_listed, values.gather(1, first), current))
-    buf.scatter_(1, index, value)
+    keep = torch.full(ids.shape, math.inf, dtype=buf.dtype, device=buf.device)
+    buf.scatter_reduce_(1, ids, keep.masked_fill_(listed, 0.0), "amin")
 
 
 @dataclass
@@ -296,7 +297,6 @@ class _StudentSide:
     buffer: Tensor  # [c, V] exp(z - max), 0 at the listed ids (the chunk's logits, reused)
     ids: Tensor  # [c, m] the gathered columns
     listed: Tensor  # [c, m] which of them are the teacher's bucket ids
-    exp_ids: Tensor  # [c, m] exp(z - max) at the gathered columns
     total: Tensor  # [c] sum of exp(z - max) over the vocabulary
     outside: Tensor  # [c] ... over the columns not listed
 
@@ -309,28 +309,28 @@ def _student_side(z: Tensor, ids: Tensor, listed: Tensor) -> tuple[_StudentSide,
     """
     top = z.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
-    shifted_ids = z.gather(1, ids) - top
+    shifted_ids = z.gather(1, ids).sub_(top)
     buffer = z.sub_(top).exp_()
     total = buffer.sum(-1)
-    _write_listed(buffer, ids, listed, torch.zeros_like(shifted_ids))
+    _zero_listed(buffer, ids, listed)
     outside = buffer.sum(-1)
     log_total = total.log()
-    side = _StudentSide(buffer, ids, listed, shifted_ids.exp(), total, outside)
-    return side, shifted_ids - log_total.unsqueeze(-1), outside.log() - log_total
+    side = _StudentSide(buffer, ids, listed, total, outside)
+    return side, shifted_ids.sub_(log_total.unsqueeze(-1)), outside.log() - log_total
 
 
-def _student_grad(side: _StudentSide, grad_q: Tensor, grad_tail: Tensor) -> Tensor:
+def _student_grad(side: _StudentSide, log_q: Tensor, grad_q: Tensor, grad_tail: Tensor) -> Tensor:
     """dL/dz [c, V], written into the side's buffer, from dL/d(log q at ids) and dL/d(log tail).
 
     With s = softmax(z), G = sum(grad_q) + grad_tail: dz = scatter(grad_q) - G s
-    + grad_tail * s / q_tail outside the listed ids.
+    + grad_tail * s / q_tail outside the listed ids. The buffer is 0 at the listed ids, so their
+    ``- G s`` (s there is exp(log q)) is added by the same ``scatter_add_`` as ``grad_q``.
     """
-    g = grad_q.sum(-1) + grad_tail
-    per_outside = torch.where(side.outside > 0, grad_tail / side.outside, 0.0) - g / side.total
-    dz = side.buffer.mul_(per_outside.unsqueeze(-1))
-    listed_value = -(g / side.total).unsqueeze(-1) * side.exp_ids
-    _write_listed(dz, side.ids, side.listed, listed_value)
-    return dz.scatter_add_(1, side.ids, grad_q)
+    g = (grad_q.sum(-1) + grad_tail).unsqueeze(-1)
+    per_outside = torch.where(side.outside > 0, grad_tail / side.outside, 0.0)
+    dz = side.buffer.mul_(per_outside.unsqueeze(-1) - g / side.total.unsqueeze(-1))
+    at_ids = log_q.detach().exp().mul_(g).neg_().masked_fill_(~side.listed, 0.0).add_(grad_q)
+    return dz.scatter_add_(1, side.ids, at_ids)
 
 
 # --- what each position is scored against -----------------------------------------------------------
@@ -355,69 +355,104 @@ def item_counts(targets: TeacherTargets, ignore_index: int = IGNORE_INDEX) -> It
     return ItemCounts(kd, ce)
 
 
+class _Chunk(NamedTuple):
+    """A chunk's rows of a :class:`_Plan`, gathered once: everything its loss reads.
+
+    The teacher's side is final here (buckets, tempered, or draw weights), computed before the
+    chunk's [c, V] logits exist, and the raw rows it came from are already dropped.
+    """
+
+    idx: Tensor  # [c] the rows
+    columns: Tensor  # [c, m] int64 in [0, V): the teacher's ids (padding clamped), then the label
+    listed: Tensor  # [c, m] which columns are the teacher's bucket ids
+    valid: Tensor | None  # [c, k] the entries holding teacher mass (drawn ones for sampled rows)
+    teacher: Tensor | None  # log p: [c, k + 1] buckets (T = 1), [c, k] tempered (T != 1), or
+    #                         [c, k] at the draws, 0 elsewhere (sampled); None: no KD
+    draws: Tensor | None  # [c, k] c_j / U, sampled rows only
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """The targets flattened to N rows, checked, and weighted; scores one chunk at a time."""
+    """The targets flattened to N rows, checked, and weighted; scores one chunk at a time.
 
-    ids: Tensor  # [N, k] int64 in [0, V) (padding clamped)
-    logprobs: Tensor  # [N, k] -inf on padding entries and on every entry of rows without KD
-    tail: Tensor | None  # [N] explicit log tail, NaN: derive it; only at T = 1
-    counts: Tensor | None  # [N, k] sampled rows; 0 on rows without KD
+    The teacher's [N, k] tensors are the caller's (no whole-batch copy, cast or mask): each chunk
+    takes its rows, casts and masks them (:meth:`chunk`), so their memory is a chunk's.
+    """
+
+    ids: Tensor  # [N, k] the caller's ids, any integer dtype (padding may be out of range)
+    logprobs: Tensor  # [N, k] the caller's log-probs, any float dtype
+    kd_rows: Tensor  # [N] bool: the rows whose teacher counts (all False without KD)
+    tail: Tensor | None  # [N] explicit log tail, NaN: derive it (and off KD rows); only at T = 1
+    counts: Tensor | None  # [N, k] the caller's draw counts (sampled rows)
     labels: Tensor | None  # [N] int64 in [0, V); present when CE is mixed in
     kd_weight: Tensor | None  # [N] (1 - alpha) / n_kd on KD rows, 0 elsewhere; None: no KD
     ce_weight: Tensor | None  # [N] alpha / n_ce on labelled rows, 0 elsewhere; None: no CE
     rows: Tensor  # the rows with a nonzero weight
+    dtype: torch.dtype  # the compute dtype
+    vocab: int
     kind: str
     beta: float
     temperature: float
 
-    def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """The vocabulary columns a chunk reads ([c, m]) and which of them form the bucket."""
+    def chunk(self, idx: Tensor) -> _Chunk:
+        """Rows ``idx`` of the targets; rows without KD get an empty teacher (NaN-free terms)."""
         parts, listed = [], []
+        valid = teacher = draws = None
         if self.kd_weight is not None:
-            parts.append(self.ids[idx])
-            buckets = self.counts is None and self.temperature == 1.0
-            valid = self.logprobs[idx] > _NEG_INF
+            # Indexing copies, so the in-place clamp and masks leave the caller's tensors intact.
+            parts.append(self.ids[idx].to(torch.long).clamp_(0, self.vocab - 1))
+            without = ~self.kd_rows[idx].unsqueeze(-1)
+            lp = self.logprobs[idx].to(self.dtype).masked_fill_(without, _NEG_INF)
+            if self.counts is not None:  # (1 / U) sum_j c_j (lp_j - log q(id_j))
+                counts = self.counts[idx].masked_fill_(without, 0)
+                valid = counts > 0
+                draws = counts.to(self.dtype)
+                draws = draws / draws.sum(-1, keepdim=True).clamp(min=1.0)
+                teacher = lp.masked_fill_(~valid, 0.0)  # padding's -inf (or NaN) stays out
+            else:
+                valid = lp > _NEG_INF  # False for -inf padding (and NaN)
+                if self.temperature == 1.0:
+                    tail = None if self.tail is None else self.tail[idx]
+                    teacher = _teacher_buckets(lp, valid, tail)
+                else:
+                    teacher = _masked_log_softmax(lp / self.temperature, valid)
+            buckets = draws is None and self.temperature == 1.0
             listed.append(valid if buckets else torch.zeros_like(valid))
         if self.labels is not None:
             labels = self.labels[idx].unsqueeze(-1)
             parts.append(labels)
             listed.append(torch.zeros_like(labels, dtype=torch.bool))
-        return torch.cat(parts, -1), torch.cat(listed, -1)
+        columns, bucket_ids = (
+            (parts[0], listed[0])
+            if len(parts) == 1
+            else (torch.cat(parts, -1), torch.cat(listed, -1))
+        )
+        return _Chunk(idx, columns, bucket_ids, valid, teacher, draws)
 
-    def chunk_loss(self, idx: Tensor, log_q: Tensor, log_tail: Tensor) -> Tensor:
+    def chunk_loss(self, chunk: _Chunk, log_q: Tensor, log_tail: Tensor) -> Tensor:
         """The chunk's weighted sum of KD and CE terms, from :func:`_student_side`'s outputs."""
         loss = log_q.new_zeros(())
         if self.kd_weight is not None:
-            k = self.ids.shape[-1]
-            per_row = self._kd_rows(idx, log_q[:, :k], log_tail)
-            loss = loss + (per_row * self.kd_weight[idx]).sum()
+            per_row = self._kd_rows(chunk, log_q[:, : self.ids.shape[-1]], log_tail)
+            loss = loss + (per_row * self.kd_weight[chunk.idx]).sum()
         if self.ce_weight is not None:
-            loss = loss - (log_q[:, -1] * self.ce_weight[idx]).sum()
+            loss = loss - (log_q[:, -1] * self.ce_weight[chunk.idx]).sum()
         return loss
 
-    def _kd_rows(self, idx: Tensor, log_q: Tensor, log_tail: Tensor) -> Tensor:
-        lp = self.logprobs[idx]
-        if self.counts is not None:  # (1 / U) sum_j c_j (lp_j - log q(id_j))
-            counts = self.counts[idx]
-            drawn = counts > 0
-            weight = counts.to(log_q.dtype)
-            weight = weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
-            lp = torch.where(drawn, lp, 0.0)  # padding's -inf (or NaN) never meets the arithmetic
-            return torch.where(drawn, weight * (lp - log_q), 0.0).sum(-1)
-        valid = lp > _NEG_INF  # False for -inf padding (and NaN)
+    def _kd_rows(self, chunk: _Chunk, log_q: Tensor, log_tail: Tensor) -> Tensor:
+        valid, teacher = chunk.valid, chunk.teacher
+        assert valid is not None and teacher is not None
+        if chunk.draws is not None:
+            return torch.where(valid, chunk.draws * (teacher - log_q), 0.0).sum(-1)
         divergence = DIVERGENCES[self.kind]
         if self.temperature == 1.0:
             student = torch.cat(
                 [torch.where(valid, log_q, _NEG_INF), _floored(log_tail).unsqueeze(-1)], -1
             )
-            tail = None if self.tail is None else self.tail[idx]
-            return divergence(_teacher_buckets(lp, valid, tail), student, self.beta)
+            return divergence(teacher, student, self.beta)
         # log q is z - lse per row: its softmax over the ids at T is z's, the lse cancels.
         t = self.temperature
-        teacher = _masked_log_softmax(lp / t, valid)
-        student = _masked_log_softmax(log_q / t, valid)
-        return divergence(teacher, student, self.beta) * t**2
+        return divergence(teacher, _masked_log_softmax(log_q / t, valid), self.beta) * t**2
 
 
 # --- the chunked engine ------------------------------------------------------------------------------
@@ -481,30 +516,40 @@ def _run_chunks(
     gradients: _Gradients | None,
 ) -> Tensor:
     """The summed loss over ``plan.rows``, chunk by chunk; accumulates into ``gradients``."""
-    dtype = _compute_dtype(inputs.dtype)
-    total = torch.zeros((), dtype=dtype, device=inputs.device)
+    total = torch.zeros((), dtype=plan.dtype, device=inputs.device)
     for idx in _chunks(plan.rows, chunk_size):
-        x = inputs.index_select(0, idx)
-        # index_select copied x: consuming it as the chunk's buffer leaves the caller's intact.
-        z = (x if weight is None else F.linear(x, weight, bias)).to(dtype)
-        ids, listed = plan.columns(idx)
-        side, log_q, log_tail = _student_side(z, ids, listed)
-        if gradients is None:
-            total += plan.chunk_loss(idx, log_q, log_tail)
-            continue
-        with torch.enable_grad():
-            log_q.requires_grad_(True)
-            log_tail.requires_grad_(True)
-            loss = plan.chunk_loss(idx, log_q, log_tail)
-        if loss.requires_grad:
-            grad_q, grad_tail = torch.autograd.grad(
-                loss, (log_q, log_tail), allow_unused=True, materialize_grads=True
-            )
-        else:  # a term that is constant in the student (jsd at beta 0 or 1)
-            grad_q, grad_tail = torch.zeros_like(log_q), torch.zeros_like(log_tail)
-        total += loss.detach()
-        gradients.add(idx, x, _student_grad(side, grad_q, grad_tail))
+        # One call per chunk: its [c, V] buffer is freed before the next chunk allocates its own.
+        total += _run_chunk(inputs, weight, bias, plan, plan.chunk(idx), gradients)
     return total
+
+
+def _run_chunk(
+    inputs: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    plan: _Plan,
+    chunk: _Chunk,
+    gradients: _Gradients | None,
+) -> Tensor:
+    """The chunk's loss (no graph); adds its gradients to ``gradients``."""
+    x = inputs.index_select(0, chunk.idx)
+    # index_select copied x: consuming it as the chunk's buffer leaves the caller's intact.
+    z = (x if weight is None else F.linear(x, weight, bias)).to(plan.dtype)
+    side, log_q, log_tail = _student_side(z, chunk.columns, chunk.listed)
+    if gradients is None:
+        return plan.chunk_loss(chunk, log_q, log_tail)
+    with torch.enable_grad():
+        log_q.requires_grad_(True)
+        log_tail.requires_grad_(True)
+        loss = plan.chunk_loss(chunk, log_q, log_tail)
+    if loss.requires_grad:
+        grad_q, grad_tail = torch.autograd.grad(
+            loss, (log_q, log_tail), allow_unused=True, materialize_grads=True
+        )
+    else:  # a term that is constant in the student (jsd at beta 0 or 1)
+        grad_q, grad_tail = torch.zeros_like(log_q), torch.zeros_like(log_tail)
+    gradients.add(chunk.idx, x, _student_grad(side, log_q, grad_q, grad_tail))
+    return loss.detach()
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -636,8 +681,9 @@ def _plan(
             f"{tuple(lp_in.shape)} must both be {(*lead, 'k')} for student positions {tuple(lead)}"
         )
     k, n = lp_in.shape[-1], lead.numel()
-    ids = ids_in.reshape(n, k).to(device=device, dtype=torch.long)
-    lp = lp_in.detach().reshape(n, k).to(device=device, dtype=dtype)
+    # No cast here: each chunk casts its own rows (_Plan.chunk), so no [N, k] copy is made.
+    ids = ids_in.reshape(n, k).to(device=device)
+    lp = lp_in.detach().reshape(n, k).to(device=device)
     mask = _flat_rows(targets.mask, lead, "mask", device)
     kd_rows = torch.ones(ids.shape[0], dtype=torch.bool, device=device) if mask is None else (
         mask.to(torch.bool)
@@ -652,7 +698,7 @@ def _plan(
             )
         if targets.counts.is_floating_point() or targets.counts.is_complex():
             raise ValueError(f"teacher_counts must be integers, got {targets.counts.dtype}")
-        counts = targets.counts.reshape(n, k).to(device=device, dtype=torch.long)
+        counts = targets.counts.reshape(n, k).to(device=device)
         _check_sampled(kind, temperature, tail)
         tail = None
     if tail is not None:
@@ -678,18 +724,14 @@ def _plan(
         _check_kd_rows(ids, lp, tail, counts, kd_rows, vocab)
         n_kd = _divisor(None if num_items is None else num_items.kd, kd_rows, dtype)
         kd_weight = kd_rows.to(dtype) * ((1.0 - alpha) / n_kd)
-        # Rows that do not count get an empty teacher, so their (zero-weighted) terms are NaN-free.
-        lp = torch.where(kd_rows.unsqueeze(-1), lp, _NEG_INF)
-        if tail is not None:
+        if tail is not None:  # no explicit tail off the KD rows (their teacher is empty)
             tail = torch.where(kd_rows, tail, math.nan)
-        if counts is not None:
-            counts = torch.where(kd_rows.unsqueeze(-1), counts, 0)
     else:
         kd_rows = torch.zeros_like(kd_rows)
     return _Plan(
-        ids=ids.clamp(0, vocab - 1), logprobs=lp, tail=tail, counts=counts, labels=labels,
+        ids=ids, logprobs=lp, kd_rows=kd_rows, tail=tail, counts=counts, labels=labels,
         kd_weight=kd_weight, ce_weight=ce_weight, rows=(kd_rows | ce_rows).nonzero().squeeze(1),
-        kind=kind, beta=beta, temperature=temperature,
+        dtype=dtype, vocab=vocab, kind=kind, beta=beta, temperature=temperature,
     )  # fmt: skip
 
 
