@@ -140,6 +140,8 @@ def test_past_the_unsealed_bound_computations_are_unavailable_and_hits_still_ans
         cache.start()
         disk.fill()
         await cache.get(teacher, K, held)
+        # The seal runs behind the answer: the refusal names the store's error once it failed.
+        await until(lambda: store.backend.health.error is not None, "the seal failed")
         with pytest.raises(Unavailable, match="waiting to be sealed.*out of space"):
             await cache.get(teacher, K, sequences(4, 3))
         before = cache.unsealed_bytes
