@@ -42,7 +42,7 @@ from logitcache.client.errors import (
     InvalidArgument,
     NotFound,
 )
-from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport
+from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport, input_shards
 from logitcache.server.leases import (
     DEFAULT_LEASE_S,
     LeaseKeeper,
@@ -482,9 +482,12 @@ class JobManager:
         spec = job.spec
         if spec.dataset in self.store.datasets():
             raise AlreadyExists(f"dataset {spec.dataset!r} already exists; choose another name")
-        if spec.server_path and not Path(spec.server_path).is_file():
+        if spec.server_path and not all(
+            Path(shard).is_file() for shard in input_shards(Path(spec.server_path))
+        ):
             raise InvalidArgument(
-                f"server_path {spec.server_path!r} is not a file on the server",
+                f"server_path {shown(spec.server_path)!r} is not a file, a directory of shards "
+                "or a glob of files on the server",
                 fields=["server_path"],
             )
         request = self._request(job)

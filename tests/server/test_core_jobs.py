@@ -100,6 +100,30 @@ def test_a_job_builds_its_dataset_in_input_order(teachers, engine, tmp_path):
     assert saved["state"] == "completed" and saved["spec"]["dataset"] == "built"
 
 
+def test_a_job_reads_a_directory_of_shards_from_the_server(teachers, engine, tmp_path):
+    url = str(tmp_path / "store")
+    inputs = sequences(seed=5, count=9)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n, part in enumerate((inputs[:4], inputs[4:])):  # read in name order: part-0, part-1
+        rows = "".join(json.dumps({"input_ids": ids}) + "\n" for ids in part)
+        (shards / f"part-{n}.jsonl").write_text(rows)
+
+    async def scenario() -> Job:
+        jobs = manager(url, teachers)
+        try:
+            accepted = await jobs.submit(
+                JobSpec(dataset="sharded", server_path=str(shards)), [], []
+            )
+            return await last_update(jobs, accepted.id)
+        finally:
+            await jobs.close()
+
+    done = asyncio.run(scenario())
+    assert done.state is JobState.COMPLETED, done.error
+    assert logitcache.open_store(url).dataset("sharded").keys == expected_keys(teachers, inputs)
+
+
 def test_a_cancelled_job_stops_and_stays_cancelled(teachers, engine, tmp_path):
     url = str(tmp_path / "store")
     inputs = sequences(seed=2, count=400, lengths=(100, 200))
