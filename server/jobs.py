@@ -483,7 +483,8 @@ class JobManager:
         if spec.dataset in self.store.datasets():
             raise AlreadyExists(f"dataset {spec.dataset!r} already exists; choose another name")
         if spec.server_path and not all(
-            Path(shard).is_file() for shard in input_shards(Path(spec.server_path))
+            isinstance(shard, Path) and shard.is_file()
+            for shard in input_shards(Path(spec.server_path))
         ):
             raise InvalidArgument(
                 f"server_path {shown(spec.server_path)!r} is not a file, a directory of shards "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -20,8 +21,10 @@ class ServerProcess:
     """A real `logitcache serve` process on loopback, on ports the OS picks.
 
     ``teacher=None`` starts a store-only server. Its log goes to ``log_path`` (default: next to
-    the store). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https. ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the
-    SIGTERM an orchestrator sends.
+    the store). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https.
+    ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the SIGTERM an
+    orchestrator sends. ``command`` replaces ``python -m logitcache.cli serve`` (tests serve
+    the same flags with another engine factory).
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class ServerProcess:
         *extra: str,
         log_path: Path | None = None,
         timeout: float = 300.0,
+        command: Sequence[str] = (sys.executable, "-P", "-m", "logitcache.cli", "serve"),
     ) -> None:
         self.store = store
         self.log_path = log_path or store.parent / f"{store.name}-serve.log"
@@ -40,7 +44,7 @@ class ServerProcess:
         ready_file = Path(self._ready_dir.name) / "ready.json"
         teacher_args = ["--teacher", f"demo={teacher}"] if teacher is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "logitcache.cli", "serve", *teacher_args,
+            [*command, *teacher_args,
              "--store", str(store), "--port", "0", "--http-port", "0",
              "--ready-file", str(ready_file), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -76,6 +80,13 @@ class ServerProcess:
         with open(self.log_path, "rb") as f:
             f.seek(self._log_start)
             return f.read().decode(errors="replace")[-chars:]
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the server process from /proc (VmRSS now, VmHWM its peak)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise KeyError(field)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

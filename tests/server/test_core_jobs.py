@@ -15,17 +15,15 @@ import time
 import numpy as np
 import pytest
 from counting_engine import REFERENCE_K, CountingEngine
+from job_managers import JOB_S, last_update, manager, sequences
 
 import logitcache
 from logitcache.client.errors import AlreadyExists, InvalidArgument
 from logitcache.client.space import record_key
-from logitcache.server.jobs import Job, JobManager, JobSpec, JobState
-from logitcache.server.metrics import ServerMetrics
-from logitcache.server.store.store import open_store
+from logitcache.server.jobs import Job, JobSpec, JobState
 from logitcache.server.teachers.registry import TeacherRegistry
 
 K = REFERENCE_K
-JOB_S = 120.0  # longest wait for a job (a deadline, not a speed bound)
 
 
 @pytest.fixture
@@ -39,32 +37,6 @@ def engine(teachers: TeacherRegistry) -> CountingEngine:
     assert isinstance(engine, CountingEngine)
     engine.computed.clear()
     return engine
-
-
-def sequences(seed: int, count: int, lengths: tuple[int, int] = (3, 40)) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(4, 1785, size=int(rng.integers(*lengths))).tolist() for _ in range(count)]
-
-
-def manager(
-    url: str, teachers: TeacherRegistry, segment_positions: int = 1 << 16, lease_s: float = 30.0
-) -> JobManager:
-    return JobManager(
-        open_store(url, writable=True),
-        teachers,
-        ServerMetrics(),
-        max_running=1,
-        max_in_flight=4,
-        segment_positions=segment_positions,
-        lease_s=lease_s,
-    )
-
-
-async def last_update(jobs: JobManager, job_id: str) -> Job:
-    """The job as WatchJob last reports it: once it has ended."""
-    async with asyncio.timeout(JOB_S):
-        updates = [job async for job in jobs.watch(job_id)]
-    return updates[-1]
 
 
 def expected_keys(teachers: TeacherRegistry, inputs: list[list[int]]) -> list[str]:
