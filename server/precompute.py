@@ -32,6 +32,7 @@ from logitcache.server.engine.protocol import EngineFactory, EngineOptions, Teac
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences
 from logitcache.server.leases import dataset_lease, holding, leases_for
+from logitcache.server.spool import teacher_tokenize
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
@@ -94,7 +95,7 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
         req.data,
         vocab_size=info.vocab_size,
         max_len=limit,
-        tokenize=_tokenizer_of(info),
+        tokenize=teacher_tokenize(info),
         overflow=req.overflow,
         skip_invalid=req.skip_invalid,
         text_field=req.text_field,
@@ -390,21 +391,6 @@ def _engine_options(req: PrecomputeRequest) -> EngineOptions:
     if opts.max_top_k < req.top_k:
         opts = EngineOptions(**{**opts.__dict__, "max_top_k": req.top_k})
     return opts
-
-
-def _tokenizer_of(info: TeacherInfo) -> Callable[[list[str]], list[list[int]]]:
-    """Tokenise with the teacher's tokenizer, loaded once on first use: the input reader calls
-    this once per block of rows."""
-    loaded: list = []
-
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        if not loaded:
-            from transformers import AutoTokenizer
-
-            loaded.append(AutoTokenizer.from_pretrained(str(info.path)))
-        return loaded[0](texts, add_special_tokens=True)["input_ids"]
-
-    return tokenize
 
 
 def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) -> dict:

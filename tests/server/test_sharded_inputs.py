@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from counting_engine import CountingEngine
+from test_inputs import VOCAB_SIZE, load, tokenize
 
 import logitcache
 from logitcache.client.errors import AlreadyExists, InvalidArgument, NotFound
@@ -24,23 +25,8 @@ from logitcache.server.inputs import (
     InputSource,
     describe_input,
     input_shards,
-    load_sequences,
 )
 from logitcache.server.precompute import PrecomputeRequest, precompute
-
-VOCAB_SIZE = 50
-MAX_LEN = 8
-WORDS = {"the": 1, "cat": 2, "sat": 3, "on": 4, "mat": 5, "zebra": 99}  # "zebra" is outside
-
-
-def tokenize(texts: list[str]) -> list[list[int]]:
-    """A whitespace tokenizer over WORDS."""
-    return [[WORDS[w] for w in text.split()] for text in texts]
-
-
-def load(source: InputSource, **options: object) -> InputReport:
-    kwargs: dict = {"vocab_size": VOCAB_SIZE, "max_len": MAX_LEN, "tokenize": tokenize}
-    return load_sequences(source, **{**kwargs, **options})
 
 
 def ids_of(report: InputReport) -> list[list[int]]:
