@@ -30,7 +30,8 @@ from typing import Protocol
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.server.store.backend import LocalBackend
-from logitcache.server.store.store import Store, process_alive
+from logitcache.server.store.liveness import process_alive
+from logitcache.server.store.store import Store
 
 log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 30.0  # a holder renews every third of this; a dead one is replaced after it

@@ -42,6 +42,7 @@ import numpy as np
 from logitcache.client.errors import FailedPrecondition, NotFound
 from logitcache.client.space import KEY_BYTES
 from logitcache.server.store.backend import StoreBackend, json_bytes
+from logitcache.server.store.liveness import process_alive
 from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.segments import segments_dir
 
@@ -273,8 +274,6 @@ def collector_lock(backend: StoreBackend, *, wait: bool = True) -> Iterator[bool
 
 def _lock_is_stale(backend: StoreBackend) -> bool:
     """A lock whose process is gone (same host) or that is a day old; removed if so."""
-    from logitcache.server.store.store import process_alive
-
     try:
         doc = backend.read_json(LOCK)
     except (NotFound, ValueError):

@@ -36,7 +36,6 @@ from logitcache.server.names import shown
 from logitcache.server.store.backend import StoreBackend, backend_for_url, json_bytes
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.gc import condemned_segments, other_copies, withdrawn_segments
-from logitcache.server.store.liveness import process_alive as process_alive  # leases, gc
 from logitcache.server.store.liveness import writer_gone
 from logitcache.server.store.read import EncodedBatch, read_batch
 from logitcache.server.store.reader import SegmentReader
