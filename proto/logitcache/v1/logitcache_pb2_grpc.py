@@ -100,6 +100,46 @@ class LogitCacheStub:
                 request_serializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.ScoreIds = channel.stream_stream(
+                '/logitcache.v1.LogitCache/ScoreIds',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/logitcache.v1.LogitCache/CreateToken',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/logitcache.v1.LogitCache/ListTokens',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/logitcache.v1.LogitCache/RevokeToken',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.SetLimits = channel.unary_unary(
+                '/logitcache.v1.LogitCache/SetLimits',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.SetLimitsRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.ClearFlag = channel.unary_unary(
+                '/logitcache.v1.LogitCache/ClearFlag',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.ClearFlagRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.ShareDataset = channel.unary_unary(
+                '/logitcache.v1.LogitCache/ShareDataset',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.ShareDatasetRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DatasetAccess.FromString,
+                _registered_method=True)
+        self.SetTeacherLicence = channel.unary_unary(
+                '/logitcache.v1.LogitCache/SetTeacherLicence',
+                request_serializer=logitcache_dot_v1_dot_logitcache__pb2.SetTeacherLicenceRequest.SerializeToString,
+                response_deserializer=logitcache_dot_v1_dot_logitcache__pb2.TeacherInfo.FromString,
+                _registered_method=True)
 
 
 class LogitCacheServicer:
@@ -229,6 +269,68 @@ class LogitCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreIds(self, request_iterator, context):
+        """Teacher log-probabilities of ids the caller chooses (for example a student's own top-k) at
+        every position of the sequences sent, with the stored record where the store has one. The
+        client streams requests; each is answered by one response, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """---- governance: admin role only (PERMISSION_DENIED otherwise) ----
+
+        Create an API token for a user with a role. The token itself is in the answer only: the
+        server keeps its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Every token (never the secret), with its limits, usage and guard flag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revoke a token; calls with it are UNAUTHENTICATED from then on. NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLimits(self, request, context):
+        """Set a token's limits (quotas); unset fields keep the server's defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearFlag(self, request, context):
+        """Lift the extraction guard's flag from a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareDataset(self, request, context):
+        """Change who may read a dataset (its owner may do this too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTeacherLicence(self, request, context):
+        """Declare a teacher's licence: a catalogue id, or a custom entry. A teacher with no declared
+        licence runs no jobs and no read-through until this is done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LogitCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +398,46 @@ def add_LogitCacheServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'ScoreIds': grpc.stream_stream_rpc_method_handler(
+                    servicer.ScoreIds,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.CreateTokenRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ListTokensRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.SerializeToString,
+            ),
+            'SetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimits,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.SetLimitsRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.SerializeToString,
+            ),
+            'ClearFlag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearFlag,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ClearFlagRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.SerializeToString,
+            ),
+            'ShareDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareDataset,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.ShareDatasetRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.DatasetAccess.SerializeToString,
+            ),
+            'SetTeacherLicence': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTeacherLicence,
+                    request_deserializer=logitcache_dot_v1_dot_logitcache__pb2.SetTeacherLicenceRequest.FromString,
+                    response_serializer=logitcache_dot_v1_dot_logitcache__pb2.TeacherInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -650,6 +792,222 @@ class LogitCache:
             '/logitcache.v1.LogitCache/DeleteDataset',
             logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetRequest.SerializeToString,
             logitcache_dot_v1_dot_logitcache__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreIds(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/logitcache.v1.LogitCache/ScoreIds',
+            logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.ScoreIdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/CreateToken',
+            logitcache_dot_v1_dot_logitcache__pb2.CreateTokenRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/ListTokens',
+            logitcache_dot_v1_dot_logitcache__pb2.ListTokensRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/RevokeToken',
+            logitcache_dot_v1_dot_logitcache__pb2.RevokeTokenRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/SetLimits',
+            logitcache_dot_v1_dot_logitcache__pb2.SetLimitsRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearFlag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/ClearFlag',
+            logitcache_dot_v1_dot_logitcache__pb2.ClearFlagRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/ShareDataset',
+            logitcache_dot_v1_dot_logitcache__pb2.ShareDatasetRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.DatasetAccess.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTeacherLicence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logitcache.v1.LogitCache/SetTeacherLicence',
+            logitcache_dot_v1_dot_logitcache__pb2.SetTeacherLicenceRequest.SerializeToString,
+            logitcache_dot_v1_dot_logitcache__pb2.TeacherInfo.FromString,
             options,
             channel_credentials,
             insecure,
