@@ -91,6 +91,24 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py); skipped, saying why,
+    only where its binaries are missing."""
+    from postgres import missing_reason, running_postgres
+
+    if (reason := missing_reason()) is not None:
+        pytest.skip(reason)
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """The URL of an empty database on the session's PostgreSQL server."""
+    return postgres.empty_database()
+
+
+@pytest.fixture(scope="session")
 def engine(demo_teacher: Path, loop_thread: LoopThread):
     """The demo teacher under vLLM (CPU build here), started once for the whole session."""
     from logitcache.server.engine.protocol import EngineOptions

@@ -362,8 +362,15 @@ class SqliteState:
             self._db.close()
 
 
-def open_state(state_dir: Path | str) -> SqliteState:
-    """The embedded state of a server whose state directory is ``state_dir`` (created)."""
+def open_state(state_dir: Path | str) -> PolicyState:
+    """The state shared by replicas when ``state_dir`` is a ``postgresql://`` URL; otherwise
+    the embedded state of a server whose state directory is ``state_dir`` (created)."""
+    from logitcache.server.postgres import is_postgres_url
+
+    if is_postgres_url(state_dir):
+        from logitcache.server.policy.state_postgres import PostgresState
+
+        return PostgresState(str(state_dir))
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
     return SqliteState(directory / STATE_FILE)
