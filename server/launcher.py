@@ -24,7 +24,9 @@ class ServerProcess:
     the store). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https.
     ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the SIGTERM an
     orchestrator sends. ``command`` replaces ``python -m logitcache.cli serve`` (tests serve
-    the same flags with another engine factory).
+    the same flags with another engine factory). ``allow_anonymous`` (the default) serves
+    callers without a token as the one local user (``--allow-anonymous``: the bind is
+    loopback); False needs tokens (``logitcache tokens create --state DIR``).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ServerProcess:
         log_path: Path | None = None,
         timeout: float = 300.0,
         command: Sequence[str] = (sys.executable, "-P", "-m", "logitcache.cli", "serve"),
+        allow_anonymous: bool = True,
     ) -> None:
         self.store = store
         self.log_path = log_path or store.parent / f"{store.name}-serve.log"
@@ -46,7 +49,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [*command, *teacher_args,
              "--store", str(store), "--port", "0", "--http-port", "0",
-             "--ready-file", str(ready_file), *extra],
+             "--ready-file", str(ready_file),
+             *(["--allow-anonymous"] if allow_anonymous else []), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.pid = self.proc.pid

@@ -7,7 +7,9 @@ import argparse
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``; its flags are the fields of the server's configuration."""
-    from logitcache.server.config import FIELD_HELP, TEACHER_FLAG_HELP
+    from dataclasses import fields
+
+    from logitcache.server.config import FIELD_HELP, TEACHER_FLAG_HELP, ServerConfig
 
     p = sub.add_parser(
         "serve",
@@ -28,8 +30,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="teacher to serve (repeatable; the first is the default); replaces the config's teachers. "
         "With no teacher the server is store-only: it streams and lists, and computes nothing",
     )
+    switches = {f.name for f in fields(ServerConfig) if f.type == "bool"}
     for name, text in FIELD_HELP.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=text)
+        flag = f"--{name.replace('_', '-')}"
+        if name in switches:
+            p.add_argument(flag, dest=name, action="store_const", const=True, help=text)
+        else:
+            p.add_argument(flag, dest=name, default=None, help=text)
     g = p.add_argument_group("teachers given with --teacher")
     for name, text in TEACHER_FLAG_HELP.items():
         repeatable = {"action": "append", "metavar": "KEY=VALUE"} if name == "engine_arg" else {}

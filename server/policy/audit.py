@@ -141,12 +141,17 @@ class AuditLog:
             files.pop().unlink()  # nothing whole in it: cut off before its head line ended
         return -1, GENESIS, self.directory / f"{_PREFIX}{0:06d}{_SUFFIX}"
 
-    def record(self, event: AuditEvent) -> None:
-        """Queue ``event``, stamped now; waits only when the queue is full."""
+    def check(self) -> None:
+        """UNAVAILABLE while the log cannot be written: a server refuses calls then, rather
+        than serve them unrecorded."""
         if self._error is not None:
             raise Unavailable(f"the audit log cannot be written: {self._error}")
         if self._closed:
             raise Unavailable("the audit log is closed")
+
+    def record(self, event: AuditEvent) -> None:
+        """Queue ``event``, stamped now; waits only when the queue is full."""
+        self.check()
         self._queue.put((event, time.time()))
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
@@ -31,6 +31,25 @@ def next_reset(at: float) -> datetime:
     """When the daily counts of the day of ``at`` reset: the next 00:00 UTC."""
     day = datetime.fromtimestamp(at, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return day + timedelta(days=1)
+
+
+def effective_limits(state: PolicyState, defaults: Limits, token_id: str) -> Limits:
+    """The limits in force for a token: each of its own where set, else the default."""
+    own = state.limits(token_id)
+    if own is None:
+        return defaults
+    return Limits(
+        **{
+            name: value if value is not None else getattr(defaults, name)
+            for name, value in asdict(own).items()
+        }
+    )
+
+
+def daily_usage(state: PolicyState, token_id: str, at: float) -> dict[str, int]:
+    """A token's counts of the UTC day of ``at``."""
+    day = utc_day(at)
+    return {c: state.usage(token_id, c, day) for c in (COMPUTED, SERVED)}
 
 
 @dataclass
@@ -80,7 +99,7 @@ class QuotaKeeper:
         state.clear_streams(replica)  # this replica's streams ended when it last stopped
 
     def limits(self, token_id: str) -> Limits:
-        return self.state.limits(token_id) or self.defaults
+        return effective_limits(self.state, self.defaults, token_id)
 
     def admit_request(self, token_id: str, ceiling: float | None = None) -> None:
         """Count one request against ``requests_per_second`` (or ``ceiling``, a lower rate the
@@ -107,14 +126,26 @@ class QuotaKeeper:
                 )
             bucket.tokens -= 1.0
 
-    def charge_computed(self, token_id: str, positions: int) -> int:
-        """Count positions the teacher computes for this token; the day's total."""
-        return self._charge(
-            token_id, COMPUTED, positions, self.limits(token_id).positions_computed_per_day
-        )
+    def admit_computing(self, token_id: str) -> None:
+        """RESOURCE_EXHAUSTED once the day's computed positions have reached
+        ``positions_computed_per_day``. Which positions a request computes (its misses) is
+        known only once it runs, so a request admitted under the limit runs and is counted
+        (:meth:`record_computed`): a day overshoots by at most one request."""
+        limit = self.limits(token_id).positions_computed_per_day
+        if limit is None:
+            return
+        now = self._clock()
+        used = self.state.usage(token_id, COMPUTED, utc_day(now))
+        if used >= limit:
+            raise self._exhausted(token_id, COMPUTED, limit, used, now)
+
+    def record_computed(self, token_id: str, positions: int) -> int:
+        """Count positions the teacher computed for this token; the day's total."""
+        return self._charge(token_id, COMPUTED, positions, None)
 
     def charge_served(self, token_id: str, positions: int) -> int:
-        """Count positions served to this token (reads, streams, hits); the day's total."""
+        """Count positions served to this token (reads, streams, hits) before they are sent,
+        refused whole when they would pass ``positions_served_per_day``; the day's total."""
         return self._charge(
             token_id, SERVED, positions, self.limits(token_id).positions_served_per_day
         )
@@ -126,18 +157,24 @@ class QuotaKeeper:
         day = utc_day(now)
         total = self.state.add_usage(token_id, counter, day, positions, limit)
         if total is None:
+            assert limit is not None  # add_usage refuses only against a limit
             used = self.state.usage(token_id, counter, day)
-            raise ResourceExhausted(
-                f"{counter}_per_day limit of {limit:,} reached for token {token_id} ({used:,} "
-                f"used today, {positions:,} more asked); resets at "
-                f"{next_reset(now).isoformat(timespec='seconds')}"
-            )
+            raise self._exhausted(token_id, counter, limit, used, now, asked=positions)
         return total
+
+    @staticmethod
+    def _exhausted(
+        token_id: str, counter: str, limit: int, used: int, now: float, asked: int = 0
+    ) -> ResourceExhausted:
+        more = f", {asked:,} more asked" if asked else ""
+        return ResourceExhausted(
+            f"{counter}_per_day limit of {limit:,} reached for token {token_id} ({used:,} "
+            f"used today{more}); resets at {next_reset(now).isoformat(timespec='seconds')}"
+        )
 
     def usage(self, token_id: str) -> dict[str, int]:
         """Today's counts of a token, for admins and metrics."""
-        day = utc_day(self._clock())
-        return {c: self.state.usage(token_id, c, day) for c in (COMPUTED, SERVED)}
+        return daily_usage(self.state, token_id, self._clock())
 
     def open_stream(self, token_id: str) -> StreamLease:
         """A lease on one of the token's ``concurrent_streams``; close it when the stream ends."""

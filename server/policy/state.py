@@ -110,6 +110,7 @@ class PolicyState(Protocol):
 
     def set_access(self, dataset: str, access: DatasetAccess) -> None: ...
     def access(self, dataset: str) -> DatasetAccess | None: ...
+    def delete_access(self, dataset: str) -> None: ...
     def datasets_owned_by(self, user: str) -> list[str]: ...
 
     def set_limits(self, token_id: str, limits: Limits) -> None: ...
@@ -267,6 +268,10 @@ class SqliteState:
             return None
         owner, users, groups = rows[0]
         return DatasetAccess(owner, tuple(json.loads(users)), tuple(json.loads(groups)))
+
+    def delete_access(self, dataset: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM dataset_access WHERE dataset = ?", (dataset,))
 
     def datasets_owned_by(self, user: str) -> list[str]:
         rows = self._read(

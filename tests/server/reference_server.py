@@ -26,6 +26,7 @@ class ReferenceServer(ServerProcess):
         *extra: str,
         log_path: Path | None = None,
         timeout: float = 120.0,
+        allow_anonymous: bool = True,
     ) -> None:
         super().__init__(
             teacher,
@@ -34,6 +35,7 @@ class ReferenceServer(ServerProcess):
             log_path=log_path or store.parent / f"{store.name}-reference-serve.log",
             timeout=timeout,
             command=(sys.executable, "-P", __file__),
+            allow_anonymous=allow_anonymous,
         )  # fmt: skip
 
 

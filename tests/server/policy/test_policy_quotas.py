@@ -31,25 +31,38 @@ def test_days_and_resets_are_utc() -> None:
     assert next_reset(MIDNIGHT).isoformat() == "2026-12-03T00:00:00+00:00"
 
 
-@pytest.mark.parametrize("counter", ["computed", "served"])
-def test_a_daily_position_limit_is_exhausted_then_recovers_after_midnight(
-    tmp_path, counter
-) -> None:
+def test_served_positions_are_refused_past_the_limit_then_recover_after_midnight(tmp_path) -> None:
     state, clock = open_state(tmp_path), Clock(NOON)
-    limits = Limits(positions_computed_per_day=1000, positions_served_per_day=1000)
-    quotas = QuotaKeeper(state, limits, clock=clock)
-    charge = quotas.charge_computed if counter == "computed" else quotas.charge_served
-    assert charge("tok_a", 600) == 600
+    quotas = QuotaKeeper(state, Limits(positions_served_per_day=1000), clock=clock)
+    assert quotas.charge_served("tok_a", 600) == 600
     with pytest.raises(ResourceExhausted) as raised:
-        charge("tok_a", 600)
+        quotas.charge_served("tok_a", 600)
     message = str(raised.value)
-    assert f"positions_{counter}_per_day limit of 1,000" in message
+    assert "positions_served_per_day limit of 1,000" in message
     assert "600 used today, 600 more asked" in message
     assert "resets at 2026-12-02T00:00:00+00:00" in message
-    assert charge("tok_a", 400) == 1000  # exactly up to the limit
-    assert charge("tok_b", 1000) == 1000  # limits are per token
+    assert quotas.charge_served("tok_a", 400) == 1000  # exactly up to the limit
+    assert quotas.charge_served("tok_b", 1000) == 1000  # limits are per token
     clock.at = MIDNIGHT + 1
-    assert charge("tok_a", 600) == 600
+    assert quotas.charge_served("tok_a", 600) == 600
+    state.close()
+
+
+def test_computing_is_admitted_under_the_limit_and_counted_after(tmp_path) -> None:
+    """Misses are known only once a request runs: one admitted under the limit is counted whole,
+    and the next is refused until midnight."""
+    state, clock = open_state(tmp_path), Clock(NOON)
+    quotas = QuotaKeeper(state, Limits(positions_computed_per_day=1000), clock=clock)
+    quotas.admit_computing("tok_a")
+    assert quotas.record_computed("tok_a", 1200) == 1200
+    with pytest.raises(ResourceExhausted) as raised:
+        quotas.admit_computing("tok_a")
+    message = str(raised.value)
+    assert "positions_computed_per_day limit of 1,000 reached for token tok_a" in message
+    assert "1,200 used today); resets at 2026-12-02T00:00:00+00:00" in message
+    quotas.admit_computing("tok_b")
+    clock.at = MIDNIGHT + 1
+    quotas.admit_computing("tok_a")
     state.close()
 
 
@@ -57,25 +70,27 @@ def test_usage_and_limits_hold_across_a_restart(tmp_path) -> None:
     state, clock = open_state(tmp_path), Clock(NOON)
     quotas = QuotaKeeper(state, clock=clock)
     state.set_limits("tok_a", Limits(positions_computed_per_day=100, concurrent_streams=1))
-    quotas.charge_computed("tok_a", 90)
+    quotas.record_computed("tok_a", 100)
     state.close()
 
     state = open_state(tmp_path)
     quotas = QuotaKeeper(state, clock=clock)
-    assert quotas.usage("tok_a") == {"positions_computed": 90, "positions_served": 0}
+    assert quotas.usage("tok_a") == {"positions_computed": 100, "positions_served": 0}
     with pytest.raises(ResourceExhausted, match="positions_computed_per_day limit of 100"):
-        quotas.charge_computed("tok_a", 20)
+        quotas.admit_computing("tok_a")
     assert quotas.limits("tok_a").concurrent_streams == 1
     state.close()
 
 
-def test_a_token_without_limits_of_its_own_gets_the_defaults(tmp_path) -> None:
+def test_a_token_gets_the_defaults_where_it_has_no_limit_of_its_own(tmp_path) -> None:
     state = open_state(tmp_path)
-    quotas = QuotaKeeper(state, Limits(positions_served_per_day=5), clock=Clock(NOON))
+    defaults = Limits(positions_served_per_day=5, concurrent_streams=3)
+    quotas = QuotaKeeper(state, defaults, clock=Clock(NOON))
     with pytest.raises(ResourceExhausted):
         quotas.charge_served("tok_any", 6)
-    state.set_limits("tok_vip", Limits())
+    state.set_limits("tok_vip", Limits(positions_served_per_day=10**9))
     assert quotas.charge_served("tok_vip", 10**9) == 10**9
+    assert quotas.limits("tok_vip").concurrent_streams == 3  # unset: the default's
     state.close()
 
 
