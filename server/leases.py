@@ -6,10 +6,11 @@ process is gone (a crash or kill -9 is seen without waiting for the expiry). A s
 ``precompute`` process that stalls past the expiry loses its lease to whoever asks next, and
 learns so at its next renewal.
 
-:class:`LeaseStore` is the whole interface, so that shared state (PostgreSQL, for servers on
-several machines) can replace :class:`FileLeaseStore`, which keeps one small JSON document per
-lease next to a local store and changes it under an exclusive ``flock``, writing each document
-atomically (a temporary file renamed over it).
+:class:`LeaseStore` is the whole interface. :class:`FileLeaseStore` keeps one small JSON document
+per lease next to a local store and changes it under an exclusive ``flock``, writing each
+document atomically (a temporary file renamed over it). :class:`PostgresLeaseStore` keeps them in
+the shared state (a ``postgresql://`` state URL), for servers and workers on several machines;
+:func:`leases_for` picks one.
 """
 
 from __future__ import annotations
@@ -148,11 +149,106 @@ def _read(path: Path) -> Lease | None:
         return None
 
 
-def leases_for(store: Store, owner: str | None = None) -> LeaseStore:
-    """The leases of everything that works on ``store`` (``leases/`` inside a local store)."""
+_LEASES_DDL = """
+CREATE TABLE IF NOT EXISTS leases (
+    scope TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, host TEXT NOT NULL,
+    pid INTEGER NOT NULL, note TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, name));
+"""
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
+_LEASE_COLUMNS = "name, owner, host, pid, note, expires_at"
+
+
+class PostgresLeaseStore:
+    """Leases as rows of one PostgreSQL table, for processes on any number of hosts.
+
+    ``scope`` (the store's URL) keeps the leases of different stores that share one database
+    apart. Expiry is measured on the database's clock, so hosts whose clocks disagree agree on
+    it. A takeover locks the row (``SELECT ... FOR UPDATE``) while it checks the holder, so of
+    many acquirers exactly one wins; a new lease is an ``INSERT ... ON CONFLICT DO NOTHING``.
+    A holder on another host is freed only by expiry; one on this host also when its process
+    is gone, as with :class:`FileLeaseStore`.
+    """
+
+    def __init__(self, url: str, scope: str, owner: str | None = None) -> None:
+        from logitcache.server.postgres import Database
+
+        self.scope = scope
+        self.owner = owner or new_owner()
+        self._db = Database(url)
+        self._db.ensure_schema("leases", 1, _LEASES_DDL)
+
+    def acquire(self, name: str, ttl_s: float, note: str) -> Lease | None:
+        mine = (self.owner, socket.gethostname(), os.getpid(), note, ttl_s)
+        insert = (
+            f"INSERT INTO leases VALUES (%s, %s, %s, %s, %s, %s, {_NOW} + %s) "
+            f"ON CONFLICT (scope, name) DO NOTHING RETURNING {_LEASE_COLUMNS}"
+        )
+        with self._db.transaction() as db:
+            row = db.execute(insert, (self.scope, name, *mine)).fetchone()
+            if row is not None:
+                return Lease(*row)
+            found = db.execute(
+                f"SELECT {_LEASE_COLUMNS}, {_NOW} FROM leases "
+                "WHERE scope = %s AND name = %s FOR UPDATE",
+                (self.scope, name),
+            ).fetchone()
+            if found is None:  # released meanwhile: whoever inserts it first wins
+                row = db.execute(insert, (self.scope, name, *mine)).fetchone()
+            elif found[1] != self.owner and Lease(*found[:-1]).live(found[-1]):
+                return None
+            else:  # expired, its process gone, or ours: taken over under the row lock
+                row = db.execute(
+                    f"UPDATE leases SET owner = %s, host = %s, pid = %s, note = %s, "
+                    f"expires_at = {_NOW} + %s WHERE scope = %s AND name = %s "
+                    f"RETURNING {_LEASE_COLUMNS}",
+                    (*mine, self.scope, name),
+                ).fetchone()
+        return Lease(*row) if row is not None else None
+
+    def renew(self, name: str, ttl_s: float) -> Lease | None:
+        with self._db.transaction() as db:
+            row = db.execute(
+                f"UPDATE leases SET expires_at = {_NOW} + %s "
+                f"WHERE scope = %s AND name = %s AND owner = %s RETURNING {_LEASE_COLUMNS}",
+                (ttl_s, self.scope, name, self.owner),
+            ).fetchone()
+        return Lease(*row) if row is not None else None
+
+    def release(self, name: str) -> None:
+        with self._db.transaction() as db:
+            db.execute(
+                "DELETE FROM leases WHERE scope = %s AND name = %s AND owner = %s",
+                (self.scope, name, self.owner),
+            )
+
+    def holder(self, name: str) -> Lease | None:
+        with self._db.transaction() as db:
+            row = db.execute(
+                f"SELECT {_LEASE_COLUMNS}, {_NOW} FROM leases WHERE scope = %s AND name = %s",
+                (self.scope, name),
+            ).fetchone()
+        if row is None:
+            return None
+        held = Lease(*row[:-1])
+        return held if held.live(row[-1]) else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def leases_for(store: Store, owner: str | None = None, state_url: str = "") -> LeaseStore:
+    """The leases of everything that works on ``store``: rows in the shared state when
+    ``state_url`` is a ``postgresql://`` URL (servers and workers on several hosts), otherwise
+    files in ``leases/`` inside a local store."""
+    from logitcache.server.postgres import is_postgres_url
+
+    if is_postgres_url(state_url):
+        return PostgresLeaseStore(state_url, store.url, owner)
     if not isinstance(store.backend, LocalBackend):
         raise InvalidArgument(
-            f"store {store.url}: leases need a local store until shared state is configured"
+            f"store {store.url}: leases on this store need shared state (--state-url "
+            "postgresql://...)"
         )
     return FileLeaseStore(store.backend.root / "leases", owner)
 
