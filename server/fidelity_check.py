@@ -1,8 +1,9 @@
 """``logitcache inspect --fidelity``: re-run the teacher on stored sequences and compare.
 
-A sample of a dataset's sequences is captured again by the engine (in the space's dtype, at
-the space's width: k for top-k and top-p, the full vocabulary for sampled), and the stored
-records are compared with those exact values position by position:
+A sample of a dataset's sequences is captured again by the engine (in the space's engine dtype:
+its compute dtype, quantisation and KV-cache dtype; at the space's width: k for top-k and top-p,
+the full vocabulary for sampled), and the stored records are compared with those exact values
+position by position:
 
 - top-k and top-p spaces: :func:`logitcache.client.fidelity.fidelity` (absolute log-prob errors
   over stored entries, tail-mass error, KL(exact top-k with tail || stored top-k with tail));
@@ -64,7 +65,10 @@ def check_fidelity(
     records = [store.get(k) for k in keys]
     config = CaptureConfig.of_space(space)
     sequences = [r.input_ids for r in records]
-    exact = asyncio.run(_capture(engine_factory, info, space.engine_dtype, config, sequences))
+    options = rerun_options(space.engine_dtype, config)
+    exact = asyncio.run(
+        _capture(engine_factory, info, options, space.engine_dtype, config.engine_width, sequences)
+    )
     stored = concat_rows(
         [TopKRows(r.token_ids, r.logprobs, r.target_logprobs, r.tail_logprobs, r.counts)
          for r in records]
@@ -82,20 +86,45 @@ def check_fidelity(
     return out
 
 
-async def _capture(engine_factory: EngineFactory, info: TeacherInfo, dtype: str,
-                   config: CaptureConfig, sequences: Sequence[np.ndarray]) -> list[TopKRows]:  # fmt: skip
+def rerun_options(engine_dtype: str, config: CaptureConfig) -> EngineOptions:
+    """Engine options that reproduce a space's recorded engine dtype (see
+    ``vllm_engine.engine_dtype``): its compute dtype, quantisation and KV-cache dtype, at the
+    space's width. The label is not itself a dtype vLLM accepts (``bfloat16+fp8``), and a rerun
+    without the quantisation would compare the store with other numbers than it was built from.
+    """
+    dtype, *rest = engine_dtype.split("+")
+    engine_args: dict[str, str] = {}
+    for part in rest:
+        if part.startswith("kv-"):
+            engine_args["kv_cache_dtype"] = part.removeprefix("kv-")
+        elif part.startswith("hf-"):
+            raise FailedPrecondition(
+                f"the space was captured with overrides of the teacher's config (engine dtype "
+                f"{engine_dtype!r}), which the fidelity check cannot rebuild from the store"
+            )
+        else:
+            engine_args["quantization"] = part
     sampled = config.mode is CaptureMode.SAMPLED
-    options = EngineOptions(
+    return EngineOptions(
         max_top_k=1 if sampled else max(1, min(config.k, MAX_TOP_K)),
         dtype=dtype,
         full_vocab=sampled,
+        engine_args=engine_args,
     )
+
+
+async def _capture(engine_factory: EngineFactory, info: TeacherInfo, options: EngineOptions,
+                   engine_dtype: str, width: int, sequences: Sequence[np.ndarray],
+                   ) -> list[TopKRows]:  # fmt: skip
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, engine_factory, info, options)
     try:
-        return list(
-            await asyncio.gather(*(engine.capture(s, config.engine_width) for s in sequences))
-        )
+        if engine.dtype != engine_dtype:
+            raise FailedPrecondition(
+                f"the engine runs as {engine.dtype!r}, not as the space's {engine_dtype!r}: its "
+                "rows would not be the numbers the store was built from"
+            )
+        return list(await asyncio.gather(*(engine.capture(s, width) for s in sequences)))
     finally:
         engine.shutdown()
 

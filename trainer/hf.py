@@ -141,6 +141,19 @@ class _SaveStreamState(transformers.TrainerCallback):
             json.dump(loader.state(), f)
 
 
+def output_size(model: torch.nn.Module) -> int | None:
+    """The student's output size: its output layer's rows, else its config's ``vocab_size``.
+
+    The default collator folds teacher entries on ids at or above it into the tail, so that a
+    teacher padded beyond its tokenizer distils into a student of the tokenizer's size."""
+    head = output_layer(model)
+    if head is not None:
+        return int(head.out_features)
+    inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    size = getattr(getattr(inner, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def _state_file(rank: int) -> str:
     return f"teacher_stream-rank{rank}.json"
 
@@ -148,10 +161,11 @@ def _state_file(rank: int) -> str:
 class DistillationTrainer(transformers.Trainer):
     """A ``Trainer`` that distills ``model`` from ``teacher_stream`` with ``loss``.
 
-    ``collator`` defaults to padded batches (``Collator()``); ``Collator(mode="pack")`` rows are
-    given to the model with their ``position_ids`` and no attention mask, which separates the
-    packed documents only in models that read document starts from position ids (e.g. flash
-    attention 2). ``fused``: compute the loss inside the model's output layer (None: when it has
+    ``collator`` defaults to padded batches (``Collator(vocab_size=output_size(model))``: a
+    padded teacher's entries on ids the student lacks fold into the tail); with
+    ``Collator(mode="pack")`` rows are given to the model with their ``position_ids`` and no
+    attention mask, which separates the packed documents only in models that read document
+    starts from position ids (e.g. flash attention 2). ``fused``: compute the loss inside the model's output layer (None: when it has
     a plain linear one, see :func:`~logitcache.trainer.output_layer.output_layer`). Other keyword
     arguments go to ``transformers.Trainer``.
     """
@@ -173,7 +187,7 @@ class DistillationTrainer(transformers.Trainer):
             model=model,
             args=args,
             train_dataset=teacher_stream,
-            data_collator=collator or Collator(),
+            data_collator=collator or Collator(vocab_size=output_size(model)),
             **kwargs,
         )
         if fused and output_layer(model) is None:
