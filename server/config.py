@@ -92,6 +92,9 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Shared state of replicas on several hosts: a postgresql:// URL that holds the policy state
+    # (in place of state_dir) and the job leases (in place of lease files); empty: neither.
+    state_url: str = ""
 
     def check(self) -> None:
         if not self.store:
@@ -142,6 +145,11 @@ FIELD_HELP = {
     "tls_key": "PEM private key of --tls-cert (unencrypted)",
     "tls_client_ca": "PEM CA certificates that sign clients' certificates: gRPC callers must "
     "present one (mutual TLS); the HTTP side asks for none, for probes (default: none)",
+    "state_url": "shared state of several replicas, postgresql://USER:PASSWORD@HOST:PORT/DB "
+    "(any libpq URL): the policy state (instead of --state-dir; quotas then hold across "
+    "replicas) and the job leases (instead of lease files in a local store: a job whose "
+    "server is lost is resumed by another once its lease expires). Tables are created in "
+    "the schema 'logitcache' (default: none; embedded state)",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",
