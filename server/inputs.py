@@ -4,13 +4,15 @@ Input rows carry either a text field (``text`` by default; tokenised with the te
 special tokens added the way the tokenizer adds them) or a token-id field (``input_ids``). Every
 row is checked before anything is written, so a bad row never leaves a partial dataset behind.
 
-The input is a file path, a directory of shards, a glob, an object in a store (a job's uploaded
-input, read through the store's backend) or an open binary stream; a shard is Parquet when its
-name ends in ``.parquet``. Shards are read in name order, so the same shard set always gives the
+The input is a file path, a directory of shards, a glob, a Hugging Face dataset (an ``hf://`` URL,
+or a directory written by ``save_to_disk``: see ``inputs_hf``), an object in a store (a job's
+uploaded input, read through the store's backend) or an open binary stream; a shard is Parquet
+when its name ends in ``.parquet``, a saved dataset's Arrow stream when it ends in ``.arrow``. Shards are read in name order, so the same shard set always gives the
 same sequences (and the same dataset keys): resume and idempotence do not depend on how the file
 system lists them.
 
-Reading is a stream: JSONL in blocks of lines, Parquet in row batches, and rows are tokenised and
+Reading is a stream: JSONL in blocks of lines, Parquet, Arrow and Hugging Face datasets in row
+batches, and rows are tokenised and
 checked ``BLOCK_ROWS`` at a time, so the raw input is never in memory whole. The checked token ids
 are spooled to an unlinked temporary file (in ``TMPDIR``) and mapped back read-only
 (``SpooledSequences``): the dataset's key list needs every sequence up front, and this way memory
@@ -35,18 +37,32 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from logitcache.client.errors import InvalidArgument, NotFound
+from logitcache.server.inputs_hf import (
+    SCHEME,
+    HFDataset,
+    arrow_rows,
+    batch_rows,
+    is_saved_dataset,
+    saved_dataset_shards,
+)
 from logitcache.server.store.backend import StoredObject
 
 OVERFLOW_POLICIES = ("error", "truncate", "split")
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 BLOCK_ROWS = 1024  # rows tokenised and checked together: one tokenizer call, bounded memory
 SPOOL_TOKENS = 1 << 20  # checked token ids buffered in memory before they go to the spool file
-InputSource = str | Path | StoredObject | BinaryIO
+InputSource = str | Path | StoredObject | BinaryIO | HFDataset
+
+
+def input_source(text: str) -> Path | HFDataset:
+    """An input as a user writes it (``--data``, a job's ``server_path``): an ``hf://`` URL is a
+    Hugging Face dataset, anything else a path, a directory or a glob."""
+    return HFDataset.parse(text) if text.startswith(SCHEME) else Path(text)
 
 
 def source_name(source: InputSource) -> str:
     """How messages and provenance name an input: its path, store object name, or stream name."""
-    if isinstance(source, str | Path | StoredObject):
+    if isinstance(source, str | Path | StoredObject | HFDataset):
         return str(source)
     name = getattr(source, "name", None)
     return name if isinstance(name, str) else "<input>"
@@ -68,12 +84,17 @@ def open_input(source: InputSource) -> AbstractContextManager[BinaryIO]:
 def input_shards(source: InputSource) -> list[InputSource]:
     """The shards of an input in reading order: a directory's ``.jsonl`` and ``.parquet`` files
     (recursively, skipping names that start with ``.`` or ``_`` such as ``_SUCCESS``) or a glob's
-    matches, sorted by name; any other input is its own single shard."""
+    matches, sorted by name; a saved Hugging Face dataset's Arrow shards in its order; any other
+    input (an ``hf://`` dataset too) is its own single shard."""
+    if isinstance(source, str) and source.startswith(SCHEME):
+        source = HFDataset.parse(source)
     if not isinstance(source, str | Path):
         return [source]
     path = Path(source)
     if path.is_file():
         return [path]
+    if path.is_dir() and is_saved_dataset(path):
+        return list(saved_dataset_shards(path))
     if path.is_dir():
         shards = sorted(
             (p for p in path.rglob("*") if p.is_file() and _is_shard(p.relative_to(path))),
@@ -94,13 +115,31 @@ def describe_input(source: InputSource) -> dict:
     """The input's provenance: its name, sha256, and every shard's name, size and sha256.
 
     One shard's sha256 is the file's own; several shards' is the sha256 of their digests in
-    reading order, so it names the content whatever the shards are called."""
-    shards = [_digest(shard) for shard in input_shards(source)]
-    if len(shards) == 1:
+    reading order, so it names the content whatever the shards are called. A Hugging Face
+    dataset lists its local files (none for a hub dataset, whose sha256 is then None) and what
+    names it (``hf``: name, config, split, revision, data files)."""
+    shards = [_digest(shard) for shard in _content_shards(source)]
+    if not shards:
+        sha256 = None
+    elif len(shards) == 1:
         sha256 = shards[0]["sha256"]
     else:
         sha256 = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
-    return {"path": source_name(source), "sha256": sha256, "shards": shards}
+    described = {"path": source_name(source), "sha256": sha256, "shards": shards}
+    dataset = _hf_dataset(source)
+    return described if dataset is None else {**described, "hf": dataset.describe()}
+
+
+def _hf_dataset(source: InputSource) -> HFDataset | None:
+    if isinstance(source, str) and source.startswith(SCHEME):
+        return HFDataset.parse(source)
+    return source if isinstance(source, HFDataset) else None
+
+
+def _content_shards(source: InputSource) -> list[InputSource]:
+    """The files whose bytes are the input: its shards, or a Hugging Face dataset's local files."""
+    dataset = _hf_dataset(source)
+    return list(dataset.local_files()) if dataset is not None else input_shards(source)
 
 
 @dataclass(frozen=True)
@@ -225,18 +264,11 @@ def load_sequences(
     reader = _Reader(vocab_size, max_len, tokenize, overflow, skip_invalid, text_field, ids_field)
     block: list[Row] = []
     for shard in input_shards(source):
-        name = source_name(shard)
-        with open_input(shard) as stream:
-            rows = (
-                reader.parquet_rows(stream, name)
-                if name.endswith(".parquet")
-                else _jsonl_rows(stream, name)
-            )
-            for row in rows:
-                block.append(row)
-                if len(block) == BLOCK_ROWS:
-                    reader.check(block)
-                    block = []
+        for row in reader.rows(shard):
+            block.append(row)
+            if len(block) == BLOCK_ROWS:
+                reader.check(block)
+                block = []
     reader.check(block)
     reader.report.sequences.seal()
     if not reader.report.sequences:
@@ -276,8 +308,27 @@ class _Reader:
             except _RowError as e:
                 self._fail_or_skip(where, e.category, str(e))
 
-    def parquet_rows(self, stream: BinaryIO, name: str) -> Iterator[Row]:
-        """The rows of a Parquet shard, read one row batch at a time (only the column used)."""
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The fields a row may use, in order of preference: what columnar shards read."""
+        return (self.ids_field, self.text_field)
+
+    def rows(self, shard: InputSource) -> Iterator[Row]:
+        """The rows of one shard in reading order, by its kind."""
+        name = source_name(shard)
+        if isinstance(shard, HFDataset):
+            yield from _numbered(f"{name}:row ", shard.rows(self.columns))
+            return
+        with open_input(shard) as stream:
+            if name.endswith(".parquet"):
+                yield from _numbered(f"{name}:row ", self.parquet_rows(stream, name))
+            elif name.endswith(".arrow"):
+                yield from _numbered(f"{name}:row ", arrow_rows(stream, name, self.columns))
+            else:
+                yield from _jsonl_rows(stream, name)
+
+    def parquet_rows(self, stream: BinaryIO, name: str) -> Iterator[dict[str, object]]:
+        """The rows of a Parquet shard, read one row batch at a time (only the columns used)."""
         import pyarrow.parquet as pq
 
         try:
@@ -285,16 +336,13 @@ class _Reader:
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise InvalidArgument(f"{name}: not a readable Parquet file ({e})") from None
         names = parquet.schema_arrow.names
-        column = next((c for c in (self.ids_field, self.text_field) if c in names), None)
-        if column is None:
+        present = [c for c in self.columns if c in names]
+        if not present:
             raise InvalidArgument(
                 f"{name}: needs a {self.text_field!r} or {self.ids_field!r} column, has {names}"
             )
-        number = 0
-        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                number += 1
-                yield Where(f"{name}:row ", number), {column: value}
+        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=present):
+            yield from batch_rows({c: batch.column(c).to_pylist() for c in present}, present)
 
     def _field_of(self, row: object) -> tuple[str, object]:
         if isinstance(row, _RowError):
@@ -339,6 +387,12 @@ class _Reader:
         if not self.skip_invalid:
             raise InvalidArgument(f"{where}: {reason}", fields=fields)
         self.report.skipped[category] += 1
+
+
+def _numbered(prefix: str, rows: Iterator[dict[str, object]]) -> Iterator[Row]:
+    """Rows of a columnar shard with their places, ``prefix`` and 1-based row numbers."""
+    for number, row in enumerate(rows, start=1):
+        yield Where(prefix, number), row
 
 
 def _lines(stream: BinaryIO) -> Iterator[bytes]:

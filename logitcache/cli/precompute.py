@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from logitcache.cli.options import (
     add_capture_options,
@@ -39,9 +38,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        type=Path,
+        type=_input_source,
         help="input: a .jsonl or .parquet file, a directory of such shards, or a glob (quote it); "
-        "shards are read in name order, as a stream",
+        "shards are read in name order, as a stream. A Hugging Face dataset: a directory saved "
+        "with save_to_disk, or hf://NAME[/CONFIG]?split=SPLIT[&revision=R] for a hub dataset "
+        "(streamed; pin the revision to resume), hf://json?data_files=GLOB or "
+        "hf://parquet?data_files=GLOB for files read through the datasets library",
     )
     p.add_argument(
         "--text-field", default="text", help="the column of texts to tokenise (default: text)"
@@ -97,6 +99,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sample", type=int, default=16, help="sequences to re-run (default: 16)")
     g.add_argument("--seed", type=int, default=0, help="which sequences (default: 0)")
     p.set_defaults(handler=_inspect)
+
+
+def _input_source(text: str) -> object:
+    """``--data`` as the server's input reader names it (imported only when the flag is used)."""
+    from logitcache.server.inputs import input_source
+
+    return input_source(text)
 
 
 def _precompute(args: argparse.Namespace) -> int:
