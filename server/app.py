@@ -80,12 +80,18 @@ async def serve(
     summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
     await summaries.start()
     metrics = ServerMetrics(store_bytes=lambda: summaries.totals.stored_bytes)
-    state: dict[str, bool] = {"engine": False, "store": True}
+    state: dict[str, bool] = {"engine": False, "store": True, "accepting": True}
 
     probe = StoreProbe(store, writes=bool(config.teachers))
 
     async def readiness() -> dict[str, bool]:
-        return {"engine": state["engine"], "store": await loop.run_in_executor(None, probe)}
+        # "accepting" turns False once a stop is asked for, so that load balancers and
+        # Kubernetes route no new calls to a server that is draining the ones it has.
+        return {
+            "engine": state["engine"],
+            "accepting": state["accepting"],
+            "store": await loop.run_in_executor(None, probe),
+        }
 
     http = await start_http_side(
         make_http_app(metrics, readiness),
@@ -159,6 +165,7 @@ async def serve(
         if on_ready is not None:
             on_ready(port, http.port)
         await stop.wait()
+        state["accepting"] = False  # /readyz answers 503 while the calls in flight finish
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
