@@ -245,6 +245,8 @@ def leases_for(store: Store, owner: str | None = None, state_url: str = "") -> L
 
     if is_postgres_url(state_url):
         return PostgresLeaseStore(state_url, store.url, owner)
+    if state_url:
+        raise InvalidArgument("a state URL is a postgresql:// URL", fields=("state_url",))
     if not isinstance(store.backend, LocalBackend):
         raise InvalidArgument(
             f"store {store.url}: leases on this store need shared state (--state-url "
@@ -343,13 +345,19 @@ class LeaseKeeper:
 @contextlib.asynccontextmanager
 async def holding(
     leases: LeaseStore, name: str, note: str, *, what: str, todo: str,
-    ttl_s: float = DEFAULT_LEASE_S,
+    ttl_s: float = DEFAULT_LEASE_S, wait_s: float = 0.0,
 ) -> AsyncIterator[LeaseKeeper]:  # fmt: skip
-    """Hold the lease ``name`` (renewed) for the body; :func:`busy` if another owner holds it."""
+    """Hold the lease ``name`` (renewed) for the body; :func:`busy` if another owner holds it
+    still after ``wait_s`` seconds (a retried worker waits out its killed predecessor's lease,
+    which only expiry frees when that one ran on another host)."""
     keeper = LeaseKeeper(leases, ttl_s)
-    if not await keeper.acquire(name, note):
+    deadline = time.monotonic() + wait_s
+    while not await keeper.acquire(name, note):
         holder = await asyncio.get_running_loop().run_in_executor(None, leases.holder, name)
-        raise FailedPrecondition(busy(what, holder, todo))
+        if time.monotonic() >= deadline:
+            raise FailedPrecondition(busy(what, holder, todo))
+        log.info("waiting for %s", busy(what, holder, "it expires or is released"))
+        await asyncio.sleep(min(1.0, ttl_s / 10))
     try:
         yield keeper
     finally:

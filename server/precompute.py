@@ -18,9 +18,10 @@ records twice. Progress counts sealed work only: what a crash would keep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +32,12 @@ from logitcache.server.engine.capture import CaptureConfig, stored_rows
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences
-from logitcache.server.leases import dataset_lease, holding, leases_for
+from logitcache.server.leases import DEFAULT_LEASE_S, busy, dataset_lease, holding, leases_for
 from logitcache.server.spool import teacher_tokenize
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
+from logitcache.server.work_units import UnitProgress, WorkShare, finish
 
 DEFAULT_SEGMENT_POSITIONS = 1 << 16
 
@@ -60,6 +62,10 @@ class PrecomputeRequest:
     codec: str | None = None
     text_field: str = "text"
     ids_field: str = "input_ids"
+    # Distributed precompute: the work units this run does (all of them by default), and the
+    # shared state (a postgresql:// URL) that holds the leases of workers on several hosts.
+    share: WorkShare = field(default_factory=lambda: WorkShare())
+    state_url: str = ""
 
     @property
     def capture(self) -> CaptureConfig:
@@ -77,6 +83,11 @@ class PrecomputeResult:
     segments_written: int
     seconds: float
     report: InputReport
+    progress: UnitProgress | None = None  # a distributed precompute's units, after this run
+
+    @property
+    def complete(self) -> bool:
+        return self.progress is None or self.progress.complete
 
     @property
     def positions_per_s(self) -> float:
@@ -103,9 +114,11 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
     )
 
 
-def run_precompute(req: PrecomputeRequest) -> PrecomputeResult:
+def run_precompute(
+    req: PrecomputeRequest, engine_factory: EngineFactory = VLLMEngine
+) -> PrecomputeResult:
     """Precompute a dataset with an engine of its own (the offline CLI)."""
-    return asyncio.run(precompute(req))
+    return asyncio.run(precompute(req, engine_factory=engine_factory))
 
 
 async def precompute(
@@ -138,14 +151,7 @@ async def precompute(
         store = await loop.run_in_executor(None, lambda: open_store(req.out, writable=True))
     if lease_held:
         return await _build(req, engine, engine_factory, store, info, report, priority, on_progress)
-    async with holding(
-        leases_for(store),
-        dataset_lease(req.dataset),
-        "logitcache precompute",
-        what=f"dataset {req.dataset!r} in {store.url}",
-        todo="it is being built; wait for that process to finish, or stop it and rerun this "
-        "command, which continues from what it sealed",
-    ):
+    async with _holding_share(req, store):
         return await _build(req, engine, engine_factory, store, info, report, priority, on_progress)
 
 
@@ -165,6 +171,12 @@ async def _build(
     existing, complete = found if found is not None else (None, False)
     if complete:
         return await loop.run_in_executor(None, _result, req, store, report, 0, 0, 0, 0.0)
+    if existing is not None and req.share.distributed:
+        progress = await loop.run_in_executor(None, _share_done, store, req, existing, sequences)
+        if progress is not None:  # a retried worker whose units are all sealed: no engine
+            return await loop.run_in_executor(
+                None, _result, req, store, report, 0, 0, 0, 0.0, progress
+            )
     own_engine = engine is None
     if engine is None:
         engine = await loop.run_in_executor(None, engine_factory, info, _engine_options(req))
@@ -192,14 +204,86 @@ async def _build(
             on_progress=_counting_reused(on_progress, sequences, todo),
         )
         seconds = time.perf_counter() - started
-        await loop.run_in_executor(None, store.mark_complete, req.dataset)
+        progress = await loop.run_in_executor(None, _finish, store, req)
         computed_positions = sum(len(s) for _, s in todo)
         return await loop.run_in_executor(
-            None, _result, req, store, report, len(todo), computed_positions, written, seconds
-        )
+            None, _result, req, store, report, len(todo), computed_positions, written, seconds,
+            progress,
+        )  # fmt: skip
     finally:
         if own_engine:
             engine.shutdown()
+
+
+_RERUN = (
+    "it is being built; wait for that process to finish, or stop it and rerun this command, "
+    "which continues from what it sealed"
+)
+
+
+@contextlib.asynccontextmanager
+async def _holding_share(req: PrecomputeRequest, store: Store) -> AsyncIterator[None]:
+    """Hold the dataset's lease for the run; a worker of a distributed precompute holds its
+    share's lease instead (waiting up to two lease times for a killed predecessor's to expire),
+    after checking that no single run or server job holds the whole dataset."""
+    loop = asyncio.get_running_loop()
+    leases = await loop.run_in_executor(None, leases_for, store, None, req.state_url)
+    what = f"dataset {req.dataset!r} in {store.url}"
+    if not req.share.distributed:
+        async with holding(
+            leases, dataset_lease(req.dataset), "logitcache precompute", what=what, todo=_RERUN
+        ):
+            yield
+        return
+    whole = await loop.run_in_executor(None, leases.holder, dataset_lease(req.dataset))
+    if whole is not None:
+        raise FailedPrecondition(busy(what, whole, "wait for it to finish"))
+    share = req.share
+    async with holding(
+        leases, share.lease(req.dataset),
+        f"logitcache precompute worker {share.worker} of {share.workers}",
+        what=f"worker {share.worker} of {share.workers} of {what}", todo=_RERUN,
+        wait_s=2 * DEFAULT_LEASE_S,
+    ):  # fmt: skip
+        yield
+
+
+def _share_done(
+    store: Store, req: PrecomputeRequest, space: CaptureSpace, sequences: list[np.ndarray]
+) -> UnitProgress | None:
+    """The dataset's progress, finished, if every sequence of this worker's share is sealed
+    already (a retry after its last seal); None while it has work."""
+    keys = [record_key(space.space_id, s) for s in sequences]
+    store.refresh()
+    if _missing(store, *req.share.select(keys, sequences)):
+        return None
+    return finish(store, req.dataset)
+
+
+def _finish(store: Store, req: PrecomputeRequest) -> UnitProgress | None:
+    """After a run sealed its share: the dataset is complete (one worker), or complete once
+    every worker's units are sealed, which the last of them to finish sees."""
+    if not req.share.distributed:
+        store.mark_complete(req.dataset)
+        return None
+    return finish(store, req.dataset)
+
+
+def _check_created_alike(
+    store: Store,
+    req: PrecomputeRequest,
+    info: TeacherInfo,
+    sequences: list[np.ndarray],
+    space: CaptureSpace,
+) -> None:
+    """Another worker published the dataset first: it must be this very one."""
+    found = _existing_space(store, req, info, sequences)
+    if found is None or found[0] != space:
+        raise FailedPrecondition(
+            f"dataset {req.dataset!r} in {store.url} was published by another worker with "
+            "another capture space (engine dtype); run every worker with the same options",
+            fields=["dtype"],
+        )
 
 
 def _start_dataset(
@@ -210,15 +294,21 @@ def _start_dataset(
     space: CaptureSpace,
     create: bool,
 ) -> list[tuple[bytes, np.ndarray]]:
-    """Create the dataset unless it exists, clean dead writers' leftovers; what is left to do."""
+    """Create the dataset unless it exists, clean dead writers' leftovers; what is left to do
+    (of this run's share of the work units)."""
     sequences = [s.input_ids for s in report.sequences]
     keys = [record_key(space.space_id, s) for s in sequences]
     if create:
-        create_dataset(store, req, info, report, space)
+        try:
+            create_dataset(store, req, info, report, space)
+        except AlreadyExists:
+            if not req.share.distributed:
+                raise
+            _check_created_alike(store, req, info, sequences, space)  # by another worker
     elif store.dataset(req.dataset).manifest["state"] == "partial":
         store.mark_state(req.dataset, "building")  # finished as partial, and now resumed
     store.clean_unsealed()
-    return _missing(store, keys, sequences)
+    return _missing(store, *req.share.select(keys, sequences))
 
 
 def create_dataset(
@@ -237,6 +327,8 @@ def create_dataset(
     provenance = _provenance(req, info, report)
     if job is not None:
         provenance["job"] = job
+    if req.share.distributed:
+        provenance["work_units"] = req.share.to_json()
     store.create_dataset(
         req.dataset,
         space,
@@ -423,7 +515,9 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
     }
 
 
-def _result(req, store, report, computed, computed_positions, written, seconds) -> PrecomputeResult:
+def _result(
+    req, store, report, computed, computed_positions, written, seconds, progress=None
+) -> PrecomputeResult:
     ds = store.dataset(req.dataset)
     return PrecomputeResult(
         dataset=req.dataset,
@@ -435,4 +529,5 @@ def _result(req, store, report, computed, computed_positions, written, seconds) 
         segments_written=written,
         seconds=seconds,
         report=report,
+        progress=progress,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from typing import TYPE_CHECKING
 
 from logitcache.cli.options import (
     add_capture_options,
@@ -15,6 +17,9 @@ from logitcache.cli.options import (
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.options import add_dataset_options, add_progress_option
 from logitcache.client.space import CaptureMode
+
+if TYPE_CHECKING:
+    from logitcache.server.engine.protocol import EngineFactory
 
 STORE_URL = "a directory path or file:// URL"
 
@@ -75,7 +80,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_progress_option(p)
     add_engine_options(p)
-    p.set_defaults(handler=_precompute, field_flags=capture_field_flags)
+    _add_distributed_options(p)
+    p.set_defaults(handler=precompute_command, field_flags=capture_field_flags)
 
     p = sub.add_parser(
         "inspect", help="describe a store: capture spaces, datasets, sizes, provenance"
@@ -108,9 +114,66 @@ def _input_source(text: str) -> object:
     return input_source(text)
 
 
-def _precompute(args: argparse.Namespace) -> int:
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "distributed precompute",
+        "Split the input into work units of --unit-sequences sequences (in input order) and run "
+        "one command per worker, e.g. as a Kubernetes Indexed Job: worker I does the units u "
+        "with u % N == I. Every worker publishes the same dataset; a killed worker is rerun "
+        "and skips what it sealed. The last worker to finish marks the dataset complete (or "
+        "--finalize does); it then equals a one-worker run's dataset, key for key and in order.",
+    )
+    g.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="number of workers (default: 1)"
+    )
+    g.add_argument(
+        "--worker",
+        type=int,
+        default=None,
+        metavar="I",
+        help="this worker's index, 0..N-1 (default: $JOB_COMPLETION_INDEX, which a Kubernetes "
+        "Indexed Job sets)",
+    )
+    g.add_argument(
+        "--unit-sequences",
+        type=int,
+        default=256,
+        metavar="S",
+        help="sequences per work unit; every worker must use the same (default: 256)",
+    )
+    g.add_argument(
+        "--finalize",
+        action="store_true",
+        help="run nothing: mark --dataset in --out complete if every work unit is sealed, or "
+        "fail naming the missing units and their workers",
+    )
+    g.add_argument(
+        "--state-url",
+        default=os.environ.get("LOGITCACHE_STATE_URL", ""),
+        help="postgresql:// URL of the shared state that holds the workers' leases when they "
+        "run on several hosts (default: $LOGITCACHE_STATE_URL; else lease files in a local "
+        "store)",
+    )
+
+
+def _finalize(args: argparse.Namespace) -> int:
+    from logitcache.server.store.store import open_store
+    from logitcache.server.work_units import finalize
+
+    progress = finalize(open_store(args.out, writable=True), args.dataset)
+    print(f"dataset {args.dataset}: complete; {progress.describe()}")
+    return 0
+
+
+def precompute_command(
+    args: argparse.Namespace, engine_factory: EngineFactory | None = None
+) -> int:
+    """``logitcache precompute``; tests pass another ``engine_factory`` (the reference one)."""
+    if args.finalize:
+        return _finalize(args)
     mode, k = capture_mode(args)  # before the server's import: a bad flag fails at once
     from logitcache.server.precompute import PrecomputeRequest, run_precompute
+    from logitcache.server.work_units import WorkShare
 
     req = PrecomputeRequest(
         teacher=args.teacher,
@@ -131,8 +194,10 @@ def _precompute(args: argparse.Namespace) -> int:
         license=args.license,
         engine=engine_options(args, 1 if mode is CaptureMode.SAMPLED else k),
         progress=not args.no_progress,
+        share=WorkShare.of(args.worker, args.workers, args.unit_sequences),
+        state_url=args.state_url,
     )
-    r = run_precompute(req)
+    r = run_precompute(req) if engine_factory is None else run_precompute(req, engine_factory)
     skipped = sum(r.report.skipped.values())
     print(
         f"dataset {r.dataset}: {r.sequences:,} sequences, {r.positions:,} positions; computed "
@@ -143,6 +208,10 @@ def _precompute(args: argparse.Namespace) -> int:
         + (f"; truncated {r.report.truncated}" if r.report.truncated else "")
         + (f"; split {r.report.split}" if r.report.split else "")
     )
+    if r.progress is not None:
+        share = req.share
+        state = "complete" if r.complete else "building: the other workers' units are missing"
+        print(f"worker {share.worker} of {share.workers}: {r.progress.describe()}; dataset {state}")
     return 0
 
 
@@ -152,6 +221,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     summary = store_summary(store, args.dataset)
+    _add_work_units(store, summary)
     if args.fidelity:
         from logitcache.server.fidelity_check import check_fidelity, format_fidelity
 
@@ -163,6 +233,26 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(format_summary(summary))
+        for entry in summary["datasets"]:
+            if "work_units" in entry:
+                print(f"dataset {entry['name']}: {_units_line(entry['work_units'])}")
         if args.fidelity:
             print(format_fidelity(summary["fidelity"]))
     return 0
+
+
+def _add_work_units(store, summary: dict) -> None:
+    """Each dataset built by several workers gets its work units' progress (``work_units``)."""
+    from logitcache.server.work_units import unit_progress
+
+    for entry in summary["datasets"]:
+        if (entry.get("provenance") or {}).get("work_units"):
+            entry["work_units"] = unit_progress(store, entry["name"]).to_json()
+
+
+def _units_line(units: dict) -> str:
+    line = f"{units['sealed_units']:,} of {units['units']:,} work units sealed"
+    if units["workers_left"]:
+        left = ", ".join(str(w) for w in units["workers_left"])
+        line += f"; workers {left} of {units['workers']} have units left"
+    return line
