@@ -51,7 +51,8 @@ def test_every_command_is_there():
         "precompute", "inspect", "serve", "submit", "jobs", "fetch", "demo-teacher", "demo-data",
         "demo-service", "bench capture", "bench distill", "bench stream", "bench lookup",
         "bench storage", "bench soak", "datasets finish", "datasets resume", "datasets delete",
-        "gc", "tokens create", "tokens list", "tokens revoke", "audit verify",
+        "gc", "tokens create", "tokens list", "tokens revoke", "tokens limit", "tokens unflag",
+        "datasets share", "audit verify",
     }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""``logitcache datasets finish|resume|delete NAME``: end, restart or remove a dataset.
+"""``logitcache datasets finish|resume|delete NAME``: end, restart or remove a dataset (and
+``datasets share``, from ``policy``).
 
 Each command talks to a running server (``--server``), or works on a local store directly
 (``--store``, no server needed) where that makes sense: finishing and deleting change only the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from logitcache.cli.policy import add_share_command
 from logitcache.client.errors import FailedPrecondition
 from logitcache.client.options import add_server_options, client_arguments
 
@@ -56,6 +58,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             help=f"work on this local store instead of a server ({STORE_URL})",
         )
         p.set_defaults(handler=handler)
+    add_share_command(datasets)
 
 
 def _client(args: argparse.Namespace) -> Any:

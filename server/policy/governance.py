@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from logitcache.client.errors import InvalidArgument, NotFound
+from logitcache.server.names import shown
 from logitcache.server.policy.access import issue_token
 from logitcache.server.policy.quotas import COMPUTED, SERVED, daily_usage, effective_limits
 from logitcache.server.policy.state import (
@@ -61,7 +62,7 @@ class Governance:
     def _record(self, token_id: str) -> TokenRecord:
         record = self.state.token(token_id)
         if record is None:
-            raise NotFound(f"no token {token_id!r}; `logitcache tokens list` shows the ids")
+            raise NotFound(f"no token {shown(token_id)}; `logitcache tokens list` shows the ids")
         return record
 
     def create_token(

@@ -44,7 +44,7 @@ def test_list_and_revoke_never_show_a_token(tmp_path, capsys) -> None:
     listed = capsys.readouterr()
     assert "revoked" in listed.out and token not in listed.out + listed.err
     assert main(["tokens", "revoke", "--state", state, "tok_missing"]) == 2
-    assert "no token tok_missing" in capsys.readouterr().err
+    assert "no token 'tok_missing'" in capsys.readouterr().err
     assert main(["tokens", "create", "--state", state, "--user", "", "--role", "admin"]) == 2
 
 
@@ -60,3 +60,21 @@ def test_audit_verify_exits_by_what_it_finds(tmp_path, capsys) -> None:
     assert main(["audit", "verify", str(tmp_path / "audit")]) == 1
     assert f"{path}:3:" in capsys.readouterr().err
     assert main(["audit", "verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_limits_flags_and_shares_offline(tmp_path, capsys) -> None:
+    state = str(tmp_path)
+    assert main(["tokens", "create", "--state", state, "--user", "ana", "--role", "producer"]) == 0
+    capsys.readouterr()
+    assert main(["tokens", "list", "--state", state, "--json"]) == 0
+    token_id = json.loads(capsys.readouterr().out)["id"]
+    assert main(["tokens", "limit", "--state", state, token_id, "--concurrent-streams", "2"]) == 0
+    assert "limits=concurrent_streams=2" in capsys.readouterr().out
+    assert main(["tokens", "limit", "--state", state, token_id]) == 2  # no limit given
+    assert main(["tokens", "unflag", "--state", state, token_id]) == 0
+    capsys.readouterr()
+    share = ["datasets", "share", "built-offline", "--state", state]
+    assert main([*share, "--owner", "ana", "--group", "nlp", "--user", "bo"]) == 0
+    assert "owner ana, users bo, groups nlp" in capsys.readouterr().out
+    assert main([*share, "--remove-user", "bo"]) == 0
+    assert "owner ana, users -, groups nlp" in capsys.readouterr().out
