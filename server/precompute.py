@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
-from logitcache.server.engine.capture import CaptureConfig, stored_rows
+from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
+from logitcache.server.engine.device_capture import CapturedColumns
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences
@@ -371,15 +373,15 @@ async def capture_into_store(
     loop = asyncio.get_running_loop()
     config = CaptureConfig.of_space(space)
 
-    def encode(key: bytes, ids: np.ndarray, rows) -> CapturedRecord:
-        return CapturedRecord.encode(key, ids, stored_rows(config, rows, key), space)
+    def encode(key: bytes, ids: np.ndarray, answer: TopKRows | CapturedColumns) -> CapturedRecord:
+        return CapturedRecord.encode(key, ids, stored_rows(config, answer), space)
 
     async def one(key: bytes, ids: np.ndarray) -> CapturedRecord:
         try:
-            rows = await engine.capture(ids, config.engine_width, priority)
+            answer = await capture_record(engine, config, ids, key, priority)
         finally:
             slots.release()
-        return await loop.run_in_executor(None, encode, key, ids, rows)
+        return await loop.run_in_executor(None, encode, key, ids, answer)
 
     sealed_sequences = sealed_positions = 0
 
@@ -478,8 +480,8 @@ def _existing_space(
 
 def _engine_options(req: PrecomputeRequest) -> EngineOptions:
     opts = req.engine
-    if req.capture.mode == "sampled":
-        return EngineOptions(**{**opts.__dict__, "full_vocab": True})
+    if req.capture.mode == "sampled":  # draws are made engine-side: no top-k, no full vocabulary
+        return opts
     if opts.max_top_k < req.top_k:
         opts = EngineOptions(**{**opts.__dict__, "max_top_k": req.top_k})
     return opts

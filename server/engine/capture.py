@@ -5,24 +5,28 @@
                probability reaches P (at least one entry), plus the exact tail mass
     sampled    U = k draws per position from the teacher's full distribution (codec sampled-v1)
 
-Sampling needs the whole distribution, so sampled captures ask vLLM for log-probs over the full
-vocabulary (``prompt_logprobs=-1``). That is exact, and it is the only exact way vLLM offers: a
-top-K request cannot produce draws from the tail, and vLLM has no hook that samples prompt
-positions inside the engine. Its cost is the O(V) lists vLLM builds per position (for the demo
-teacher, V = 1785, about 8x slower than k = 64); teachers with vocabularies of 100k+ pay
-proportionally, which is the price of unbiased draws and why top-k stays the default.
+Every mode is computed on the engine's device (``device_capture``): the engine returns a few
+columns per position (top-k, draws, normalisers), never the whole vocabulary, so sampling from
+the full distribution costs about what a top-k capture does at any vocabulary size.
+:meth:`CaptureConfig.engine_request` says what to ask the engine for, :func:`stored_rows` turns
+the answer into the rows the space stores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from logitcache.client.codecs import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.space import CaptureMode, CaptureSpace
-from logitcache.server.engine.sampling import MAX_SAMPLES, rng_for_key, sample_rows
+from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest, seed_of_key
+from logitcache.server.engine.sampling import MAX_SAMPLES, group_draws
+
+if TYPE_CHECKING:
+    from logitcache.server.engine.protocol import TeacherEngine
 
 MAX_TOP_K = 256  # the most log-probs per position a top-k or top-p capture keeps
 FULL_VOCAB = -1  # an engine width: every token of the vocabulary
@@ -82,8 +86,16 @@ class CaptureConfig:
 
     @property
     def engine_width(self) -> int:
-        """Log-probs to ask the engine for per position."""
+        """Log-probs per position of the engine's list path (``TeacherEngine.capture``): the
+        full vocabulary for sampled captures, which a host-side re-derivation of the draws
+        (``sampling.draw_rows_for_key``) needs."""
         return FULL_VOCAB if self.mode is CaptureMode.SAMPLED else self.k
+
+    def engine_request(self, key: bytes) -> CaptureRequest:
+        """What the engine computes per position of the record ``key``."""
+        if self.mode is CaptureMode.SAMPLED:
+            return CaptureRequest(samples=self.k, seed=seed_of_key(key))
+        return CaptureRequest(top_k=self.k)
 
     def space(self, teacher_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int,
               engine_dtype: str) -> CaptureSpace:  # fmt: skip
@@ -102,12 +114,28 @@ class CaptureConfig:
         return cls(space.capture_mode, space.k, space.top_p, space.codec)
 
 
-def stored_rows(config: CaptureConfig, rows: TopKRows, key: bytes) -> TopKRows:
-    """Engine rows (top-k, or the full vocabulary for sampled) -> the rows a space stores."""
+async def capture_record(
+    engine: TeacherEngine, config: CaptureConfig, ids: np.ndarray, key: bytes, priority: int = 0
+) -> TopKRows | CapturedColumns:
+    """The engine's answer for one record of a space: its top-k rows (``engine.capture``, which
+    the vLLM engine computes engine-side), or for sampled captures the engine-side columns of
+    :meth:`CaptureConfig.engine_request`; :func:`stored_rows` makes the stored rows of either."""
+    if config.mode is CaptureMode.SAMPLED:
+        return await engine.capture_columns(ids, config.engine_request(key), priority)
+    return await engine.capture(ids, config.k, priority)
+
+
+def stored_rows(config: CaptureConfig, answer: TopKRows | CapturedColumns) -> TopKRows:
+    """The engine's answer (:func:`capture_record`) -> the rows a space stores."""
+    if isinstance(answer, CapturedColumns):
+        if config.mode is not CaptureMode.SAMPLED:
+            return stored_rows(config, answer.top_rows())
+        return group_draws(answer.draw_ids, answer.draw_logprobs, answer.target_logprobs)
+    rows = answer
+    if config.mode is CaptureMode.SAMPLED:
+        raise ValueError("sampled rows come from the engine's draws (capture_columns)")
     if config.mode is CaptureMode.TOPK:
         return rows
-    if config.mode is CaptureMode.SAMPLED:
-        return sample_rows(rows, config.k, rng_for_key(key))
     assert config.top_p is not None
     return top_p_rows(rows, config.top_p)
 

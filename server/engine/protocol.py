@@ -23,6 +23,7 @@ import numpy as np
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import FULL_VOCAB, MAX_TOP_K
+from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest
 from logitcache.server.teachers.identity import TeacherInfo
 
 
@@ -38,6 +39,13 @@ class TeacherEngine(Protocol):
         """T rows of the ``k`` most probable tokens (``k = FULL_VOCAB``: every token, for
         engines started with ``full_vocab``); lower ``priority`` runs first where the engine
         schedules by it."""
+        ...
+
+    async def capture_columns(
+        self, input_ids: np.ndarray, request: CaptureRequest, priority: int = 0
+    ) -> CapturedColumns:
+        """The engine-side capture of one record (``device_capture``): top-k, draws at T = 1
+        seeded by the record, log-normalisers at temperatures, computed next to the logits."""
         ...
 
     def shutdown(self) -> None: ...
@@ -61,6 +69,7 @@ OWNED_ENGINE_ARGS = {
     "max_logprobs": "it is set from the widest capture this engine serves (--top-k / max_top_k)",
     "scheduling_policy": "logitcache sets it: priority on a server (interactive requests before "
     "jobs), first come first served offline",
+    "worker_extension_cls": "logitcache's engine-side capture runs as vLLM's worker extension",
     "hf_token": "give a hub token in the HF_TOKEN environment variable, where it stays out of "
     "command lines, config files and logs",
 }

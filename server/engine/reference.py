@@ -18,6 +18,12 @@ import torch
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import FULL_VOCAB
+from logitcache.server.engine.device_capture import (
+    CapturedColumns,
+    CaptureRequest,
+    capture_columns,
+    seed_tensor,
+)
 from logitcache.server.engine.protocol import EngineOptions, check_options, check_width
 from logitcache.server.teachers.identity import TeacherInfo
 
@@ -38,6 +44,17 @@ class TransformersReference:
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None]
         logits = self.model(input_ids=ids).logits[0].float()
         return torch.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def capture_columns(self, input_ids: np.ndarray, request: CaptureRequest) -> CapturedColumns:
+        """The engine-side capture of one record, on this model's logits (as vLLM's hook)."""
+        ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
+        logits = self.model(input_ids=ids[None]).logits[0].float()
+        targets = torch.cat([ids[1:], torch.tensor([-1])])
+        rows = torch.arange(len(ids))
+        seeds = seed_tensor(request.seed, len(ids))
+        columns = capture_columns(logits, targets, rows, seeds, request)
+        return CapturedColumns.split(columns.numpy(), request)
 
     def capture(self, input_ids: np.ndarray, k: int) -> TopKRows:
         """T rows of the ``k`` most probable tokens (``FULL_VOCAB``: all), most probable first."""
@@ -80,13 +97,24 @@ class ReferenceEngine:
 
     async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
         check_width(k, self.options)
+        ids = self._checked(input_ids)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._model.capture, ids, k)
+
+    async def capture_columns(
+        self, input_ids: np.ndarray, request: CaptureRequest, priority: int = 0
+    ) -> CapturedColumns:
+        ids = self._checked(input_ids)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._model.capture_columns, ids, request)
+
+    def _checked(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
         if not 1 <= ids.size <= self.max_sequence_len:
             raise InvalidArgument(
                 f"a sequence of {ids.size} tokens is outside 1..{self.max_sequence_len}"
             )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._model.capture, ids, k)
+        return ids
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)

@@ -5,16 +5,24 @@ from the teacher's distribution p with their counts. For any function f of the t
 ``mean over draws of f(x_j)`` is an unbiased estimate of ``E_p[f]``, so with f = log p - log q the
 forward KL and its gradient are estimated without bias (the top-k's dropped tail biases them).
 
-Draws are reproducible: each record's generator is seeded from its key (a hash of the capture
-space and the token ids), so the same sequence gets the same draws in every run and on every
-machine, whatever the batch it was captured in.
+Captures draw on the engine's device (``device_capture``): draw j of row t is the inverse CDF, in
+id order, at a uniform hashed from (record key, t, j), so the same sequence gets the same draws in
+every run, on every machine, whatever the batch it was captured in. :func:`group_draws` turns
+those draws into stored rows; :func:`draw_rows_for_key` repeats the engine's draws on the host
+from a full distribution (what a fidelity check compares a store with).
+
+:func:`sample_rows` draws on the host from full rows with any numpy generator (``rng_for_key``:
+PCG64 seeded by the key, the scheme of captures before the engine-side path); tests and storage
+benchmarks use it to make sampled rows without an engine.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from logitcache.client.codecs import TopKRows
+from logitcache.server.engine.device_capture import draw, seed_of_key, seed_tensor, uniforms
 
 MAX_SAMPLES = 255
 
@@ -41,10 +49,20 @@ def sample_rows(full: TopKRows, samples: int, rng: np.random.Generator) -> TopKR
     draws = rng.random((rows, samples))
     flat = np.searchsorted((cdf + offset).ravel(), (draws + offset).ravel(), side="right")
     col = np.minimum(flat.reshape(rows, samples) - np.arange(rows)[:, None] * width, width - 1)
-    ids = np.take_along_axis(np.asarray(full.token_ids), col, axis=1).astype(np.int64)
+    ids = np.take_along_axis(np.asarray(full.token_ids), col, axis=1)
+    return group_draws(ids, np.take_along_axis(lp, col, axis=1), full.target_logprobs)
+
+
+def group_draws(
+    draw_ids: np.ndarray, draw_logprobs: np.ndarray, target_logprobs: np.ndarray
+) -> TopKRows:
+    """[P, U] draws (ids and their log-probs, in draw order) -> sampled rows: ascending distinct
+    ids, their counts (summing to U) and log-probs, padded to the most distinct ids of a row."""
+    ids = np.asarray(draw_ids).astype(np.int64)
+    rows, samples = ids.shape
     order = np.argsort(ids, axis=1, kind="stable")
     ids = np.take_along_axis(ids, order, axis=1)
-    lps = np.take_along_axis(lp, np.take_along_axis(col, order, axis=1), axis=1)
+    lps = np.take_along_axis(np.asarray(draw_logprobs), order, axis=1)
     first = np.ones_like(ids, dtype=bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     slot = np.cumsum(first, axis=1) - 1  # index of each draw's distinct id within its row
@@ -60,6 +78,19 @@ def sample_rows(full: TopKRows, samples: int, rng: np.random.Generator) -> TopKR
     return TopKRows(
         token_ids=out_ids,
         logprobs=out_lp,
-        target_logprobs=np.asarray(full.target_logprobs, dtype=np.float32),
+        target_logprobs=np.asarray(target_logprobs, dtype=np.float32),
         counts=counts,
     )
+
+
+def draw_rows_for_key(full: TopKRows, samples: int, key: bytes) -> TopKRows:
+    """The engine's draws for the record ``key`` (``device_capture``), repeated on the host from
+    its full rows (every token with its log-prob, any order): equal to what the engine stored
+    when ``full`` holds the engine's own values."""
+    lp = torch.from_numpy(np.asarray(full.logprobs, dtype=np.float32))
+    order = torch.from_numpy(np.asarray(full.token_ids).astype(np.int64)).argsort(dim=1)
+    by_id = lp.gather(1, order)  # [P, V] in id order, as the engine's softmax is
+    n = by_id.shape[0]
+    u = uniforms(seed_tensor(seed_of_key(key), n), torch.arange(n), samples)
+    ids = draw(by_id, u)
+    return group_draws(ids.numpy(), by_id.gather(1, ids).numpy(), full.target_logprobs)

@@ -4,11 +4,18 @@ vLLM reports, per prompt position i >= 1, the actual token x[i] first and then t
 log-softmax over the full vocabulary at temperature 1, in a flat layout of exactly k + 1 entries per
 position. Position 0 has none; the distribution after the last prompt token comes from the one
 generated token's logprobs. We reshape the flat lists into [T-1, k+1] arrays without Python loops
-over positions.
+over positions. That path (:meth:`VLLMEngine.raw_output`) builds a Python float per entry in
+vLLM's front end; it remains for full-vocabulary requests and as the reference of the self-check.
+
+Captures run engine-side instead (``vllm_worker``, ``device_capture``): top-k, draws and
+normalisers are computed next to the logits and arrive as one numpy array per record. Before its
+first engine-side capture the engine checks that path against vLLM's own prompt log-probs on a
+few sequences, and refuses to capture (FailedPrecondition) if they disagree.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import difflib
 import gc
@@ -22,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from logitcache.client.codecs import TopKRows
-from logitcache.client.errors import InvalidArgument, Unavailable
+from logitcache.client.errors import FailedPrecondition, InvalidArgument, Unavailable
 from logitcache.server.engine.capture import FULL_VOCAB
+from logitcache.server.engine.device_capture import (
+    EXTRA_ARGS_KEY,
+    CapturedColumns,
+    CaptureRequest,
+    check_agreement,
+    self_check_sequences,
+)
 from logitcache.server.engine.protocol import (
     GIB,
     HUB_ENGINE_ARGS,
@@ -36,6 +50,10 @@ from logitcache.server.teachers.identity import TeacherInfo
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs
+
+
+# vLLM imports it in every worker process, which installs logitcache's capture hook there.
+WORKER_EXTENSION = "logitcache.server.engine.vllm_worker.CaptureWorkerExtension"
 
 
 class VLLMEngine:
@@ -77,6 +95,7 @@ class VLLMEngine:
         )
         # One generated token must fit after the prompt: it carries the last row.
         self.max_sequence_len = int(model_config.max_model_len) - 1
+        self._checked: asyncio.Future[None] | None = None
 
     async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
         """Rows for one sequence; lower ``priority`` runs first when the engine schedules by it.
@@ -84,10 +103,60 @@ class VLLMEngine:
         ``k = FULL_VOCAB`` returns every token of the vocabulary (engines started with
         ``full_vocab``), in descending probability.
         """
-        output = await self.raw_output(input_ids, k, priority)
-        return rows_from_vllm_output(
-            output, len(input_ids), self.vocab_size if k == FULL_VOCAB else k
+        if k == FULL_VOCAB:
+            output = await self.raw_output(input_ids, k, priority)
+            return rows_from_vllm_output(output, len(input_ids), self.vocab_size)
+        check_width(k, self.options)
+        request = CaptureRequest(top_k=k)
+        return (await self.capture_columns(input_ids, request, priority)).top_rows()
+
+    async def capture_columns(
+        self, input_ids: np.ndarray, request: CaptureRequest, priority: int = 0
+    ) -> CapturedColumns:
+        """One record's engine-side capture (see ``device_capture``), after the self-check."""
+        await self._self_checked()
+        return await self._columns(input_ids, request, priority)
+
+    async def _columns(
+        self, input_ids: np.ndarray, request: CaptureRequest, priority: int = 0
+    ) -> CapturedColumns:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if request.top_k > self.vocab_size:
+            raise InvalidArgument(f"top-k {request.top_k} exceeds the vocabulary")
+        params = SamplingParams(
+            prompt_logprobs=0,  # enrols the request in vLLM's prompt step, which the hook takes
+            max_tokens=1,
+            temperature=0.0,
+            detokenize=False,
+            flat_logprobs=True,
+            extra_args={EXTRA_ARGS_KEY: request.to_args()},
         )
+        prompt = TokensPrompt(prompt_token_ids=np.asarray(input_ids).tolist())
+        final = await self._generate(prompt, params, priority)
+        columns = final.prompt_token_id_logprobs
+        if columns is None:
+            raise FailedPrecondition(
+                "vLLM returned no engine-side capture: logitcache's worker hook is not running "
+                "in this vLLM (see server/engine/vllm_worker.py)"
+            )
+        return CapturedColumns.split(columns, request)
+
+    async def _self_checked(self) -> None:
+        """Run the self-check once (concurrent callers wait for the same run); re-raise its
+        refusal to every later caller."""
+        if self._checked is None:
+            self._checked = asyncio.ensure_future(self._self_check())
+        await asyncio.shield(self._checked)
+
+    async def _self_check(self) -> None:
+        """Engine-side rows against vLLM's own prompt log-probs, on a few fixed sequences."""
+        k = min(8, self.max_top_k, self.vocab_size)
+        request = CaptureRequest(top_k=k, samples=4, seed=1, temperatures=(1.0,))
+        for ids in self_check_sequences(self.vocab_size, self.max_sequence_len):
+            expected = rows_from_vllm_output(await self.raw_output(ids, k), len(ids), k)
+            check_agreement(expected, await self._columns(ids, request))
 
     async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0) -> Any:
         """vLLM's own RequestOutput for one sequence (what ``bench capture`` times as baseline)."""
@@ -104,6 +173,9 @@ class VLLMEngine:
             flat_logprobs=True,
         )
         prompt = TokensPrompt(prompt_token_ids=np.asarray(input_ids).tolist())
+        return await self._generate(prompt, params, priority)
+
+    async def _generate(self, prompt: Any, params: Any, priority: int) -> Any:
         if self._llm is None:
             raise Unavailable("the engine has been shut down")
         final = None
@@ -189,6 +261,7 @@ def vllm_engine_args(
         dtype=options.dtype_for(info),
         gpu_memory_utilization=options.gpu_memory_utilization,
         scheduling_policy="priority" if options.scheduling_priority else "fcfs",
+        worker_extension_cls=WORKER_EXTENSION,
     )
     try:
         return AsyncEngineArgs(**kwargs)
