@@ -24,6 +24,11 @@ class Record:
     U draws from the teacher's full distribution, ``counts`` how often each was drawn (0 on
     padding) and ``logprobs`` the teacher's log-probabilities of those ids. They are an unbiased
     sample, not a top-k, so they have no tail.
+
+    ``loss_mask`` (uint8 [T]) comes with records of a chat dataset: 1 where row t counts, i.e.
+    where its target, token t + 1, belongs to an assistant turn (0 on the last row, which has no
+    target). It belongs to the dataset entry, not to the record: the same record in another
+    dataset may have another mask, or none. None: every position counts.
     """
 
     key: str
@@ -33,6 +38,7 @@ class Record:
     target_logprobs: np.ndarray  # float32 [T]; log p(x[t+1]), NaN on the last row
     tail_logprobs: np.ndarray | None = None  # float32 [T]; log mass outside the stored entries
     counts: np.ndarray | None = None  # int32 [T, k]; sampled mode only
+    loss_mask: np.ndarray | None = None  # uint8 [T]; chat datasets only
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

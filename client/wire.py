@@ -26,8 +26,10 @@ def encode_batch(
     *,
     indices: Sequence[int] = (),
     cursor: int = 0,
+    loss_mask: np.ndarray | None = None,
 ) -> pb.RecordBatch:
-    """Wrap the codec arrays of concatenated records (see ``logitcache.client.codecs``)."""
+    """Wrap the codec arrays of concatenated records (see ``logitcache.client.codecs``), and
+    their ``loss_mask`` (uint8 [P], see ``Record.loss_mask``) where their dataset has one."""
     codec = codec_for(space.codec, space.vocab_size)
     return pb.RecordBatch(
         space_id=space.space_id,
@@ -43,6 +45,7 @@ def encode_batch(
         ],
         indices=list(indices),
         cursor=cursor,
+        loss_mask=b"" if loss_mask is None else np.asarray(loss_mask, dtype=np.uint8).tobytes(),
     )
 
 
@@ -81,7 +84,13 @@ def decode_batch(batch: pb.RecordBatch) -> list[Record]:
     arrays = decode_arrays(batch, codec, positions)
     rows = codec.decode(arrays)
     keys = [k.hex() for k in batch.keys]
-    return split_records(keys, input_ids.astype(np.int32), lengths, rows, arrays.get("n"))
+    loss_mask = None
+    if batch.loss_mask:
+        loss_mask = np.frombuffer(batch.loss_mask, dtype=np.uint8)
+        if loss_mask.shape[0] != positions:
+            raise ValueError("malformed RecordBatch: loss_mask does not match lengths")
+    ids = input_ids.astype(np.int32)
+    return split_records(keys, ids, lengths, rows, arrays.get("n"), loss_mask)
 
 
 def split_records(
@@ -90,8 +99,10 @@ def split_records(
     lengths: np.ndarray,
     rows: TopKRows,
     row_lengths: np.ndarray | None = None,
+    loss_mask: np.ndarray | None = None,
 ) -> list[Record]:
-    """Decoded rows of concatenated records -> one Record each (views, no copies).
+    """Decoded rows of concatenated records -> one Record each (views, no copies), with their
+    ``loss_mask`` (uint8 [P]) where there is one.
 
     Ragged rows come back padded to the widest row of the whole batch; each record is cut to
     its own widest row, so it has the same shape as when it is read from the store.
@@ -118,8 +129,8 @@ def split_records(
         return [p if w == width else p[:, :w] for p, w in zip(pieces, widths.tolist(), strict=True)]
 
     return [
-        Record(key, ids, tok, lp, tgt, tail, cnt)
-        for key, ids, tok, lp, tgt, tail, cnt in zip(
+        Record(key, ids, tok, lp, tgt, tail, cnt, mask)
+        for key, ids, tok, lp, tgt, tail, cnt, mask in zip(
             keys,
             np.split(input_ids, bounds),
             parts(rows.token_ids),
@@ -127,6 +138,7 @@ def split_records(
             parts(rows.target_logprobs),
             parts(rows.tail_logprobs),
             parts(rows.counts),
+            parts(loss_mask),
             strict=True,
         )
     ]

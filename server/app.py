@@ -75,7 +75,7 @@ async def serve(
             pass
 
     tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
-    store = await loop.run_in_executor(None, _open_clean_store, config.store)
+    store = await loop.run_in_executor(None, _open_clean_store, config)
     # Listings, descriptions and totals of the store, kept up to date in a worker thread.
     summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
     await summaries.start()
@@ -252,10 +252,10 @@ def read_through_retention(
     return ReadThroughRetention(store, budget, grace_s=interval / 2, on_pass=report)
 
 
-def _open_clean_store(url: str) -> Store:
+def _open_clean_store(config: ServerConfig) -> Store:
     """The store, without what dead writers left half-done: unsealed segments and datasets
     whose writer is provably gone, and job uploads of submissions that never finished."""
-    store = open_store(url, writable=True)
+    store = open_store(config.store, writable=True, s3=config.s3_settings())
     removed = store.clean_unsealed()
     if removed:
         log.info("removed %d unsealed segments and datasets left by dead writers", removed)

@@ -11,11 +11,14 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import MAX_TOP_K
 from logitcache.server.engine.protocol import EngineOptions, check_options, parse_engine_args
+
+if TYPE_CHECKING:
+    from logitcache.server.store.objectstore import S3Settings
 
 
 @dataclass
@@ -82,6 +85,13 @@ class ServerConfig:
     # How often the server looks for datasets and segments other processes wrote (the bound on
     # how stale a listing is); a read of a record not indexed yet looks at once.
     store_refresh_seconds: float = 5.0
+    # s3:// stores: empty settings come from the AWS variables (AWS_ENDPOINT_URL, AWS_REGION,
+    # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    store_index_cache_bytes: int = 64 << 20  # shard indexes of an s3:// store held in memory
     # Records no dataset references (read-through results) are kept under these budgets; 0: none.
     readthrough_retention_bytes: int = 0
     readthrough_retention_age: float = 0.0  # seconds since a segment's last hit
@@ -96,6 +106,18 @@ class ServerConfig:
     # (in place of state_dir) and the job leases (in place of lease files); empty: neither.
     state_url: str = ""
 
+    def s3_settings(self) -> S3Settings:
+        """How to reach an s3:// store (empty fields: the AWS variables)."""
+        from logitcache.server.store.objectstore import S3Settings
+
+        return S3Settings(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key,
+            index_cache_bytes=self.store_index_cache_bytes,
+        )
+
     def check(self) -> None:
         if not self.store:
             raise InvalidArgument("no store configured (--store URL)")
@@ -107,7 +129,8 @@ class ServerConfig:
 
 
 FIELD_HELP = {
-    "store": "store URL: a directory path or file:// URL (created if missing)",
+    "store": "store URL: a directory path or file:// URL (created if missing), or "
+    "s3://BUCKET/PREFIX on S3-compatible object storage (the bucket must exist)",
     "host": "address both ports bind to; 0.0.0.0 serves other machines (default: 127.0.0.1)",
     "port": "gRPC port; 0 picks a free one (default: 50051)",
     "http_port": "HTTP port for /healthz, /readyz, /metrics; 0 picks a free one (default: 8080)",
@@ -131,6 +154,14 @@ FIELD_HELP = {
     "store_refresh_seconds": "look for datasets and segments written by other processes this "
     "often: listings are at most this old, and a read of a record not yet known looks at once "
     "(default: 5)",
+    "s3_endpoint_url": "s3:// stores: the endpoint, e.g. http://127.0.0.1:8333 for SeaweedFS or "
+    "MinIO (default: AWS_ENDPOINT_URL, else AWS itself)",
+    "s3_region": "s3:// stores: the region (default: AWS_REGION, else us-east-1)",
+    "s3_access_key_id": "s3:// stores: the access key (default: AWS_ACCESS_KEY_ID)",
+    "s3_secret_access_key": "s3:// stores: the secret key (default: AWS_SECRET_ACCESS_KEY; "
+    "prefer the variable or LOGITCACHE_S3_SECRET_ACCESS_KEY to a flag)",
+    "store_index_cache_bytes": "s3:// stores: memory for shard indexes read by range, so a "
+    "record read costs one request (default: 64 MiB)",
     "readthrough_retention_bytes": "keep at most this many bytes of records no dataset "
     "references (read-through results), evicting least recently used segments (default: 0, "
     "no size bound)",

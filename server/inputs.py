@@ -37,6 +37,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from logitcache.client.errors import InvalidArgument, NotFound
+from logitcache.server.chat import ChatError, ChatMasks, ChatRenderer
 from logitcache.server.inputs_hf import (
     SCHEME,
     HFDataset,
@@ -228,6 +229,7 @@ class InputReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
     truncated: int = 0
     split: int = 0
+    loss_masks: ChatMasks | None = None  # with chat rows: every sequence's mask (server.chat)
 
 
 class _RowError(Exception):
@@ -251,17 +253,24 @@ def load_sequences(
     skip_invalid: bool = False,
     text_field: str = "text",
     ids_field: str = "input_ids",
+    chat: ChatRenderer | None = None,
 ) -> InputReport:
     """Read, tokenise and check every row of every shard; InvalidArgument names the first bad one.
 
     ``overflow`` decides what happens to a sequence longer than ``max_len``: ``error``, keep the
     first ``max_len`` tokens (``truncate``), or cut it into consecutive pieces (``split``).
     ``skip_invalid`` skips bad rows instead of failing, counting them by reason. ``text_field``
-    and ``ids_field`` name the columns (a row with both uses the ids).
+    and ``ids_field`` name the columns (a row with both uses the ids). ``chat`` renders the rows
+    that hold its messages field (before the others) and gives every sequence a loss mask
+    (``report.loss_masks``; all ones for text and id rows).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise InvalidArgument(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
-    reader = _Reader(vocab_size, max_len, tokenize, overflow, skip_invalid, text_field, ids_field)
+    reader = _Reader(
+        vocab_size, max_len, tokenize, overflow, skip_invalid, text_field, ids_field, chat
+    )
+    if chat is not None:
+        reader.report.loss_masks = ChatMasks(chat.provenance)
     block: list[Row] = []
     for shard in input_shards(source):
         for row in reader.rows(shard):
@@ -271,6 +280,8 @@ def load_sequences(
                 block = []
     reader.check(block)
     reader.report.sequences.seal()
+    if reader.report.loss_masks is not None:
+        reader.report.loss_masks.seal()
     if not reader.report.sequences:
         raise InvalidArgument(f"{source_name(source)}: no usable sequences")
     return reader.report
@@ -287,6 +298,7 @@ class _Reader:
     skip_invalid: bool
     text_field: str
     ids_field: str
+    chat: ChatRenderer | None = None
     report: InputReport = field(default_factory=InputReport)
 
     def check(self, block: list[Row]) -> None:
@@ -303,15 +315,20 @@ class _Reader:
             try:
                 if isinstance(found, _RowError):
                     raise found
-                raw = next(tokenized) if found[0] == "text" else found[1]
-                self._accept(where, _check_ids(raw, self.vocab_size))
+                mask = None
+                if found[0] == "messages":
+                    raw, mask = self._render(found[1])
+                else:
+                    raw = next(tokenized) if found[0] == "text" else found[1]
+                self._accept(where, _check_ids(raw, self.vocab_size), mask)
             except _RowError as e:
                 self._fail_or_skip(where, e.category, str(e))
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The fields a row may use, in order of preference: what columnar shards read."""
-        return (self.ids_field, self.text_field)
+        chat = (self.chat.field,) if self.chat is not None else ()
+        return (*chat, self.ids_field, self.text_field)
 
     def rows(self, shard: InputSource) -> Iterator[Row]:
         """The rows of one shard in reading order, by its kind."""
@@ -348,8 +365,12 @@ class _Reader:
         if isinstance(row, _RowError):
             raise row
         wanted = f"{self.text_field!r} or {self.ids_field!r}"
+        if self.chat is not None:
+            wanted = f"{self.chat.field!r}, {wanted}"
         if not isinstance(row, dict):
             raise _RowError("not an object", f"each row must be a JSON object with {wanted}")
+        if self.chat is not None and row.get(self.chat.field) is not None:
+            return "messages", row[self.chat.field]
         if self.ids_field in row:
             return "input_ids", row[self.ids_field]
         if self.text_field in row:
@@ -361,17 +382,24 @@ class _Reader:
             return "text", text
         raise _RowError("missing field", f"missing field {wanted} (found {sorted(row)[:5]})")
 
-    def _accept(self, where: Where, ids: np.ndarray) -> None:
+    def _render(self, messages: object) -> tuple[np.ndarray, np.ndarray]:
+        assert self.chat is not None
+        try:
+            return self.chat.render(messages)
+        except ChatError as e:
+            raise _RowError("bad messages", f"{self.chat.field!r}: {e}") from None
+
+    def _accept(self, where: Where, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
         report, max_len = self.report, self.max_len
         if len(ids) <= max_len:
-            report.sequences.add(ids, where)
+            self._add(where, ids, mask, slice(None))
         elif self.overflow == "truncate":
             report.truncated += 1
-            report.sequences.add(ids[:max_len], where)
+            self._add(where, ids, mask, slice(max_len))
         elif self.overflow == "split":
             report.split += 1
             for start in range(0, len(ids), max_len):
-                report.sequences.add(ids[start : start + max_len], where)
+                self._add(where, ids, mask, slice(start, start + max_len))
         else:
             self._fail_or_skip(
                 where,
@@ -380,6 +408,13 @@ class _Reader:
                 "(use overflow truncate or overflow split, or a larger max_len)",
                 fields=("overflow", "max_len"),
             )
+
+    def _add(self, where: Where, ids: np.ndarray, mask: np.ndarray | None, piece: slice) -> None:
+        """Keep ``piece`` of a sequence, and of its loss mask (a row without one: all ones)."""
+        self.report.sequences.add(ids[piece], where)
+        if self.report.loss_masks is not None:
+            full = np.ones(len(ids), dtype=np.uint8) if mask is None else mask
+            self.report.loss_masks.add(full[piece])
 
     def _fail_or_skip(
         self, where: Where, category: str, reason: str, fields: tuple[str, ...] = ()

@@ -248,10 +248,12 @@ def leases_for(store: Store, owner: str | None = None, state_url: str = "") -> L
     if state_url:
         raise InvalidArgument("a state URL is a postgresql:// URL", fields=("state_url",))
     if not isinstance(store.backend, LocalBackend):
-        raise InvalidArgument(
-            f"store {store.url}: leases on this store need shared state (--state-url "
-            "postgresql://...)"
-        )
+        # Object storage has no flock: without shared state, the processes of this one host
+        # share leases in a local folder (one server on S3 works alone; replicas on several
+        # hosts need --state-url postgresql://...).
+        from logitcache.server.store.objectstore import host_lease_dir
+
+        return FileLeaseStore(host_lease_dir(store.url), owner)
     return FileLeaseStore(store.backend.root / "leases", owner)
 
 

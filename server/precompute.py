@@ -29,6 +29,7 @@ import numpy as np
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
+from logitcache.server.chat import chat_provenance, chat_renderer
 from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
 from logitcache.server.engine.device_capture import CapturedColumns
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
@@ -64,6 +65,10 @@ class PrecomputeRequest:
     codec: str | None = None
     text_field: str = "text"
     ids_field: str = "input_ids"
+    # Chat rows (``server.chat``): the field of their messages ("": none), and the template
+    # that renders them (a shipped name, a Jinja file; None: the teacher tokenizer's own).
+    messages_field: str = ""
+    chat_template: str | None = None
     # Distributed precompute: the work units this run does (all of them by default), and the
     # shared state (a postgresql:// URL) that holds the leases of workers on several hosts.
     share: WorkShare = field(default_factory=lambda: WorkShare())
@@ -113,6 +118,9 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
         skip_invalid=req.skip_invalid,
         text_field=req.text_field,
         ids_field=req.ids_field,
+        chat=chat_renderer(info.path, req.messages_field, req.chat_template)
+        if req.messages_field
+        else None,
     )
 
 
@@ -337,6 +345,7 @@ def create_dataset(
         [record_key(space.space_id, s) for s in sequences],
         positions=sum(len(s) for s in sequences),
         provenance=provenance,
+        loss_masks=report.loss_masks,
     )
 
 
@@ -508,6 +517,7 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
             "overflow": req.overflow,
             "max_len": req.max_len,
         },
+        **chat_provenance(report.loss_masks),  # the template's name and sha256, the mask's origin
         "capture": {
             "mode": req.capture.space_mode,
             "k": req.top_k,

@@ -2,7 +2,8 @@
 
 The order arithmetic lives in ``logitcache.client.order`` (shared with trainers that read a store
 directly). Here positions become dataset indices, and the store's batched read path turns those
-into :class:`StreamBatch`\\ es of encoded arrays; the gRPC adapter wraps them for the wire.
+into :class:`StreamBatch`\\ es of encoded arrays, with the dataset's loss masks where it has them
+(``store.masks``); the gRPC adapter wraps them for the wire.
 Batches are prepared ahead in worker threads, at most ``prefetch`` of them, so a slow client
 bounds the server's memory instead of growing it.
 """
@@ -47,6 +48,7 @@ class StreamBatch:
     arrays: dict[str, np.ndarray]  # the codec's arrays, records concatenated
     indices: list[int]  # each record's index in the dataset
     cursor: int  # the rank's cursor after this batch: resume a stream there
+    loss_mask: np.ndarray | None = None  # uint8 [P]: chat datasets' masks (None: all count)
 
     @property
     def positions(self) -> int:
@@ -127,14 +129,17 @@ class DatasetStreamer:
         positions = rank_positions(len(ds), req.rank, req.world_size, start=cursor, count=count)
         indices = permutation(positions)
         batch = ds.read(indices, allow_missing=req.allow_partial, cache=self.loaded)
+        found = indices[batch.found]
+        masks = ds.loss_masks
         return StreamBatch(
             space=batch.space,
             keys=batch.keys,
             lengths=batch.lengths,
             input_ids=batch.input_ids,
             arrays=batch.arrays,
-            indices=indices[batch.found].tolist(),
+            indices=found.tolist(),
             cursor=cursor + count,
+            loss_mask=None if masks is None else masks.read(found, batch.lengths),
         )
 
     def close(self) -> None:

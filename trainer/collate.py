@@ -29,6 +29,17 @@ Fields (B rows of T positions, k = the largest k in the batch)::
     teacher_folded_entries  int64 []      with ``vocab_size`` only: teacher entries on ids the
     teacher_folded_mass   float32 []      student lacks, folded into the tail, and the most mass
                                           folded at one position (see trainer.vocab)
+    loss_mask          bool    [B, T]     batches with a record of a chat dataset only: True where
+                                          the record's ``loss_mask`` is (its target token is the
+                                          assistant's), on every real position of records
+                                          without one; False on padding
+
+Assistant-only loss (``loss_on``): records of a chat dataset carry ``Record.loss_mask``, which
+is about targets (row t counts when token t + 1 is the assistant's). With ``loss_on="assistant"``
+(the default) a masked-out position is off in ``teacher_mask`` and its label is -100, so it adds
+nothing to the KD term, the CE term or their counts (``losses.item_counts``); records without a
+mask (text and token-id datasets) count every position, so the default changes nothing for them.
+``loss_on="all"`` ignores the masks and scores every position.
 
 A batch is all sampled or all top-k records (ValueError otherwise): the two need different losses
 (the losses read ``teacher_counts`` and then estimate the KL from the draws, see
@@ -53,10 +64,21 @@ from torch.utils.data import get_worker_info
 from logitcache.client.record import Record
 from logitcache.trainer.vocab import fold_padding_ids
 
-__all__ = ["IGNORE_INDEX", "Collator", "TeacherTargets", "collate_records", "pack_records"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_ON",
+    "Collator",
+    "LossOn",
+    "TeacherTargets",
+    "collate_records",
+    "pack_records",
+]
 
 IGNORE_INDEX = -100
 """Label value for positions without a known next token (``F.cross_entropy``'s default)."""
+
+LossOn = Literal["assistant", "all"]
+LOSS_ON = ("assistant", "all")
 
 
 @dataclass(frozen=True)
@@ -94,7 +116,7 @@ class TeacherTargets:
 def _check_record(rec: Record) -> tuple[int, int]:
     """(T, k) of a record whose arrays agree with each other; ValueError naming it otherwise."""
     t = int(rec.input_ids.shape[0]) if rec.input_ids.ndim == 1 else -1
-    tail, counts = rec.tail_logprobs, rec.counts
+    tail, counts, loss_mask = rec.tail_logprobs, rec.counts, rec.loss_mask
     if (
         t < 0
         or rec.token_ids.ndim != 2
@@ -103,14 +125,15 @@ def _check_record(rec: Record) -> tuple[int, int]:
         or rec.target_logprobs.shape != (t,)
         or (tail is not None and tail.shape != (t,))
         or (counts is not None and counts.shape != rec.token_ids.shape)
+        or (loss_mask is not None and loss_mask.shape != (t,))
     ):
-        present = [("tail_logprobs", tail), ("counts", counts)]
+        present = [("tail_logprobs", tail), ("counts", counts), ("loss_mask", loss_mask)]
         optional = "".join(f", {name} {a.shape}" for name, a in present if a is not None)
         raise ValueError(
             f"record {rec.key[:16]}: inconsistent shapes input_ids {rec.input_ids.shape}, "
             f"token_ids {rec.token_ids.shape}, logprobs {rec.logprobs.shape}, "
             f"target_logprobs {rec.target_logprobs.shape}{optional} (want [T], [T, k], [T, k], "
-            "[T], tail_logprobs [T], counts [T, k])"
+            "[T], tail_logprobs [T], counts [T, k], loss_mask [T])"
         )
     return t, int(rec.token_ids.shape[1])
 
@@ -134,7 +157,7 @@ _Piece = tuple[int, int, int, int, int]
 
 
 def _alloc(
-    rows: int, width: int, k: int, pad_token_id: int, sampled: bool
+    rows: int, width: int, k: int, pad_token_id: int, sampled: bool, masked: bool
 ) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "input_ids": np.full((rows, width), pad_token_id, dtype=np.int64),
@@ -148,7 +171,18 @@ def _alloc(
     }
     if sampled:
         arrays["teacher_counts"] = np.zeros((rows, width, k), dtype=np.int64)
+    if masked:
+        arrays["loss_mask"] = np.zeros((rows, width), dtype=np.bool_)
     return arrays
+
+
+def _masked(records: Sequence[Record]) -> bool:
+    return any(rec.loss_mask is not None for rec in records)
+
+
+def _check_loss_on(loss_on: str) -> None:
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
 
 
 def _fill(
@@ -156,10 +190,13 @@ def _fill(
     records: Sequence[Record],
     pieces: list[_Piece],
     vocab_size: int | None,
+    loss_on: LossOn,
 ) -> None:
     """Copy positions [start, stop) of each record to (row, col...): one slice per field.
 
-    Then, for a student of ``vocab_size`` rows, fold the teacher's entries on ids it lacks.
+    With ``loss_on="assistant"``, positions off in a record's loss mask leave ``teacher_mask``
+    and get label -100. Then, for a student of ``vocab_size`` rows, fold the teacher's entries
+    on ids it lacks.
     """
     for i, start, stop, row, col in pieces:
         if stop <= start:
@@ -180,6 +217,12 @@ def _fill(
             arrays["teacher_tail_logprobs"][row, col:end] = rec.tail_logprobs[start:stop]
         if rec.counts is not None:
             arrays["teacher_counts"][row, col:end, :k] = rec.counts[start:stop]
+        if "loss_mask" in arrays:
+            scored = True if rec.loss_mask is None else rec.loss_mask[start:stop].astype(bool)
+            arrays["loss_mask"][row, col:end] = scored
+            if loss_on == "assistant" and rec.loss_mask is not None:
+                arrays["teacher_mask"][row, col:end] = scored
+                arrays["labels"][row, col:end][~scored] = IGNORE_INDEX
     if vocab_size is not None:
         fold_padding_ids(arrays, vocab_size)
 
@@ -217,6 +260,7 @@ def collate_records(
     max_len: int | None = None,
     pin_memory: bool | None = None,
     vocab_size: int | None = None,
+    loss_on: LossOn = "assistant",
 ) -> dict[str, torch.Tensor]:
     """A right-padded batch of ``records`` (fields in the module docstring).
 
@@ -228,9 +272,11 @@ def collate_records(
     ``DataLoader(pin_memory=True)`` there, which pins in the main process). ``vocab_size``, the
     student's output size when it is below the teacher's (a padded teacher), folds the teacher's
     entries on ids >= ``vocab_size`` into the tail and counts them (see
-    :mod:`logitcache.trainer.vocab`).
+    :mod:`logitcache.trainer.vocab`). ``loss_on``: the positions scored, "assistant" (records'
+    loss masks apply) or "all" (module docstring).
     """
     records = _nonempty(records)
+    _check_loss_on(loss_on)
     if max_len is not None and (
         isinstance(max_len, bool) or int(max_len) != max_len or max_len < 1
     ):
@@ -238,8 +284,10 @@ def collate_records(
     shapes = [_check_record(r) for r in records]
     lengths = [t if max_len is None else min(t, int(max_len)) for t, _ in shapes]
     k = max(kk for _, kk in shapes)
-    arrays = _alloc(len(records), max(lengths), k, pad_token_id, _sampled(records))
-    _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)], vocab_size)
+    arrays = _alloc(
+        len(records), max(lengths), k, pad_token_id, _sampled(records), _masked(records)
+    )
+    _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)], vocab_size, loss_on)
     return _to_torch(arrays, pin_memory)
 
 
@@ -253,6 +301,7 @@ def pack_records(
     pad_token_id: int = 0,
     pin_memory: bool | None = None,
     vocab_size: int | None = None,
+    loss_on: LossOn = "assistant",
 ) -> dict[str, torch.Tensor]:
     """Records packed into rows of exactly ``seq_len`` positions, for students with per-document
     attention.
@@ -285,6 +334,7 @@ def pack_records(
     student as a document of its own (its earlier context is in another row).
     """
     records = _nonempty(records)
+    _check_loss_on(loss_on)
     if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     seq_len = int(seq_len)
@@ -303,8 +353,8 @@ def pack_records(
             used += stop - start
     rows = max(row + 1, 1)
 
-    arrays = _alloc(rows, seq_len, k, pad_token_id, sampled)
-    _fill(arrays, records, pieces, vocab_size)
+    arrays = _alloc(rows, seq_len, k, pad_token_id, sampled, _masked(records))
+    _fill(arrays, records, pieces, vocab_size, loss_on)
     position_ids = np.zeros((rows, seq_len), dtype=np.int64)
     sequence_ids = np.full((rows, seq_len), -1, dtype=np.int64)
     ends = np.zeros(rows, dtype=np.int64)
@@ -330,8 +380,9 @@ class Collator:
     """``collate_fn`` for a DataLoader over records, with fixed options; picklable for workers.
 
     ``mode="pad"`` calls :func:`collate_records` (with ``max_len``), ``mode="pack"`` calls
-    :func:`pack_records` (with ``seq_len``, required). ``pin_memory=None`` and ``vocab_size``:
-    see collate_records.
+    :func:`pack_records` (with ``seq_len``, required). ``pin_memory=None``, ``vocab_size`` and
+    ``loss_on`` ("assistant" by default: the loss masks of chat records apply, see the module
+    docstring): see collate_records.
     """
 
     mode: Literal["pad", "pack"] = "pad"
@@ -340,10 +391,12 @@ class Collator:
     seq_len: int | None = None
     pin_memory: bool | None = None
     vocab_size: int | None = None
+    loss_on: LossOn = "assistant"
 
     def __post_init__(self) -> None:
         if self.mode not in ("pad", "pack"):
             raise ValueError(f"mode must be 'pad' or 'pack', got {self.mode!r}")
+        _check_loss_on(self.loss_on)
         if self.mode == "pack" and self.seq_len is None:
             raise ValueError("mode='pack' needs seq_len")
         if self.mode == "pack" and self.max_len is not None:
@@ -366,6 +419,7 @@ class Collator:
                 pad_token_id=self.pad_token_id,
                 pin_memory=self.pin_memory,
                 vocab_size=self.vocab_size,
+                loss_on=self.loss_on,
             )
         return collate_records(
             records,
@@ -373,4 +427,5 @@ class Collator:
             max_len=self.max_len,
             pin_memory=self.pin_memory,
             vocab_size=self.vocab_size,
+            loss_on=self.loss_on,
         )

@@ -27,6 +27,8 @@ order arithmetic of ``logitcache.client.order``:
 
 Records are fetched by a background thread into a bounded queue, so the training loop does not
 wait on the network while the source keeps up, and memory stays bounded when it does not.
+Records of a chat dataset carry their ``loss_mask`` (the assistant positions, see
+:class:`~logitcache.client.record.Record`), from either source; the collator applies it.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -369,8 +372,15 @@ def _store_source(
             len(ds), partition.rank, partition.world_size, start=cursor, count=count
         )
         cursor += count
-        # One batched read and one decode per batch, as a server streams it.
-        batch = ds.read(permutation(positions), allow_missing=stream.allow_partial).decode()
+        # One batched read and one decode per batch, as a server streams it, with the
+        # dataset's loss masks where it has them.
+        indices = permutation(positions)
+        read = ds.read(indices, allow_missing=stream.allow_partial)
+        batch = read.decode()
+        if ds.loss_masks is not None and batch:
+            masks = ds.loss_masks.read(indices[read.found], read.lengths)
+            pieces = np.split(masks, np.cumsum(read.lengths)[:-1])
+            batch = [replace(r, loss_mask=m) for r, m in zip(batch, pieces, strict=True)]
         for i, record in enumerate(batch):
             yield record, (cursor if i == len(batch) - 1 else None)
 

@@ -64,6 +64,7 @@ def stream_batch(batch: StreamBatch) -> pb.RecordBatch:
         batch.arrays,
         indices=batch.indices,
         cursor=batch.cursor,
+        loss_mask=batch.loss_mask,
     )
 
 

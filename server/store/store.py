@@ -24,7 +24,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import zarr
@@ -37,6 +38,7 @@ from logitcache.server.store.backend import StoreBackend, backend_for_url, json_
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.gc import condemned_segments, other_copies, withdrawn_segments
 from logitcache.server.store.liveness import writer_gone
+from logitcache.server.store.masks import DatasetMasks, open_masks, write_masks
 from logitcache.server.store.read import EncodedBatch, read_batch
 from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.segments import segments_dir, unsealed_dir, zarr_array
@@ -96,7 +98,9 @@ class Dataset:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"dataset {self.name!r} has {n} sequences; index {i} is out of range")
-        return self._store.get(bytes(self._keys[i % n]))
+        record = self._store.get(bytes(self._keys[i % n]))
+        masks = self.loss_masks
+        return record if masks is None else replace(record, loss_mask=masks[i % n])
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):
@@ -132,6 +136,12 @@ class Dataset:
         if self.manifest["state"] != "complete":
             self.manifest = self._store.backend.read_json(f"datasets/{self.name}/dataset.json")
         return self.manifest["state"] == "complete"
+
+    @cached_property
+    def loss_masks(self) -> DatasetMasks | None:
+        """The per-position loss masks of a chat dataset (``store.masks``); None: every
+        position counts."""
+        return open_masks(self._store.backend, f"datasets/{self.name}")
 
     def raw_key(self, i: int) -> bytes:
         return bytes(self._keys[i])
@@ -448,8 +458,10 @@ class Store:
         keys: list[bytes],
         positions: int,
         provenance: dict,
+        loss_masks: Sequence[np.ndarray] | None = None,
     ) -> Dataset:
-        """Publish a dataset (state ``building``) with its full ordered key list, create-only.
+        """Publish a dataset (state ``building``) with its full ordered key list, create-only;
+        ``loss_masks`` (one per key, see ``store.masks``) are published with it.
 
         Of two creations of one name, exactly one succeeds; the other is AlreadyExists.
         """
@@ -476,6 +488,8 @@ class Store:
         group.create_array(
             "keys", data=key_array, chunks=(max(1, min(len(keys), 1 << 16)), KEY_BYTES)
         )
+        if loss_masks is not None:
+            write_masks(group, loss_masks, len(keys))
         if not self.backend.publish(staging, f"datasets/{name}"):
             raise AlreadyExists(f"dataset {name!r} already exists in store {self.url}")
         self.generation += 1
