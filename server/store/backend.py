@@ -5,7 +5,9 @@ listing by prefix, a zarr store rooted at a prefix, spooled uploads, and one cre
 ``publish`` that makes a fully written staging prefix visible under its final name. Of two
 writers publishing one name, exactly one succeeds; the other is told (``False``) and its staging
 is removed. That is the whole commit protocol: on a POSIX file system it is a no-replace rename,
-on object storage it will be a conditional put of a manifest.
+on object storage (``store.objectstore``) a create-only claim, copies, and the claim dropped.
+Backends without an atomic rename (``renames`` False) let segments seal in place instead: the
+segment's group metadata is written last, by ``create`` (a conditional put), see ``writer``.
 
 Names (``rel``) are ``/``-separated and relative to the store's root. Names whose last part
 starts with ``.`` are the backend's own (temporary files, claims) and never listed.
@@ -34,13 +36,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar, cast
 from urllib.parse import urlparse
 
 from zarr.abc.store import ByteRequest
 from zarr.abc.store import Store as ZarrStore
 from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, StorePath
 
 from logitcache.client.errors import (
     InvalidArgument,
@@ -49,6 +51,9 @@ from logitcache.client.errors import (
     ResourceExhausted,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from logitcache.server.store.objectstore import S3Settings
 
 log = logging.getLogger(__name__)
 # A command (precompute) reports the typed error itself; only a server's log shows the episode.
@@ -177,11 +182,15 @@ class Upload(Protocol):
     def abort(self) -> None: ...
 
 
+ZarrLocation = ZarrStore | StorePath  # where a zarr group lives: its own store, or a path in one
+
+
 class StoreBackend(Protocol):
     """What the store needs from the place its bytes live (see the module docstring)."""
 
     url: str
     health: WriteHealth
+    renames: bool  # whether ``publish`` is one atomic rename (else segments seal in place)
 
     def read_bytes(self, rel: str) -> bytes: ...
 
@@ -213,7 +222,11 @@ class StoreBackend(Protocol):
         """Bytes held under a prefix (or by one object)."""
         ...
 
-    def zarr_store(self, rel: str, *, read_only: bool) -> ZarrStore:
+    def object_sizes(self, rel: str) -> dict[str, int]:
+        """Every object under the prefix ``rel``, named relative to it, with its size in bytes."""
+        ...
+
+    def zarr_store(self, rel: str, *, read_only: bool) -> ZarrLocation:
         """A zarr store rooted at ``rel``, so each group is self-contained and movable."""
         ...
 
@@ -240,6 +253,10 @@ class StoreBackend(Protocol):
 
         The inverse of ``publish`` (garbage collection uses it); no error if it is absent.
         """
+        ...
+
+    def clean_abandoned(self, parent: str) -> int:
+        """Remove what publishers that died left half done under ``parent``; how many names."""
         ...
 
 
@@ -270,6 +287,8 @@ class StoredObject:
 
 class LocalBackend:
     """A store on a local or shared POSIX file system; the only code that touches its paths."""
+
+    renames = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -345,6 +364,11 @@ class LocalBackend:
             return p.stat().st_size
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
+    @_storage_op("measuring", write=False)
+    def object_sizes(self, rel: str) -> dict[str, int]:
+        p = self._path(rel)
+        return {f.relative_to(p).as_posix(): f.stat().st_size for f in p.rglob("*") if f.is_file()}
+
     def zarr_store(self, rel: str, *, read_only: bool) -> LocalStore:
         return GuardedLocalStore(self._path(rel), read_only=read_only, health=self.health, rel=rel)
 
@@ -385,6 +409,9 @@ class LocalBackend:
             return
         _fsync_dir(path.parent)
         shutil.rmtree(hidden, ignore_errors=True)
+
+    def clean_abandoned(self, parent: str) -> int:
+        return 0  # a rename is whole or not done: nothing is ever left half published
 
 
 class LocalUpload:
@@ -578,7 +605,7 @@ def _claimed_rename(src: Path, dst: Path) -> bool:
 # ---- choosing a backend by URL ------------------------------------------------------------------
 
 
-def _local_backend(url: str, create: bool) -> LocalBackend:
+def _local_backend(url: str, create: bool, s3: S3Settings | None) -> LocalBackend:
     parsed = urlparse(url)
     root = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
     if not root.exists():
@@ -590,14 +617,22 @@ def _local_backend(url: str, create: bool) -> LocalBackend:
     return LocalBackend(root)
 
 
-_BACKENDS: dict[str, Callable[[str, bool], StoreBackend]] = {
+def _s3_backend(url: str, create: bool, s3: S3Settings | None) -> StoreBackend:
+    from logitcache.server.store.objectstore import s3_backend  # obstore only where used
+
+    return s3_backend(url, create, s3)
+
+
+_BACKENDS: dict[str, Callable[[str, bool, S3Settings | None], StoreBackend]] = {
     "": _local_backend,
     "file": _local_backend,
+    "s3": _s3_backend,
 }
 
 
-def backend_for_url(url: str, *, create: bool) -> StoreBackend:
-    """The backend of a store URL: a path or ``file://`` URL (object stores come later)."""
+def backend_for_url(url: str, *, create: bool, s3: S3Settings | None = None) -> StoreBackend:
+    """The backend of a store URL: a path or ``file://`` URL, or ``s3://bucket/prefix``
+    (``s3``: endpoint, region and credentials; empty ones come from the AWS variables)."""
     scheme = urlparse(url).scheme
     if len(scheme) == 1:  # a Windows drive letter, not a scheme
         scheme = ""
@@ -606,6 +641,6 @@ def backend_for_url(url: str, *, create: bool) -> StoreBackend:
     except KeyError:
         raise InvalidArgument(
             f"store URL {url!r}: scheme {scheme!r} is not supported by this version "
-            "(use a local path or file:// URL)"
+            "(use a local path, a file:// URL or s3://BUCKET/PREFIX)"
         ) from None
-    return make(url, create)
+    return make(url, create, s3)

@@ -74,8 +74,8 @@ def withdrawn_segments(backend: StoreBackend, space_id: str) -> set[str]:
 
 
 def sealed_at(segment: SegmentReader) -> float:
-    """When a segment was sealed: its id starts with the time of sealing in nanoseconds."""
-    return int(segment.segment_id.split("-", 1)[0]) / 1e9
+    """When a segment was sealed (seconds since the epoch)."""
+    return segment.sealed_ns / 1e9
 
 
 def _as_keys(keys: np.ndarray) -> np.ndarray:

@@ -3,15 +3,19 @@
 Keys and offsets are read when the segment is opened (the store's index needs them). The encoded
 arrays are read either one record at a time (zarr reads only the chunks it needs), or whole with
 :meth:`SegmentReader.load` for batched reads; a ``SegmentCache`` keeps loaded segments.
+
+A segment without its group metadata is not sealed (on object storage segments are written in
+place and sealed by that metadata, written last): opening one is :class:`Unsealed`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import zarr
+from zarr.errors import GroupNotFoundError
 
 from logitcache.client.codecs import codec_for
-from logitcache.client.errors import Unavailable
+from logitcache.client.errors import NotFound, Unavailable
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.server.store.backend import StoreBackend
@@ -25,6 +29,10 @@ from logitcache.server.store.segments import (
 from logitcache.server.store.writer import CapturedRecord
 
 
+class Unsealed(NotFound):
+    """A segment that is still being written (or was left by a writer that died)."""
+
+
 class SegmentReader:
     """One sealed segment (immutable, so a reader can be shared by threads)."""
 
@@ -36,13 +44,24 @@ class SegmentReader:
         self._backend = backend
         self._codec = codec_for(space.codec, space.vocab_size)
         self._fields = codec_fields(space)
-        self._group = zarr.open_group(store=backend.zarr_store(self.rel, read_only=True), mode="r")
+        store = backend.zarr_store(self.rel, read_only=True)
+        try:
+            self._group = zarr.open_group(store=store, mode="r", zarr_format=3)
+        except GroupNotFoundError:
+            raise Unsealed(f"segment {segment_id} in {backend.url} is not sealed") from None
         self._arrays: dict[str, zarr.Array] = {}  # opened on first use (each reads metadata)
         self.keys = self._read("keys")
         self.offsets = self._read("offsets")
         self.entry_offsets = self._read("entry_offsets") if has_entries(self._fields) else None
         stored = self._group.attrs.get("stored_bytes")  # absent in segments of older stores
         self._stored_bytes = stored if isinstance(stored, int) else None
+        sealed = self._group.attrs.get("sealed_ns")  # absent before segments sealed in place
+        self.sealed_ns = sealed if isinstance(sealed, int) else int(segment_id.split("-", 1)[0])
+
+    @property
+    def order(self) -> tuple[int, str]:
+        """How copies of one key rank: the first sealed copy (the smallest) is the answer."""
+        return self.sealed_ns, self.segment_id
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -81,7 +100,7 @@ class SegmentReader:
     def _check_present(self) -> None:
         """zarr reads the chunks of a removed segment as zeros, not as an error: after a read,
         make sure the segment was still there (gc and retention remove unreferenced ones)."""
-        if not self._backend.exists(self.rel):
+        if not self._backend.exists(f"{self.rel}/zarr.json"):
             raise Unavailable(
                 f"segment {self.segment_id} was collected while it was read (it held no "
                 "dataset's records); retry: the store's index drops it at its next refresh"

@@ -1,9 +1,10 @@
 """Segments: the unit of writing. One writer fills a segment, then publishes it create-only.
 
 A segment is a zarr group holding a batch of records of one capture space, concatenated along
-positions. It is written completely under a staging name by exactly one writer, then published
-by the backend's create-only ``publish``. Readers list only sealed segments, so a crash leaves at
-most an unsealed directory that nobody reads, and sealed segments are never modified.
+positions. It is written completely by exactly one writer, then sealed create-only (see
+``writer``): a no-replace rename of its staging folder, or on object storage a conditional put
+of its group metadata, written last. Readers use only sealed segments, so a crash leaves at most
+an unsealed folder that nobody reads, and sealed segments are never modified.
 
 Layout of a segment group (P positions and E entries over n records):
     keys            uint8  [n, 16]  record keys, in write order
@@ -12,8 +13,13 @@ Layout of a segment group (P positions and E entries over n records):
                                     with per-entry arrays only)
     input_ids       int32  [P]
     one array per field of the space's codec (logitcache.client.codecs), [P, ...] or [E]
-Group attributes: format, space_id, codec, records, positions, and (since this version)
-stored_bytes, the bytes of the arrays, so that store totals never walk the store.
+Group attributes: format, space_id, codec, records, positions, and (in newer segments)
+stored_bytes, the bytes of the arrays, so that store totals never walk the store, and sealed_ns,
+the time of sealing (older segments: the time their id starts with).
+
+Arrays are written with zarr v3's sharding codec: one object per array per segment, whose inner
+chunks (``CHUNK_POSITIONS`` positions, ``ENTRY_CHUNK`` entries) a reader fetches by range after
+the shard's index. Older segments hold one object per chunk; zarr reads both the same way.
 
 Per-entry arrays of ids are compressed with plain zstd (byte shuffling breaks the repeated id
 runs that zstd finds); every other array with byte shuffle + zstd. This module is the layout;
@@ -34,6 +40,11 @@ ENTRY_CHUNK = 1 << 21  # entries per chunk of a per-entry array (32,768 position
 SHUFFLED = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 PLAIN = ZstdCodec(level=7)
 INDEX_ARRAYS = ("keys", "offsets", "entry_offsets")
+
+
+def shard_rows(rows: int, chunk_rows: int) -> int:
+    """Rows of the one shard that holds a whole array: its rows rounded up to whole chunks."""
+    return max(chunk_rows, -(-rows // chunk_rows) * chunk_rows)
 
 
 def segments_dir(space_id: str) -> str:

@@ -5,15 +5,22 @@ Layout under the store URL:
     spaces/<space_id>/space.json                 the capture space (teacher, tokenizer, k, codec)
     spaces/<space_id>/segments/<segment_id>/     sealed segments (zarr groups), never modified
     spaces/<space_id>/unsealed/<segment_id>/     segments being written; ignored by readers
+                                                 (on object storage segments are written in
+                                                 place: one without its zarr.json is unsealed)
     datasets/<name>/dataset.json                 manifest: state, capture space, provenance
     datasets/<name>/keys/  (zarr)                the dataset's ordered record keys
     datasets/.unsealed/<id>/                     datasets being written, published create-only
 
-Every byte goes through the store's backend (``backend``), chosen by the store URL.
+Every byte goes through the store's backend (``backend``), chosen by the store URL: a local
+directory, or ``s3://bucket/prefix`` (``store.objectstore``).
 
-When several segments hold one key, the answer is the copy in the segment with the smallest id.
-Segment ids start with the time of sealing, so that is the first sealed copy, and every handle
-gives the same answer whatever order it found the segments in.
+When several segments hold one key, the answer is the copy in the segment sealed first (the
+smallest ``SegmentReader.order``: the time of sealing, then the id), and every handle gives the
+same answer whatever order it found the segments in.
+
+Several processes, on several machines, may share one store: each handle sees what the others
+sealed at its next :meth:`Store.refresh` (a server refreshes every ``store_refresh_seconds``, and
+at once for a record it does not know yet), so its view is at most that old.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -35,13 +43,16 @@ from logitcache.client.record import Record
 from logitcache.client.space import KEY_BYTES, CaptureSpace
 from logitcache.server.names import shown
 from logitcache.server.store.backend import StoreBackend, backend_for_url, json_bytes
+
+if TYPE_CHECKING:
+    from logitcache.server.store.objectstore import S3Settings
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.gc import condemned_segments, other_copies, withdrawn_segments
 from logitcache.server.store.liveness import writer_gone
 from logitcache.server.store.masks import DatasetMasks, open_masks, write_masks
 from logitcache.server.store.read import EncodedBatch, read_batch
-from logitcache.server.store.reader import SegmentReader
-from logitcache.server.store.segments import segments_dir, unsealed_dir, zarr_array
+from logitcache.server.store.reader import SegmentReader, Unsealed
+from logitcache.server.store.segments import segments_dir, shard_rows, unsealed_dir, zarr_array
 from logitcache.server.store.writer import CapturedRecord, write_segment
 
 STORE_FORMAT = "logitcache-store-v1"
@@ -51,6 +62,9 @@ _DATASET_PUBLISH_GRACE_S = 3600.0  # publishing a dataset's key list takes secon
 _KEY_DTYPE = np.dtype((np.void, KEY_BYTES))  # one key as one item: .tolist() gives its bytes
 _COUNT_CHUNK = 8192  # keys per GIL-holding pass of count_sealed (about a millisecond)
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Folders whose entries are published create-only (``backend.publish``): where a publisher that
+# died can have left a half-published name.
+_PUBLISHED_PARENTS = ("datasets", "jobs")
 
 
 def validate_dataset_name(name: str) -> str:
@@ -261,6 +275,8 @@ class Store:
                 if segment_id not in self._segments and segment_id not in withdrawn:
                     try:
                         self._add_segment(space, segment_id)
+                    except Unsealed:  # being written in place: indexed once it is sealed
+                        continue
                     except Exception:  # collected since the listing: nothing to index
                         if self.backend.exists(f"{segments_dir(space_id)}/{segment_id}"):
                             raise
@@ -299,7 +315,7 @@ class Store:
                 for reader, i in other_copies(list(self._segments.values()), orphans):
                     key = bytes(reader.keys[i])
                     held = self._index.get(key)
-                    if held is None or reader.segment_id < held.segment.segment_id:
+                    if held is None or reader.order < held.segment.order:
                         self._index[key] = Location(reader, i)
             if dropped:
                 self.generation += 1
@@ -315,8 +331,8 @@ class Store:
             for i in range(len(reader)):
                 key = blob[i * KEY_BYTES : (i + 1) * KEY_BYTES]
                 held = self._index.get(key)
-                # The first sealed copy of a key is the answer: the smallest segment id.
-                if held is None or segment_id < held.segment.segment_id:
+                # The first sealed copy of a key is the answer (the smallest order).
+                if held is None or reader.order < held.segment.order:
                     self._index[key] = Location(reader, i)
             self.generation += 1
             counts = self._counts.setdefault(space.space_id, [0, 0, 0, 0])
@@ -408,13 +424,12 @@ class Store:
         return segment_id
 
     def clean_unsealed(self) -> int:
-        """Remove unsealed segments whose writer is provably gone (``liveness.writer_gone``)."""
+        """Remove unsealed segments whose writer is provably gone (``liveness.writer_gone``),
+        and what dead publishers left (old dataset staging, half-published names)."""
         self._require_writable()
         removed = 0
         for space_id in self.backend.list_dir("spaces"):
-            base = unsealed_dir(space_id)
-            for segment_id in self.backend.list_dir(base):
-                rel = f"{base}/{segment_id}"
+            for rel in self._unsealed_segments(space_id):
                 try:
                     writer = self.backend.read_json(f"{rel}/writer.json")
                 except (NotFound, OSError, ValueError):
@@ -423,9 +438,11 @@ class Store:
                     started = float(writer.get("started", self.backend.modified_at(rel)))
                 except NotFound:
                     continue  # published or removed meanwhile
-                if writer_gone(writer, time.time() - started):
+                if writer_gone(writer, time.time() - started) and not self._sealed(rel):
                     self.backend.remove_tree(rel)
                     removed += 1
+        for parent in _PUBLISHED_PARENTS:
+            removed += self.backend.clean_abandoned(parent)
         for tmp in self.backend.list_dir("datasets/.unsealed"):
             rel = f"datasets/.unsealed/{tmp}"
             try:
@@ -436,6 +453,25 @@ class Store:
                 self.backend.remove_tree(rel)
                 removed += 1
         return removed
+
+    def _unsealed_segments(self, space_id: str) -> list[str]:
+        """Segments of a space being written or left unsealed: staging folders, or (sealing in
+        place) listed segments without their group metadata."""
+        if self.backend.renames:
+            base = unsealed_dir(space_id)
+            return [f"{base}/{s}" for s in self.backend.list_dir(base)]
+        base = segments_dir(space_id)
+        with self._lock:
+            known = set(self._segments)
+        return [
+            f"{base}/{s}"
+            for s in self.backend.list_dir(base)
+            if s not in known and not self._sealed(f"{base}/{s}")
+        ]
+
+    def _sealed(self, rel: str) -> bool:
+        """Whether the segment folder ``rel`` holds a sealed segment (a staging folder never)."""
+        return not self.backend.renames and self.backend.exists(f"{rel}/zarr.json")
 
     # -- datasets -------------------------------------------------------------------------------
 
@@ -485,8 +521,12 @@ class Store:
         group = zarr.open_group(store=self.backend.zarr_store(staging, read_only=False), mode="w")
         self.backend.write_json(f"{staging}/dataset.json", manifest)
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        rows = max(1, min(len(keys), 1 << 16))
         group.create_array(
-            "keys", data=key_array, chunks=(max(1, min(len(keys), 1 << 16)), KEY_BYTES)
+            "keys",
+            data=key_array,
+            chunks=(rows, KEY_BYTES),
+            shards=(shard_rows(len(keys), rows), KEY_BYTES),
         )
         if loss_masks is not None:
             write_masks(group, loss_masks, len(keys))
@@ -529,16 +569,14 @@ class Store:
 
     def delete_dataset(self, name: str) -> None:
         """Remove a dataset's manifest and key list; records stay (other datasets may share
-        them; ``gc`` collects the unreferenced). Moved aside first, so that a reader finds the
-        whole dataset or none of it."""
+        them; ``gc`` collects the unreferenced). Withdrawn in one step first (``unpublish``), so
+        that a reader finds the whole dataset or none of it."""
         self._require_writable()
         rel = f"datasets/{validate_dataset_name(name)}"
         if not self.backend.exists(rel):
             raise NotFound(f"dataset {name!r} is not in store {self.url}")
-        trash = f"datasets/.unsealed/deleted-{uuid.uuid4().hex}"
-        if self.backend.publish(rel, trash):
-            self.generation += 1
-            self.backend.remove_tree(trash)
+        self.backend.unpublish(rel)
+        self.generation += 1
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -558,9 +596,12 @@ def _key_bytes(key: bytes | str) -> bytes:
     return raw
 
 
-def open_store(url: str, *, writable: bool = False) -> Store:
-    """Open a store by URL. Read-only unless ``writable``; a writable open creates the store."""
-    backend = backend_for_url(url, create=writable)
+def open_store(url: str, *, writable: bool = False, s3: S3Settings | None = None) -> Store:
+    """Open a store by URL. Read-only unless ``writable``; a writable open creates the store.
+
+    ``s3``: endpoint, region, credentials and cache size of an ``s3://`` store (empty fields
+    come from the AWS environment variables)."""
+    backend = backend_for_url(url, create=writable, s3=s3)
     marker = STORE_MARKER
     if backend.exists(marker):
         fmt = backend.read_json(marker).get("format")

@@ -1,7 +1,11 @@
 """The one segment writer: records in, sealed segments out, for precompute and read-through alike.
 
-:func:`write_segment` lays out one segment (see ``segments``) under a staging name and publishes
-it create-only. :class:`SegmentWriter` feeds it from the event loop: it gathers encoded records
+:func:`write_segment` lays out one segment (see ``segments``) and seals it create-only: on a
+backend that renames atomically (a file system), under a staging name, then published by a
+no-replace rename; on object storage in place under its final name, sealed by a conditional put
+of the group's metadata, written last (until then the segment has no group and nothing reads
+it). Either way the group's ``sealed_ns`` attribute is the time of sealing, which orders
+copies of one key (the first sealed copy is the answer). :class:`SegmentWriter` feeds it from the event loop: it gathers encoded records
 per capture space, seals a segment when it reaches ``segment_positions`` positions or when its
 oldest record is ``flush_seconds`` old, and writes in its own thread with at most two seals
 pending, so ``await add()`` waits when storage is slower than the engine and memory stays bounded.
@@ -23,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 
 from logitcache.client.codecs import TopKRows, codec_for
 from logitcache.client.errors import (
@@ -42,6 +48,7 @@ from logitcache.server.store.segments import (
     SHUFFLED,
     codec_fields,
     segments_dir,
+    shard_rows,
     unsealed_dir,
 )
 
@@ -87,11 +94,15 @@ def write_segment(
     if not records:
         raise ValueError("refusing to seal an empty segment")
     writer_id = uuid.uuid4().hex[:12]
+    if not backend.renames:
+        return _seal_in_place(backend, space, records, writer_id)
     staging = f"{unsealed_dir(space.space_id)}/{writer_id}"
     try:
-        _lay_out(backend, staging, space, records)
+        attrs = _lay_out(backend, staging, space, records)
         # Named at seal time, so the sorted order of segment ids is (per clock) the seal order.
-        segment_id = f"{time.time_ns():020d}-{writer_id}"
+        sealed_ns = time.time_ns()
+        segment_id = f"{sealed_ns:020d}-{writer_id}"
+        backend.write_bytes(f"{staging}/zarr.json", _group_metadata(attrs, sealed_ns))
         published = backend.publish(staging, f"{segments_dir(space.space_id)}/{segment_id}")
     except BaseException:
         backend.remove_tree(staging)  # a failed write (a full disk) keeps no partial folder
@@ -101,10 +112,34 @@ def write_segment(
     return segment_id
 
 
+def _seal_in_place(
+    backend: StoreBackend, space: CaptureSpace, records: Sequence[CapturedRecord], writer_id: str
+) -> str:
+    """Object storage: the arrays under the segment's own name, then its group, create-only."""
+    segment_id = f"{time.time_ns():020d}-{writer_id}"
+    rel = f"{segments_dir(space.space_id)}/{segment_id}"
+    try:
+        attrs = _lay_out(backend, rel, space, records)
+        sealed = backend.create(f"{rel}/zarr.json", _group_metadata(attrs, time.time_ns()))
+    except BaseException:
+        backend.remove_tree(rel)
+        raise
+    if not sealed:
+        raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
+    return segment_id
+
+
+def _group_metadata(attrs: dict, sealed_ns: int) -> bytes:
+    """The segment group's ``zarr.json``: what makes the arrays beside it one sealed segment."""
+    meta = GroupMetadata(attributes={**attrs, "sealed_ns": sealed_ns})
+    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
 def _lay_out(
     backend: StoreBackend, staging: str, space: CaptureSpace, records: Sequence[CapturedRecord]
-) -> None:
-    """The segment's zarr group under ``staging``, complete, with its writer named first."""
+) -> dict:
+    """The segment's arrays under ``staging``, complete, with its writer named first; returns
+    the group's attributes (the group itself is written by the seal)."""
     lengths = np.array([len(r) for r in records], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     fields = codec_fields(space)
@@ -122,23 +157,29 @@ def _lay_out(
         entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)
         arrays["entry_offsets"] = np.concatenate([[0], np.cumsum(entries)])
     plain = {f.name for f in fields if not f.shuffle}
-    group = zarr.open_group(store=backend.zarr_store(staging, read_only=False), mode="w")
     backend.write_json(f"{staging}/writer.json", writer_identity())
     for name, data in arrays.items():
         rows = ENTRY_CHUNK if name in per_entry else CHUNK_POSITIONS
         chunks = (min(rows, max(1, data.shape[0])),) + data.shape[1:]
         compressor = PLAIN if name in plain else SHUFFLED
-        group.create_array(name, data=data, chunks=chunks, compressors=compressor)
-    group.attrs.update(
-        {
-            "format": SEGMENT_FORMAT,
-            "space_id": space.space_id,
-            "codec": space.codec,
-            "records": len(records),
-            "positions": int(offsets[-1]),
-            "stored_bytes": sum(backend.stored_bytes(f"{staging}/{name}") for name in arrays),
-        }
-    )
+        zarr.create_array(
+            # Each array in a store of its own: zarr writes no group metadata above it, so the
+            # segment has none until its seal writes it.
+            backend.zarr_store(f"{staging}/{name}", read_only=False),
+            data=data,
+            chunks=chunks,
+            shards=(shard_rows(data.shape[0], chunks[0]),) + data.shape[1:],
+            compressors=compressor,
+        )
+    sizes = backend.object_sizes(staging)  # one listing, not one per array
+    return {
+        "format": SEGMENT_FORMAT,
+        "space_id": space.space_id,
+        "codec": space.codec,
+        "records": len(records),
+        "positions": int(offsets[-1]),
+        "stored_bytes": sum(n for path, n in sizes.items() if path.split("/")[0] in arrays),
+    }
 
 
 @dataclass
