@@ -97,6 +97,7 @@ class JobSpec:
     overflow: str = "error"
     license: str = ""
     client_request_id: str = ""  # the same on a client's retries of one submission
+    messages_field: str = ""  # chat rows' field, rendered with the teacher's template (server.chat)
 
 
 @dataclass
@@ -562,6 +563,7 @@ class JobManager:
             max_in_flight=self.max_in_flight,
             license=spec.license or None,
             progress=False,
+            messages_field=spec.messages_field,
         )
 
     def _launch(self, job: Job) -> None:

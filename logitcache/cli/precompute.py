@@ -58,6 +58,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="input_ids",
         help="the column of token ids, used before --text-field (default: input_ids)",
     )
+    p.add_argument(
+        "--messages-field",
+        default="",
+        help="the column of chat rows ({'role', 'content'} messages), used before the others: "
+        "rendered with --chat-template, each sequence gets an assistant-only loss mask "
+        "(default: none, rows are texts or token ids)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="how chat rows are rendered: chatml or llama3 (shipped), or a Jinja file "
+        "(default: the teacher tokenizer's own chat template)",
+    )
     p.add_argument("--out", required=True, help=f"the store to write ({STORE_URL})")
     add_dataset_options(p, license_default="the model card's 'license:'")
     add_capture_options(p)
@@ -189,6 +202,8 @@ def precompute_command(
         skip_invalid=args.skip_invalid,
         text_field=args.text_field,
         ids_field=args.ids_field,
+        messages_field=args.messages_field,
+        chat_template=args.chat_template,
         segment_positions=args.segment_positions,
         max_in_flight=args.max_in_flight,
         license=args.license,

@@ -118,6 +118,7 @@ def job_spec(spec: pb.JobSpec) -> JobSpec:
         overflow=spec.overflow or "error",
         license=spec.license,
         client_request_id=spec.client_request_id,
+        messages_field=spec.messages_field,
     )
 
 

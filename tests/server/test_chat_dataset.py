@@ -166,3 +166,70 @@ def test_a_chat_dataset_streams_its_masks_through_a_server(
         source = "grpc://" + server.target
         _check_streamed(_streamed(source, "chat"), demo_teacher, chat_store)
         assert all(m is None for got in _streamed(source, "ids").values() for m in got)
+
+
+def test_a_server_job_renders_chat_rows_with_the_teachers_template(
+    demo_teacher: Path, tmp_path: Path
+) -> None:
+    """A job's messages_field (as the wire gives it) renders chat rows with its teacher's own
+    template, and the dataset it builds keeps the masks."""
+    import shutil
+
+    from job_managers import USE, last_update, manager
+
+    from logitcache.server.config import TeacherConfig
+    from logitcache.server.grpc import convert
+    from logitcache.server.jobs import Job, JobState
+    from logitcache.server.policy.admission import Admission
+    from logitcache.server.teachers.registry import TeacherRegistry
+    from logitcache.v1 import logitcache_pb2 as pb
+
+    teacher = tmp_path / "chat-teacher"
+    shutil.copytree(demo_teacher, teacher)
+    config = json.loads((teacher / "tokenizer_config.json").read_text())
+    template = (TEMPLATES_DIR / "chatml.jinja").read_text()
+    config["chat_template"] = template
+    (teacher / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"turns": c}) + "\n" for c in CONVERSATIONS))
+    spec = convert.job_spec(
+        pb.JobSpec(dataset="chat", server_path=str(data), messages_field="turns")
+    )
+    assert spec.messages_field == "turns"
+    assert convert.job_message(Job(id="j", spec=spec)).spec.messages_field == "turns"
+    spec.use = USE
+    url = str(tmp_path / "store")
+
+    async def scenario():
+        registry = await TeacherRegistry.start(
+            [TeacherConfig("chat", str(teacher), max_top_k=K, default_top_k=K)], CountingEngine
+        )
+        jobs = manager(url, registry, admission=Admission(input_roots=(tmp_path,)))
+        try:
+            accepted = await jobs.submit(spec, [], [])
+            return await last_update(jobs, accepted.id)
+        finally:
+            await jobs.close()
+            registry.shutdown()
+
+    done = asyncio.run(scenario())
+    assert done.state is JobState.COMPLETED, done.error
+    ds = logitcache.open_store(url).dataset("chat")
+    chat = ds.provenance["chat"]
+    assert chat["chat_template"] == "teacher"
+    assert chat["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+    for i, (ids, mask) in enumerate(_expected(demo_teacher)):
+        np.testing.assert_array_equal(ds[i].input_ids, ids)
+        np.testing.assert_array_equal(ds[i].loss_mask, mask)
+
+
+def test_precompute_takes_the_chat_flags() -> None:
+    from logitcache.cli import build_parser
+
+    common = ["precompute", "--teacher", "t", "--data", "d.jsonl", "--out", "s", "--dataset", "n"]
+    args = build_parser().parse_args(
+        [*common, "--top-k", "8", "--messages-field", "messages", "--chat-template", "llama3"]
+    )
+    assert (args.messages_field, args.chat_template) == ("messages", "llama3")
+    plain = build_parser().parse_args([*common, "--top-k", "8"])
+    assert (plain.messages_field, plain.chat_template) == ("", None)
