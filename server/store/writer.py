@@ -105,7 +105,7 @@ def write_segment(
         backend.write_bytes(f"{staging}/zarr.json", _group_metadata(attrs, sealed_ns))
         published = backend.publish(staging, f"{segments_dir(space.space_id)}/{segment_id}")
     except BaseException:
-        backend.remove_tree(staging)  # a failed write (a full disk) keeps no partial folder
+        _discard(backend, staging)  # a failed write (a full disk) keeps no partial folder
         raise
     if not published:
         raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
@@ -122,11 +122,20 @@ def _seal_in_place(
         attrs = _lay_out(backend, rel, space, records)
         sealed = backend.create(f"{rel}/zarr.json", _group_metadata(attrs, time.time_ns()))
     except BaseException:
-        backend.remove_tree(rel)
+        _discard(backend, rel)
         raise
     if not sealed:
         raise FailedPrecondition(f"segment {segment_id} exists already in {backend.url}")
     return segment_id
+
+
+def _discard(backend: StoreBackend, rel: str) -> None:
+    """Remove what a failed seal wrote. A store that refuses this too (it is unreachable) keeps
+    it, unsealed, for ``Store.clean_unsealed``; the caller sees the seal's own error."""
+    try:
+        backend.remove_tree(rel)
+    except StorageFault:
+        pass
 
 
 def _group_metadata(attrs: dict, sealed_ns: int) -> bytes:
@@ -152,6 +161,7 @@ def _lay_out(
     }
     for f in fields:
         arrays[f.name] = np.concatenate([r.arrays[f.name] for r in records])
+    arrays = codec_for(space.codec, space.vocab_size).seal(arrays)  # + the codec's segment tables
     per_entry = [f.name for f in fields if f.per == "entry"]
     if per_entry:
         entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)
