@@ -10,7 +10,7 @@ dimension P, one row per position) or per entry (one flat dimension E over all s
 row after row). Arrays of several records concatenate along their first dimension, which is how
 segments, wire batches and decoders handle many records at once.
 
-One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v1``, ``sampled``); the
+One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v1``, ``sampled``); the
 quantisation grids they share are in ``grid``.
 """
 
@@ -23,6 +23,7 @@ from logitcache.client.codecs.sampled import SampledCodec
 from logitcache.client.codecs.topk_v1 import QuantizedTopKCodec
 from logitcache.client.codecs.topk_v2 import TopKCodec
 from logitcache.client.codecs.topk_v3 import ContractGridTopKCodec
+from logitcache.client.codecs.topk_v4 import FrequencyOrderTopKCodec
 
 __all__ = [
     "CODECS",
@@ -30,6 +31,7 @@ __all__ = [
     "LOGPROB_SCALE",
     "Codec",
     "Field",
+    "FrequencyOrderTopKCodec",
     "QuantizedTopKCodec",
     "SampledCodec",
     "ContractGridTopKCodec",
@@ -42,7 +44,14 @@ __all__ = [
 ]
 
 CODECS: dict[str, type[Codec]] = {
-    c.name: c for c in (QuantizedTopKCodec, TopKCodec, ContractGridTopKCodec, SampledCodec)
+    c.name: c
+    for c in (
+        QuantizedTopKCodec,
+        TopKCodec,
+        ContractGridTopKCodec,
+        FrequencyOrderTopKCodec,
+        SampledCodec,
+    )
 }
 DEFAULT_CODEC = TopKCodec.name
 

@@ -31,6 +31,9 @@ class Codec(ABC):
 
     name: ClassVar[str]
     vocab_size: int
+    # Arrays a sealed segment stores beside the fields, for the whole segment (``topk-v4``'s
+    # frequency order); written by :meth:`seal`, given back to :meth:`unseal`.
+    segment_tables: ClassVar[tuple[str, ...]] = ()
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -49,6 +52,19 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, arrays: dict[str, np.ndarray]) -> TopKRows:
         """One array per field (of one or several concatenated encodings) -> rows."""
+
+    def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays a segment stores for the concatenated encodings of its records, its
+        :attr:`segment_tables` included: the encodings themselves unless a codec models a
+        whole segment."""
+        return arrays
+
+    def unseal(
+        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Arrays read from a sealed segment (whole, or one record's slice) -> the encoding
+        :meth:`decode` and the wire take; ``tables`` are the segment's :attr:`segment_tables`."""
+        return arrays
 
     def check_ids(self, token_ids: np.ndarray, valid: np.ndarray) -> None:
         """ValueError unless every id where ``valid`` is inside the vocabulary."""

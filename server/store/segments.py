@@ -13,6 +13,7 @@ Layout of a segment group (P positions and E entries over n records):
                                     with per-entry arrays only)
     input_ids       int32  [P]
     one array per field of the space's codec (logitcache.client.codecs), [P, ...] or [E]
+    the codec's segment tables, if it has any (``topk-v4``: ``id_order``)
 Group attributes: format, space_id, codec, records, positions, and (in newer segments)
 stored_bytes, the bytes of the arrays, so that store totals never walk the store, and sealed_ns,
 the time of sealing (older segments: the time their id starts with).
@@ -66,9 +67,9 @@ def has_entries(fields: tuple[Field, ...]) -> bool:
 
 def array_names(space: CaptureSpace) -> tuple[str, ...]:
     """Every array of a segment of this space, index arrays included."""
-    fields = codec_fields(space)
-    index = INDEX_ARRAYS if has_entries(fields) else INDEX_ARRAYS[:2]
-    return (*index, "input_ids", *(f.name for f in fields))
+    codec = codec_for(space.codec, space.vocab_size)
+    index = INDEX_ARRAYS if has_entries(codec.fields) else INDEX_ARRAYS[:2]
+    return (*index, "input_ids", *(f.name for f in codec.fields), *codec.segment_tables)
 
 
 def zarr_array(group: zarr.Group, name: str) -> zarr.Array:

@@ -19,6 +19,7 @@ from logitcache.client.codecs import (
     LOGPROB_SCALE,
     Codec,
     ContractGridTopKCodec,
+    FrequencyOrderTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
     TopKCodec,
@@ -801,12 +802,13 @@ def test_wire_batches_carry_concatenated_codec_arrays(codec_name: str, k: int) -
 
 
 def test_codec_for_knows_every_shipped_codec() -> None:
-    assert set(CODECS) == {"topk-q64-delta-v1", "topk-v2", "topk-v3", "sampled-v1"}
+    assert set(CODECS) == {"topk-q64-delta-v1", "topk-v2", "topk-v3", "topk-v4", "sampled-v1"}
     assert DEFAULT_CODEC == "topk-v2"
     for name, cls in [
         ("topk-q64-delta-v1", QuantizedTopKCodec),
         ("topk-v2", TopKCodec),
         ("topk-v3", ContractGridTopKCodec),
+        ("topk-v4", FrequencyOrderTopKCodec),
         ("sampled-v1", SampledCodec),
     ]:
         codec = codec_for(name, 70_000)

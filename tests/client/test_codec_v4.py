@@ -1,0 +1,153 @@
+"""``topk-v4``: ``topk-v3``'s rows with ids stored by a per-segment frequency order. The codec's
+own round trip keeps ids, padding, canonical ties and the storage contract's bounds (generated,
+adversarial and real-text rows); a sealed segment, read whole or one record at a time, and read
+again from a fresh backend as after a restart, gives back exactly the record's own encoding;
+segments of the older codecs carry no table and read as before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_codec import (
+    V2_SHAPES,
+    check_v2_round_trip,
+    distinct_ids,
+    make_targets,
+    v2_cases,
+    v2_logprobs,
+)
+from test_codec_v3 import V3_BOUND
+
+from logitcache.client.codecs import (
+    ContractGridTopKCodec,
+    FrequencyOrderTopKCodec,
+    TopKCodec,
+    TopKRows,
+    codec_for,
+)
+from logitcache.client.codecs.topk_v4 import ID_ORDER
+from logitcache.client.fidelity import fidelity
+from logitcache.client.space import CaptureSpace
+from logitcache.server.store.backend import LocalBackend
+from logitcache.server.store.reader import SegmentReader
+from logitcache.server.store.segments import array_names
+from logitcache.server.store.writer import CapturedRecord, write_segment
+
+
+def space_for(codec_name: str, vocab_size: int, k: int) -> CaptureSpace:
+    return CaptureSpace("t" * 64, "z" * 64, vocab_size, "topk", k, "float32", codec_name)
+
+
+def write_and_reopen(tmp_path, codec, parts: list[TopKRows]) -> SegmentReader:
+    space = space_for(codec.name, codec.vocab_size, max(p.token_ids.shape[1] for p in parts))
+    records = [
+        CapturedRecord.encode(i.to_bytes(16, "little"), np.arange(len(p)) % 7, p, space)
+        for i, p in enumerate(parts)
+    ]
+    segment_id = write_segment(LocalBackend(tmp_path / "store"), space, records)
+    reader = SegmentReader(LocalBackend(tmp_path / "store"), space, segment_id)
+    for i, record in enumerate(records):
+        got = reader.encoded(i)
+        assert set(got.arrays) == set(record.arrays)
+        for name, array in record.arrays.items():
+            assert got.arrays[name].dtype == array.dtype, name
+            np.testing.assert_array_equal(got.arrays[name], array, err_msg=name)
+    whole = reader.load()
+    for name in record.arrays:
+        np.testing.assert_array_equal(
+            whole[name], np.concatenate([r.arrays[name] for r in records]), err_msg=name
+        )
+    return reader
+
+
+@settings(max_examples=100, deadline=None)
+@given(v2_cases())
+def test_v4_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKRows]) -> None:
+    """Flat, peaked, tied, spread and softmax rows; k 1..256; ragged; vocabularies on both
+    sides of 65,536: the per-entry bounds of the contract hold for every stored entry."""
+    check_v2_round_trip(FrequencyOrderTopKCodec(case[0].vocab_size), case[1], V3_BOUND)
+
+
+@settings(max_examples=10, deadline=None)
+@given(v2_cases(), st.integers(1, 4))
+def test_v4_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
+    """Any rows cut into records, sealed and read back after a restart: the same encodings."""
+    codec = FrequencyOrderTopKCodec(case[0].vocab_size)
+    rows = case[1]
+    bounds = np.linspace(0, len(rows), pieces + 1).astype(int)
+    parts = [
+        TopKRows(rows.token_ids[a:b], rows.logprobs[a:b], rows.target_logprobs[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        if b > a
+    ]
+    if parts:
+        write_and_reopen(tmp_path_factory.mktemp("v4"), codec, parts)
+
+
+@pytest.mark.parametrize("vocab_size", [300, 65536, 65537, 151_936])
+@pytest.mark.parametrize("k", [1, 256])
+def test_v4_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) -> None:
+    rng = np.random.default_rng(k + vocab_size)
+    codec = FrequencyOrderTopKCodec(vocab_size)
+    parts = []
+    for shape in V2_SHAPES:
+        logprobs = v2_logprobs(rng, shape, 9, k)
+        ids = distinct_ids(rng, vocab_size, 9, k)
+        if not (ids[0] == vocab_size - 1).any():
+            ids[0, 0] = vocab_size - 1  # the largest id survives both parts and the remap
+        rows = TopKRows(ids, -np.sort(-logprobs, axis=1), make_targets(rng, logprobs))
+        check_v2_round_trip(codec, rows, V3_BOUND)
+        parts.append(rows)
+    reader = write_and_reopen(tmp_path, codec, parts)
+    assert reader.load()["id_hi"].dtype == (np.uint8 if vocab_size <= 1 << 16 else np.uint16)
+
+
+def test_v4_decodes_like_v3(real_text_rows: TopKRows) -> None:
+    """The same rows as topk-v3 (entries, order, values, tail and targets): only ids' storage
+    differs."""
+    v3, v4 = ContractGridTopKCodec(2000), FrequencyOrderTopKCodec(2000)
+    a, b = v3.decode(v3.encode(real_text_rows)), v4.decode(v4.encode(real_text_rows))
+    for name in ("token_ids", "logprobs", "target_logprobs", "tail_logprobs"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_v4_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
+    """Bounds and KL on the rows the storage benchmark is about, and their segment: the table
+    is the segment's distinct ids, most frequent first, and the stored ranks are small."""
+    codec = FrequencyOrderTopKCodec(2000)
+    decoded = check_v2_round_trip(codec, real_text_rows, V3_BOUND)
+    assert fidelity(real_text_rows, decoded, 2000).summary()["kl_mean"] < 1e-4
+    parts = [real_text_rows.__class__(*(None if a is None else a[i * 128 : (i + 1) * 128]
+             for a in (real_text_rows.token_ids, real_text_rows.logprobs,
+                       real_text_rows.target_logprobs, real_text_rows.tail_logprobs)))
+             for i in range(8)]  # fmt: skip
+    reader = write_and_reopen(tmp_path, codec, parts)
+    order = reader._read(ID_ORDER)
+    ids, counts = np.unique(real_text_rows.token_ids, return_counts=True)
+    assert sorted(order.tolist()) == ids.tolist()
+    by_id = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    assert all(by_id[a] >= by_id[b] for a, b in zip(order[:-1], order[1:], strict=True))
+    stored = reader._read("id_lo").astype(np.int64) | reader._read("id_hi").astype(np.int64) << 8
+    assert np.median(stored) < np.median(real_text_rows.token_ids)
+
+
+@pytest.mark.parametrize("codec_name", ["topk-v2", "topk-v3", "topk-q64-delta-v1"])
+def test_older_codecs_segments_have_no_table_and_read_as_before(tmp_path, codec_name) -> None:
+    rng = np.random.default_rng(5)
+    logprobs = v2_logprobs(rng, "softmax", 20, 16)
+    rows = TopKRows(distinct_ids(rng, 2000, 20, 16), logprobs, make_targets(rng, logprobs))
+    codec = codec_for(codec_name, 2000)
+    assert codec.segment_tables == () and codec.seal({"x": logprobs})["x"] is logprobs
+    reader = write_and_reopen(tmp_path, codec, [rows])
+    assert ID_ORDER not in array_names(reader.space)
+    assert ID_ORDER in array_names(space_for("topk-v4", 2000, 16))
+
+
+def test_v4_refuses_vocabularies_beyond_24_bits() -> None:
+    rows = TopKRows(
+        np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
+    )
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        FrequencyOrderTopKCodec(1 << 25).encode(rows)
