@@ -11,12 +11,14 @@ to resume on the next start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from logitcache.client.errors import LogitCacheError
+from logitcache.client.errors import InvalidArgument, LogitCacheError, NotFound
 from logitcache.server.config import ServerConfig
 from logitcache.server.engine.protocol import EngineFactory
 from logitcache.server.engine.vllm_engine import VLLMEngine
@@ -34,9 +36,14 @@ from logitcache.server.grpc.status import service_handler
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.audit import AuditLog
+from logitcache.server.policy.gate import PolicyGate
+from logitcache.server.policy.state import PolicyState, SqliteState, open_state
 from logitcache.server.policy.tls import add_grpc_port, load_server_tls
+from logitcache.server.policy.tokens import RedactTokens
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.spool import remove_leftover_uploads
+from logitcache.server.store.backend import LocalBackend
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.retention import (
     ReadThroughRetention,
@@ -74,8 +81,10 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
+    redact_tokens_in_logs()
     tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     store = await loop.run_in_executor(None, _open_clean_store, config)
+    gate = await loop.run_in_executor(None, open_gate, config, store)
     # Listings, descriptions and totals of the store, kept up to date in a worker thread.
     summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
     await summaries.start()
@@ -142,7 +151,7 @@ async def serve(
             ]
         )
         service = LogitCacheService(
-            config, store, teachers, readthrough, streamer, jobs, metrics, summaries
+            config, store, teachers, readthrough, streamer, jobs, metrics, summaries, gate
         )
         server.add_generic_rpc_handlers((service_handler(service, SERVICE),))
         health_servicer = health.aio.HealthServicer()
@@ -184,6 +193,7 @@ async def serve(
             streamer.close()
         await http.close()
         await summaries.close()
+        await gate.close()  # the audit lines of every call are written
         if teachers is not None:
             teachers.shutdown()
 
@@ -250,6 +260,70 @@ def read_through_retention(
         metrics.record_retention(p.retained_bytes, p.evicted_segments, p.evicted_bytes)
 
     return ReadThroughRetention(store, budget, grace_s=interval / 2, on_pass=report)
+
+
+def open_gate(config: ServerConfig, store: Store) -> PolicyGate:
+    """The policy of a server: its state (tokens, access lists, quotas, flags), its audit log,
+    default limits and guard policy.
+
+    The state is the replicas' shared database (``state_url``), else SQLite in ``state_dir``
+    (default: ``policy/`` in a local store). The audit log is this server's own: ``audit_dir``,
+    else ``audit/`` in the state directory (``audit-HOST/`` when replicas share the state, so
+    each chain has one writer). An anonymous single-user server on another kind of store, with
+    neither, keeps its state in memory and writes no audit log."""
+    state_dir = Path(config.state_dir) if config.state_dir else None
+    if state_dir is None and isinstance(store.backend, LocalBackend):
+        state_dir = store.backend.root / "policy"
+    if config.state_url:
+        state: PolicyState = open_state(config.state_url)
+    elif state_dir is not None:
+        state = open_state(state_dir)
+    elif config.allow_anonymous:
+        log.warning("no --state-dir: access lists and usage are kept in memory, no audit log")
+        state = SqliteState(":memory:")
+    else:
+        raise InvalidArgument(
+            f"store {store.url} is not a local directory: give --state-dir (or --state-url) for "
+            "the policy state (tokens, access lists, quotas)"
+        )
+    audit_dir = Path(config.audit_dir) if config.audit_dir else None
+    if audit_dir is None and state_dir is not None:
+        shared = f"audit-{socket.gethostname()}" if config.state_url else "audit"
+        audit_dir = state_dir / shared
+    audit = None
+    if audit_dir is not None:
+        audit = AuditLog(
+            audit_dir,
+            max_bytes=config.audit_max_bytes,
+            retention_days=config.audit_retention_days or None,
+        )
+    return PolicyGate(
+        state,
+        allow_anonymous=config.allow_anonymous,
+        defaults=config.default_limits(),
+        guard=config.guard_policy(),
+        dataset_positions=functools.partial(dataset_positions, store),
+        audit=audit,
+        replica=socket.gethostname() if config.state_url else "local",
+    )
+
+
+def dataset_positions(store: Store, names: list[str]) -> int:
+    """The positions of the datasets of ``names`` that exist (from their manifests alone)."""
+    total = 0
+    for name in names:
+        try:
+            total += int(store.backend.read_json(f"datasets/{name}/dataset.json")["positions"])
+        except NotFound:
+            continue  # deleted since its access list was written
+    return total
+
+
+def redact_tokens_in_logs() -> None:
+    """Tokens never reach the server's log: every handler of the root logger redacts them."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
 
 
 def _open_clean_store(config: ServerConfig) -> Store:

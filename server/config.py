@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import MAX_TOP_K
 from logitcache.server.engine.protocol import EngineOptions, check_options, parse_engine_args
+from logitcache.server.policy.access import check_anonymous_bind
+from logitcache.server.policy.guard import GuardAction, GuardPolicy
+from logitcache.server.policy.state import Limits
 
 if TYPE_CHECKING:
     from logitcache.server.store.objectstore import S3Settings
@@ -102,9 +105,26 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Callers without a token are one local user with every right (loopback binds only).
+    allow_anonymous: bool = False
+    # Tokens, access lists, quotas, usage and guard flags (default: policy/ inside a local store).
+    state_dir: str = ""
     # Shared state of replicas on several hosts: a postgresql:// URL that holds the policy state
     # (in place of state_dir) and the job leases (in place of lease files); empty: neither.
     state_url: str = ""
+    audit_dir: str = ""  # default: audit/ in the state directory
+    audit_max_bytes: int = 64 << 20  # an audit file rotates at this size
+    audit_retention_days: float = 0.0  # rotated audit files older than this are deleted; 0: kept
+    # Limits of tokens that have none of their own; 0: unlimited.
+    limit_positions_computed_per_day: int = 0
+    limit_positions_served_per_day: int = 0
+    limit_concurrent_streams: int = 0
+    limit_requests_per_second: float = 0.0
+    # The extraction guard (see server/policy/guard.py).
+    guard_floor: int = GuardPolicy.floor
+    guard_owned_ratio: float = GuardPolicy.owned_ratio
+    guard_action: str = GuardPolicy.action.value
+    guard_throttled_requests_per_second: float = GuardPolicy.throttled_requests_per_second
 
     def s3_settings(self) -> S3Settings:
         """How to reach an s3:// store (empty fields: the AWS variables)."""
@@ -121,11 +141,40 @@ class ServerConfig:
     def check(self) -> None:
         if not self.store:
             raise InvalidArgument("no store configured (--store URL)")
+        if self.allow_anonymous:
+            check_anonymous_bind(self.host)
+        self.guard_policy()
+        for name, value in vars(self.default_limits()).items():
+            if value is not None and value < 0:
+                raise InvalidArgument(f"limit_{name} must be >= 0 (0: unlimited)")
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise InvalidArgument(f"teacher names must be unique, got {names}")
         for t in self.teachers:
             t.check()
+
+    def default_limits(self) -> Limits:
+        """The limits of tokens without their own (0 in the configuration: none)."""
+        return Limits(
+            positions_computed_per_day=self.limit_positions_computed_per_day or None,
+            positions_served_per_day=self.limit_positions_served_per_day or None,
+            concurrent_streams=self.limit_concurrent_streams or None,
+            requests_per_second=self.limit_requests_per_second or None,
+        )
+
+    def guard_policy(self) -> GuardPolicy:
+        try:
+            action = GuardAction(self.guard_action.lower())
+        except ValueError:
+            raise InvalidArgument(
+                f"guard_action must be throttle or suspend, not {self.guard_action!r}"
+            ) from None
+        return GuardPolicy(
+            floor=self.guard_floor,
+            owned_ratio=self.guard_owned_ratio,
+            action=action,
+            throttled_requests_per_second=self.guard_throttled_requests_per_second,
+        )
 
 
 FIELD_HELP = {
@@ -176,11 +225,38 @@ FIELD_HELP = {
     "tls_key": "PEM private key of --tls-cert (unencrypted)",
     "tls_client_ca": "PEM CA certificates that sign clients' certificates: gRPC callers must "
     "present one (mutual TLS); the HTTP side asks for none, for probes (default: none)",
+    "allow_anonymous": "serve callers that send no token as one local user with every right "
+    "(single-user mode); accepted only with a loopback --host. Callers that send a token are "
+    "still that token's user (default: every call needs a token)",
+    "state_dir": "directory of the policy state: tokens (hashes only), access lists, limits, "
+    "usage, guard flags, in SQLite (default: policy/ inside a local store; needed for other "
+    "stores). `logitcache tokens create --state DIR` makes the first admin's token there",
     "state_url": "shared state of several replicas, postgresql://USER:PASSWORD@HOST:PORT/DB "
     "(any libpq URL): the policy state (instead of --state-dir; quotas then hold across "
     "replicas) and the job leases (instead of lease files in a local store: a job whose "
     "server is lost is resumed by another once its lease expires). Tables are created in "
     "the schema 'logitcache' (default: none; embedded state)",
+    "audit_dir": "directory of the hash-chained audit log, one line per call (default: audit/ "
+    "in the state directory)",
+    "audit_max_bytes": "size at which an audit file is rotated (default: 64 MiB)",
+    "audit_retention_days": "delete rotated audit files older than this many days (default: 0, "
+    "keep all)",
+    "limit_positions_computed_per_day": "positions the teacher computes per token per UTC day, "
+    "for tokens without a limit of their own (default: 0, unlimited)",
+    "limit_positions_served_per_day": "positions served (streamed or returned) per token per UTC "
+    "day (default: 0, unlimited)",
+    "limit_concurrent_streams": "streams (StreamDataset, GetDistributions) one token has open at "
+    "once (default: 0, unlimited)",
+    "limit_requests_per_second": "requests per second per token, a bucket with one second of "
+    "burst (default: 0, unlimited)",
+    "guard_floor": "the extraction guard flags a token only past this many novel read-through "
+    f"positions in a UTC day (default: {GuardPolicy.floor})",
+    "guard_owned_ratio": "... and past this many times the positions of the datasets its user "
+    f"owns (default: {GuardPolicy.owned_ratio:g})",
+    "guard_action": "what a flagged token gets until an admin clears it: throttle (a low request "
+    "rate) or suspend (PERMISSION_DENIED) (default: throttle)",
+    "guard_throttled_requests_per_second": "request rate of a throttled token (default: "
+    f"{GuardPolicy.throttled_requests_per_second:g})",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",

@@ -39,6 +39,8 @@ from logitcache.client.errors import (
     Unavailable,
 )
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.access import Action
+from logitcache.server.policy.gate import Call, PolicyGate
 
 log = logging.getLogger(__name__)
 
@@ -136,45 +138,71 @@ async def abort(context: grpc.aio.ServicerContext, method: str, error: Exception
     raise AssertionError("context.abort returned")  # it raises; this tells the type checker
 
 
-class HasMetrics(Protocol):
+class Guarded(Protocol):
     """What :func:`rpc` needs from the servicer it wraps methods of."""
 
     metrics: ServerMetrics
+    gate: PolicyGate
 
 
-def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Map errors to status codes and count every call by method and final code."""
+def rpc(needs: Action | Callable[..., Any]) -> Any:
+    """Wrap a servicer method: admit its caller through the servicer's policy gate, map errors
+    to status codes once, count the call by method and final code, and write its audit line.
+
+    ``@rpc(Action.READ)`` (or PRODUCE, ADMINISTER) says what role the method needs, and the
+    method takes the admitted :class:`Call` after the context:
+    ``async def M(self, request, context, call)``; it checks access lists and charges quotas
+    through ``self.gate`` with that call. Bare ``@rpc`` is admin-only and the method takes no
+    call: a method added without a policy decision is closed to everyone but admins.
+    """
+    if isinstance(needs, Action):
+        return functools.partial(_guarded, needs=needs, passes_call=True)
+    return _guarded(needs, needs=Action.ADMINISTER, passes_call=False)
+
+
+def _guarded(method: Callable[..., Any], *, needs: Action, passes_call: bool) -> Callable[..., Any]:
     name = method.__name__
 
-    def record(self: HasMetrics, code: grpc.StatusCode, started: float) -> None:
+    def finish(self: Guarded, call: Call, code: grpc.StatusCode, started: float) -> None:
         self.metrics.record_request(name, code.name, time.perf_counter() - started)
+        self.gate.record(call, code.name)
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(self: HasMetrics, request: Any,
+        async def stream_wrapper(self: Guarded, request: Any,
                                  context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # fmt: skip
             started = time.perf_counter()
+            call, code = Call(name), grpc.StatusCode.CANCELLED  # until it ends otherwise
             try:
-                async for item in method(self, _decoded(request), context):
+                await self.gate.admit(call, context.invocation_metadata(), needs)
+                async for item in method(self, _decoded(request), context,
+                                         *((call,) if passes_call else ())):  # fmt: skip
                     yield item
+                code = grpc.StatusCode.OK
             except Exception as e:
-                record(self, status_of(e), started)
+                code = status_of(e)
                 await abort(context, name, e)
-            record(self, grpc.StatusCode.OK, started)
+            finally:
+                finish(self, call, code, started)
 
         return stream_wrapper
 
     @functools.wraps(method)
-    async def unary_wrapper(self: HasMetrics, request: Any,
+    async def unary_wrapper(self: Guarded, request: Any,
                             context: grpc.aio.ServicerContext) -> Any:  # fmt: skip
         started = time.perf_counter()
+        call, code = Call(name), grpc.StatusCode.CANCELLED
         try:
-            result = await method(self, _decoded(request), context)
+            await self.gate.admit(call, context.invocation_metadata(), needs)
+            result = await method(self, _decoded(request), context,
+                                  *((call,) if passes_call else ()))  # fmt: skip
+            code = grpc.StatusCode.OK
+            return result
         except Exception as e:
-            record(self, status_of(e), started)
+            code = status_of(e)
             await abort(context, name, e)
-        record(self, grpc.StatusCode.OK, started)
-        return result
+        finally:
+            finish(self, call, code, started)
 
     return unary_wrapper
