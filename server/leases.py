@@ -27,12 +27,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
-from logitcache.server.store.backend import LocalBackend
 from logitcache.server.store.liveness import process_alive
-from logitcache.server.store.store import Store
+
+if TYPE_CHECKING:  # the store is imported where leases are picked, so a lease holder stays light
+    from logitcache.server.store.store import Store
 
 log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 30.0  # a holder renews every third of this; a dead one is replaced after it
@@ -242,6 +243,7 @@ def leases_for(store: Store, owner: str | None = None, state_url: str = "") -> L
     ``state_url`` is a ``postgresql://`` URL (servers and workers on several hosts), otherwise
     files in ``leases/`` inside a local store."""
     from logitcache.server.postgres import is_postgres_url
+    from logitcache.server.store.backend import LocalBackend
 
     if is_postgres_url(state_url):
         return PostgresLeaseStore(state_url, store.url, owner)

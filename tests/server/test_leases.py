@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from job_managers import USE
 
 from logitcache.client.errors import FailedPrecondition
 from logitcache.server.leases import (
@@ -32,7 +31,6 @@ from logitcache.server.leases import (
     claimed,
     leases_for,
 )
-from logitcache.server.store.store import open_store
 
 if TYPE_CHECKING:
     from logitcache.server.jobs import JobManager
@@ -179,6 +177,8 @@ def test_leases_of_two_stores_in_one_database_are_apart(postgres_url: str) -> No
 
 
 def test_leases_follow_the_state_url(tmp_path: Path, postgres_url: str) -> None:
+    from logitcache.server.store.store import open_store
+
     store = open_store(str(tmp_path / "store"), writable=True)
     assert isinstance(leases_for(store), FileLeaseStore)
     shared = leases_for(store, state_url=postgres_url)
@@ -192,11 +192,12 @@ def test_a_lost_servers_job_is_resumed_by_another_once_its_lease_expired(
     for good after its first sealed segment, as a server on a lost machine does; the other
     takes its job over only once the lease expired, and the job completes once.
 
-    (The job modules are imported here: the racing processes above import this module.)"""
+    (The store and job modules are imported here: the racing processes import this module.)"""
     from job_managers import USE, last_update, sequences, until
 
     from logitcache.server.jobs import JobManager, JobSpec, JobState
     from logitcache.server.metrics import ServerMetrics
+    from logitcache.server.store.store import open_store
 
     url, lease_s = str(tmp_path / "store"), 3.0
     inputs = sequences(seed=21, count=60, lengths=(20, 40))
