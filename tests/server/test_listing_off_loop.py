@@ -98,8 +98,9 @@ def test_the_loop_stays_responsive_while_listings_count_a_building_dataset(big_s
     """In process, so the listings' work shares the loop's GIL: /healthz answers promptly."""
     http_port = free_port()
     config = ServerConfig(
-        store=str(big_store), port=0, http_port=http_port, store_refresh_seconds=0.25
-    )
+        store=str(big_store), port=0, http_port=http_port, store_refresh_seconds=0.25,
+        allow_anonymous=True,
+    )  # fmt: skip
 
     async def scenario(poller: HealthPoller) -> int:
         stop, ready = asyncio.Event(), asyncio.Event()
