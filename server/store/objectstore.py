@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
 
 import obstore as obs
@@ -60,6 +60,9 @@ from zarr.storage import ObjectStore
 from logitcache.client.errors import InvalidArgument, LogitCacheError, NotFound, Unavailable
 from logitcache.server.store.backend import WriteHealth, guarded, json_bytes
 from logitcache.server.store.liveness import writer_gone, writer_identity
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
 
 DEFAULT_INDEX_CACHE_BYTES = 64 << 20
 _PROBE = ".write-probe"
@@ -337,16 +340,16 @@ class S3Backend:
             raise InvalidArgument(f"store object name {rel!r} must stay inside the store")
         return "/".join(parts)
 
-    def _objects(self, rel: str) -> list[dict]:
+    def _objects(self, rel: str) -> list[ObjectMeta]:
         """Every object under the prefix ``rel`` (not ``rel`` itself), with sizes and times."""
         key = self._key(rel)
         under = f"{key}/" if key else ""
         listed = obs.list(self.store, key or None, chunk_size=1000)
         return [m for chunk in listed for m in chunk if m["path"].startswith(under)]
 
-    def _head(self, key: str) -> dict | None:
+    def _head(self, key: str) -> ObjectMeta | None:
         try:
-            return cast(dict, obs.head(self.store, key))
+            return obs.head(self.store, key)
         except FileNotFoundError:
             return None
 
