@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from logitcache.bench.capture_modes import print_mode_figures
 from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
@@ -73,6 +74,7 @@ async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -
             print(
                 f"round {r + 1}: (a) {positions / alone[-1]:,.0f} pos/s  (b) {positions / seconds:,.0f} pos/s"
             )
+        await print_mode_figures(engine, info, sequences, args.rounds)  # the capture modes' table
     finally:
         engine.shutdown()
     a, b = positions / min(alone), positions / min(pipeline)

@@ -158,6 +158,16 @@ class VLLMEngine:
             expected = rows_from_vllm_output(await self.raw_output(ids, k), len(ids), k)
             check_agreement(expected, await self._columns(ids, request))
 
+    async def prefill_only(self, input_ids: np.ndarray) -> None:
+        """Run one sequence with no log-probs at all: vLLM's prefill limit that ``bench capture``
+        compares captures with."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        await self._generate(TokensPrompt(prompt_token_ids=np.asarray(input_ids).tolist()),
+                             params, 0)  # fmt: skip
+
     async def raw_output(self, input_ids: np.ndarray, k: int, priority: int = 0) -> Any:
         """vLLM's own RequestOutput for one sequence (what ``bench capture`` times as baseline)."""
         from vllm import SamplingParams

@@ -94,6 +94,8 @@ def _capture_chunks(runner: Any, hidden_states: torch.Tensor,
         for a in range(0, len(index), step):
             b = min(a + step, len(index))
             logits = runner.model.compute_logits(hidden_states[index[a:b].to(device)])
+            if logits is None:  # a tensor-parallel rank that the logits were not gathered to
+                continue
             columns = capture_columns(logits, targets[a:b].to(device), rows[a:b].to(device),
                                       seeds[a:b].to(device), layout)  # fmt: skip
             out[a:b].copy_(columns, non_blocking=True)

@@ -1,0 +1,129 @@
+"""``bench capture``'s capture modes: positions/s and bytes/position of top-64, top-p 0.95,
+sampled U=12 and top-64 with three temperatures, beside vLLM's prefill-only limit, one engine.
+
+Rounds alternate between the modes and the prefill-only run, so that machine load falls on all
+of them alike; the best round of each is reported. top-64, top-p and sampled run precompute's
+pipeline end to end into a fresh store (capture, convert, encode, write, seal; their bytes are
+the store's). The temperatures are not a store field yet: that row runs the engine-side capture
+with log Z at T = 1, 2, 4, the same conversion and top-64 encoding, and the tempered tails'
+encoding, without writing a store; it is compared with top-64 run the same way (the row "top-64,
+no store"). Its bytes are top-64's plus the tails' arrays compressed as the store compresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+
+import numpy as np
+
+from logitcache.client.codecs.tempered import encode_tempered, tempered_log_tails
+from logitcache.client.space import CaptureMode, CaptureSpace, record_key
+from logitcache.server.engine.capture import CaptureConfig, stored_rows
+from logitcache.server.engine.device_capture import CaptureRequest
+from logitcache.server.engine.vllm_engine import VLLMEngine
+from logitcache.server.precompute import capture_into_store
+from logitcache.server.store.store import open_store
+from logitcache.server.store.writer import CapturedRecord
+from logitcache.server.teachers.identity import TeacherInfo, capture_space
+
+TEMPERATURES = (1.0, 2.0, 4.0)
+MODES = {
+    "top-64": CaptureConfig(CaptureMode.TOPK, 64),
+    "top-p 0.95 (max 64)": CaptureConfig(CaptureMode.TOP_P, 64, 0.95),
+    "sampled U=12": CaptureConfig(CaptureMode.SAMPLED, 12),
+}
+TEMPERED = "top-64 + T=1,2,4, no store"
+UNSTORED = "top-64, no store"
+
+
+async def _gather(sequences: list[np.ndarray], in_flight: int, one) -> float:  # type: ignore[no-untyped-def]
+    slots = asyncio.Semaphore(in_flight)
+
+    async def bounded(ids: np.ndarray) -> None:
+        async with slots:
+            await one(ids)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(bounded(s) for s in sequences))
+    return time.perf_counter() - started
+
+
+async def _pipeline(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray],
+                    in_flight: int) -> tuple[float, int]:  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as root:
+        store = open_store(root, writable=True)
+        store.ensure_space(space)
+        todo = [(record_key(space.space_id, s), s) for s in sequences]
+        started = time.perf_counter()
+        await capture_into_store(engine, store, space, todo, 1 << 16, in_flight, progress=False)
+        seconds = time.perf_counter() - started
+        return seconds, store.backend.stored_bytes(f"spaces/{space.space_id}/segments")
+
+
+async def _unstored(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray],
+                    in_flight: int, temperatures: tuple[float, ...]) -> tuple[float, int]:  # fmt: skip
+    """Seconds of the engine-side top-64 capture (with log Z at ``temperatures``) plus its
+    conversion and encoding, and the compressed bytes of the tempered tails alone."""
+    import numcodecs
+
+    config = CaptureConfig.of_space(space)
+    request = CaptureRequest(top_k=64, temperatures=temperatures)
+    loop = asyncio.get_running_loop()
+    tails: list[np.ndarray] = []
+
+    def encode(ids: np.ndarray, columns) -> None:  # type: ignore[no-untyped-def]
+        key = record_key(space.space_id, ids)
+        CapturedRecord.encode(key, ids, stored_rows(config, columns), space)
+        if temperatures:
+            logs = tempered_log_tails(columns.top_logprobs, columns.log_normalisers, temperatures)
+            tails.append(np.stack(list(encode_tempered(logs, temperatures).values()), axis=1))
+
+    async def one(ids: np.ndarray) -> None:
+        columns = await engine.capture_columns(ids, request)
+        await loop.run_in_executor(None, encode, ids, columns)
+
+    seconds = await _gather(sequences, in_flight, one)
+    if not tails:
+        return seconds, 0
+    packed = np.ascontiguousarray(np.concatenate(tails))
+    compressed = numcodecs.Zstd(level=3).encode(packed)
+    return seconds, len(compressed)
+
+
+async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
+                             sequences: list[np.ndarray], rounds: int) -> None:  # fmt: skip
+    """Run the rounds and print the table (positions/s, ratios, bytes/position)."""
+    positions = sum(len(s) for s in sequences)
+    in_flight = 256
+    spaces = {name: capture_space(info, engine.dtype, c) for name, c in MODES.items()}
+    best: dict[str, float] = {}
+    nbytes: dict[str, float] = {}
+    await _gather(sequences[:16], in_flight, engine.prefill_only)  # warm-up (and self-check)
+    await engine.capture(sequences[0], 64)
+    for r in range(rounds):
+        seconds = {"prefill only (no logprobs)": await _gather(sequences, in_flight,
+                                                               engine.prefill_only)}  # fmt: skip
+        for name, space in spaces.items():
+            seconds[name], stored = await _pipeline(engine, space, sequences, in_flight)
+            nbytes[name] = stored / positions
+        seconds[UNSTORED], _ = await _unstored(engine, spaces["top-64"], sequences, in_flight, ())
+        seconds[TEMPERED], tail_bytes = await _unstored(engine, spaces["top-64"], sequences,
+                                                        in_flight, TEMPERATURES)  # fmt: skip
+        nbytes[UNSTORED] = nbytes["top-64"]
+        nbytes[TEMPERED] = nbytes["top-64"] + tail_bytes / positions
+        for name, s in seconds.items():
+            best[name] = max(best.get(name, 0.0), positions / s)
+        print(f"modes round {r + 1}: " + "  ".join(f"{n}: {positions / s:,.0f}"
+                                                   for n, s in seconds.items()))  # fmt: skip
+    prefill, top = best["prefill only (no logprobs)"], best["top-64"]
+    print()
+    print(f"{'capture mode (engine-side)':28s}{'positions/s':>13s}{'x prefill':>11s}"
+          f"{'x top-64':>10s}{'bytes/pos':>11s}")  # fmt: skip
+    for name, rate in best.items():
+        size = f"{nbytes[name]:.1f}" if name in nbytes else "-"
+        print(f"{name:28s}{rate:>13,.0f}{rate / prefill:>11.2f}{rate / top:>10.2f}{size:>11s}")
+    print(f"targets: top-64 >= 0.8x prefill ({top / prefill:.2f}); sampled >= 0.5x top-64 "
+          f"({best['sampled U=12'] / top:.2f}); temperatures >= 0.9x top-64 "
+          f"({best[TEMPERED] / best[UNSTORED]:.2f}, both without a store)")  # fmt: skip
