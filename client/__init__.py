@@ -1,8 +1,9 @@
 """logitcache.client: the data model (records, codecs) and the client side of the service."""
 
 from logitcache.client.record import Record
+from logitcache.client.use import Use
 
-__all__ = ["AsyncClient", "Client", "Record"]
+__all__ = ["AsyncClient", "Client", "Record", "Use"]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,9 @@ from logitcache.client.options import (
     add_dataset_options,
     add_progress_option,
     add_server_options,
+    add_use_options,
     client_arguments,
+    use_of,
 )
 
 
@@ -46,6 +48,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_server_options(p, timeout=600.0)
     add_dataset_options(p, license_default="the teacher's")
+    add_use_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="FILE.jsonl", help="local JSONL file to send")
     src.add_argument("--server-path", metavar="PATH", help="JSONL or Parquet file on the server")
@@ -100,6 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the server's)")  # fmt: skip
     p.add_argument("--batch", type=int, default=256, help="sequences per request (default: 256)")
+    add_use_options(p)
     add_progress_option(p)
     p.set_defaults(handler=_fetch)
 
@@ -134,6 +138,8 @@ def _submit(args: argparse.Namespace) -> int:
             max_len=args.max_len,
             overflow=args.overflow,
             license=args.license,
+            use=use_of(args),
+            sensitive_data=args.sensitive_data,
         )
         print(job_id, flush=True)
         if args.wait:
@@ -320,7 +326,9 @@ def _fetch(args: argparse.Namespace) -> int:
     batches = (sequences[i : i + args.batch] for i in range(0, len(sequences), args.batch))
     records = []
     with _client(args) as client, _progress(len(sequences), args.no_progress) as bar:
-        for batch in client.get_distributions_iter(batches, teacher=args.teacher, top_k=args.top_k):
+        for batch in client.get_distributions_iter(
+            batches, teacher=args.teacher, top_k=args.top_k, use=use_of(args)
+        ):
             records += batch
             bar.update(len(batch))
     lengths = np.asarray([len(r) for r in records], dtype=np.int64)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def demo_teacher_path(seed: int = 0) -> Path:
     """The demo teacher for ``seed`` under the cache directory, built on first use."""
-    from logitcache.demo import language, teacher
+    from logitcache.demo import language, model_card, teacher
 
     recipe = hashlib.sha256()
     for module in (language, teacher):
@@ -21,6 +21,7 @@ def demo_teacher_path(seed: int = 0) -> Path:
     path = cache_dir() / f"demo-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
     if not (path / "config.json").is_file():
         teacher.build_demo_teacher(path, seed=seed)
+    model_card.ensure_model_card(path, "logitcache demo teacher", model_card.DEMO_LANGUAGE_DATA)
     return path
 
 

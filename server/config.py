@@ -36,7 +36,7 @@ class TeacherConfig:
     max_model_len: int | None = None
     kv_cache_gib: float | None = None  # default: 1 GiB on CPUs (VLLM_CPU_KVCACHE_SPACE if set)
     gpu_memory_utilization: float = 0.85  # GPU engine only
-    license: str | None = None  # recorded in provenance; default: the model card's
+    license: str | None = None  # decides the licence policy; default: an admin's, the card's
     # Any other vLLM engine option, by its AsyncEngineArgs name ([teachers.engine_args] table).
     engine_args: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +125,12 @@ class ServerConfig:
     guard_owned_ratio: float = GuardPolicy.owned_ratio
     guard_action: str = GuardPolicy.action.value
     guard_throttled_requests_per_second: float = GuardPolicy.throttled_requests_per_second
+    # The licence policy and filters (server/policy/admission.py): directories server_path
+    # inputs may come from (none: such inputs are refused), the sensitive-data action of datasets
+    # and read-through that choose none, and a file of custom licence entries.
+    input_roots: list[str] = field(default_factory=list)
+    sensitive_data: str = "reject"
+    custom_licences: str = ""
 
     def s3_settings(self) -> S3Settings:
         """How to reach an s3:// store (empty fields: the AWS variables)."""
@@ -257,6 +263,15 @@ FIELD_HELP = {
     "rate) or suspend (PERMISSION_DENIED) (default: throttle)",
     "guard_throttled_requests_per_second": "request rate of a throttled token (default: "
     f"{GuardPolicy.throttled_requests_per_second:g})",
+    "input_roots": "directories a job's server_path may read from, separated by "
+    f"{os.pathsep!r} (a TOML list in --config); links and .. that lead out are refused (default: "
+    "none, so server_path inputs are refused and jobs stream their input)",
+    "sensitive_data": "what happens to inputs in which a sensitive-data detector fires, for "
+    "jobs that choose nothing and for read-through: reject (INVALID_ARGUMENT naming the "
+    "sequence and detector), redact (job texts: replaced before tokenising) or allow (counted "
+    "in the dataset's provenance) (default: reject)",
+    "custom_licences": "TOML or YAML file of licence entries added to the built-in catalogue "
+    "(the catalogue's schema; an entry with a built-in id replaces it)",
 }
 TEACHER_FLAG_HELP = {
     "max_top_k": "largest k a request may ask for (default: 64, at most 256)",
@@ -266,7 +281,9 @@ TEACHER_FLAG_HELP = {
     "kv_cache_gib": "KV cache size in GiB, any fraction (default on CPUs: "
     "VLLM_CPU_KVCACHE_SPACE if set, else 1; on GPUs: what gpu_memory_utilization leaves)",
     "gpu_memory_utilization": "GPU engine only: fraction of GPU memory for vLLM (default: 0.85)",
-    "license": "teacher licence recorded in provenance (default: the model card's)",
+    "license": "the teacher's licence, a catalogue id such as apache-2.0 or llama2: the licence "
+    "policy decides on it (default: an admin's SetTeacherLicence, else the model card's "
+    "license:; with none, the teacher runs no job or read-through)",
     "revision": "hub teachers: branch, tag or commit to fetch (vLLM's revision)",
     "engine_arg": "any vLLM engine option as KEY=VALUE (an AsyncEngineArgs field, e.g. "
     "tensor_parallel_size=2; VALUE read as JSON where it parses); in --config: a "
@@ -368,6 +385,8 @@ def _teacher_from_dict(obj: dict) -> TeacherConfig:
 
 
 def _coerce(name: str, value: object, default: object) -> object:
+    if isinstance(default, list) and isinstance(value, str):
+        return [part for part in value.split(os.pathsep) if part]
     if isinstance(default, bool):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
     if isinstance(default, int) and not isinstance(value, int):

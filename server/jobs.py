@@ -40,6 +40,7 @@ from logitcache.client.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LogitCacheError,
     NotFound,
 )
 from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport, input_shards
@@ -53,11 +54,13 @@ from logitcache.server.leases import (
 )
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.names import shown
+from logitcache.server.policy.admission import Admission, Admitted, parse_action
+from logitcache.server.policy.decision import UseRequest
 from logitcache.server.precompute import (
     PrecomputeRequest,
+    admitted_inputs,
     create_dataset,
     precompute,
-    prepare_inputs,
 )
 from logitcache.server.spool import adopt_upload
 from logitcache.server.store.backend import StoredObject
@@ -97,7 +100,14 @@ class JobSpec:
     overflow: str = "error"
     license: str = ""
     client_request_id: str = ""  # the same on a client's retries of one submission
+    use: UseRequest | None = None  # what the distributions are for (the licence policy decides)
+    sensitive_data: str = ""  # the dataset's filter action: reject, redact, allow ("": default)
     messages_field: str = ""  # chat rows' field, rendered with the teacher's template (server.chat)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> JobSpec:
+        use = obj.get("use")
+        return cls(**{**obj, "use": UseRequest.from_json(use) if use else None})
 
 
 @dataclass
@@ -115,10 +125,13 @@ class Job:
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     finished_at: float = 0.0
+    user: str | None = None  # who submitted it, as authenticated (None: anonymous)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Job:
-        return cls(**{**obj, "spec": JobSpec(**obj["spec"]), "state": JobState(obj["state"])})
+        return cls(
+            **{**obj, "spec": JobSpec.from_json(obj["spec"]), "state": JobState(obj["state"])}
+        )
 
     @property
     def lease(self) -> str:
@@ -165,8 +178,11 @@ class JobManager:
         segment_positions: int,
         lease_s: float = DEFAULT_LEASE_S,
         leases: LeaseStore | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
+        # The licence policy, the sensitive-data filters and the server_path roots.
+        self.admission = admission or Admission()
         self.teachers = teachers
         self.metrics = metrics
         self.max_in_flight = max_in_flight
@@ -231,12 +247,15 @@ class JobManager:
     # -- requests -------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, sequences: Sequence[Sequence[int]],
-                     texts: Sequence[str], *, upload: StoredObject | None = None) -> Job:  # fmt: skip
+                     texts: Sequence[str], *, upload: StoredObject | None = None,
+                     user: str | None = None) -> Job:  # fmt: skip
         """Check the spec and input completely, persist both with the dataset, then queue the
         job. A submission repeated with the same ``client_request_id`` returns the same job.
 
         The input is ``sequences`` and ``texts``, or an ``upload`` spooled to the store as it
-        arrived (``spool.JobUpload``), which the accepted job adopts."""
+        arrived (``spool.JobUpload``), which the accepted job adopts. The licence policy decides
+        on ``spec.use`` before anything is read; ``user`` (the authenticated caller) is recorded
+        with the job and in its dataset's provenance."""
         validate_dataset_name(spec.dataset)
         request_id = spec.client_request_id
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -246,7 +265,7 @@ class JobManager:
                 fields=["client_request_id"],
             )
         if not request_id:
-            return await self._submit(spec, sequences, texts, upload)
+            return await self._submit(spec, sequences, texts, upload, user)
         while (pending := self._requests.get(request_id)) is not None:
             earlier = await asyncio.shield(pending)  # an attempt being accepted here
             if earlier is not None:
@@ -254,7 +273,9 @@ class JobManager:
         self._requests[request_id] = asyncio.get_running_loop().create_future()
         job: Job | None = None
         try:
-            job = await self._submitted(spec) or await self._submit(spec, sequences, texts, upload)
+            job = await self._submitted(spec) or await self._submit(
+                spec, sequences, texts, upload, user
+            )
             return job
         finally:
             self._requests.pop(request_id).set_result(job)
@@ -292,7 +313,8 @@ class JobManager:
         )
 
     async def _submit(self, spec: JobSpec, sequences: Sequence[Sequence[int]],
-                      texts: Sequence[str], upload: StoredObject | None) -> Job:  # fmt: skip
+                      texts: Sequence[str], upload: StoredObject | None,
+                      user: str | None) -> Job:  # fmt: skip
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
         spec.top_k = teacher.resolve_k(spec.top_k)
@@ -311,11 +333,15 @@ class JobManager:
             raise InvalidArgument(
                 "a job needs sequences, texts or a server_path", fields=["server_path"]
             )
+        admitted = self._admit(teacher, spec, user)  # before the input is read
+        parse_action(spec.sensitive_data)
+        if spec.server_path:
+            self.admission.confine(spec.server_path)  # before anything looks at the path
         if spec.dataset in self._accepting or any(
             j.spec.dataset == spec.dataset and j.state.active for j in self._jobs.values()
         ):
             raise AlreadyExists(f"dataset {spec.dataset!r} is being built; choose another name")
-        job = Job(id=uuid.uuid4().hex[:16], spec=spec)
+        job = Job(id=uuid.uuid4().hex[:16], spec=spec, user=user)
         loop = asyncio.get_running_loop()
         self._accepting.add(spec.dataset)
         try:
@@ -325,7 +351,7 @@ class JobManager:
                     busy(f"dataset {spec.dataset!r}", holder, "choose another name")
                 )
             accepting = loop.run_in_executor(
-                None, self._accept, job, teacher, sequences, texts, upload
+                None, self._accept, job, teacher, admitted, sequences, texts, upload
             )
             try:
                 await asyncio.shield(accepting)
@@ -405,17 +431,44 @@ class JobManager:
         return job
 
     async def watch(self, job_id: str) -> AsyncIterator[Job]:
-        """The job now, then after every change, until it ends."""
+        """The job now, then after every change, until it ends; its end is told once the job
+        has let go of its dataset (a caller may then finish, delete or resume it at once)."""
         job = self.get(job_id)
         event = self._changed[job_id]
         while True:
             event.clear()
+            task = self._tasks.get(job_id)
+            if not job.state.active and task is not None and task is not asyncio.current_task():
+                await asyncio.wait({task})  # winding down: the lease goes last
             yield job
             if not job.state.active:
                 return
             await event.wait()
 
     # -- ownership ------------------------------------------------------------------------------
+
+    def admit(self, spec: JobSpec, user: str | None) -> Admitted:
+        """The licence policy's decision on a submission, which ``submit`` makes again: a front
+        end asks first to refuse a job before its input is uploaded."""
+        return self._admit(self.teachers.get(spec.teacher), spec, user)
+
+    def _admit(self, teacher: Teacher, spec: JobSpec, user: str | None) -> Admitted:
+        """The licence policy's decision on the job's declared use (FAILED_PRECONDITION citing
+        the clause when refused). The teacher's licence is the server's to declare: a spec that
+        names another one is refused."""
+        declared = self.admission.licence_of(
+            teacher.name, teacher.config.license, teacher.info.license
+        )
+        admitted = self.admission.admit(teacher.name, declared, spec.use, user)
+        named = self.admission.licences.catalogue.get(spec.license) if spec.license else None
+        if spec.license and (named is None or named != declared.licence):
+            raise InvalidArgument(
+                f"license {shown(spec.license)} is not teacher {teacher.name!r}'s declared "
+                f"licence ({declared.name}); the server declares a teacher's licence: leave "
+                "license empty",
+                fields=["license"],
+            )
+        return admitted
 
     def _runs_teacher_of(self, job: Job) -> bool:
         return any(t.name == job.spec.teacher for t in self.teachers)
@@ -476,22 +529,16 @@ class JobManager:
 
     # -- accepting (worker threads) -------------------------------------------------------------
 
-    def _accept(self, job: Job, teacher: Teacher, sequences: Sequence[Sequence[int]],
-                texts: Sequence[str], upload: StoredObject | None) -> None:  # fmt: skip
+    def _accept(self, job: Job, teacher: Teacher, admitted: Admitted,
+                sequences: Sequence[Sequence[int]], texts: Sequence[str],
+                upload: StoredObject | None) -> None:  # fmt: skip
         """Check the input as the job will read it, then write it, publish the dataset and save
         the job; on any error leave nothing behind."""
         spec = job.spec
         if spec.dataset in self.store.datasets():
             raise AlreadyExists(f"dataset {spec.dataset!r} already exists; choose another name")
-        if spec.server_path and not all(
-            isinstance(shard, Path) and shard.is_file()
-            for shard in input_shards(Path(spec.server_path))
-        ):
-            raise InvalidArgument(
-                f"server_path {shown(spec.server_path)!r} is not a file, a directory of shards "
-                "or a glob of files on the server",
-                fields=["server_path"],
-            )
+        if spec.server_path:
+            self._check_server_path(spec.server_path)
         request = self._request(job)
         data = _input_bytes(sequences, texts)
         checked = request
@@ -503,7 +550,11 @@ class JobManager:
             stream = io.BytesIO(data)
             stream.name = "job input"  # messages name rows as "job input:LINE"
             checked = replace(request, data=stream)
-        report = prepare_inputs(checked, teacher.info)
+        try:
+            checked, report = admitted_inputs(checked, teacher.info, self.admission, admitted)
+        except LogitCacheError as error:
+            raise _without_content(error) if spec.server_path else error from None
+        request = replace(request, provenance=checked.provenance)
         job.sequences_total = len(report.sequences)
         job.positions_total = _positions(report)
         space = capture_space(teacher.info, teacher.engine.dtype, request.capture)
@@ -539,6 +590,19 @@ class JobManager:
             if made_by.get("id") == job.id:
                 self.store.delete_dataset(job.spec.dataset)
 
+    def _check_server_path(self, server_path: str) -> None:
+        """Every shard of ``server_path`` is a file inside the allowed roots (a link in a root
+        that leads out of it is refused like a path outside)."""
+        shards = input_shards(self.admission.confine(server_path))
+        if not all(isinstance(shard, Path) and shard.is_file() for shard in shards):
+            raise InvalidArgument(
+                f"server_path {shown(server_path)!r} is not a file, a directory of shards or a "
+                "glob of files on the server",
+                fields=["server_path"],
+            )
+        for shard in shards:
+            self.admission.confine(str(shard))
+
     def _dataset_state(self, name: str) -> str:
         return str(self.store.dataset(name).manifest["state"])
 
@@ -547,7 +611,7 @@ class JobManager:
     def _request(self, job: Job) -> PrecomputeRequest:
         spec = job.spec
         data = (
-            Path(spec.server_path)
+            self.admission.confine(spec.server_path)
             if spec.server_path
             else StoredObject(self.store.backend, f"jobs/{job.id}/input.jsonl")
         )
@@ -563,6 +627,9 @@ class JobManager:
             max_in_flight=self.max_in_flight,
             license=spec.license or None,
             progress=False,
+            use=spec.use,
+            sensitive_data=spec.sensitive_data,
+            user=job.user,
             messages_field=spec.messages_field,
         )
 
@@ -576,6 +643,7 @@ class JobManager:
                 if job.state is not JobState.QUEUED:
                     return
                 teacher = self.teachers.get(job.spec.teacher)
+                admitted = self._admit(teacher, job.spec, job.user)  # the licence may have changed
                 job.state, job.started_at = JobState.RUNNING, time.time()
                 self._rate[job.id] = [(time.monotonic(), job.positions_done)]
                 self._changed_now(job)
@@ -587,6 +655,8 @@ class JobManager:
                     priority=JOB_PRIORITY,
                     on_progress=lambda s, p: self._progress(job, s, p),
                     lease_held=True,
+                    admission=self.admission,
+                    admitted=admitted,
                 )
                 job.sequences_done, job.positions_done = job.sequences_total, job.positions_total
                 self.metrics.add_computed(teacher.name, result.computed_positions)
@@ -646,6 +716,26 @@ class JobManager:
 
 def _nothing() -> None:
     """A no-op for the job writer: when it has run, every document handed over before is written."""
+
+
+# What an input error about a server file may say: its fixed reasons, never the row's content
+# (its keys, its values), which the caller did not send.
+_INPUT_REASONS = (
+    "malformed JSON", "JSON object", "missing field", "empty text", "must be a string",
+    "non-empty list", "list of integers", "outside the teacher's vocabulary", "exceeds the maximum",
+    "not a readable Parquet file", "no usable sequences", "sensitive data", "does not exist",
+)  # fmt: skip
+
+
+def _without_content(error: LogitCacheError) -> LogitCacheError:
+    """An error about a server_path input that names the row and the kind of problem, with
+    nothing of the file's content."""
+    message = str(error)
+    place, _, _ = message.partition(": ")
+    if "sensitive data" in message or "does not exist" in message:
+        return error  # these name the row and the detector, or the path sent
+    reason = next((r for r in _INPUT_REASONS if r in message), "not a usable input row")
+    return type(error)(f"{place}: {reason}", fields=error.fields)
 
 
 def _input_bytes(sequences: Sequence[Sequence[int]], texts: Sequence[str]) -> bytes:

@@ -22,7 +22,7 @@ import contextlib
 import getpass
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,7 +36,17 @@ from logitcache.server.engine.protocol import EngineFactory, EngineOptions, Teac
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences
 from logitcache.server.leases import DEFAULT_LEASE_S, busy, dataset_lease, holding, leases_for
-from logitcache.server.spool import teacher_tokenize
+from logitcache.server.policy.admission import Admission, Admitted
+from logitcache.server.policy.decision import UseRequest
+from logitcache.server.policy.filters import (
+    FilterAction,
+    FilterReport,
+    SensitiveDataFilter,
+    screen_sequences,
+    screening_tokenize,
+)
+from logitcache.server.policy.provenance import policy_provenance
+from logitcache.server.spool import Tokenize, teacher_detokenize, teacher_tokenize
 from logitcache.server.store.store import Store, open_store, validate_dataset_name
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
 from logitcache.server.teachers.identity import TeacherInfo, capture_space, resolve_teacher
@@ -69,6 +79,13 @@ class PrecomputeRequest:
     # that renders them (a shipped name, a Jinja file; None: the teacher tokenizer's own).
     messages_field: str = ""
     chat_template: str | None = None
+    # The licence policy and the sensitive-data filter (``server.policy``): the declared use,
+    # the dataset's filter action ("": the default), the authenticated user, and what they
+    # record in the dataset's provenance (see admitted_inputs).
+    use: UseRequest | None = None
+    sensitive_data: str = ""
+    user: str | None = None
+    provenance: dict = field(default_factory=dict)
     # Distributed precompute: the work units this run does (all of them by default), and the
     # shared state (a postgresql:// URL) that holds the leases of workers on several hosts.
     share: WorkShare = field(default_factory=lambda: WorkShare())
@@ -101,8 +118,11 @@ class PrecomputeResult:
         return self.computed_positions / self.seconds if self.seconds > 0 else 0.0
 
 
-def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
-    """Read and check the input file completely (before any engine starts or anything is written)."""
+def prepare_inputs(
+    req: PrecomputeRequest, info: TeacherInfo, tokenize: Tokenize | None = None
+) -> InputReport:
+    """Read and check the input file completely (before any engine starts or anything is written);
+    texts are tokenised with ``tokenize`` (default: the teacher's tokenizer)."""
     req.capture  # noqa: B018 - checks the capture options (and k) before any work
     limit = info.max_model_len - 1
     if req.max_len is not None:
@@ -113,7 +133,7 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
         req.data,
         vocab_size=info.vocab_size,
         max_len=limit,
-        tokenize=teacher_tokenize(info),
+        tokenize=tokenize or teacher_tokenize(info),
         overflow=req.overflow,
         skip_invalid=req.skip_invalid,
         text_field=req.text_field,
@@ -122,6 +142,48 @@ def prepare_inputs(req: PrecomputeRequest, info: TeacherInfo) -> InputReport:
         if req.messages_field
         else None,
     )
+
+
+def admitted_inputs(
+    req: PrecomputeRequest,
+    info: TeacherInfo,
+    admission: Admission,
+    admitted: Admitted | None = None,
+) -> tuple[PrecomputeRequest, InputReport]:
+    """The policy's decision on ``req`` (made here unless a server's job made it: ``admitted``)
+    before anything else, then the input read and screened by the dataset's sensitive-data
+    filter. The request returned records both in the dataset's provenance. Offline, the
+    teacher's licence is ``req.license`` (the operator's declaration) or its model card's."""
+    if admitted is None:
+        declared = admission.licence_of(info.name, req.license, info.license)
+        user = req.user or getpass.getuser()
+        admitted = admission.admit(info.name, declared, req.use, user, use_required=False)
+    report, filters = screened_inputs(req, info, admission.filter(req.sensitive_data))
+    recorded = {**req.provenance, **policy_provenance(admitted, filters)}
+    return replace(req, provenance=recorded), report
+
+
+def screened_inputs(
+    req: PrecomputeRequest, info: TeacherInfo, filter_: SensitiveDataFilter
+) -> tuple[InputReport, FilterReport]:
+    """The input as ``prepare_inputs`` reads it, texts redacted before they are tokenised (a
+    redact filter), and every sequence screened as the teacher's tokenizer reads it: a
+    rejected one is INVALID_ARGUMENT naming its row and detector."""
+    filters = filter_.report()
+    tokenize = teacher_tokenize(info)
+    if filter_.action is FilterAction.REDACT:
+        tokenize = screening_tokenize(filter_, tokenize, filters)
+    report = prepare_inputs(req, info, tokenize)
+    sequences = report.sequences
+    screen_sequences(
+        filter_,
+        len(sequences),
+        lambda i: sequences[i].input_ids,
+        teacher_detokenize(info),
+        filters,
+        where=lambda i: sequences[i].source,
+    )
+    return report, filters
 
 
 def run_precompute(
@@ -141,6 +203,8 @@ async def precompute(
     priority: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
     lease_held: bool = False,
+    admission: Admission | None = None,
+    admitted: Admitted | None = None,
 ) -> PrecomputeResult:
     """Precompute a dataset; starts (and stops) an engine from ``engine_factory`` unless one is
     given (vLLM by default; tests pass the reference engine's factory).
@@ -148,7 +212,9 @@ async def precompute(
     A server passes its own engine, store handle and teacher info, a lower engine priority than
     interactive requests, ``on_progress(sequences_done, positions_done)`` (sealed work), and
     ``lease_held``: its job manager holds the dataset's lease already. Otherwise the run takes
-    that lease first, and FailedPrecondition names the process that holds it.
+    that lease first, and FailedPrecondition names the process that holds it. ``admission`` is
+    the licence policy and filters (default: the built-in catalogue, the default filter);
+    ``admitted``, the decision a server's job made at submission.
     """
     validate_dataset_name(req.dataset)
     loop = asyncio.get_running_loop()
@@ -156,7 +222,9 @@ async def precompute(
         info = await loop.run_in_executor(
             None, resolve_teacher, req.teacher, req.engine.revision, req.engine.download_dir
         )
-    report = await loop.run_in_executor(None, prepare_inputs, req, info)
+    req, report = await loop.run_in_executor(
+        None, admitted_inputs, req, info, admission or Admission(), admitted
+    )
     if store is None:
         store = await loop.run_in_executor(None, lambda: open_store(req.out, writable=True))
     if lease_held:
@@ -524,6 +592,7 @@ def _provenance(req: PrecomputeRequest, info: TeacherInfo, report: InputReport) 
             "codec": req.capture.codec_name,
             "tool": "logitcache precompute",
         },
+        **req.provenance,
     }
 
 

@@ -25,6 +25,10 @@ import numpy as np
 from logitcache.client.errors import LogitCacheError, Unavailable
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.admission import Admission, Admitted
+from logitcache.server.policy.decision import UseRequest
+from logitcache.server.policy.filters import FilterAction, screen_sequences
+from logitcache.server.spool import teacher_detokenize
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.read import EncodedBatch, RecordSlice, gather, locate, record_slice
 from logitcache.server.store.store import Store
@@ -46,8 +50,11 @@ class ReadThroughCache:
         loaded: SegmentCache,
         max_unsealed_bytes: int,
         on_hits: Callable[[list[bytes]], None] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
+        # The licence policy and the sensitive-data filter every session goes through.
+        self.admission = admission or Admission()
         self.loaded = loaded
         self.on_hits = on_hits  # told which keys were answered from sealed segments (retention)
         self.metrics = metrics
@@ -77,10 +84,24 @@ class ReadThroughCache:
         self._writer.start()
 
     async def get(
-        self, teacher: Teacher, k: int, sequences: list[np.ndarray], *, durable: bool = False
+        self,
+        teacher: Teacher,
+        k: int,
+        sequences: list[np.ndarray],
+        *,
+        durable: bool = False,
+        on_computed: Callable[[int], None] | None = None,
+        use: UseRequest | None = None,
+        user: str | None = None,
     ) -> tuple[EncodedBatch, int]:
         """Records for ``sequences`` in order, as one batch, and how many this call computed;
-        ``durable``: only once every one of them is sealed (else the store's error)."""
+        ``durable``: only once every one of them is sealed (else the store's error).
+        ``on_computed`` is told the positions this call computes (for quotas), once.
+
+        The licence policy decides on the declared ``use`` (by ``user``, as authenticated)
+        first, and the sequences to compute go through the sensitive-data filter before they
+        reach the teacher or the cache (hits are in the store already)."""
+        self.admit(teacher, use, user)
         teacher.check_sequences(sequences)
         space = teacher.space(k)
         loop = asyncio.get_running_loop()
@@ -92,8 +113,9 @@ class ReadThroughCache:
             self.metrics.add_served("cache", batch.positions)
             return batch, 0
         waits: dict[int, asyncio.Future[CapturedRecord]] = {}
-        computed = 0
+        computed = computed_positions = 0
         self._check_room(keys, slices)
+        await self._screen(teacher, keys, slices, sequences)
         for i, key in enumerate(keys):
             if slices[i] is not None:
                 continue
@@ -104,7 +126,10 @@ class ReadThroughCache:
             elif not self.store.contains(key):
                 waits[i] = self._start(teacher, space, key, sequences[i])
                 computed += 1
+                computed_positions += len(sequences[i])
             # else: sealed (and dropped from _unsealed) since the lookup; read below
+        if on_computed is not None:
+            on_computed(computed_positions)
         self.metrics.add_lookups(hits=len(keys) - len(waits), misses=len(waits))
         hit_positions = sum(len(s) for i, s in enumerate(sequences) if i not in waits)
         self.metrics.add_served("cache", hit_positions)
@@ -118,6 +143,45 @@ class ReadThroughCache:
             await self._until_sealed(space, keys)
         batch = await loop.run_in_executor(self._reader, self._assemble, space, keys, slices)
         return batch, computed
+
+    def admit(self, teacher: Teacher, use: UseRequest | None, user: str | None) -> Admitted:
+        """The licence policy's decision on a read-through use of ``teacher``: INVALID_ARGUMENT
+        without a declared use, FAILED_PRECONDITION citing the clause when refused."""
+        declared = self.admission.licence_of(
+            teacher.name, teacher.config.license, teacher.info.license
+        )
+        return self.admission.admit(teacher.name, declared, use, user)
+
+    async def _screen(
+        self,
+        teacher: Teacher,
+        keys: list[bytes],
+        slices: list[RecordSlice | None],
+        sequences: list[np.ndarray],
+    ) -> None:
+        """Refuse the request (INVALID_ARGUMENT naming the sequence and the detector) when a
+        sequence it would compute has findings, unless the server's filter allows them."""
+        filter_ = self.admission.filter()
+        if filter_.action is FilterAction.ALLOW:
+            return
+        fresh = [
+            i
+            for i, key in enumerate(keys)
+            if slices[i] is None and key not in self._unsealed and key not in self._inflight
+        ]
+        if not fresh:
+            return
+        await asyncio.get_running_loop().run_in_executor(
+            self._reader,
+            lambda: screen_sequences(
+                filter_,
+                len(fresh),
+                lambda j: sequences[fresh[j]],
+                teacher_detokenize(teacher.info),
+                filter_.report(),
+                where=lambda j: fresh[j],
+            ),
+        )
 
     def _check_room(self, keys: list[bytes], slices: list[RecordSlice | None]) -> None:
         """Refuse a request that needs a computation while unsealed records fill their bound."""

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from logitcache.client.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -150,6 +152,19 @@ def teacher_tokenize(info: TeacherInfo) -> Tokenize:
         return ids
 
     return tokenize
+
+
+def teacher_detokenize(info: TeacherInfo) -> Callable[[list[Any]], list[str]]:
+    """Token sequences to the texts the teacher's tokenizer reads in them (special tokens
+    left out), with the same cached tokenizer: what the sensitive-data filter screens."""
+
+    def detokenize(sequences: list[Any]) -> list[str]:
+        texts: list[str] = _tokenizer(str(info.path)).batch_decode(
+            [np.asarray(ids).tolist() for ids in sequences], skip_special_tokens=True
+        )
+        return texts
+
+    return detokenize
 
 
 @functools.lru_cache(maxsize=8)

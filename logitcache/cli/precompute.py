@@ -15,7 +15,12 @@ from logitcache.cli.options import (
     engine_options,
 )
 from logitcache.client.errors import InvalidArgument
-from logitcache.client.options import add_dataset_options, add_progress_option
+from logitcache.client.options import (
+    add_dataset_options,
+    add_progress_option,
+    add_use_options,
+    use_of,
+)
 from logitcache.client.space import CaptureMode
 
 if TYPE_CHECKING:
@@ -73,6 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help=f"the store to write ({STORE_URL})")
     add_dataset_options(p, license_default="the model card's 'license:'")
+    add_use_options(p)
     add_capture_options(p)
     p.add_argument(
         "--skip-invalid",
@@ -185,6 +191,7 @@ def precompute_command(
     if args.finalize:
         return _finalize(args)
     mode, k = capture_mode(args)  # before the server's import: a bad flag fails at once
+    from logitcache.server.policy.decision import UseRequest
     from logitcache.server.precompute import PrecomputeRequest, run_precompute
     from logitcache.server.work_units import WorkShare
 
@@ -209,6 +216,8 @@ def precompute_command(
         license=args.license,
         engine=engine_options(args, 1 if mode is CaptureMode.SAMPLED else k),
         progress=not args.no_progress,
+        use=UseRequest.of(use) if (use := use_of(args)) is not None else None,
+        sensitive_data=args.sensitive_data or "",
         share=WorkShare.of(args.worker, args.workers, args.unit_sequences),
         state_url=args.state_url,
     )

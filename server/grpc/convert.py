@@ -18,6 +18,9 @@ from logitcache.client.wire import encode_batch
 from logitcache.server.config import ServerConfig
 from logitcache.server.dataset_lifecycle import DatasetEnd
 from logitcache.server.jobs import Job, JobSpec
+from logitcache.server.policy.decision import Purpose, Student, UseRequest
+from logitcache.server.policy.licences import licence_to_json
+from logitcache.server.policy.licensing import DeclaredLicence
 from logitcache.server.store.read import EncodedBatch
 from logitcache.server.streaming import StreamBatch, StreamRequest
 from logitcache.server.teachers.registry import Teacher
@@ -108,6 +111,35 @@ async def job_submission(
     return job_spec(first.spec), items()
 
 
+def use_request(message: pb.DistributionsRequest | pb.JobSpec) -> UseRequest | None:
+    """The use a request declares (None: it declares none), for the licence policy; the
+    teacher is filled in by the core once it has resolved the default."""
+    if not message.HasField("use"):
+        return None
+    use = message.use
+    return UseRequest(
+        teacher=message.teacher,
+        purpose=Purpose.parse(use.purpose),
+        student=Student(use.student_name, use.student_family),
+        requester=use.requester,
+        monthly_active_users=(
+            use.monthly_active_users if use.HasField("monthly_active_users") else None
+        ),
+    )
+
+
+def use_message(use: UseRequest | None) -> pb.UseDeclaration | None:
+    if use is None:
+        return None
+    return pb.UseDeclaration(
+        purpose=use.purpose.value,
+        student_name=use.student.name,
+        student_family=use.student.family,
+        requester=use.requester,
+        monthly_active_users=use.monthly_active_users,
+    )
+
+
 def job_spec(spec: pb.JobSpec) -> JobSpec:
     return JobSpec(
         dataset=spec.dataset,
@@ -118,13 +150,18 @@ def job_spec(spec: pb.JobSpec) -> JobSpec:
         overflow=spec.overflow or "error",
         license=spec.license,
         client_request_id=spec.client_request_id,
+        use=use_request(spec),
+        sensitive_data=spec.sensitive_data,
         messages_field=spec.messages_field,
     )
 
 
 def job_message(job: Job) -> pb.Job:
     fields = asdict(job)
-    fields["spec"] = pb.JobSpec(**fields["spec"])
+    fields.pop("user")  # recorded in the dataset's provenance, not echoed
+    spec = fields["spec"]
+    spec["use"] = use_message(job.spec.use)
+    fields["spec"] = pb.JobSpec(**spec)
     fields["state"] = str(job.state)
     return pb.Job(**fields)
 
@@ -133,7 +170,11 @@ def dataset_deleted(end: DatasetEnd) -> pb.DeleteDatasetResponse:
     return pb.DeleteDatasetResponse(dataset=end.dataset, cancelled_jobs=end.ended_jobs)
 
 
-def teacher_info(teacher: Teacher) -> pb.TeacherInfo:
+def teacher_info(teacher: Teacher, declared: DeclaredLicence | None = None) -> pb.TeacherInfo:
+    """A teacher, with its ``declared`` licence (default: its configuration's or model card's)
+    and that licence's catalogue entry."""
+    licence = declared.licence if declared is not None else None
+    name = declared.name if declared is not None else teacher.license
     return pb.TeacherInfo(
         name=teacher.name,
         source=teacher.config.source,
@@ -145,7 +186,8 @@ def teacher_info(teacher: Teacher) -> pb.TeacherInfo:
         engine_dtype=teacher.engine.dtype,
         teacher_fingerprint=teacher.info.teacher_fingerprint,
         tokenizer_fingerprint=teacher.info.tokenizer_fingerprint,
-        license=teacher.license or "",
+        license=name or "",
+        license_json=json.dumps(licence_to_json(licence), sort_keys=True) if licence else "",
     )
 
 

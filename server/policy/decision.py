@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
+from logitcache.client.use import Use
 from logitcache.server.policy.licences import (
     CATALOGUE,
     DutyKind,
@@ -61,6 +62,32 @@ class UseRequest:
     student: Student
     requester: str
     monthly_active_users: int | None = None  # of the requester's products, where known
+
+    @classmethod
+    def of(cls, use: Use, teacher: str = "") -> UseRequest:
+        """The request a client's declaration makes (the teacher is filled in once resolved)."""
+        return cls(
+            teacher,
+            Purpose.parse(use.purpose),
+            Student(use.student_name, use.student_family),
+            use.requester,
+            use.monthly_active_users,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["purpose"] = self.purpose.value
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> UseRequest:
+        return cls(
+            **{
+                **record,
+                "purpose": Purpose.parse(record["purpose"]),
+                "student": Student(**record["student"]),
+            }
+        )
 
     def check(self) -> None:
         for field, value in (
@@ -170,8 +197,9 @@ def decide(
     if not declared_licence:
         return answer(
             Verdict.REFUSE,
-            "the teacher declares no licence; an admin must declare one (the teacher's "
-            "license setting) before its outputs are used",
+            "the teacher declares no licence, so its outputs are not used until an admin "
+            "declares one: `license` in the teacher's server configuration, the "
+            "SetTeacherLicence call, or `license:` in its model card's front matter",
         )
     if licence is None:
         return answer(

@@ -551,10 +551,59 @@ class SensitiveDataFilter:
         return ids, result
 
 
-def rejection(index: int, result: FilterResult) -> InvalidArgument:
-    """The error for a rejected text: it names what was found, never the text itself."""
+def rejection(where: int | str, result: FilterResult) -> InvalidArgument:
+    """The error for a rejected text: it names where the text is (a sequence index or an input
+    row) and what was found, never the text itself."""
     found = ", ".join(f"{name}: {n}" for name, n in sorted(result.counts.items()))
+    place = f"sequence {where}" if isinstance(where, int) else where
     return InvalidArgument(
-        f"sequence {index} contains sensitive data ({found}); this dataset's filter rejects "
-        "such sequences"
+        f"{place} contains sensitive data ({found}); the sensitive-data filter rejects such "
+        "inputs (a dataset may choose redact or allow instead)",
+        fields=("sensitive_data",),
     )
+
+
+def screening_tokenize(
+    filter_: SensitiveDataFilter,
+    tokenize: Callable[[list[str]], list[list[int]]],
+    report: FilterReport,
+) -> Callable[[list[str]], list[list[int]]]:
+    """``tokenize`` for a REDACT filter: each text's findings are redacted before it is
+    tokenised, and counted into ``report`` (texts reach the tokenizer, hence the teacher and
+    the cache, only redacted)."""
+
+    def redacting(texts: list[str]) -> list[list[int]]:
+        redacted = []
+        for text in texts:
+            result = filter_.apply(text)
+            report.counts.update(result.counts)
+            report.texts_with_findings += bool(result.counts)
+            redacted.append(result.text)
+        return tokenize(redacted)
+
+    return redacting
+
+
+def screen_sequences(
+    filter_: SensitiveDataFilter,
+    count: int,
+    ids_at: Callable[[int], Sequence[int]],
+    detokenize: Callable[[list[Sequence[int]]], list[str]],
+    report: FilterReport,
+    where: Callable[[int], int | str] = lambda i: i,
+    block: int = 1024,
+) -> None:
+    """Screen ``count`` token sequences (``ids_at(i)``) as the teacher's tokenizer reads them,
+    ``block`` at a time; findings are counted into ``report``, and the first sequence with
+    findings is refused (:func:`rejection`, naming ``where(i)``) unless the filter allows them.
+    Token ids cannot be redacted faithfully, so under REDACT a sequence that still has findings
+    is refused too."""
+    for start in range(0, count, block):
+        indices = range(start, min(start + block, count))
+        texts = detokenize([ids_at(i) for i in indices])
+        for i, text in zip(indices, texts, strict=True):
+            result = filter_.apply(text)
+            refused = filter_.action is not FilterAction.ALLOW and bool(result.counts)
+            report.add(FilterResult(text, result.counts, refused))
+            if refused:
+                raise rejection(where(i), result)

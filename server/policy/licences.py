@@ -14,10 +14,11 @@ refused until an admin declares one.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -723,6 +724,24 @@ def load_custom_licences(path: Path | str) -> list[Licence]:
     return [_licence(entry, f"{path}: licence {i + 1}") for i, entry in enumerate(entries)]
 
 
+def licence_from_json(text: str, where: str = "custom licence") -> Licence:
+    """One custom licence from a JSON object shaped as :func:`load_custom_licences` describes
+    (an admin's declaration of a licence the catalogue lacks)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument(f"{where}: not valid JSON", fields=("custom_json",)) from None
+    return _licence(value, where)
+
+
+def licence_to_json(licence: Licence) -> dict[str, Any]:
+    """A licence as the JSON object :func:`licence_from_json` reads (TeacherInfo.license_json,
+    the persisted declarations, provenance)."""
+    record = asdict(licence)
+    record["aliases"] = list(licence.aliases)
+    return record
+
+
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"{where}: expected a table")
@@ -736,7 +755,7 @@ def _build(cls: type, value: Any, where: str, convert: Mapping[str, Any] | None 
     if unknown := set(table) - names:
         raise InvalidArgument(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     for key, make in (convert or {}).items():
-        if key in table:
+        if table.get(key) is not None:  # None: an optional part left out (users_clause)
             table[key] = make(table[key], f"{where}.{key}")
     try:
         return cls(**table)

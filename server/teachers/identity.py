@@ -21,6 +21,7 @@ from logitcache.client.tokenizer import (
     tokenizer_fingerprint,
 )
 from logitcache.server.engine.capture import CaptureConfig
+from logitcache.server.policy.licences import model_card_licence_of
 from logitcache.server.teachers.hub import download_teacher
 
 # Weight files up to this total are hashed completely; bigger teachers are fingerprinted by
@@ -44,7 +45,7 @@ class TeacherInfo:
     native_dtype: str | None  # the checkpoint's dtype, as its config declares it
     teacher_fingerprint: str
     tokenizer_fingerprint: str
-    license: str | None
+    license: str | None  # as its model card declares it (the YAML front matter's license:)
     # For provenance and for spaces written before tok2 fingerprints (which record this value).
     legacy_tokenizer_fingerprint: str | None = None
     chat_template_fingerprint: str | None = None
@@ -107,7 +108,7 @@ def resolve_teacher(
         or config.get("torch_dtype"),
         teacher_fingerprint=weights_fingerprint(path),
         tokenizer_fingerprint=tokenizer_fingerprint(path),
-        license=_license_of(path),
+        license=model_card_licence_of(path),
         legacy_tokenizer_fingerprint=_legacy_fingerprint(path),
         chat_template_fingerprint=chat_template_fingerprint(path),
         revision=commit,
@@ -166,19 +167,3 @@ def weights_fingerprint(path: Path) -> str:
                     fh.seek(max(0, size - _BLOCK) * j // max(1, _SAMPLE_BLOCKS - 1))
                     h.update(fh.read(_BLOCK))
     return h.hexdigest()
-
-
-def _license_of(path: Path) -> str | None:
-    """The licence a model card declares (``license:`` in README front matter), if any."""
-    readme = path / "README.md"
-    if not readme.is_file():
-        return None
-    lines = readme.read_text(errors="replace").splitlines()
-    if not lines or lines[0].strip() != "---":
-        return None
-    for line in lines[1:]:
-        if line.strip() == "---":
-            break
-        if line.startswith("license:"):
-            return line.split(":", 1)[1].strip() or None
-    return None

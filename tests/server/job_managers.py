@@ -12,10 +12,15 @@ import numpy as np
 
 from logitcache.server.jobs import Job, JobManager
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.admission import Admission
+from logitcache.server.policy.decision import Purpose, Student, UseRequest
 from logitcache.server.store.store import open_store
 from logitcache.server.teachers.registry import TeacherRegistry
 
 JOB_S = 120.0  # longest wait for a job (a deadline, not a speed bound)
+# The use the core tests declare (every job and read-through declares one; the demo teacher's
+# Apache-2.0 licence allows it unconditionally).
+USE = UseRequest("", Purpose.RESEARCH, Student("test-student", "test"), "tests")
 
 
 def sequences(seed: int, count: int, lengths: tuple[int, int] = (3, 40)) -> list[list[int]]:
@@ -29,6 +34,7 @@ def manager(
     *,
     segment_positions: int = 1 << 16,
     lease_s: float = 30.0,
+    admission: Admission | None = None,
 ) -> JobManager:
     return JobManager(
         open_store(url, writable=True),
@@ -38,6 +44,7 @@ def manager(
         max_in_flight=4,
         segment_positions=segment_positions,
         lease_s=lease_s,
+        admission=admission,
     )
 
 

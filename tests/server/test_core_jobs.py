@@ -15,12 +15,13 @@ import time
 import numpy as np
 import pytest
 from counting_engine import REFERENCE_K, CountingEngine
-from job_managers import JOB_S, last_update, manager, sequences
+from job_managers import JOB_S, USE, last_update, manager, sequences
 
 import logitcache
 from logitcache.client.errors import AlreadyExists, InvalidArgument
 from logitcache.client.space import record_key
 from logitcache.server.jobs import Job, JobSpec, JobState
+from logitcache.server.policy.admission import Admission
 from logitcache.server.teachers.registry import TeacherRegistry
 
 K = REFERENCE_K
@@ -52,7 +53,7 @@ def test_a_job_builds_its_dataset_in_input_order(teachers, engine, tmp_path):
     async def scenario() -> tuple[Job, Job]:
         jobs = manager(url, teachers)
         try:
-            accepted = await jobs.submit(JobSpec(dataset="built"), inputs, [])
+            accepted = await jobs.submit(JobSpec(use=USE, dataset="built"), inputs, [])
             return accepted, await last_update(jobs, accepted.id)
         finally:
             await jobs.close()
@@ -82,10 +83,10 @@ def test_a_job_reads_a_directory_of_shards_from_the_server(teachers, engine, tmp
         (shards / f"part-{n}.jsonl").write_text(rows)
 
     async def scenario() -> Job:
-        jobs = manager(url, teachers)
+        jobs = manager(url, teachers, admission=Admission(input_roots=(shards,)))
         try:
             accepted = await jobs.submit(
-                JobSpec(dataset="sharded", server_path=str(shards)), [], []
+                JobSpec(use=USE, dataset="sharded", server_path=str(shards)), [], []
             )
             return await last_update(jobs, accepted.id)
         finally:
@@ -104,7 +105,7 @@ def test_a_cancelled_job_stops_and_stays_cancelled(teachers, engine, tmp_path):
         # Small segments: progress counts sealed work, so the first update comes with a seal.
         jobs = manager(url, teachers, segment_positions=2000)
         try:
-            job = await jobs.submit(JobSpec(dataset="cancelled"), inputs, [])
+            job = await jobs.submit(JobSpec(use=USE, dataset="cancelled"), inputs, [])
             async with asyncio.timeout(JOB_S):
                 async for update in jobs.watch(job.id):
                     if update.sequences_done > 0:
@@ -134,7 +135,7 @@ def test_an_abandoned_job_resumes_in_the_next_manager(teachers, engine, tmp_path
         leaving asyncio.run stops its task as a crash would, with nothing marked ended. Its
         lease is short: a dead process's lease is free at once, but this process lives on."""
         jobs = manager(url, teachers, segment_positions=400, lease_s=0.5)
-        job = await jobs.submit(JobSpec(dataset="resumed"), inputs, [])
+        job = await jobs.submit(JobSpec(use=USE, dataset="resumed"), inputs, [])
         deadline = time.monotonic() + JOB_S
         while len(logitcache.open_store(url).segments()) < 2:
             assert time.monotonic() < deadline, "no two sealed segments in time"
@@ -180,16 +181,16 @@ def test_a_refused_submission_leaves_nothing_behind(teachers, engine, tmp_path):
         jobs = manager(url, teachers)
         try:
             with pytest.raises(InvalidArgument, match="outside the teacher's vocabulary"):
-                await jobs.submit(JobSpec(dataset="bad"), [[5, 6, 7], [5, 1785]], [])
+                await jobs.submit(JobSpec(use=USE, dataset="bad"), [[5, 6, 7], [5, 1785]], [])
             with pytest.raises(InvalidArgument, match="overflow"):
-                await jobs.submit(JobSpec(dataset="bad", overflow="wrap"), [[5, 6]], [])
+                await jobs.submit(JobSpec(use=USE, dataset="bad", overflow="wrap"), [[5, 6]], [])
             with pytest.raises(InvalidArgument, match="server_path"):
-                await jobs.submit(JobSpec(dataset="bad"), [], [])
+                await jobs.submit(JobSpec(use=USE, dataset="bad"), [], [])
             # Two submissions of one name at once: the second is refused while the first is
             # still being checked.
             first, second = await asyncio.gather(
-                jobs.submit(JobSpec(dataset="twice"), [[5, 6, 7]], []),
-                jobs.submit(JobSpec(dataset="twice"), [[8, 9]], []),
+                jobs.submit(JobSpec(use=USE, dataset="twice"), [[5, 6, 7]], []),
+                jobs.submit(JobSpec(use=USE, dataset="twice"), [[8, 9]], []),
                 return_exceptions=True,
             )
             assert isinstance(first, Job) and isinstance(second, AlreadyExists), (first, second)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from counting_engine import REFERENCE_K, CountingEngine
+from job_managers import USE
 
 import logitcache
 from logitcache.client.record import Record
@@ -62,7 +63,7 @@ async def answer(
     cache: ReadThroughCache, teacher: Teacher, batch: list[np.ndarray]
 ) -> tuple[list[Record], int]:
     """One client's request: its records, decoded, and how many it computed."""
-    records, computed = await cache.get(teacher, K, batch)
+    records, computed = await cache.get(teacher, K, batch, use=USE)
     return records.decode(), computed
 
 

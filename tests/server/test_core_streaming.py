@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from job_managers import USE
 
 import logitcache
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
@@ -63,7 +64,7 @@ def store_url(demo_teacher: Path, tmp_path_factory) -> Iterator[str]:
 
     async def build(teachers: TeacherRegistry) -> None:
         jobs = job_manager(url, teachers, segment_positions=1 << 16)
-        job = await jobs.submit(JobSpec(dataset="complete"), sequences(1, N), [])
+        job = await jobs.submit(JobSpec(use=USE, dataset="complete"), sequences(1, N), [])
         async with asyncio.timeout(JOB_S):
             updates = [update async for update in jobs.watch(job.id)]
         assert updates[-1].state is JobState.COMPLETED, updates[-1].error
@@ -71,7 +72,7 @@ def store_url(demo_teacher: Path, tmp_path_factory) -> Iterator[str]:
         # Abandoned once some segments are sealed (leaving asyncio.run stops the job as a crash
         # would): the dataset stays "building".
         crashed = job_manager(url, teachers, segment_positions=200)
-        await crashed.submit(JobSpec(dataset="partial"), sequences(2, 150, (20, 40)), [])
+        await crashed.submit(JobSpec(use=USE, dataset="partial"), sequences(2, 150, (20, 40)), [])
         deadline = time.monotonic() + JOB_S
         while sealed(url, "partial") < 20:
             assert time.monotonic() < deadline, "the partial dataset sealed too little"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from counting_engine import CountingEngine
-from job_managers import last_update, manager, sequences, until
+from job_managers import USE, last_update, manager, sequences, until
 
 import logitcache
 from logitcache.cli import main
@@ -40,7 +40,7 @@ def test_a_cancelled_jobs_dataset_is_finished_resumed_and_deleted(
     async def scenario() -> None:
         jobs = manager(url, reference_teachers, segment_positions=600)
         try:
-            job = await jobs.submit(JobSpec(dataset="stuck"), inputs, [])
+            job = await jobs.submit(JobSpec(use=USE, dataset="stuck"), inputs, [])
             await until(lambda: jobs.get(job.id).sequences_done > 0, "a sealed segment")
             with pytest.raises(FailedPrecondition, match=f"job {job.id}.*pid {os.getpid()}"):
                 finish_dataset(jobs.store, "stuck")  # its job holds it
@@ -74,7 +74,7 @@ def test_a_cancelled_jobs_dataset_is_finished_resumed_and_deleted(
             with pytest.raises(NotFound):
                 await jobs.resume_dataset("stuck")
             # The name is free again; the records stay for gc.
-            again = await jobs.submit(JobSpec(dataset="stuck"), inputs[:3], [])
+            again = await jobs.submit(JobSpec(use=USE, dataset="stuck"), inputs[:3], [])
             assert (await last_update(jobs, again.id)).state is JobState.COMPLETED
         finally:
             await jobs.close()
@@ -95,7 +95,7 @@ def test_the_offline_commands_end_a_stuck_dataset(
     async def crash_midway() -> str:
         """A server that stops without a word (its lease expires at once: lease_s 0.3)."""
         jobs = manager(url, reference_teachers, segment_positions=600, lease_s=0.3)
-        job = await jobs.submit(JobSpec(dataset="orphan"), inputs, [])
+        job = await jobs.submit(JobSpec(use=USE, dataset="orphan"), inputs, [])
         await until(lambda: jobs.get(job.id).sequences_done > 0, "a sealed segment")
         return job.id
 

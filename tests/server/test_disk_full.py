@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 from counting_engine import REFERENCE_K, CountingEngine
+from job_managers import USE
 from reference_server import ReferenceServer
 from small_disk import SmallDisk, mounted_small_disk
 
@@ -106,12 +107,12 @@ def test_read_through_on_a_full_disk_answers_and_seals_once_space_returns(
         cache = cache_on(store)
         cache.start()
         disk.fill()
-        batch, computed = await cache.get(teacher, K, first)
+        batch, computed = await cache.get(teacher, K, first, use=USE)
         assert computed == len(first) and len(batch.keys) == len(first)  # answered
         await until(lambda: store.backend.health.error is not None, "a seal failed")
         assert isinstance(store.backend.health.error, ResourceExhausted)
         assert "out of space" in str(store.backend.health.error)
-        _, computed = await cache.get(teacher, K, second)  # still answering
+        _, computed = await cache.get(teacher, K, second, use=USE)  # still answering
         assert computed == len(second)
         await asyncio.sleep(2.0)  # several retries, all refused
         assert sealed(store.url, keys_of(teacher, first + second)) == 0
@@ -139,17 +140,17 @@ def test_past_the_unsealed_bound_computations_are_unavailable_and_hits_still_ans
         cache = cache_on(store, max_unsealed_bytes=1)
         cache.start()
         disk.fill()
-        await cache.get(teacher, K, held)
+        await cache.get(teacher, K, held, use=USE)
         # The seal runs behind the answer: the refusal names the store's error once it failed.
         await until(lambda: store.backend.health.error is not None, "the seal failed")
         with pytest.raises(Unavailable, match="waiting to be sealed.*out of space"):
-            await cache.get(teacher, K, sequences(4, 3))
+            await cache.get(teacher, K, sequences(4, 3), use=USE)
         before = cache.unsealed_bytes
-        _, computed = await cache.get(teacher, K, held)  # answered from memory
+        _, computed = await cache.get(teacher, K, held, use=USE)  # answered from memory
         assert computed == 0 and cache.unsealed_bytes == before
         disk.free()
         await until(lambda: cache.unsealed_bytes == 0, "the held records were sealed")
-        _, computed = await cache.get(teacher, K, sequences(4, 3))  # room again
+        _, computed = await cache.get(teacher, K, sequences(4, 3), use=USE)  # room again
         assert computed == 3
         await cache.close()
 
@@ -168,13 +169,15 @@ def test_a_durable_request_is_answered_once_sealed_or_gets_the_stores_error(
             loaded=SegmentCache(1 << 26), max_unsealed_bytes=1 << 28,
         )  # fmt: skip
         cache.start()
-        await cache.get(teacher, K, ok, durable=True)
+        await cache.get(teacher, K, ok, durable=True, use=USE)
         assert sealed(store.url, keys_of(teacher, ok)) == len(ok)  # not an hour later
         disk.fill()
         with pytest.raises(ResourceExhausted, match="out of space"):
-            await cache.get(teacher, K, refused, durable=True)
+            await cache.get(teacher, K, refused, durable=True, use=USE)
         disk.free()
-        _, computed = await cache.get(teacher, K, refused, durable=True)  # the same request
+        _, computed = await cache.get(
+            teacher, K, refused, durable=True, use=USE
+        )  # the same request
         assert computed == 0  # held, not computed again
         assert sealed(store.url, keys_of(teacher, refused)) == len(refused)
         await cache.close()

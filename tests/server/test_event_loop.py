@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from job_managers import USE
 
 from logitcache.server.app import freeze_startup_heap, serve
 from logitcache.server.config import ServerConfig, TeacherConfig
@@ -109,6 +110,7 @@ def test_healthz_answers_while_the_engine_starts(demo_teacher: Path, tmp_path: P
         teachers=[TeacherConfig("demo", str(demo_teacher), max_top_k=8, default_top_k=8)],
         port=0,
         http_port=http_port,
+        allow_anonymous=True,
     )
 
     async def scenario(poller: HealthPoller) -> tuple[int, int]:
@@ -156,7 +158,7 @@ def test_healthz_answers_while_a_large_job_is_accepted(demo_teacher: Path, tmp_p
             with HealthPoller(f"http://127.0.0.1:{http.port}/healthz") as poller:
                 await poller.answering()
                 with poller.recording():
-                    job = await jobs.submit(JobSpec(dataset="large"), sequences, [])
+                    job = await jobs.submit(JobSpec(use=USE, dataset="large"), sequences, [])
             jobs.cancel(job.id)  # accepted is all this test needs; its task has not run yet
             return job.sequences_total, poller
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from job_managers import last_update, manager, sequences, store_only, until
+from job_managers import USE, last_update, manager, sequences, store_only, until
 
 import logitcache
 from logitcache.demo.language import generate_documents
@@ -41,7 +41,7 @@ def test_a_store_only_server_leaves_a_running_job_alone(
 
     async def scenario() -> tuple[str, int, JobState, dict, int]:
         main = manager(url, reference_teachers, segment_positions=400)
-        job = await main.submit(JobSpec(dataset="shared"), inputs, [])
+        job = await main.submit(JobSpec(use=USE, dataset="shared"), inputs, [])
         await until(lambda: main.get(job.id).sequences_done > 0, "first sealed segment")
         replica = store_only(url)
         try:
@@ -85,7 +85,7 @@ def test_a_server_takes_over_a_job_only_after_its_lease_expired(
         """Submit, wait for a sealed segment, then stop without closing: the manager's tasks
         end as a hung server's do, its lease left on disk with its (live) process id."""
         owner = manager(url, reference_teachers, segment_positions=400, lease_s=lease_s)
-        job = await owner.submit(JobSpec(dataset="taken"), inputs, [])
+        job = await owner.submit(JobSpec(use=USE, dataset="taken"), inputs, [])
         await until(lambda: owner.get(job.id).sequences_done > 0, "first sealed segment")
         return job.id
 

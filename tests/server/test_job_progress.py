@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from job_managers import JOB_S, manager, sequences
+from job_managers import JOB_S, USE, manager, sequences
 
 from logitcache.server.jobs import JobSpec, JobState
 from logitcache.server.teachers.registry import TeacherRegistry
@@ -20,7 +20,7 @@ def test_sequences_done_never_runs_ahead_of_what_is_sealed(
         jobs = manager(str(tmp_path / "store"), reference_teachers, segment_positions=600)
         seen = []
         try:
-            job = await jobs.submit(JobSpec(dataset="progress"), inputs, [])
+            job = await jobs.submit(JobSpec(use=USE, dataset="progress"), inputs, [])
             async with asyncio.timeout(JOB_S):
                 async for update in jobs.watch(job.id):
                     if update.state is JobState.RUNNING and update.sequences_done:

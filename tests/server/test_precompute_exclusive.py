@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from counting_engine import CountingEngine
-from job_managers import manager, sequences
+from job_managers import USE, manager, sequences
 
 from logitcache.client.errors import AlreadyExists, FailedPrecondition
 from logitcache.server.jobs import JobSpec
@@ -53,7 +53,7 @@ def test_a_second_precompute_of_a_dataset_being_built_is_refused(
         jobs = manager(url, reference_teachers)
         try:  # a server job for the same name is refused too
             with pytest.raises(AlreadyExists, match="logitcache precompute"):
-                await jobs.submit(JobSpec(dataset="once"), rows, [])
+                await jobs.submit(JobSpec(use=USE, dataset="once"), rows, [])
         finally:
             await jobs.close()
         done = await first

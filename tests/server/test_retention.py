@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from job_managers import USE
 from reference_server import ReferenceServer
 from test_core_readthrough import K, cache_on, sequences
 from test_gc import SPACE, create_dataset, readable, records
@@ -211,7 +212,7 @@ def test_read_through_hits_count_as_use(teacher: Teacher, path: Path, store: Sto
     async def scenario() -> None:
         for batch in (popular, later):  # two segments, ``popular`` sealed first
             cache = cache_on(store)
-            await cache.get(teacher, K, batch)
+            await cache.get(teacher, K, batch, use=USE)
             await cache.close()
         hits = ReadThroughCache(
             store,
@@ -222,7 +223,7 @@ def test_read_through_hits_count_as_use(teacher: Teacher, path: Path, store: Sto
             max_unsealed_bytes=1 << 28,
             on_hits=keep.touch,
         )
-        _, computed = await hits.get(teacher, K, popular)
+        _, computed = await hits.get(teacher, K, popular, use=USE)
         assert computed == 0
         await hits.close()
 

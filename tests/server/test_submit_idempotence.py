@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from job_managers import last_update, manager, sequences
+from job_managers import USE, last_update, manager, sequences
 
 import logitcache
 from logitcache.client.client import _Submission
@@ -26,8 +26,8 @@ def test_of_two_servers_submitting_one_name_exactly_one_wins(
         first, second = manager(url, reference_teachers), manager(url, reference_teachers)
         try:
             outcomes = await asyncio.gather(
-                first.submit(JobSpec(dataset="once"), sequences(21, 30), []),
-                second.submit(JobSpec(dataset="once"), sequences(22, 30), []),
+                first.submit(JobSpec(use=USE, dataset="once"), sequences(21, 30), []),
+                second.submit(JobSpec(use=USE, dataset="once"), sequences(22, 30), []),
                 return_exceptions=True,
             )
             (won,) = [o for o in outcomes if isinstance(o, Job)]
@@ -53,7 +53,7 @@ def test_a_retried_submission_returns_the_same_job(
     inputs = sequences(23, 20)
 
     def spec() -> JobSpec:
-        return JobSpec(dataset="retried", client_request_id="request-1")
+        return JobSpec(use=USE, dataset="retried", client_request_id="request-1")
 
     async def scenario() -> list[str]:
         jobs = manager(url, reference_teachers)
@@ -67,10 +67,10 @@ def test_a_retried_submission_returns_the_same_job(
             await last_update(jobs, later.id)
             ended = await jobs.submit(spec(), inputs, [])
             with pytest.raises(AlreadyExists):  # another request for the name is still refused
-                await jobs.submit(JobSpec(dataset="retried"), inputs, [])
+                await jobs.submit(JobSpec(use=USE, dataset="retried"), inputs, [])
             with pytest.raises(InvalidArgument, match="client_request_id"):
                 await jobs.submit(
-                    JobSpec(dataset="other", client_request_id="request-1"), inputs, []
+                    JobSpec(use=USE, dataset="other", client_request_id="request-1"), inputs, []
                 )
             return [j.id for j in (*at_once, later, ended)]
         finally:

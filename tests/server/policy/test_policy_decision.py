@@ -104,7 +104,7 @@ def test_rail_licences_pass_their_use_restrictions_down() -> None:
 
 def test_a_teacher_without_a_declared_or_known_licence_is_refused() -> None:
     missing = decide(None, request())
-    assert missing.verdict is Verdict.REFUSE and "admin must declare" in missing.reason
+    assert missing.verdict is Verdict.REFUSE and "until an admin declares one" in missing.reason
     with pytest.raises(FailedPrecondition, match="declares no licence"):
         missing.enforce()
     unknown = decide("my-own-terms", request())

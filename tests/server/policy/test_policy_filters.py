@@ -185,6 +185,7 @@ def test_reject_keeps_the_text_and_the_error_never_quotes_it() -> None:
     assert result.rejected and result.text == "card 4111 1111 1111 1111"
     error = rejection(3, result)
     assert "sequence 3" in str(error) and "payment_card: 1" in str(error)
+    assert "input.jsonl:7" in str(rejection("input.jsonl:7", result))
     assert "4111" not in str(error)
     clean = filter_.apply("nothing to see here")
     assert not clean.rejected and clean.counts == {}
