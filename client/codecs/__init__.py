@@ -10,8 +10,8 @@ dimension P, one row per position) or per entry (one flat dimension E over all s
 row after row). Arrays of several records concatenate along their first dimension, which is how
 segments, wire batches and decoders handle many records at once.
 
-One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v1``, ``sampled``); the
-quantisation grids they share are in ``grid``.
+One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v1``,
+``sampled``); the quantisation grids they share are in ``grid``.
 """
 
 from __future__ import annotations

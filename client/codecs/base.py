@@ -54,16 +54,17 @@ class Codec(ABC):
         """One array per field (of one or several concatenated encodings) -> rows."""
 
     def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The arrays a segment stores for the concatenated encodings of its records, its
-        :attr:`segment_tables` included: the encodings themselves unless a codec models a
-        whole segment."""
+        """The arrays a segment stores for the concatenated encodings of its records (with their
+        ``input_ids``), its :attr:`segment_tables` included: the encodings themselves unless a
+        codec models a whole segment."""
         return arrays
 
     def unseal(
-        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray]
+        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Arrays read from a sealed segment (whole, or one record's slice) -> the encoding
-        :meth:`decode` and the wire take; ``tables`` are the segment's :attr:`segment_tables`."""
+        """Arrays read from a sealed segment (whole, or one record's slice, whose input tokens
+        are ``input_ids``) -> the encoding :meth:`decode` and the wire take; ``tables`` are the
+        segment's :attr:`segment_tables`."""
         return arrays
 
     def check_ids(self, token_ids: np.ndarray, valid: np.ndarray) -> None:

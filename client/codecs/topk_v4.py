@@ -1,14 +1,16 @@
-"""``topk-v4``: ``topk-v3``'s rows with ids stored by frequency order, learned per segment.
+"""``topk-v4``: ``topk-v3``'s rows with ids stored by what predicts them, learned per segment.
 
 On a teacher of real text the ids are most of the bytes, and zstd finds little to remove from
-them as they come (about 10.7 bits per id at a vocabulary of 2,000). Most of that is frequency:
-a few thousand ids fill nearly every top-k row, and some of them fill most rows. So a sealed
-segment stores each id as its rank in the segment's own frequency order (the most frequent id
-is 0), and the order itself (``id_order``, the segment's distinct ids, most frequent first) as a
-segment table beside the arrays: a segment still decodes alone, and a table learned from the
-segment fits it exactly, where one learned from the first segments of a capture space would
-age. Ids are split into a low and a high byte, each compressed on its own: after the remap the
-high bytes are mostly 0 and the low bytes are skewed toward the frequent ids.
+them as they come (about 10.7 bits per id at a vocabulary of 2,000). Two things predict them:
+frequency (a few thousand ids fill nearly every top-k row, some of them most rows) and the
+position's input token (the rows after one token draw on a small set of ids). So a sealed
+segment stores each id as a small number: for a position whose input token occurs at least
+:data:`CONTEXT_MIN` times in the segment, the id's place in that token's list (the ids seen in
+its rows, most frequent first); otherwise the id's rank in the segment's frequency order. The
+tables are segment arrays beside the others (the order, and the tokens' lists as ranks in it),
+so a segment decodes alone and a table fits its segment exactly, where one learned from the
+first segments of a capture space would age. The numbers are split into a low and a high byte,
+each compressed on its own: the high bytes are then mostly 0, the low ones skewed toward 0.
 
 The remap is a segment's business only (:meth:`seal` when a segment is written, :meth:`unseal`
 when it is read): a record's arrays, in memory and on the wire, hold the ids themselves.
@@ -26,7 +28,12 @@ from logitcache.client.codecs.base import Field
 from logitcache.client.codecs.rows import TopKRows
 from logitcache.client.codecs.topk_v3 import ContractGridTopKCodec
 
-ID_ORDER = "id_order"  # the segment table: distinct ids of the segment, most frequent first
+# The segment tables (see the module doc).
+ID_ORDER = "id_order"  # the segment's distinct ids, most frequent first
+CONTEXT_TOKENS = "context_tokens"  # int32: input tokens with a list of their own, ascending
+CONTEXT_LENGTHS = "context_lengths"  # uint32: each one's list length
+CONTEXT_IDS = "context_ids"  # the lists, one after the other, as ranks in ``id_order``
+CONTEXT_MIN = 16  # positions an input token needs in a segment to have a list of its own
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,12 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
     hold the id's rank in the segment's ``id_order`` table instead of the id."""
 
     name: ClassVar[str] = "topk-v4"
-    segment_tables: ClassVar[tuple[str, ...]] = (ID_ORDER,)
+    segment_tables: ClassVar[tuple[str, ...]] = (
+        ID_ORDER,
+        CONTEXT_TOKENS,
+        CONTEXT_LENGTHS,
+        CONTEXT_IDS,
+    )
 
     @property
     def hi_dtype(self) -> np.dtype:
@@ -61,21 +73,62 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
         return super().decode({**arrays, "token_ids": ids})
 
     def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A segment's arrays with ids as ranks in the segment's frequency order, and the order
-        (``id_order``) as a table."""
+        """A segment's arrays (``input_ids`` among them) with each id as its rank in its input
+        token's list, or in the segment's frequency order, and the tables that undo it."""
+        n = arrays["n"].astype(np.int64)
         ids = _join(arrays["id_lo"], arrays["id_hi"])
         counts = np.bincount(ids, minlength=self.vocab_size)
         order = np.argsort(-counts, kind="stable")[: int(np.count_nonzero(counts))]
-        rank = np.zeros(self.vocab_size, dtype=np.int32)
-        rank[order] = np.arange(order.shape[0], dtype=np.int32)
-        return {**arrays, **self._split(rank[ids]), ID_ORDER: order.astype(self.id_dtype)}
+        rank = np.zeros(self.vocab_size, dtype=np.int64)
+        rank[order] = np.arange(order.shape[0])
+        value = rank[ids]
+        tokens, token_of, uses = np.unique(
+            np.asarray(arrays["input_ids"]), return_inverse=True, return_counts=True
+        )
+        listed = uses >= CONTEXT_MIN
+        context = np.repeat(token_of.reshape(-1), n)
+        kept = listed[context]
+        # Every (token, id) pair of the listed tokens; a token's list: by count, then rank.
+        pairs, pair_of, pair_count = np.unique(
+            context[kept] * max(1, order.shape[0]) + value[kept],
+            return_inverse=True,
+            return_counts=True,
+        )
+        pair_token, pair_rank = np.divmod(pairs, max(1, order.shape[0]))
+        by_list = np.lexsort((pair_rank, -pair_count, pair_token))
+        place = np.empty_like(by_list)
+        place[by_list] = np.arange(by_list.shape[0])
+        listed_token = pair_token[by_list]
+        within = np.arange(by_list.shape[0]) - np.searchsorted(listed_token, listed_token)
+        value[kept] = within[place[pair_of.reshape(-1)]]
+        return {
+            **arrays,
+            **self._split(value),
+            ID_ORDER: order.astype(self.id_dtype),
+            CONTEXT_TOKENS: tokens[listed].astype(np.int32),
+            CONTEXT_LENGTHS: np.bincount(pair_token, minlength=tokens.shape[0])[listed].astype(
+                np.uint32
+            ),
+            CONTEXT_IDS: pair_rank[by_list].astype(self.id_dtype),
+        }
 
     def unseal(
-        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray]
+        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Arrays read from a segment (all of it, or a record's slice) with the ids back."""
-        ranks = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
-        return {**arrays, **self._split(tables[ID_ORDER].astype(np.int32).take(ranks))}
+        """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
+        with the ids back."""
+        n = np.asarray(arrays["n"]).astype(np.int64)
+        value = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
+        tokens = tables[CONTEXT_TOKENS]
+        if tokens.shape[0]:
+            # Looked up per position, then spread over the position's entries.
+            at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
+            listed = tokens[at] == input_ids
+            starts = np.cumsum(tables[CONTEXT_LENGTHS].astype(np.int64)) - tables[CONTEXT_LENGTHS]
+            start = np.repeat(np.where(listed, starts[at], -1), n)
+            kept = start >= 0
+            value[kept] = tables[CONTEXT_IDS].astype(np.int32).take(start[kept] + value[kept])
+        return {**arrays, **self._split(tables[ID_ORDER].astype(np.int32).take(value))}
 
     def _split(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {

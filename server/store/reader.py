@@ -93,17 +93,20 @@ class SegmentReader:
     def load(self) -> dict[str, np.ndarray]:
         """Every encoded array of the segment (``input_ids`` and the codec's), read whole."""
         names = ("input_ids", *(f.name for f in self._fields))
-        arrays = self._unseal({name: self._read(name) for name in names})
+        arrays = {name: self._read(name) for name in names}
+        arrays = self._unseal(arrays, arrays["input_ids"])
         self._check_present()
         return arrays
 
-    def _unseal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _unseal(
+        self, arrays: dict[str, np.ndarray], input_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
         """The codec's encoding of arrays read from the segment (some codecs store a segment
         differently, with tables of their own)."""
         if not self._codec.segment_tables:
             return arrays
         tables = {name: self._read(name) for name in self._codec.segment_tables}
-        return self._codec.unseal(arrays, tables)
+        return self._codec.unseal(arrays, tables, input_ids)
 
     def _check_present(self) -> None:
         """zarr reads the chunks of a removed segment as zeros, not as an error: after a read,
@@ -124,15 +127,16 @@ class SegmentReader:
     def encoded(self, i: int) -> CapturedRecord:
         """Record ``i`` in the codec's encoding, read on its own (only the chunks it needs)."""
         start, stop, entry_start, entry_stop = self.span(i)
+        input_ids = self._read("input_ids", start, stop).astype(np.int32, copy=False)
         arrays = self._unseal(
             {
                 f.name: self._read(f.name, entry_start, entry_stop)
                 if f.per == "entry"
                 else self._read(f.name, start, stop)
                 for f in self._fields
-            }
+            },
+            input_ids,
         )
-        input_ids = self._read("input_ids", start, stop).astype(np.int32, copy=False)
         self._check_present()
         return CapturedRecord(bytes(self.keys[i]), input_ids, arrays)
 

@@ -162,7 +162,6 @@ def _lay_out(
     for f in fields:
         arrays[f.name] = np.concatenate([r.arrays[f.name] for r in records])
     arrays = codec_for(space.codec, space.vocab_size).seal(arrays)  # + the codec's segment tables
-    arrays = codec_for(space.codec, space.vocab_size).seal(arrays)  # + the codec's segment tables
     per_entry = [f.name for f in fields if f.per == "entry"]
     if per_entry:
         entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)

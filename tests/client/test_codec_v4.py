@@ -27,7 +27,13 @@ from logitcache.client.codecs import (
     TopKRows,
     codec_for,
 )
-from logitcache.client.codecs.topk_v4 import ID_ORDER
+from logitcache.client.codecs.topk_v4 import (
+    CONTEXT_IDS,
+    CONTEXT_LENGTHS,
+    CONTEXT_MIN,
+    CONTEXT_TOKENS,
+    ID_ORDER,
+)
 from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureSpace
 from logitcache.server.store.backend import LocalBackend
@@ -40,10 +46,18 @@ def space_for(codec_name: str, vocab_size: int, k: int) -> CaptureSpace:
     return CaptureSpace("t" * 64, "z" * 64, vocab_size, "topk", k, "float32", codec_name)
 
 
+def input_tokens(positions: int, seed: int) -> np.ndarray:
+    """Input tokens of a record: two that recur (they get lists of their own once they reach
+    CONTEXT_MIN positions in a segment) and rare ones (they fall back to the frequency order)."""
+    place = np.arange(positions)
+    tokens = np.where(place % 4 == 0, 5000 + 1000 * seed + place, place % 4 == 1)
+    return tokens.astype(np.int32)
+
+
 def write_and_reopen(tmp_path, codec, parts: list[TopKRows]) -> SegmentReader:
     space = space_for(codec.name, codec.vocab_size, max(p.token_ids.shape[1] for p in parts))
     records = [
-        CapturedRecord.encode(i.to_bytes(16, "little"), np.arange(len(p)) % 7, p, space)
+        CapturedRecord.encode(i.to_bytes(16, "little"), input_tokens(len(p), i), p, space)
         for i, p in enumerate(parts)
     ]
     segment_id = write_segment(LocalBackend(tmp_path / "store"), space, records)
@@ -101,6 +115,7 @@ def test_v4_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) ->
         check_v2_round_trip(codec, rows, V3_BOUND)
         parts.append(rows)
     reader = write_and_reopen(tmp_path, codec, parts)
+    assert reader._read(CONTEXT_TOKENS).tolist() == [0]  # 18 of the 36 positions: listed
     assert reader.load()["id_hi"].dtype == (np.uint8 if vocab_size <= 1 << 16 else np.uint16)
 
 
@@ -114,21 +129,37 @@ def test_v4_decodes_like_v3(real_text_rows: TopKRows) -> None:
 
 
 def test_v4_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
-    """Bounds and KL on the rows the storage benchmark is about, and their segment: the table
-    is the segment's distinct ids, most frequent first, and the stored ranks are small."""
+    """Bounds and KL on the rows the storage benchmark is about, and their segment's tables:
+    the frequency order is the segment's distinct ids, most frequent first; each recurring
+    input token's list is exactly the ids of its rows, most frequent first; the stored numbers
+    are small."""
     codec = FrequencyOrderTopKCodec(2000)
     decoded = check_v2_round_trip(codec, real_text_rows, V3_BOUND)
     assert fidelity(real_text_rows, decoded, 2000).summary()["kl_mean"] < 1e-4
-    parts = [real_text_rows.__class__(*(None if a is None else a[i * 128 : (i + 1) * 128]
-             for a in (real_text_rows.token_ids, real_text_rows.logprobs,
-                       real_text_rows.target_logprobs, real_text_rows.tail_logprobs)))
-             for i in range(8)]  # fmt: skip
+    columns = (real_text_rows.token_ids, real_text_rows.logprobs,
+               real_text_rows.target_logprobs, real_text_rows.tail_logprobs)  # fmt: skip
+    parts = [TopKRows(*(a[i * 128 : (i + 1) * 128] for a in columns)) for i in range(8)]
     reader = write_and_reopen(tmp_path, codec, parts)
+
     order = reader._read(ID_ORDER)
     ids, counts = np.unique(real_text_rows.token_ids, return_counts=True)
     assert sorted(order.tolist()) == ids.tolist()
-    by_id = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-    assert all(by_id[a] >= by_id[b] for a, b in zip(order[:-1], order[1:], strict=True))
+    count_of = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    assert all(count_of[a] >= count_of[b] for a, b in zip(order[:-1], order[1:], strict=True))
+
+    tokens, lengths = reader._read(CONTEXT_TOKENS), reader._read(CONTEXT_LENGTHS)
+    lists = np.split(reader._read(CONTEXT_IDS), np.cumsum(lengths)[:-1])
+    inputs = np.concatenate([input_tokens(128, i) for i in range(8)])
+    used, uses = np.unique(inputs, return_counts=True)
+    assert tokens.tolist() == used[uses >= CONTEXT_MIN].tolist() == [0, 1]
+    for token, ranks in zip(tokens, lists, strict=True):
+        rows_ids, rows_counts = np.unique(
+            real_text_rows.token_ids[inputs == token], return_counts=True
+        )
+        assert sorted(order[ranks].tolist()) == rows_ids.tolist()
+        in_list = dict(zip(rows_ids.tolist(), rows_counts.tolist(), strict=True))
+        listed = order[ranks].tolist()
+        assert all(in_list[a] >= in_list[b] for a, b in zip(listed, listed[1:], strict=False))
     stored = reader._read("id_lo").astype(np.int64) | reader._read("id_hi").astype(np.int64) << 8
     assert np.median(stored) < np.median(real_text_rows.token_ids)
 
@@ -140,6 +171,7 @@ def test_older_codecs_segments_have_no_table_and_read_as_before(tmp_path, codec_
     rows = TopKRows(distinct_ids(rng, 2000, 20, 16), logprobs, make_targets(rng, logprobs))
     codec = codec_for(codec_name, 2000)
     assert codec.segment_tables == () and codec.seal({"x": logprobs})["x"] is logprobs
+    assert codec.unseal({"x": logprobs}, {}, np.zeros(20, np.int32))["x"] is logprobs
     reader = write_and_reopen(tmp_path, codec, [rows])
     assert ID_ORDER not in array_names(reader.space)
     assert ID_ORDER in array_names(space_for("topk-v4", 2000, 16))
