@@ -25,12 +25,14 @@ at once for a record it does not know yet), so its view is at most that old.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -65,6 +67,7 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Folders whose entries are published create-only (``backend.publish``): where a publisher that
 # died can have left a half-published name.
 _PUBLISHED_PARENTS = ("datasets", "jobs")
+_OPEN_THREADS = 8
 
 
 def validate_dataset_name(name: str) -> str:
@@ -271,15 +274,24 @@ class Store:
                 known = {s for s, r in self._segments.items() if r.space.space_id == space_id}
             listed = self.backend.list_dir(segments_dir(space_id))
             withdrawn = self._forget_withdrawn(space_id, known, listed)
-            for segment_id in listed:
-                if segment_id not in self._segments and segment_id not in withdrawn:
-                    try:
-                        self._add_segment(space, segment_id)
-                    except Unsealed:  # being written in place: indexed once it is sealed
-                        continue
-                    except Exception:  # collected since the listing: nothing to index
-                        if self.backend.exists(f"{segments_dir(space_id)}/{segment_id}"):
-                            raise
+            new = [s for s in listed if s not in self._segments and s not in withdrawn]
+            # Opening a segment reads its index arrays: a few requests each on object storage,
+            # so a store's segments are opened several at a time.
+            with ThreadPoolExecutor(min(_OPEN_THREADS, max(1, len(new)))) as pool:
+                for reader in pool.map(functools.partial(self._open_segment, space), new):
+                    if reader is not None:
+                        self._add_segment(reader)
+
+    def _open_segment(self, space: CaptureSpace, segment_id: str) -> SegmentReader | None:
+        """A listed segment's reader; None if it is not sealed yet or was collected meanwhile."""
+        try:
+            return SegmentReader(self.backend, space, segment_id)
+        except Unsealed:  # being written in place: indexed once it is sealed
+            return None
+        except Exception:  # collected since the listing: nothing to index
+            if self.backend.exists(f"{segments_dir(space.space_id)}/{segment_id}"):
+                raise
+            return None
 
     def _forget_withdrawn(self, space_id: str, known: set[str], listed: list[str]) -> set[str]:
         """Forget the ``known`` segments that gc collected or condemned (see ``store.gc``);
@@ -321,8 +333,8 @@ class Store:
                 self.generation += 1
             return len(dropped)
 
-    def _add_segment(self, space: CaptureSpace, segment_id: str) -> None:
-        reader = SegmentReader(self.backend, space, segment_id)
+    def _add_segment(self, reader: SegmentReader) -> None:
+        segment_id, space = reader.segment_id, reader.space
         blob = reader.keys.tobytes()
         with self._lock:
             if segment_id in self._segments:
@@ -420,7 +432,7 @@ class Store:
         self._require_writable()
         self.ensure_space(space)
         segment_id = write_segment(self.backend, space, records)
-        self._add_segment(space, segment_id)
+        self._add_segment(SegmentReader(self.backend, space, segment_id))
         return segment_id
 
     def clean_unsealed(self) -> int:

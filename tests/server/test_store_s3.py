@@ -190,9 +190,9 @@ def test_segments_are_sharded_one_object_per_array(writer: Store) -> None:
     assert len(objects) == 2 + 2 * len(array_names(SPACE))  # + group metadata and writer.json
 
     reader = open_store(writer.url)
-    for i in (0, 2):
-        assert_matches(reader.get(records[i].key), records[i])
+    for record in records[:2]:  # both in the first inner chunk: read by range, not whole
+        assert_matches(reader.get(record.key), record)
     backend = reader.backend
     if hasattr(backend, "indexes"):  # object storage: the second record found every index cached
-        assert backend.indexes.hits > 0
-    assert np.array_equal(reader.get(records[1].key).input_ids, records[1].input_ids)
+        assert backend.indexes.hits >= len(array_names(SPACE)) - 2  # all but keys and offsets
+    assert np.array_equal(reader.get(records[2].key).input_ids, records[2].input_ids)
