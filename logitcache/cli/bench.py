@@ -29,6 +29,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="alternating rounds of (a) and (b); the best of each is reported",
     )
+    g = p.add_argument_group(
+        "input readers (instead of (a) and (b))",
+        "Read an input with the streamed reader and with the old whole-file reader (the "
+        "baseline, reimplemented in the benchmark), each in a fresh process: seconds and peak "
+        "RSS; then capture the first --capture-positions positions fed by each.",
+    )
+    g.add_argument("--data", default=None, help="an input as precompute's --data takes it")
+    g.add_argument(
+        "--data-tokens",
+        type=int,
+        default=None,
+        help="instead of --data: about this many tokens of the demo language in 100 JSONL "
+        "shards, written to a temporary directory (the issue's figure: 10000000)",
+    )
+    g.add_argument(
+        "--capture-positions",
+        type=int,
+        default=1 << 18,
+        help="positions captured from the input's leading shards (default: 262144)",
+    )
     add_engine_options(p)
     p.set_defaults(handler=_capture)
 
