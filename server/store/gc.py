@@ -43,7 +43,7 @@ from logitcache.client.errors import FailedPrecondition, NotFound
 from logitcache.client.space import KEY_BYTES
 from logitcache.server.store.backend import StoreBackend, json_bytes
 from logitcache.server.store.liveness import process_alive
-from logitcache.server.store.reader import SegmentReader
+from logitcache.server.store.reader import SegmentReader, Unsealed
 from logitcache.server.store.segments import segments_dir
 
 if TYPE_CHECKING:
@@ -245,11 +245,16 @@ def _unmark(backend: StoreBackend, space_id: str, segment_id: str) -> None:
 
 
 def _open_segment(store: Store, space_id: str, segment_id: str) -> SegmentReader | None:
-    """A marked segment's reader; None (and its marks removed) if it is gone already."""
-    if not store.backend.exists(f"{segments_dir(space_id)}/{segment_id}"):
-        _unmark(store.backend, space_id, segment_id)
-        return None
-    return SegmentReader(store.backend, store.space(space_id), segment_id)
+    """A marked segment's reader; None (and its marks removed) if it is gone already, or half
+    removed (an unpublish that stopped after the segment's group metadata: its rest goes now)."""
+    rel = f"{segments_dir(space_id)}/{segment_id}"
+    if store.backend.exists(rel):
+        try:
+            return SegmentReader(store.backend, store.space(space_id), segment_id)
+        except Unsealed:
+            store.backend.remove_tree(rel)
+    _unmark(store.backend, space_id, segment_id)
+    return None
 
 
 @contextmanager

@@ -441,6 +441,7 @@ class Store:
         self._require_writable()
         removed = 0
         for space_id in self.backend.list_dir("spaces"):
+            removed += self.backend.clean_abandoned(segments_dir(space_id))  # half-unpublished
             for rel in self._unsealed_segments(space_id):
                 try:
                     writer = self.backend.read_json(f"{rel}/writer.json")

@@ -161,8 +161,16 @@ def test_a_publisher_that_died_leaves_a_hidden_name_that_is_cleaned(store_url: s
     claim = {"writer": {**writer_identity(), "pid": dead_pid()}, "staging": "datasets/.unsealed/x"}
     assert backend.create("datasets/.half.publishing", json_bytes(claim))
     assert store.datasets() == []
-    assert store.clean_unsealed() == 1
+    # ... and a gc that died while removing a segment: its group metadata gone, the rest not
+    segment_id = store.write_segment(SPACE, [synthetic_record(5, 10)])
+    rel = f"{segments_dir(SPACE.space_id)}/{segment_id}"
+    assert backend.create(f"{segments_dir(SPACE.space_id)}/.{segment_id}.removing", b"{}")
+    backend.remove_tree(f"{rel}/zarr.json")
+    assert backend.list_dir(segments_dir(SPACE.space_id)) == []
+
+    assert store.clean_unsealed() == 2
     assert not backend.exists("datasets/half") and store.datasets() == []
+    assert not backend.exists(rel)
 
 
 def test_spooled_objects_are_created_once_and_read_back(writer: Store) -> None:
