@@ -13,6 +13,7 @@ flat one:
     topk-q64-delta-v1   the first logitcache codec (fixed k, no stored tail)
     topk-v2         the default codec
     topk-v3         topk-v2 on the contract grid
+    topk-v4         topk-v3 with ids stored by per-segment frequency and input-token tables
     top_p:P         adaptive k with the default codec (the shortest prefix of the top k reaching P)
     sampled-v1      U draws per position from the full distribution
 
@@ -42,6 +43,7 @@ from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.codecs import (
     DEFAULT_CODEC,
     ContractGridTopKCodec,
+    FrequencyOrderTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
     TopKCodec,
@@ -85,6 +87,7 @@ class Captured:
     exact_big: TopKRows
     sampled_big: TopKRows
     lengths: list[int]
+    inputs: list[np.ndarray]  # each sequence's input tokens (topk-v4's context)
     mean_entropy: float
     top_k_mass: float
 
@@ -177,6 +180,7 @@ async def _capture(args, case: Case) -> Captured:
         exact_big=concat_rows([o[2] for o in out]),
         sampled_big=concat_rows([o[3] for o in out]),
         lengths=[len(s) for s in sequences],
+        inputs=[np.asarray(s, dtype=np.int32) for s in sequences],
         mean_entropy=float(np.mean(entropy)),
         top_k_mass=float(np.mean(mass)),
     )
@@ -204,9 +208,12 @@ class Row:
 
 
 def _store_encoding(
-    root: str, name: str, codec, rows: TopKRows, lengths: list[int], vocab: int, repeats: int
-) -> tuple[float, float, float, float, TopKRows]:
-    """(bytes/pos on disk, encode rate, decode rate, read+decode rate, decoded rows)."""
+    root: str, name: str, codec, rows: TopKRows, inputs: list[np.ndarray], vocab: int,
+    repeats: int,
+) -> tuple[float, float, float, float, TopKRows]:  # fmt: skip
+    """(bytes/pos on disk, encode rate, decode rate, read+decode rate, decoded rows); one record
+    per sequence, with its input tokens."""
+    lengths = [len(i) for i in inputs]
     positions = len(rows)
     encode_rate = _best_rate(lambda: codec.encode(rows), positions, repeats)
     arrays = codec.encode(rows)
@@ -217,8 +224,7 @@ def _store_encoding(
     # One record per sequence, the arrays sliced back apart by the codec's own row counts.
     single = _split_arrays(codec, arrays, lengths)
     records = [
-        CapturedRecord(i.to_bytes(16, "little"), np.zeros(lengths[i], dtype=np.int32), part)
-        for i, part in enumerate(single)
+        CapturedRecord(i.to_bytes(16, "little"), inputs[i], part) for i, part in enumerate(single)
     ]
     segment_id = write_segment(backend, space, records)
     nbytes = backend.stored_bytes(f"spaces/{space.space_id}/segments")
@@ -308,7 +314,7 @@ def _stored_row(
 ) -> Row:  # fmt: skip
     vocab = codec.vocab_size
     b, enc, dec, read, decoded = _store_encoding(
-        root, name, codec, rows, cap.lengths, vocab, repeats
+        root, name, codec, rows, cap.inputs, vocab, repeats
     )
     fid = fidelity(ref, decoded, vocab).summary() if rows.counts is None else None
     if fid is None:
@@ -323,7 +329,8 @@ def _encodings(args, cap: Captured, root: str, big: bool, vocab: int) -> list[Ro
     exact, sampled = (cap.exact_big, cap.sampled_big) if big else (cap.exact, cap.sampled)
     k, repeats = args.top_k, args.repeats
     table = [_naive_row(exact, vocab, k, repeats), _distillkit_row(exact, vocab, k, repeats)]
-    for codec in (QuantizedTopKCodec(vocab), TopKCodec(vocab), ContractGridTopKCodec(vocab)):
+    topk = (TopKCodec, ContractGridTopKCodec, FrequencyOrderTopKCodec)
+    for codec in (QuantizedTopKCodec(vocab), *(c(vocab) for c in topk)):
         table.append(_stored_row(root, codec.name, codec, exact, exact, cap, repeats))
     default = codec_for(DEFAULT_CODEC, vocab)
     for top_p in args.top_p:
@@ -345,7 +352,7 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
     by_name = {(r.name, r.vocab): r for r in table}
     for vocab in sorted({r.vocab for r in table}):
         dk = by_name[DISTILLKIT, vocab]
-        for name in (TopKCodec.name, ContractGridTopKCodec.name):
+        for name in (TopKCodec.name, ContractGridTopKCodec.name, FrequencyOrderTopKCodec.name):
             r = by_name[name, vocab]
             f, at = r.fid, f"{name} (vocab {vocab:,})"
             assert f is not None and r.read_rate is not None
@@ -364,12 +371,17 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
                  f"{r.decode_rate / 1e6:.2f}M, {r.read_rate / 1e6:.2f}M",
                  r.decode_rate >= 2e6 and r.read_rate >= 0.5e6),
             ]  # fmt: skip
-        v2, v3 = by_name[TopKCodec.name, vocab], by_name[ContractGridTopKCodec.name, vocab]
-        checks.append(
-            (f"topk-v3 bytes/position <= topk-v2's (vocab {vocab:,})",
-             f"{v3.bytes_per_position:.1f} vs {v2.bytes_per_position:.1f}",
-             v3.bytes_per_position <= v2.bytes_per_position)
-        )  # fmt: skip
+        pairs = (
+            (TopKCodec, ContractGridTopKCodec),
+            (ContractGridTopKCodec, FrequencyOrderTopKCodec),
+        )
+        for old, new in pairs:
+            a, b = by_name[old.name, vocab], by_name[new.name, vocab]
+            checks.append(
+                (f"{new.name} bytes/position <= {old.name}'s (vocab {vocab:,})",
+                 f"{b.bytes_per_position:.1f} vs {a.bytes_per_position:.1f}",
+                 b.bytes_per_position <= a.bytes_per_position)
+            )  # fmt: skip
     sampled = by_name[f"sampled U={args.samples}", args.synthetic_vocab]
     checks.append(
         (f"sampled U={args.samples} <= 40 bytes/position (vocab {args.synthetic_vocab:,})",

@@ -74,6 +74,7 @@ def captured(rows: TopKRows, vocab: int) -> storage.Captured:
         exact_big=big,
         sampled_big=sample_rows(big, 12, rng),
         lengths=[128] * (len(rows) // 128),
+        inputs=[np.arange(128, dtype=np.int32) % 5 for _ in range(len(rows) // 128)],
         mean_entropy=0.0,
         top_k_mass=float(np.exp(rows.logprobs.astype(np.float64)).sum(axis=1).mean()),
     )
@@ -88,7 +89,7 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
         args, cap, str(tmp_path), True, SYNTHETIC_VOCAB
     )
     names = {"naive int32+fp32", "distillkit-style", "topk-q64-delta-v1", "topk-v2", "topk-v3",
-             "top_p:0.95 (topk-v2)", "sampled U=12"}  # fmt: skip
+             "topk-v4", "top_p:0.95 (topk-v2)", "sampled U=12"}  # fmt: skip
     for vocab in (2000, SYNTHETIC_VOCAB):
         assert {r.name for r in table if r.vocab == vocab} == names
     for r in table:
@@ -97,19 +98,21 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
             assert r.bytes_per_position < 8 * 64
     checks = storage._targets(table, args)
     bounds = [ok for what, _, ok in checks if "within 0.01 nats" in what]
-    assert len(bounds) == 4 and all(bounds)  # topk-v2 and topk-v3 at both vocabularies
+    assert len(bounds) == 6 and all(bounds)  # topk-v2, v3 and v4 at both vocabularies
 
 
-def test_a_topk_v3_segment_reads_back_exactly_after_reopening(
-    real_text_rows: TopKRows, tmp_path: Path
+@pytest.mark.parametrize("codec_name", ["topk-v3", "topk-v4"])
+def test_a_segment_reads_back_exactly_after_reopening(
+    real_text_rows: TopKRows, tmp_path: Path, codec_name: str
 ) -> None:
-    """A sealed topk-v3 segment, read by a new backend and reader (as after a restart), decodes
-    to exactly the rows of the in-memory encoding: the codec needs no state beyond its space."""
-    space = CaptureSpace("teacher", "tokenizer", 2000, "topk", 64, "float32", "topk-v3")
+    """A sealed segment, read by a new backend and reader (as after a restart), decodes to
+    exactly the rows of the in-memory encoding: the codec needs no state beyond its space and
+    the segment (topk-v4's tables are in the segment; the input tokens recur, so they are used)."""
+    space = CaptureSpace("teacher", "tokenizer", 2000, "topk", 64, "float32", codec_name)
     codec = codec_for(space.codec, space.vocab_size)
     records = [
         CapturedRecord.encode(
-            i.to_bytes(16, "little"), np.arange(128, dtype=np.int32),
+            i.to_bytes(16, "little"), np.arange(128, dtype=np.int32) % 5,
             TopKRows(*(a[i * 128 : (i + 1) * 128] for a in (
                 real_text_rows.token_ids, real_text_rows.logprobs,
                 real_text_rows.target_logprobs, real_text_rows.tail_logprobs))),
@@ -119,7 +122,7 @@ def test_a_topk_v3_segment_reads_back_exactly_after_reopening(
     ]  # fmt: skip
     segment_id = write_segment(LocalBackend(tmp_path), space, records)
     loaded = SegmentReader(LocalBackend(tmp_path), space, segment_id).load()
-    decoded = codec_for("topk-v3", 2000).decode(loaded)
+    decoded = codec_for(codec_name, 2000).decode(loaded)
     expected = codec.decode(codec.encode(real_text_rows))
     for name in ("token_ids", "logprobs", "target_logprobs", "tail_logprobs"):
         np.testing.assert_array_equal(getattr(decoded, name), getattr(expected, name))
