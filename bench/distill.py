@@ -26,8 +26,9 @@ torch's tensors; ``torch.cuda.max_memory_allocated`` on GPU) relative to (a'), a
 trained per second. These come from :func:`measure_steps`, after training: steps of every run
 interleaved on each run's first batch, so that the ratios hold on a machine shared with others.
 
-The training sequences come from :func:`token_sequences` (documents of the demo language), the one
-place a second data source plugs in.
+The training sequences come from :func:`token_sequences` (documents of the demo language), or
+with ``--data FILE`` from :func:`data_token_sequences` (the texts of a JSONL file, such as the
+real-text teacher's held-out texts: the last blocks held out, the rest for training).
 
 Each student is then scored on held-out text (documents of another seed) by the mean
 KL(teacher || student) per token over the full vocabulary, with the teacher computed by the plain
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -91,6 +93,25 @@ def token_sequences(tokenizer, count: int, seq_len: int, seed: int) -> torch.Ten
         if len(stream) >= need:
             return torch.tensor(stream[:need], dtype=torch.int64).view(count, seq_len)
         documents = math.ceil(documents * 1.2 * need / max(len(stream), 1)) + 1
+
+
+def data_token_sequences(
+    teacher: str, data: str, count: int, held_out: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train [count, seq_len], held-out [held_out, seq_len]) int64 from the texts of ``data``,
+    run together and cut into blocks: the last ``held_out`` blocks are held out, the others are
+    the training blocks, repeated in order when ``count`` asks for more of them."""
+    from logitcache.bench.storage import data_sequences
+
+    blocks = torch.from_numpy(np.stack(data_sequences(teacher, data, 1 << 30, seq_len)))
+    if blocks.shape[0] <= held_out:
+        raise InvalidArgument(
+            f"--data {data} has {blocks.shape[0]} blocks of {seq_len} tokens; it needs more than "
+            f"--eval-sequences ({held_out})"
+        )
+    train = blocks[: blocks.shape[0] - held_out].long()
+    repeated = train.repeat(-(-count // train.shape[0]), 1)[:count]
+    return repeated, blocks[blocks.shape[0] - held_out :].long()
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -568,8 +589,13 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     vocab = teacher.config.vocab_size
     bsz, seq_len, steps = args.batch_size, args.seq_len, args.steps
     n_train = args.train_sequences or steps * bsz
-    train_ids = token_sequences(tokenizer, n_train, seq_len, args.train_seed)
-    held_out = token_sequences(tokenizer, args.eval_sequences, seq_len, args.eval_seed)
+    if args.data:
+        train_ids, held_out = data_token_sequences(
+            teacher_path, args.data, n_train, args.eval_sequences, seq_len
+        )
+    else:
+        train_ids = token_sequences(tokenizer, n_train, seq_len, args.train_seed)
+        held_out = token_sequences(tokenizer, args.eval_sequences, seq_len, args.eval_seed)
     epochs = steps * bsz / n_train
 
     student_vocab = args.student_vocab or vocab

@@ -109,6 +109,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--eval-sequences", type=int, default=128, help="held-out sequences (default: 128)"
     )
     p.add_argument(
+        "--data",
+        default=None,
+        help='JSONL texts (one {"text": ...} per line) to train and score on instead of the demo '
+        "language, tokenised with the teacher's tokenizer and cut into --seq-len blocks: the last "
+        "--eval-sequences blocks are held out (e.g. the real-text teacher's held_out.jsonl)",
+    )
+    p.add_argument(
         "--train-seed", type=int, default=1, help="seed of the training documents (default: 1)"
     )
     p.add_argument(

@@ -57,3 +57,31 @@ def test_padded_teacher_divergence_ignores_the_padding() -> None:
     assert torch.isfinite(kl).all()
     want = (log_p.exp() * (log_p - log_q[:, :5])).sum(-1)
     torch.testing.assert_close(kl, want)
+
+
+def test_data_texts_give_disjoint_train_and_held_out_blocks(real_text_teacher, tmp_path) -> None:
+    """--data: the held-out blocks are the file's last ones, the training blocks the others in
+    order (repeated when more are asked for), all of the teacher's tokens; too little text for
+    the held-out blocks is refused."""
+    import json
+
+    import numpy as np
+    import pytest
+
+    from logitcache.bench.storage import data_sequences
+    from logitcache.client.errors import InvalidArgument
+    from logitcache.demo.real_text import held_out_path
+
+    data = str(held_out_path(real_text_teacher))
+    blocks = np.stack(data_sequences(str(real_text_teacher), data, 1 << 30, 64))
+    train, held_out = distill.data_token_sequences(
+        str(real_text_teacher), data, len(blocks) + 3, 5, 64
+    )
+    assert train.dtype == held_out.dtype == torch.int64 and held_out.shape == (5, 64)
+    np.testing.assert_array_equal(held_out.numpy(), blocks[-5:])
+    np.testing.assert_array_equal(train[: len(blocks) - 5].numpy(), blocks[:-5])
+    np.testing.assert_array_equal(train[len(blocks) - 5 :].numpy(), blocks[:8])
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": " ".join(["word"] * 200)}) + "\n")
+    with pytest.raises(InvalidArgument, match="eval-sequences"):
+        distill.data_token_sequences(str(real_text_teacher), str(short), 4, 100, 16)
