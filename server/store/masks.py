@@ -8,7 +8,7 @@ a reader sees a dataset with all its masks or no dataset. Datasets without masks
 token-id inputs, and every dataset written before masks existed) have neither array, and every
 position counts.
 
-Two arrays in ``datasets/<name>/``:
+Two arrays in ``datasets/<name>/`` (zstd-compressed chunks, zarr's default):
     loss_mask          uint8 [ceil(P / 8)]   the masks of every sequence in dataset order, one
                                              bit a position (numpy's big-endian packbits)
     loss_mask_offsets  int64 [n + 1]         where sequence i's bits start (and n's end: P)
@@ -32,6 +32,10 @@ MASK_ARRAY = "loss_mask"
 OFFSETS_ARRAY = "loss_mask_offsets"
 _CHUNK_BYTES = 1 << 16  # packed mask bytes a chunk: 524,288 positions
 _CHUNK_OFFSETS = 1 << 16
+# Masks up to this many packed bytes (134M positions) are read whole on first use and then cut
+# in memory: zarr costs about a millisecond a chunk read, a batch of shuffled records touches a
+# chunk each, and reading a whole 16 MiB array costs about what 64 chunk reads do.
+_WHOLE_BYTES = 1 << 24
 _PACK_POSITIONS = 1 << 23  # positions packed at a time while writing (a megabyte of bits)
 
 
@@ -52,8 +56,8 @@ def write_masks(group: zarr.Group, masks: Sequence[np.ndarray], sequences: int) 
         if held >= _PACK_POSITIONS:
             done, pending, held = _pack(packed, done, pending, final=False)
     _pack(packed, done, pending, final=True)
-    _whole_array(group, MASK_ARRAY, packed, _CHUNK_BYTES)
-    _whole_array(group, OFFSETS_ARRAY, offsets, _CHUNK_OFFSETS)
+    group.create_array(MASK_ARRAY, data=packed, chunks=(max(1, min(len(packed), _CHUNK_BYTES)),))
+    group.create_array(OFFSETS_ARRAY, data=offsets, chunks=(min(len(offsets), _CHUNK_OFFSETS),))
 
 
 def _pack(
@@ -69,14 +73,6 @@ def _pack(
     return done + whole, [rest] if len(rest) else [], len(rest)
 
 
-def _whole_array(group: zarr.Group, name: str, data: np.ndarray, chunk: int) -> None:
-    """One array in one shard (one object on object storage), read a chunk at a time."""
-    chunks = max(1, min(len(data), chunk))
-    group.create_array(
-        name, data=data, chunks=(chunks,), shards=(max(chunks, -(-len(data) // chunks) * chunks),)
-    )
-
-
 class DatasetMasks:
     """The loss masks of one dataset, read a batch of sequences at a time."""
 
@@ -84,6 +80,7 @@ class DatasetMasks:
         self._bits = bits
         self._offsets = offsets
         self._label = label
+        self._whole: np.ndarray | None = None  # all the packed bits, once read (small masks)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -113,8 +110,16 @@ class DatasetMasks:
         first = np.concatenate([[0], np.cumsum(own)[:-1]])
         positions = np.arange(total, dtype=np.int64) + np.repeat(starts - first, own)
         needed, where = np.unique(positions >> 3, return_inverse=True)
-        data = np.asarray(self._bits.get_orthogonal_selection(needed), dtype=np.uint8)
+        data = self._packed(needed)
         return ((data[where] >> (7 - (positions & 7))) & 1).astype(np.uint8)
+
+    def _packed(self, needed: np.ndarray) -> np.ndarray:
+        """The packed bytes at ``needed`` (sorted, distinct)."""
+        if self._whole is None and self._bits.nbytes <= _WHOLE_BYTES:
+            self._whole = np.asarray(self._bits[:], dtype=np.uint8)
+        if self._whole is not None:
+            return self._whole[needed]
+        return np.asarray(self._bits.get_orthogonal_selection(needed), dtype=np.uint8)
 
     def __getitem__(self, index: int) -> np.ndarray:
         at = [range(len(self))[index]]

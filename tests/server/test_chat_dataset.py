@@ -44,6 +44,7 @@ def test_masks_are_stored_with_the_dataset(tmp_path: Path, monkeypatch) -> None:
     """Masks of any lengths come back exactly, in any order and from several datasets that share
     keys with other masks; a dataset without masks has none; damage is refused, not shifted."""
     monkeypatch.setattr(store_masks, "_PACK_POSITIONS", 13)  # pack in many small steps
+    monkeypatch.setattr(store_masks, "_CHUNK_BYTES", 16)  # and read many small chunks
     store = open_store(str(tmp_path / "store"), writable=True)
     space = CaptureSpace("t" * 64, "tok", 100, "topk", K, "float32", "topk-q64-delta-v1")
     rng = np.random.default_rng(0)
@@ -59,12 +60,14 @@ def test_masks_are_stored_with_the_dataset(tmp_path: Path, monkeypatch) -> None:
     reader = open_store(str(tmp_path / "store"))
     assert reader.dataset("plain").loss_masks is None
     order = rng.permutation(len(keys))
-    for name, expected in (("first", first), ("second", second)):
-        masks = reader.dataset(name).loss_masks
-        assert masks is not None and len(masks) == len(keys)
-        got = masks.read(order, lengths[order])
-        np.testing.assert_array_equal(got, np.concatenate([expected[i] for i in order]))
-        np.testing.assert_array_equal(masks[7], expected[7])
+    for whole in (0, 1 << 24):  # read chunk by chunk, and read whole then cut in memory
+        monkeypatch.setattr(store_masks, "_WHOLE_BYTES", whole)
+        for name, expected in (("first", first), ("second", second)):
+            masks = reader.dataset(name).loss_masks
+            assert masks is not None and len(masks) == len(keys)
+            got = masks.read(order, lengths[order])
+            np.testing.assert_array_equal(got, np.concatenate([expected[i] for i in order]))
+            np.testing.assert_array_equal(masks[7], expected[7])
     with pytest.raises(FailedPrecondition, match="the loss mask of sequence 3 has"):
         reader.dataset("first").loss_masks.read([3], [int(lengths[3]) + 1])
     with pytest.raises(ValueError, match="49 loss masks for a dataset of 50 sequences"):
