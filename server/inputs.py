@@ -79,6 +79,8 @@ def open_input(source: InputSource) -> AbstractContextManager[BinaryIO]:
         if not Path(source).is_file():
             raise NotFound(f"input file {str(source)!r} does not exist")
         return open(source, "rb")
+    if isinstance(source, HFDataset):
+        raise TypeError(f"{source} is read by its rows (HFDataset.rows), not opened")
     return nullcontext(source)
 
 
