@@ -88,7 +88,7 @@ class PrecomputeRequest:
     provenance: dict = field(default_factory=dict)
     # Distributed precompute: the work units this run does (all of them by default), and the
     # shared state (a postgresql:// URL) that holds the leases of workers on several hosts.
-    share: WorkShare = field(default_factory=lambda: WorkShare())
+    share: WorkShare = field(default_factory=WorkShare)
     state_url: str = ""
 
     @property

@@ -56,8 +56,8 @@ class WorkShare:
             index = os.environ.get(WORKER_INDEX_ENV, "")
             if not index.isdigit():
                 raise InvalidArgument(
-                    f"workers {workers} needs this worker's index: worker I, or "
-                    f"{WORKER_INDEX_ENV} (set by a Kubernetes Indexed Job)",
+                    f"with {workers} workers, each run needs its index: worker I (0..{workers - 1}) "
+                    f"or {WORKER_INDEX_ENV}, which a Kubernetes Indexed Job sets",
                     fields=("worker",),
                 )
             worker = int(index)
