@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from counting_engine import CountingEngine
 
 import logitcache
@@ -23,7 +24,8 @@ from logitcache.server.precompute import PrecomputeRequest, precompute
 from logitcache.server.store import masks as store_masks
 from logitcache.server.store.store import open_store
 from logitcache.trainer import TeacherStream
-from logitcache.trainer.collate import collate_records
+from logitcache.trainer.collate import TeacherTargets, collate_records
+from logitcache.trainer.losses import distillation_loss
 
 K = 8
 CONVERSATIONS = [
@@ -153,10 +155,19 @@ def test_a_chat_dataset_streams_its_masks_from_the_store(
 ) -> None:
     seen = _streamed(str(chat_store), "chat")
     _check_streamed(seen, demo_teacher, chat_store)
+    store = logitcache.open_store(str(chat_store))
     records = list(TeacherStream(str(chat_store), "chat", shuffle=False))
     batch = collate_records(records, pin_memory=False)
     assert batch["teacher_mask"].tolist() == batch["loss_mask"].tolist()
     assert int(batch["loss_mask"].sum()) == sum(int(m.sum()) for _, m in _expected(demo_teacher))
+    # The streamed masks reach the loss: what the student predicts off the assistant's turns
+    # changes nothing.
+    targets = TeacherTargets.from_batch(batch)
+    logits = torch.randn(*batch["input_ids"].shape, store.dataset("chat").space.vocab_size)
+    moved = logits.clone()
+    moved[~batch["loss_mask"]] = torch.randn_like(moved[~batch["loss_mask"]])
+    loss = distillation_loss(logits, targets, alpha=0.5)
+    assert torch.equal(distillation_loss(moved, targets, alpha=0.5), loss)
     plain = list(TeacherStream(str(chat_store), "ids", shuffle=False))
     assert all(r.loss_mask is None for r in plain)
 
