@@ -450,6 +450,7 @@ class JobManager:
     def admit(self, spec: JobSpec, user: str | None) -> Admitted:
         """The licence policy's decision on a submission, which ``submit`` makes again: a front
         end asks first to refuse a job before its input is uploaded."""
+        validate_dataset_name(spec.dataset)
         return self._admit(self.teachers.get(spec.teacher), spec, user)
 
     def _admit(self, teacher: Teacher, spec: JobSpec, user: str | None) -> Admitted:

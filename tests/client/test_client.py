@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from declared_use import USE
 
 import logitcache
 from logitcache.client import AsyncClient, Client, Record
@@ -23,7 +24,7 @@ DEFAULT_K = 16  # the session server runs with --default-top-k 16
 
 @pytest.fixture(scope="module")
 def client(server):
-    with Client(server.target) as c:
+    with Client(server.target, use=USE) as c:
         yield c
 
 
@@ -168,7 +169,7 @@ def test_stream_survives_a_server_restart(tmp_path):
     first = ServerProcess(None, store)
     restarted = None
     try:
-        with Client(first.target, retries=8) as c:
+        with Client(first.target, retries=8, use=USE) as c:
             full = [r.key for r in c.stream_dataset("bench", batch_records=4, seed=3)]
             stream = c.stream_dataset("bench", batch_records=4, seed=3)
             seen = [next(stream).key for _ in range(10)]
@@ -195,7 +196,7 @@ def test_async_client(server, client, built, teacher):
     sync_stream = [r.key for r in client.stream_dataset(built, batch_records=5)]
 
     async def run():
-        async with AsyncClient(server.target) as ac:
+        async with AsyncClient(server.target, use=USE) as ac:
             records = await ac.get_distributions(seqs)
 
             async def batches():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from declared_use import MESSAGE, USE
 from job_managers import sequences
 from reference_server import ReferenceServer
 
@@ -40,7 +41,7 @@ def test_a_cancelled_dataset_is_finished_resumed_and_deleted_over_grpc(
 ) -> None:
     inputs = sequences(seed=61, count=300, lengths=(20, 60))
     with ReferenceServer(demo_teacher, tmp_path / "store", "--segment-positions", "600") as server:
-        with Client(server.target, timeout=RPC_S) as client:
+        with Client(server.target, timeout=RPC_S, use=USE) as client:
             job_id = client.precompute("rpc", input_ids=inputs)
             deadline = time.monotonic() + RPC_S
             while client.get_job(job_id).sequences_done == 0:
@@ -74,7 +75,9 @@ def test_a_submission_sent_twice_with_one_request_id_is_one_job(
     demo_teacher: Path, tmp_path: Path
 ) -> None:
     def submission(request_id: str):
-        yield pb.SubmitJobRequest(spec=pb.JobSpec(dataset="twice", client_request_id=request_id))
+        yield pb.SubmitJobRequest(
+            spec=pb.JobSpec(use=MESSAGE, dataset="twice", client_request_id=request_id)
+        )
         for ids in sequences(seed=62, count=5):
             yield pb.SubmitJobRequest(sequence=pb.Sequence(input_ids=ids))
 

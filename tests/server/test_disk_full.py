@@ -25,6 +25,8 @@ import grpc
 import numpy as np
 import pytest
 from counting_engine import REFERENCE_K, CountingEngine
+from declared_use import MESSAGE
+from declared_use import USE as DECLARED
 from job_managers import USE
 from reference_server import ReferenceServer
 from small_disk import SmallDisk, mounted_small_disk
@@ -214,11 +216,13 @@ def test_server_on_a_full_disk_answers_turns_unready_and_recovers(
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.LogitCacheStub(channel)
             disk.fill()
-            request = pb.DistributionsRequest(sequences=[pb.Sequence(input_ids=s) for s in seqs])
+            request = pb.DistributionsRequest(
+                use=MESSAGE, sequences=[pb.Sequence(input_ids=s) for s in seqs]
+            )
             (answer,) = list(stub.GetDistributions(iter([request]), timeout=60))
             assert answer.computed == len(seqs)
             wait_ready(server.http_url, False)
-            job = iter([pb.SubmitJobRequest(spec=pb.JobSpec(dataset="full")),
+            job = iter([pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="full")),
                         pb.SubmitJobRequest(text="a text to compute later")])  # fmt: skip
             with pytest.raises(grpc.RpcError) as refused:
                 stub.SubmitJob(job, timeout=60)
@@ -290,7 +294,7 @@ def test_the_clients_durable_option_answers_once_the_records_are_sealed(
     store_dir = tmp_path / "store"
     seqs = [list(map(int, s)) for s in sequences(8, 6)]
     with ReferenceServer(demo_teacher, store_dir, "--flush-seconds", "3600") as server:
-        with Client(server.target) as client:
+        with Client(server.target, use=DECLARED) as client:
             records = client.get_distributions(seqs, durable=True)
         space_id = open_store(str(store_dir)).spaces()[0].space_id
         keys = [record_key(space_id, np.asarray(s)) for s in seqs]

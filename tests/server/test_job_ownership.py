@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from declared_use import MESSAGE
 from job_managers import USE, last_update, manager, sequences, store_only, until
 
 import logitcache
@@ -130,7 +131,7 @@ def test_a_read_replica_never_breaks_the_job_of_the_server_it_replicates(
     try:
         with grpc.insecure_channel(main.target) as channel:
             stub = pb_grpc.LogitCacheStub(channel)
-            items = [pb.SubmitJobRequest(spec=pb.JobSpec(dataset="replicated"))]
+            items = [pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="replicated"))]
             items += [pb.SubmitJobRequest(text=t) for t in texts]
             job = stub.SubmitJob(iter(items), timeout=RPC_S)
             with ServerProcess(None, store, log_path=tmp_path / "replica.log") as replica:

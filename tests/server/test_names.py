@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from declared_use import MESSAGE
 from reference_server import ReferenceServer
 
 from logitcache.client.errors import InvalidArgument
@@ -56,7 +57,7 @@ def refusal(call) -> grpc.RpcError:
 
 
 def test_a_trailing_newline_is_refused_at_submission(stub: pb_grpc.LogitCacheStub) -> None:
-    items = [pb.SubmitJobRequest(spec=pb.JobSpec(dataset="data\n")),
+    items = [pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="data\n")),
              pb.SubmitJobRequest(sequence=pb.Sequence(input_ids=[5, 6, 7]))]  # fmt: skip
     error = refusal(lambda: stub.SubmitJob(iter(items), timeout=60))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -75,13 +76,17 @@ def test_a_huge_name_is_never_echoed(stub: pb_grpc.LogitCacheStub) -> None:
         "GetDistributions": lambda: list(
             stub.GetDistributions(
                 iter(
-                    [pb.DistributionsRequest(teacher=HUGE, sequences=[pb.Sequence(input_ids=[5])])]
+                    [
+                        pb.DistributionsRequest(
+                            use=MESSAGE, teacher=HUGE, sequences=[pb.Sequence(input_ids=[5])]
+                        )
+                    ]
                 ),
                 timeout=60,
             )
         ),
         "SubmitJob": lambda: stub.SubmitJob(
-            iter([pb.SubmitJobRequest(spec=pb.JobSpec(dataset=HUGE))]), timeout=60
+            iter([pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset=HUGE))]), timeout=60
         ),
     }
     for method, call in calls.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from declared_use import MESSAGE
 from reference_server import ReferenceServer
 
 from logitcache.server.spool import UPLOADS
@@ -47,7 +48,9 @@ def channel(server: ReferenceServer) -> Iterator[grpc.Channel]:
 def test_an_oversized_request_is_refused_before_the_server_holds_it(
     server: ReferenceServer, channel: grpc.Channel
 ) -> None:
-    one = pb.DistributionsRequest(sequences=[pb.Sequence(input_ids=[(1 << 21) + 1] * 1_000_000)])
+    one = pb.DistributionsRequest(
+        use=MESSAGE, sequences=[pb.Sequence(input_ids=[(1 << 21) + 1] * 1_000_000)]
+    )
     message = one.SerializeToString() * 25  # 25 sequences of 4-byte ids: about 95 MiB
     assert len(message) > 95 << 20
     call = channel.stream_stream(
@@ -62,7 +65,7 @@ def test_an_oversized_request_is_refused_before_the_server_holds_it(
     grown = server.memory_kib("VmHWM") - peak_before
     assert grown < MEMORY_BOUND_KIB, f"server peak memory grew by {grown >> 10} MiB"
     stub = pb_grpc.LogitCacheStub(channel)  # and the server goes on serving
-    small = pb.DistributionsRequest(sequences=[pb.Sequence(input_ids=[5, 6, 7])])
+    small = pb.DistributionsRequest(use=MESSAGE, sequences=[pb.Sequence(input_ids=[5, 6, 7])])
     (answer,) = list(stub.GetDistributions(iter([small]), timeout=60))
     assert len(answer.records.lengths) == 1
 
@@ -75,7 +78,7 @@ def test_a_job_upload_is_refused_mid_stream_counting_actual_tokens(
 
     def upload() -> Iterator[pb.SubmitJobRequest]:
         nonlocal pulled
-        yield pb.SubmitJobRequest(spec=pb.JobSpec(dataset="short-texts"))
+        yield pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="short-texts"))
         for _ in range(offered):
             pulled += 1
             yield pb.SubmitJobRequest(text="ab")  # under 4 characters, still tokens
@@ -96,7 +99,7 @@ def test_a_job_upload_within_the_limit_is_accepted_from_its_spool(
     server: ReferenceServer, channel: grpc.Channel
 ) -> None:
     stub = pb_grpc.LogitCacheStub(channel)
-    items = [pb.SubmitJobRequest(spec=pb.JobSpec(dataset="spooled"))]
+    items = [pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="spooled"))]
     items += [pb.SubmitJobRequest(text=f"text number {i}") for i in range(5)]
     items += [pb.SubmitJobRequest(sequence=pb.Sequence(input_ids=[5, 6, 7, 8]))]
     job = stub.SubmitJob(iter(items), timeout=120)

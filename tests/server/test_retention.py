@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from declared_use import USE as DECLARED
 from job_managers import USE
 from reference_server import ReferenceServer
 from test_core_readthrough import K, cache_on, sequences
@@ -277,7 +278,10 @@ def test_a_server_keeps_its_read_through_results_under_the_budget(
     path = tmp_path / "store"
     flags = ("--flush-seconds", "0.1", "--readthrough-retention-bytes", "1",
              "--readthrough-retention-interval", "0.3")  # fmt: skip
-    with ReferenceServer(demo_teacher, path, *flags) as server, Client(server.target) as client:
+    with (
+        ReferenceServer(demo_teacher, path, *flags) as server,
+        Client(server.target, use=DECLARED) as client,
+    ):
         for seed in range(3):  # three segments, sealed by time
             client.get_distributions([s.tolist() for s in sequences(seed=seed, count=2)])
             time.sleep(0.3)

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from declared_use import MESSAGE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,6 +64,7 @@ def make_stub(target: str) -> tuple[grpc.Channel, pb_grpc.LogitCacheStub]:
 
 def request(sequences: Iterable[Sequence[int]], top_k: int = K, teacher: str = ""):
     return pb.DistributionsRequest(
+        use=MESSAGE,
         teacher=teacher,
         top_k=top_k,
         sequences=[pb.Sequence(input_ids=[int(t) for t in s]) for s in sequences],
@@ -114,7 +116,7 @@ def computed_positions(http_url: str) -> float:
 
 
 def submit_job(stub, dataset: str, texts: Sequence[str], top_k: int = K) -> pb.Job:
-    items = [pb.SubmitJobRequest(spec=pb.JobSpec(dataset=dataset, top_k=top_k))]
+    items = [pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset=dataset, top_k=top_k))]
     items += [pb.SubmitJobRequest(text=t) for t in texts]
     return stub.SubmitJob(iter(items), timeout=RPC_S)
 
@@ -455,7 +457,7 @@ def test_unknown_names_and_bad_job_requests(stub, built):
     expect_error(
         Code.INVALID_ARGUMENT,
         lambda: stub.SubmitJob(
-            iter([pb.SubmitJobRequest(spec=pb.JobSpec(dataset="bad name!")),
+            iter([pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="bad name!")),
                   pb.SubmitJobRequest(text=texts[0])]),
             timeout=RPC_S,
         ),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from declared_use import MESSAGE
 from reference_server import ReferenceServer
 
 from logitcache.v1 import logitcache_pb2 as pb
@@ -50,7 +51,7 @@ def test_undecodable_requests_are_invalid_argument_without_a_traceback(
         stream = raw(channel, "StreamDataset", "unary_stream")
         distributions = raw(channel, "GetDistributions", "stream_stream")
         submit = raw(channel, "SubmitJob", "stream_unary")
-        spec = pb.SubmitJobRequest(spec=pb.JobSpec(dataset="d")).SerializeToString()
+        spec = pb.SubmitJobRequest(spec=pb.JobSpec(use=MESSAGE, dataset="d")).SerializeToString()
         calls = [
             lambda: describe(BAD_UTF8, timeout=30),
             lambda: describe(CORRUPT, timeout=30),

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from declared_use import USE
 
 from logitcache.client.client import Client
 from logitcache.demo.language import generate_documents
@@ -41,7 +42,7 @@ def load_example() -> ModuleType:
 @pytest.fixture(scope="module")
 def source(server: ServerProcess) -> str:
     """``grpc://`` URL of DATASET: 40 demo documents through the demo teacher (top-16)."""
-    with Client(server.target) as client:
+    with Client(server.target, use=USE) as client:
         client.wait(client.precompute(DATASET, texts=generate_documents(40, seed=2024)))
     return "grpc://" + server.target
 
