@@ -317,7 +317,8 @@ class _Reader:
             try:
                 if isinstance(found, _RowError):
                     raise found
-                mask = None
+                mask: np.ndarray | None = None
+                raw: object  # a chat row's rendered ids, a text's or an ids row's list
                 if found[0] == "messages":
                     raw, mask = self._render(found[1])
                 else:

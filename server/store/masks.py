@@ -19,7 +19,8 @@ target is token t + 1) counts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import zarr
@@ -39,7 +40,15 @@ _WHOLE_BYTES = 1 << 24
 _PACK_POSITIONS = 1 << 23  # positions packed at a time while writing (a megabyte of bits)
 
 
-def write_masks(group: zarr.Group, masks: Sequence[np.ndarray], sequences: int) -> None:
+class Masks(Protocol):
+    """The masks of a dataset's sequences in order: a list of arrays, or ``chat.ChatMasks``."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[np.ndarray]: ...
+
+
+def write_masks(group: zarr.Group, masks: Masks, sequences: int) -> None:
     """Write ``masks`` (one uint8 or bool [T_i] array for each of the dataset's ``sequences``,
     in dataset order) into its staging group; memory holds the packed bits, an eighth of a byte
     a position."""

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.gc import condemned_segments, other_copies, withdrawn_segments
 from logitcache.server.store.liveness import writer_gone
-from logitcache.server.store.masks import DatasetMasks, open_masks, write_masks
+from logitcache.server.store.masks import DatasetMasks, Masks, open_masks, write_masks
 from logitcache.server.store.read import EncodedBatch, read_batch
 from logitcache.server.store.reader import SegmentReader, Unsealed
 from logitcache.server.store.segments import segments_dir, shard_rows, unsealed_dir, zarr_array
@@ -507,7 +507,7 @@ class Store:
         keys: list[bytes],
         positions: int,
         provenance: dict,
-        loss_masks: Sequence[np.ndarray] | None = None,
+        loss_masks: Masks | None = None,
     ) -> Dataset:
         """Publish a dataset (state ``building``) with its full ordered key list, create-only;
         ``loss_masks`` (one per key, see ``store.masks``) are published with it.
