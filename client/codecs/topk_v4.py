@@ -117,17 +117,15 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
     ) -> dict[str, np.ndarray]:
         """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
         with the ids back."""
-        n = np.asarray(arrays["n"]).astype(np.int64)
         value = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
-        tokens = tables[CONTEXT_TOKENS]
+        tokens, lengths = tables[CONTEXT_TOKENS], tables[CONTEXT_LENGTHS].astype(np.int32)
         if tokens.shape[0]:
-            # Looked up per position, then spread over the position's entries.
+            # Looked up per position, then spread over the position's entries (-1: no list).
             at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
-            listed = tokens[at] == input_ids
-            starts = np.cumsum(tables[CONTEXT_LENGTHS].astype(np.int64)) - tables[CONTEXT_LENGTHS]
-            start = np.repeat(np.where(listed, starts[at], -1), n)
-            kept = start >= 0
-            value[kept] = tables[CONTEXT_IDS].astype(np.int32).take(start[kept] + value[kept])
+            starts = np.cumsum(lengths, dtype=np.int32) - lengths
+            start = np.repeat(np.where(tokens[at] == input_ids, starts[at], -1), arrays["n"])
+            listed = tables[CONTEXT_IDS].astype(np.int32).take(start + value, mode="clip")
+            value = np.where(start >= 0, listed, value)
         return {**arrays, **self._split(tables[ID_ORDER].astype(np.int32).take(value))}
 
     def _split(self, ids: np.ndarray) -> dict[str, np.ndarray]:
