@@ -36,6 +36,7 @@ from logitcache.server.grpc.status import service_handler
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.admission import Admission, policy_state_dir
 from logitcache.server.policy.audit import AuditLog
 from logitcache.server.policy.gate import PolicyGate
 from logitcache.server.policy.state import PolicyState, SqliteState, open_state
@@ -85,6 +86,8 @@ async def serve(
     tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     store = await loop.run_in_executor(None, _open_clean_store, config)
     gate = await loop.run_in_executor(None, open_gate, config, store)
+    # Licences, filters and input roots: one policy for jobs, read-through and SetTeacherLicence.
+    admission = Admission.configured(config, policy_state_dir(config, store))
     # Listings, descriptions and totals of the store, kept up to date in a worker thread.
     summaries = StoreSummaries(store, refresh_seconds=config.store_refresh_seconds)
     await summaries.start()
@@ -130,6 +133,7 @@ async def serve(
             loaded=loaded,
             max_unsealed_bytes=config.max_unsealed_bytes,
             on_hits=retention.touch if retention is not None else None,
+            admission=admission,
         )
         readthrough.start()
         if retention is not None:
@@ -143,6 +147,7 @@ async def serve(
             max_running=config.max_running_jobs,
             max_in_flight=config.job_max_in_flight,
             segment_positions=config.segment_positions,
+            admission=admission,
         )
         server = grpc.aio.server(
             options=[

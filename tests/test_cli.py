@@ -52,7 +52,7 @@ def test_every_command_is_there():
         "demo-service", "bench capture", "bench distill", "bench stream", "bench lookup",
         "bench storage", "bench soak", "datasets finish", "datasets resume", "datasets delete",
         "gc", "tokens create", "tokens list", "tokens revoke", "tokens limit", "tokens unflag",
-        "datasets share", "audit verify",
+        "datasets share", "audit verify", "provenance",
     }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from logitcache.cli import bench, datasets, demo, gc, policy, precompute, serve
+from logitcache.cli import bench, datasets, demo, gc, policy, precompute, provenance, serve
 from logitcache.client import commands as client_commands
 from logitcache.client.errors import LogitCacheError
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)  # demo-teacher, demo-data, demo-service
     bench.add_commands(sub)  # bench capture|distill|stream|lookup|storage
     policy.add_commands(sub)  # tokens create|list|revoke, audit verify
+    provenance.add_commands(sub)  # provenance DATASET
     _record_flags(sub)
     return parser
 

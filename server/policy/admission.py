@@ -19,6 +19,8 @@ from logitcache.server.policy.filters import FilterAction, SensitiveDataFilter
 from logitcache.server.policy.licences import load_catalogue
 from logitcache.server.policy.licensing import DECLARATIONS_FILE, DeclaredLicence, TeacherLicences
 from logitcache.server.policy.paths import confine_input
+from logitcache.server.store.backend import LocalBackend
+from logitcache.server.store.store import Store
 
 DEFAULT_SENSITIVE_DATA = FilterAction.REJECT
 
@@ -32,6 +34,14 @@ class Admitted:
     declared: DeclaredLicence
     decision: PolicyDecision | None
     user: str | None
+
+
+def policy_state_dir(config: ServerConfig, store: Store) -> Path | None:
+    """Where a server keeps its policy state: ``state_dir``, else ``policy/`` in a local store;
+    None for another store without one (admin licence declarations are then in memory)."""
+    if config.state_dir:
+        return Path(config.state_dir)
+    return store.backend.root / "policy" if isinstance(store.backend, LocalBackend) else None
 
 
 def parse_action(value: str, default: FilterAction = DEFAULT_SENSITIVE_DATA) -> FilterAction:
