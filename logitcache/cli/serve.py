@@ -45,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             dest=f"teacher_{name}",
             default=None,
             help=text,
-            **repeatable,  # type: ignore[arg-type]
+            **repeatable,
         )
     p.set_defaults(handler=_serve)
 
