@@ -222,16 +222,19 @@ class PolicyGate:
         if token is not None:
             await self._run(self.quotas.admit_computing, token)
 
-    async def computed(self, call: Call, positions: int) -> None:
-        """Count positions the teacher computed for the call (novel sequences: the guard
-        watches them against what the user owns)."""
+    async def computed(self, call: Call, positions: int, *, novel: bool = True) -> None:
+        """Count positions the teacher computes for the call: a job's, or a read-through's
+        misses (``novel``: sequences new to the store, which the guard watches against what
+        the user owns)."""
         call.detail["computed"] = call.detail.get("computed", 0) + positions
         token = _token_of(call)
         if token is not None and positions:
-            await self._run(self._computed, token, call.user, positions)
+            await self._run(self._computed, token, call.user, positions, novel)
 
-    def _computed(self, token: str, user: str, positions: int) -> None:
+    def _computed(self, token: str, user: str, positions: int, novel: bool) -> None:
         self.quotas.record_computed(token, positions)
+        if not novel:
+            return
         flag = self.guard.observe_novel(token, user, positions)
         if flag is not None:
             log.warning("extraction guard: token %s of user %r %s: %s",
