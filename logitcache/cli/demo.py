@@ -48,9 +48,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_teacher(args: argparse.Namespace) -> int:
+    from logitcache.demo.model_card import DEMO_LANGUAGE_DATA, ensure_model_card
     from logitcache.demo.teacher import build_demo_teacher
 
     path = build_demo_teacher(args.out_dir, seed=args.seed)
+    ensure_model_card(path, "logitcache demo teacher", DEMO_LANGUAGE_DATA)  # its licence
     print(f"demo teacher written to {path}")
     return 0
 

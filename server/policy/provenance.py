@@ -119,6 +119,14 @@ def _when(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
+_DECLARED_IN = {
+    "config": "declared in the teacher's server configuration",
+    "admin": "declared by an admin",
+    "model card": "declared in the teacher's model card",
+    "none": "no licence declared",
+}
+
+
 def _or(value: Any) -> str:
     return NOT_RECORDED if value in (None, "") else str(value)
 
@@ -147,9 +155,9 @@ def model_card_section(provenance: DatasetProvenance) -> str:
     if t["chat_template_fingerprint"]:
         lines.append(f"- Chat template fingerprint: `{t['chat_template_fingerprint']}`")
     url = licence.get("url")
+    source = _DECLARED_IN.get(licence.get("source") or "", "where it was declared is not recorded")
     lines += [
-        f"- Licence: {_or(licence_name)}" + (f" ({url})" if url else "")
-        + f", declared by {_or(licence.get('source'))}",
+        f"- Licence: {_or(licence_name)}" + (f" ({url})" if url else "") + f"; {source}",
         "",
         "### Licence policy decision",
         "",
