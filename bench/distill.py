@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from logitcache.client.errors import InvalidArgument
+from logitcache.client.use import Use
 from logitcache.demo.assets import demo_teacher_path
 from logitcache.trainer import losses
 from logitcache.trainer.collate import TeacherTargets, collate_records
@@ -678,7 +679,9 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
             print(f"server up on {server.target} in {time.perf_counter() - t:.1f} s", flush=True)
             server_cpu = _server_cpu_reader(server.pid)
             dataset = "distill-train"
-            with Client(server.target, timeout=600.0) as client:
+            # The job declares its use (the licence policy decides on it; Apache-2.0 allows it).
+            bench_use = Use("research", "distill-bench-student", "llama", "logitcache bench")
+            with Client(server.target, timeout=600.0, use=bench_use) as client:
                 t = time.perf_counter()
                 job = client.precompute(
                     dataset=dataset, input_ids=[row.numpy() for row in train_ids],
