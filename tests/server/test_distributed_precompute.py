@@ -88,6 +88,9 @@ def test_three_workers_one_killed_and_retried_equal_one_worker(
     assert all("worker" in out for out in outs)
     assert any("dataset building" in out for out in outs)  # worker 0's units are missing
 
+    described = asyncio.run(_described(split))  # what a server's DescribeDataset answers
+    assert described["state"] == "building"
+    assert 0 < described["sealed_sequences"] < described["sequences"] == len(docs) + 2
     capsys.readouterr()
     assert main(["inspect", str(split), "--dataset", "d", "--json"]) == 0
     units = json.loads(capsys.readouterr().out)["datasets"][0]["work_units"]
@@ -127,6 +130,18 @@ def test_a_share_is_the_same_units_whatever_the_number_of_workers() -> None:
         WorkShare(3, 3)
     with pytest.raises(InvalidArgument, match="JOB_COMPLETION_INDEX"):
         WorkShare.of(None, 3, 4)
+
+
+async def _described(store: Path) -> dict:
+    from logitcache.server.store.store import open_store
+    from logitcache.server.store.summary import StoreSummaries
+
+    summaries = StoreSummaries(open_store(str(store)))
+    await summaries.start()
+    try:
+        return await summaries.dataset("d")
+    finally:
+        await summaries.close()
 
 
 def _sealed(store: Path) -> int:
