@@ -37,8 +37,15 @@ def missing_reason() -> str | None:
 
 @dataclass(frozen=True)
 class PostgresServer:
-    socket_dir: Path
+    """A server whose data and socket are under ``root``, run as ``user`` (None: as we are)."""
+
+    root: Path
     port: int
+    user: str | None
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "run"
 
     def url(self, database: str = "postgres") -> str:
         """A libpq URL of ``database`` on this server, over its unix socket."""
@@ -56,44 +63,45 @@ class PostgresServer:
             db.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
         return self.url()
 
+    def start(self) -> None:
+        options = (
+            f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
+        )
+        log = str(self.root / "server.log")
+        self._pg_ctl("-o", options, "-l", log, "-w", "start")
 
-def _run_as(user: str | None) -> dict:
-    return {"user": user, "group": pwd.getpwnam(user).pw_gid} if user else {}
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it; ``fast`` ends every session as a restart of the database does."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def _pg_ctl(self, *args: str) -> None:
+        as_user = {"user": self.user, "group": pwd.getpwnam(self.user).pw_gid} if self.user else {}
+        command = ["pg_ctl", "-D", str(self.root / "data"), *args]
+        subprocess.run(command, check=True, capture_output=True, **as_user)
 
 
 @contextmanager
 def running_postgres(port: int = 5432) -> Iterator[PostgresServer]:
     """Start a server with its data and socket in a new temporary directory (one the
-    ``postgres`` user can reach, unlike pytest's own); stop it (fast) and delete it on leaving."""
-    with tempfile.TemporaryDirectory(prefix="logitcache-pg-") as tmp:
-        yield from _serve(Path(tmp), port)
-
-
-def _serve(root: Path, port: int) -> Iterator[PostgresServer]:
+    ``postgres`` user can reach, unlike pytest's own); stop it and delete it on leaving."""
     user = SUPERUSER if os.geteuid() == 0 else None  # initdb and postgres refuse root
-    data, sockets = root / "data", root / "run"
-    sockets.mkdir(parents=True)
-    if user is not None:
-        owner = pwd.getpwnam(user)
-        for path in (root, sockets):
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    as_user = _run_as(user)
-    subprocess.run(
-        ["initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"],
-        check=True, capture_output=True, **as_user,
-    )  # fmt: skip
-    options = (
-        f"-k {sockets} -p {port} -c listen_addresses='' -c fsync=off "
-        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
-    )
-    subprocess.run(
-        ["pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"],
-        check=True, capture_output=True, **as_user,
-    )  # fmt: skip
-    try:
-        yield PostgresServer(sockets, port)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="logitcache-pg-") as tmp:
+        server = PostgresServer(Path(tmp), port, user)
+        server.socket_dir.mkdir()
+        as_user = {}
+        if user is not None:
+            owner = pwd.getpwnam(user)
+            for path in (server.root, server.socket_dir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+            as_user = {"user": user, "group": owner.pw_gid}
         subprocess.run(
-            ["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True, **as_user,
+            ["initdb", "-D", str(server.root / "data"), "-U", SUPERUSER, "--auth=trust",
+             "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, **as_user,
         )  # fmt: skip
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop("immediate")

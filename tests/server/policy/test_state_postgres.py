@@ -153,6 +153,24 @@ def test_an_unreachable_database_is_unavailable(tmp_path) -> None:
         open_state(url)
 
 
+def test_calls_are_unavailable_while_the_database_is_down_and_work_after(
+    postgres, postgres_url: str
+) -> None:
+    state = open_state(postgres_url)
+    state.add_token(record())
+    postgres.stop()  # ends the state's connection, as a restart or failover does
+    try:
+        with pytest.raises(Unavailable, match="shared state"):
+            state.token("tok_1")
+        with pytest.raises(Unavailable):
+            state.add_usage("tok_1", "c", "d", 1, None)
+    finally:
+        postgres.start()
+    assert state.token("tok_1") == record()  # reconnected; nothing was lost
+    assert state.add_usage("tok_1", "c", "d", 1, None) == 1
+    state.close()
+
+
 LIMIT, CHARGE, STREAMS = 500, 7, 3
 
 
