@@ -46,9 +46,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from logitcache.client.errors import InvalidArgument
 from logitcache.client.record import Record
 from logitcache.client.sync import Feed, SyncIterator, sync
 from logitcache.client.tls import PathLike, client_tls, open_channel, tls_mismatch, tls_refusal
+from logitcache.client.use import Use
 from logitcache.client.wire import decode_batch
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
@@ -85,6 +87,18 @@ def _is_unavailable(error: BaseException) -> bool:
     return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _credentials(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: ``authorization: Bearer`` with ``token``, else
+    ``LOGITCACHE_TOKEN``; none without either (a single-user server on loopback)."""
+    token = token if token is not None else os.environ.get("LOGITCACHE_TOKEN", "")
+    token = token.strip()
+    if not token:
+        return ()
+    if not token.isascii() or any(c.isspace() for c in token):
+        raise InvalidArgument("a logitcache token is ASCII without spaces (lc_...)")
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -108,13 +122,18 @@ def _sequence(ids: Any, index: int) -> pb.Sequence:
 
 
 def _distributions_request(
-    sequences: Iterable[Any], teacher: str | None, top_k: int | None, durable: bool = False
+    sequences: Iterable[Any],
+    teacher: str | None,
+    top_k: int | None,
+    durable: bool = False,
+    use: Use | None = None,
 ) -> pb.DistributionsRequest:
     return pb.DistributionsRequest(
         teacher=teacher or "",
         top_k=top_k or 0,
         sequences=[_sequence(s, i) for i, s in enumerate(sequences)],
         durable=durable,
+        use=use.message() if use is not None else None,
     )
 
 
@@ -175,6 +194,8 @@ class _Submission:
         max_len: int | None,
         overflow: str | None,
         license: str | None,
+        use: Use | None = None,
+        sensitive_data: str | None = None,
     ) -> None:
         if sum(x is not None for x in (texts, input_ids, server_path)) != 1:
             raise ValueError("give exactly one of texts=, input_ids= or server_path=")
@@ -187,6 +208,8 @@ class _Submission:
             overflow=overflow or "",
             license=license or "",
             client_request_id=uuid.uuid4().hex,
+            use=use.message() if use is not None else None,
+            sensitive_data=sensitive_data or "",
         )
         self.texts = texts
         self.input_ids = input_ids
@@ -269,11 +292,14 @@ class _Pipeline:
     read-through cache makes resending idempotent.
     """
 
-    def __init__(self, teacher: str | None, top_k: int | None, window: int) -> None:
+    def __init__(
+        self, teacher: str | None, top_k: int | None, window: int, use: Use | None = None
+    ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.teacher = teacher
         self.top_k = top_k
+        self.use = use
         self.window = window
         # The requests of the current call; None in it ends the request stream.
         self._outbox: asyncio.Queue[pb.DistributionsRequest | None] | None = None
@@ -301,7 +327,7 @@ class _Pipeline:
             self._exhausted = True
             self._outbox.put_nowait(None)
             return
-        request = _distributions_request(batch, self.teacher, self.top_k)
+        request = _distributions_request(batch, self.teacher, self.top_k, use=self.use)
         self._pending.append(request)
         self._outbox.put_nowait(request)
 
@@ -360,7 +386,7 @@ class AsyncDatasetStream(AsyncIterator[Record]):
         self._buffer = buffer = _CursorBuffer(request)
 
         async def open_call() -> Any:  # not a closure over self: a dropped stream is freed at once
-            return client._stub.StreamDataset(buffer.request())
+            return client._stub.StreamDataset(buffer.request(), metadata=client._metadata)
 
         self._batches = client._resuming(open_call)
 
@@ -430,9 +456,13 @@ class AsyncClient:
         ca: PathLike | None = None,
         cert: PathLike | None = None,
         key: PathLike | None = None,
+        token: str | None = None,
+        use: Use | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.use = use  # declared with every job and read-through call that declares none
+        self._metadata = _credentials(token)
         self._backoff = _Backoff(retries)
         self._tls = client_tls(tls, ca=ca, cert=cert, key=key)
         self._options = _channel_options(max_message_bytes)
@@ -500,7 +530,9 @@ class AsyncClient:
 
     async def _unary(self, method: str, request: Any) -> Any:
         return await self._retrying(
-            lambda: getattr(self._stub, method)(request, timeout=self.timeout)
+            lambda: getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         )
 
     async def _resuming(self, open_call: Callable[[], Awaitable[Any]]) -> AsyncGenerator[Any, None]:
@@ -533,6 +565,14 @@ class AsyncClient:
     async def list_teachers(self) -> pb.ListTeachersResponse:
         return await self._unary("ListTeachers", pb.ListTeachersRequest())
 
+    async def set_teacher_licence(
+        self, teacher: str, licence: str = "", *, custom_json: str = ""
+    ) -> pb.TeacherInfo:
+        request = pb.SetTeacherLicenceRequest(
+            teacher=teacher, licence=licence, custom_json=custom_json
+        )
+        return await self._unary("SetTeacherLicence", request)
+
     async def list_datasets(self) -> list[pb.DatasetInfo]:
         return list((await self._unary("ListDatasets", pb.ListDatasetsRequest())).datasets)
 
@@ -557,12 +597,16 @@ class AsyncClient:
         teacher: str | None = None,
         top_k: int | None = None,
         durable: bool = False,
+        use: Use | None = None,
     ) -> list[Record]:
-        request = _distributions_request(sequences, teacher, top_k, durable)
+        request = _distributions_request(sequences, teacher, top_k, durable, use or self.use)
 
         async def call() -> list[Record]:
             responses = [
-                r async for r in self._stub.GetDistributions(iter([request]), timeout=self.timeout)
+                r
+                async for r in self._stub.GetDistributions(
+                    iter([request]), timeout=self.timeout, metadata=self._metadata
+                )
             ]
             if len(responses) != 1:
                 raise ValueError(f"server sent {len(responses)} responses to one request")
@@ -577,9 +621,10 @@ class AsyncClient:
         teacher: str | None = None,
         top_k: int | None = None,
         window: int = 8,
+        use: Use | None = None,
     ) -> AsyncIterator[list[Record]]:
         """``Client.get_distributions_iter``; ``batches`` may also be an async iterable."""
-        pipe = _Pipeline(teacher, top_k, window)
+        pipe = _Pipeline(teacher, top_k, window, use or self.use)
         source = _aiter_of(batches)
 
         async def fill() -> None:
@@ -589,7 +634,7 @@ class AsyncClient:
         async def open_call() -> Any:
             outbox = pipe.reopen()
             await fill()
-            return self._stub.GetDistributions(_drain(outbox))
+            return self._stub.GetDistributions(_drain(outbox), metadata=self._metadata)
 
         try:
             async for response in self._resuming(open_call):
@@ -635,16 +680,21 @@ class AsyncClient:
         max_len: int | None = None,
         overflow: str | None = None,
         license: str | None = None,
+        use: Use | None = None,
+        sensitive_data: str | None = None,
     ) -> str:
         """See ``Client.precompute``."""
         submission = _Submission(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license,
+            use=use or self.use, sensitive_data=sensitive_data,
         )  # fmt: skip
 
         async def call() -> pb.Job:
             try:
-                return await self._stub.SubmitJob(submission.messages(), timeout=self.timeout)
+                return await self._stub.SubmitJob(
+                    submission.messages(), timeout=self.timeout, metadata=self._metadata
+                )
             except (grpc.RpcError, asyncio.CancelledError) as e:
                 submission.raise_input_error(e)
                 raise
@@ -664,7 +714,7 @@ class AsyncClient:
         request = pb.WatchJobRequest(id=job_id)
 
         async def open_call() -> Any:
-            return self._stub.WatchJob(request)
+            return self._stub.WatchJob(request, metadata=self._metadata)
 
         return self._resuming(open_call)
 
@@ -679,6 +729,48 @@ class AsyncClient:
         finally:
             bar.close()
         return _job_outcome(state)
+
+    # -- governance (admin role; share_dataset also a dataset's owner) ---------------------------
+
+    async def create_token(
+        self, user: str, role: str, groups: Iterable[str] = ()
+    ) -> pb.CreateTokenResponse:
+        request = pb.CreateTokenRequest(user=user, role=role, groups=list(groups))
+        return await self._unary("CreateToken", request)
+
+    async def list_tokens(self) -> list[pb.TokenInfo]:
+        return list((await self._unary("ListTokens", pb.ListTokensRequest())).tokens)
+
+    async def revoke_token(self, token_id: str) -> pb.TokenInfo:
+        return await self._unary("RevokeToken", pb.RevokeTokenRequest(id=token_id))
+
+    async def set_limits(self, token_id: str, **limits: float) -> pb.TokenInfo:
+        message = pb.Limits()
+        for name, value in limits.items():
+            setattr(message, name, value)  # AttributeError names a field Limits does not have
+        request = pb.SetLimitsRequest(id=token_id, limits=message)
+        return await self._unary("SetLimits", request)
+
+    async def clear_flag(self, token_id: str) -> pb.TokenInfo:
+        return await self._unary("ClearFlag", pb.ClearFlagRequest(id=token_id))
+
+    async def share_dataset(
+        self,
+        dataset: str,
+        *,
+        add_users: Iterable[str] = (),
+        add_groups: Iterable[str] = (),
+        remove_users: Iterable[str] = (),
+        remove_groups: Iterable[str] = (),
+    ) -> pb.DatasetAccess:
+        request = pb.ShareDatasetRequest(
+            dataset=dataset,
+            add_users=list(add_users),
+            add_groups=list(add_groups),
+            remove_users=list(remove_users),
+            remove_groups=list(remove_groups),
+        )
+        return await self._unary("ShareDataset", request)
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -749,6 +841,16 @@ class Client:
     the two sides' TLS does not agree on (plaintext to a TLS port, a missing client certificate)
     fails at once with UNAVAILABLE and a message that says which.
 
+    ``token``: the API token sent with every call (``authorization: Bearer``); unset, it comes
+    from ``LOGITCACHE_TOKEN``. A server needs one unless it runs single-user on loopback
+    (``--allow-anonymous``): without one, or with a revoked one, calls are UNAUTHENTICATED; a
+    call the token's role or a dataset's access list does not allow is PERMISSION_DENIED.
+
+    ``use``: what the distributions are for (:class:`~logitcache.client.use.Use`: purpose,
+    student name and family, requester), declared with every job and read-through call that
+    does not declare its own; the server's licence policy decides on it, and refuses a call
+    that declares none.
+
     Each method is the :class:`AsyncClient` call run on the background loop thread of
     :mod:`logitcache.client.sync`, so one Client can serve several threads at once. Close it
     before the process forks (see :class:`AsyncClient`).
@@ -765,6 +867,8 @@ class Client:
         ca: PathLike | None = None,
         cert: PathLike | None = None,
         key: PathLike | None = None,
+        token: str | None = None,
+        use: Use | None = None,
     ) -> None:
         self._async = AsyncClient(
             target,
@@ -775,6 +879,8 @@ class Client:
             ca=ca,
             cert=cert,
             key=key,
+            token=token,
+            use=use,
         )
 
     @property
@@ -794,6 +900,14 @@ class Client:
     def list_teachers(self) -> pb.ListTeachersResponse:
         """The teachers the server runs (``.teachers``) and the default's name."""
         return sync(self._async.list_teachers())
+
+    def set_teacher_licence(
+        self, teacher: str, licence: str = "", *, custom_json: str = ""
+    ) -> pb.TeacherInfo:
+        """Declare a teacher's licence (admin): a catalogue id such as "apache-2.0", or a custom
+        entry as JSON in the catalogue's schema. FAILED_PRECONDITION if the server's
+        configuration declares it; the teacher as it is now."""
+        return sync(self._async.set_teacher_licence(teacher, licence, custom_json=custom_json))
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
         return sync(self._async.list_datasets())
@@ -823,16 +937,21 @@ class Client:
         teacher: str | None = None,
         top_k: int | None = None,
         durable: bool = False,
+        use: Use | None = None,
     ) -> list[Record]:
         """One record per sequence (lists or arrays of token ids), in the same order.
 
         Cached sequences come from the store, the others are computed by the teacher.
         ``teacher`` and ``top_k`` default to the server's defaults. ``durable``: answered only
         once every record is sealed in the store (a server crash after the answer cannot lose
-        them); RESOURCE_EXHAUSTED or UNAVAILABLE if the store cannot take them now.
+        them); RESOURCE_EXHAUSTED or UNAVAILABLE if the store cannot take them now. ``use``
+        declares what the distributions are for (default: the client's); the server's licence
+        policy refuses an undeclared use.
         """
         return sync(
-            self._async.get_distributions(sequences, teacher=teacher, top_k=top_k, durable=durable)
+            self._async.get_distributions(
+                sequences, teacher=teacher, top_k=top_k, durable=durable, use=use
+            )
         )
 
     def get_distributions_iter(
@@ -842,6 +961,7 @@ class Client:
         teacher: str | None = None,
         top_k: int | None = None,
         window: int = 8,
+        use: Use | None = None,
     ) -> Iterator[list[Record]]:
         """The records of each batch of sequences, in order, over one stream.
 
@@ -851,7 +971,9 @@ class Client:
         """
         feed = Feed(batches)
         return SyncIterator(
-            self._async.get_distributions_iter(feed, teacher=teacher, top_k=top_k, window=window),
+            self._async.get_distributions_iter(
+                feed, teacher=teacher, top_k=top_k, window=window, use=use
+            ),
             feed,
         )
 
@@ -896,6 +1018,8 @@ class Client:
         max_len: int | None = None,
         overflow: str | None = None,
         license: str | None = None,
+        use: Use | None = None,
+        sensitive_data: str | None = None,
     ) -> str:
         """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
 
@@ -904,11 +1028,15 @@ class Client:
         (the default), "truncate" or "split". The server checks the whole input before it accepts
         the job. Returns the job id; follow the job with ``wait``, ``watch_job`` or ``get_job``.
         A one-shot iterator as input is sent once (not retried on UNAVAILABLE). The input is read
-        on the client's loop thread while it is sent.
+        on the client's loop thread while it is sent. ``use`` declares what the distributions
+        are for (default: the client's; required by the server's licence policy);
+        ``sensitive_data`` is the dataset's filter action: "reject", "redact" (texts) or "allow"
+        (default: the server's).
         """
         return sync(self._async.precompute(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
-            top_k=top_k, max_len=max_len, overflow=overflow, license=license,
+            top_k=top_k, max_len=max_len, overflow=overflow, license=license, use=use,
+            sensitive_data=sensitive_data,
         ))  # fmt: skip
 
     def get_job(self, job_id: str) -> pb.Job:
@@ -932,6 +1060,48 @@ class Client:
         ``progress``: show a progress bar on stderr (default: when stderr is a terminal).
         """
         return sync(self._async.wait(job, progress=progress))
+
+    # -- governance (admin role; share_dataset also a dataset's owner) ---------------------------
+
+    def create_token(
+        self, user: str, role: str, groups: Iterable[str] = ()
+    ) -> pb.CreateTokenResponse:
+        """A new token for ``user`` with ``role`` ("admin", "producer" or "consumer"): the
+        answer's ``token`` is the only copy (the server keeps its hash), ``info`` its record."""
+        return sync(self._async.create_token(user, role, groups))
+
+    def list_tokens(self) -> list[pb.TokenInfo]:
+        """Every token (never a secret), with its limits, today's usage and guard flag."""
+        return sync(self._async.list_tokens())
+
+    def revoke_token(self, token_id: str) -> pb.TokenInfo:
+        """Revoke a token by its id; calls with it are UNAUTHENTICATED from then on."""
+        return sync(self._async.revoke_token(token_id))
+
+    def set_limits(self, token_id: str, **limits: float) -> pb.TokenInfo:
+        """A token's own limits, by ``pb.Limits`` field (``positions_computed_per_day``,
+        ``positions_served_per_day``, ``concurrent_streams``, ``requests_per_second``); a field
+        not given (or 0) keeps the server's default."""
+        return sync(self._async.set_limits(token_id, **limits))
+
+    def clear_flag(self, token_id: str) -> pb.TokenInfo:
+        """Lift the extraction guard's flag from a token."""
+        return sync(self._async.clear_flag(token_id))
+
+    def share_dataset(
+        self,
+        dataset: str,
+        *,
+        add_users: Iterable[str] = (),
+        add_groups: Iterable[str] = (),
+        remove_users: Iterable[str] = (),
+        remove_groups: Iterable[str] = (),
+    ) -> pb.DatasetAccess:
+        """Change who may read a dataset (its owner or an admin); the new access list."""
+        return sync(self._async.share_dataset(
+            dataset, add_users=add_users, add_groups=add_groups, remove_users=remove_users,
+            remove_groups=remove_groups,
+        ))  # fmt: skip
 
     # -- lifetime -------------------------------------------------------------------------------
 

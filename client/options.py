@@ -13,11 +13,14 @@ from typing import Any
 
 DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
 OVERFLOW_POLICIES = ("error", "truncate", "split")
+SENSITIVE_DATA_ACTIONS = ("reject", "redact", "allow")
+PURPOSES = ("research", "commercial")
 
 
 def add_server_options(parser: argparse.ArgumentParser, *, timeout: float = 60.0) -> None:
-    """``--server``, ``--timeout`` and TLS: where a running server is, how long a call may take,
-    and how to trust it and prove who this client is; :func:`client_arguments` reads them."""
+    """``--server``, ``--timeout``, TLS and ``--token``: where a running server is, how long a
+    call may take, how to trust it and prove who this client is; :func:`client_arguments`
+    reads them."""
     group = parser.add_argument_group("server")
     group.add_argument(
         "--server",
@@ -51,6 +54,12 @@ def add_server_options(parser: argparse.ArgumentParser, *, timeout: float = 60.0
     group.add_argument(
         "--key", metavar="PEM", help="private key of --cert (default: $LOGITCACHE_KEY)"
     )
+    group.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="API token sent with every call (default: $LOGITCACHE_TOKEN; a single-user server "
+        "on loopback needs none); prefer the variable: a flag shows in the process list",
+    )
 
 
 def client_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,6 +70,7 @@ def client_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "ca": args.ca,
         "cert": args.cert,
         "key": args.key,
+        "token": args.token,
     }
 
 
@@ -85,6 +95,57 @@ def add_dataset_options(parser: argparse.ArgumentParser, *, license_default: str
     )
     group.add_argument(
         "--license", default=None, help=f"licence to record (default: {license_default})"
+    )
+    group.add_argument(
+        "--sensitive-data",
+        choices=SENSITIVE_DATA_ACTIONS,
+        default=None,
+        help="rows in which a sensitive-data detector (e-mail, phone, card, government id, "
+        "secret, IP address) fires: fail naming the row (reject), replace the finding in texts "
+        "before tokenising (redact), or only count it in the provenance (allow) (default: the "
+        "server's, reject)",
+    )
+
+
+def add_use_options(parser: argparse.ArgumentParser) -> None:
+    """What the distributions are for: the declaration the licence policy decides on and the
+    dataset's provenance records; :func:`use_of` reads it."""
+    group = parser.add_argument_group(
+        "use (the licence policy decides on it: allow, allow with obligations, or refuse)"
+    )
+    group.add_argument("--purpose", choices=PURPOSES, default=None, help="research or commercial")
+    group.add_argument(
+        "--student-name", default=None, help="intended name of the student model to train"
+    )
+    group.add_argument(
+        "--student-family", default=None, help="family of the student model, e.g. llama3, qwen2"
+    )
+    group.add_argument(
+        "--requester", default=None, help="person or team asking (default: this OS user)"
+    )
+    group.add_argument(
+        "--monthly-active-users",
+        type=int,
+        default=None,
+        help="monthly active users of the requester's products, for licences with a threshold",
+    )
+
+
+def use_of(args: argparse.Namespace) -> Any:
+    """The declared :class:`~logitcache.client.use.Use`, or None when no use flag was given
+    (the server then says what to declare)."""
+    from logitcache.client.use import Use
+
+    given = (args.purpose, args.student_name, args.student_family)
+    if all(value is None for value in given):
+        return None
+    extra = {"requester": args.requester} if args.requester else {}
+    return Use(
+        args.purpose or "",
+        args.student_name or "",
+        args.student_family or "",
+        monthly_active_users=args.monthly_active_users,
+        **extra,
     )
 
 

@@ -8,6 +8,7 @@ store, encoding a large answer) runs off the event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -16,16 +17,20 @@ from grpc.aio import ServicerContext as Context
 from logitcache.client.errors import Unavailable
 from logitcache.server.config import ServerConfig
 from logitcache.server.dataset_lifecycle import delete_dataset, finish_dataset
-from logitcache.server.grpc import convert
+from logitcache.server.grpc import auth, convert
 from logitcache.server.grpc.status import rpc
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.access import Action
+from logitcache.server.policy.gate import Call, PolicyGate
+from logitcache.server.policy.licensing import DeclaredLicence
+from logitcache.server.policy.state import DatasetAccess
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.spool import JobUpload, teacher_tokenize
 from logitcache.server.store.store import Store
 from logitcache.server.store.summary import StoreSummaries
 from logitcache.server.streaming import DatasetStreamer
-from logitcache.server.teachers.registry import TeacherRegistry
+from logitcache.server.teachers.registry import Teacher, TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
@@ -36,6 +41,10 @@ _Batch = TypeVar("_Batch")
 
 
 class LogitCacheService(pb_grpc.LogitCacheServicer):
+    """Each method declares the role it needs (``@rpc(Action...)``) and receives its admitted
+    :class:`Call`; access lists, ownership and quotas are checked through ``gate`` with it.
+    Without a ``gate`` the service is single-user (anonymous callers have every right)."""
+
     def __init__(
         self,
         config: ServerConfig,
@@ -46,6 +55,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         jobs: JobManager,
         metrics: ServerMetrics,
         summaries: StoreSummaries | None = None,
+        gate: PolicyGate | None = None,
     ) -> None:
         self.config = config
         # Listings and descriptions, kept up to date off the loop (see StoreSummaries).
@@ -56,78 +66,147 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         self.streamer = streamer
         self.jobs = jobs
         self.metrics = metrics
+        self.gate = gate or PolicyGate.single_user()
 
     # -- teachers and datasets ------------------------------------------------------------------
 
-    @rpc
-    async def ListTeachers(self, request: pb.ListTeachersRequest, context: Context) -> Any:
+    @rpc(Action.READ)
+    async def ListTeachers(self, request: pb.ListTeachersRequest, context: Context,
+                           call: Call) -> Any:  # fmt: skip
         return pb.ListTeachersResponse(
-            teachers=[convert.teacher_info(t) for t in self.teachers],
+            teachers=[convert.teacher_info(t, self._licence_of(t)) for t in self.teachers],
             default_teacher=self.teachers.default,
         )
 
-    @rpc
-    async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> Any:
+    @rpc(Action.ADMINISTER)
+    async def SetTeacherLicence(self, request: pb.SetTeacherLicenceRequest, context: Context,
+                                call: Call) -> Any:  # fmt: skip
+        teacher = self.teachers.get(request.teacher)
+        call.target = teacher.name
+        await asyncio.to_thread(
+            self.jobs.admission.licences.declare,
+            teacher.name,
+            teacher.config.license,
+            request.licence,
+            request.custom_json,
+            call.user,
+        )
+        return convert.teacher_info(teacher, self._licence_of(teacher))
+
+    def _licence_of(self, teacher: Teacher) -> DeclaredLicence:
+        return self.jobs.admission.licence_of(
+            teacher.name, teacher.config.license, teacher.info.license
+        )
+
+    @rpc(Action.READ)
+    async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context,
+                           call: Call) -> Any:  # fmt: skip
         datasets = await self.summaries.datasets()
-        return pb.ListDatasetsResponse(datasets=[convert.dataset_info(d) for d in datasets])
+        readable = await self.gate.readable(call, [d["name"] for d in datasets])
+        return pb.ListDatasetsResponse(
+            datasets=[self._info(d, readable[d["name"]]) for d in datasets if d["name"] in readable]
+        )
 
-    @rpc
-    async def DescribeDataset(self, request: pb.DescribeDatasetRequest, context: Context) -> Any:
-        return convert.dataset_info(await self.summaries.dataset(request.dataset))
+    @rpc(Action.READ)
+    async def DescribeDataset(self, request: pb.DescribeDatasetRequest, context: Context,
+                              call: Call) -> Any:  # fmt: skip
+        call.target = request.dataset
+        access = await self.gate.require_read(call, request.dataset)
+        return self._info(await self.summaries.dataset(request.dataset), access)
 
-    @rpc
-    async def FinishDataset(self, request: pb.FinishDatasetRequest, context: Context) -> Any:
+    @rpc(Action.READ)
+    async def FinishDataset(self, request: pb.FinishDatasetRequest, context: Context,
+                            call: Call) -> Any:  # fmt: skip
+        call.target = request.dataset
+        await self.gate.require_owner(call, request.dataset)
         await asyncio.to_thread(finish_dataset, self.store, request.dataset)
         await self.jobs.refresh()  # the jobs it cancelled
-        return convert.dataset_info(await self.summaries.dataset(request.dataset))
+        return await self._described(request.dataset)
 
-    @rpc
-    async def ResumeDataset(self, request: pb.ResumeDatasetRequest, context: Context) -> Any:
+    @rpc(Action.PRODUCE)
+    async def ResumeDataset(self, request: pb.ResumeDatasetRequest, context: Context,
+                            call: Call) -> Any:  # fmt: skip
+        call.target = request.dataset
+        await self.gate.require_owner(call, request.dataset)
         return convert.job_message(await self.jobs.resume_dataset(request.dataset))
 
-    @rpc
-    async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context: Context) -> Any:
+    @rpc(Action.READ)
+    async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context: Context,
+                            call: Call) -> Any:  # fmt: skip
+        call.target = request.dataset
+        await self.gate.require_owner(call, request.dataset)
         end = await asyncio.to_thread(delete_dataset, self.store, request.dataset)
+        await self.gate.deleted(request.dataset)
         await self.jobs.refresh()
         return convert.dataset_deleted(end)
 
+    async def _described(self, dataset: str) -> pb.DatasetInfo:
+        access = await self.gate.access(dataset)
+        return self._info(await self.summaries.dataset(dataset), access)
+
+    @staticmethod
+    def _info(entry: dict[str, Any], access: DatasetAccess | None) -> pb.DatasetInfo:
+        info = convert.dataset_info(entry)
+        info.access.CopyFrom(auth.access_message(access))
+        return info
+
     # -- read-through ---------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.PRODUCE)
     async def GetDistributions(
-        self, requests: AsyncIterator[pb.DistributionsRequest], context: Context
+        self, requests: AsyncIterator[pb.DistributionsRequest], context: Context, call: Call
     ) -> AsyncIterator[pb.DistributionsResponse]:
-        async for request in requests:
-            teacher = self.teachers.get(request.teacher)
-            k = teacher.resolve_k(request.top_k)
-            sequences = convert.sequences(request, self.config)
-            records, computed = await self.readthrough.get(
-                teacher, k, sequences, durable=request.durable
-            )
-            batch = await _encoded(convert.record_batch, records, records.positions)
-            yield pb.DistributionsResponse(records=batch, computed=computed)
+        first = True
+        async with self.gate.stream(call):
+            async for request in requests:
+                if not first:
+                    await self.gate.admit_message(call)
+                first = False
+                teacher = self.teachers.get(request.teacher)
+                call.target = teacher.name
+                k = teacher.resolve_k(request.top_k)
+                sequences = convert.sequences(request, self.config)
+                await self.gate.may_compute(call)
+                computing: list[int] = []
+                records, computed = await self.readthrough.get(
+                    teacher, k, sequences, durable=request.durable, on_computed=computing.append,
+                    use=convert.use_request(request), user=call.user,
+                )  # fmt: skip
+                await self.gate.computed(call, sum(computing))
+                await self.gate.serve(call, records.positions)
+                batch = await _encoded(convert.record_batch, records, records.positions)
+                yield pb.DistributionsResponse(records=batch, computed=computed)
 
     # -- streaming ------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.READ)
     async def StreamDataset(
-        self, request: pb.StreamDatasetRequest, context: Context
+        self, request: pb.StreamDatasetRequest, context: Context, call: Call
     ) -> AsyncIterator[pb.RecordBatch]:
+        call.target = request.dataset
+        await self.gate.require_read(call, request.dataset)
         positions = 0
         try:
-            async for batch in self.streamer.stream(convert.stream_request(request, self.config)):
-                positions += batch.positions
-                yield await _encoded(convert.stream_batch, batch, batch.positions)
+            async with self.gate.stream(call):
+                stream = convert.stream_request(request, self.config)
+                async for batch in self.streamer.stream(stream):
+                    await self.gate.serve(call, batch.positions)
+                    positions += batch.positions
+                    yield await _encoded(convert.stream_batch, batch, batch.positions)
         finally:
             self.metrics.add_served("stream", positions)
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.PRODUCE)
     async def SubmitJob(
-        self, requests: AsyncIterator[pb.SubmitJobRequest], context: Context
+        self, requests: AsyncIterator[pb.SubmitJobRequest], context: Context, call: Call
     ) -> Any:
         spec, items = await convert.job_submission(requests)
+        call.target = spec.dataset
+        self.jobs.admit(spec, call.user)  # a refused use uploads nothing
+        await self.gate.may_compute(call)
+        submitted = time.time()
         tokenize = teacher_tokenize(self.teachers.get(spec.teacher).info)
         limit = self.config.max_job_upload_tokens
         async with JobUpload(self.store.backend, max_tokens=limit, tokenize=tokenize) as upload:
@@ -136,26 +215,98 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
             if context.cancelled():  # a cut-off stream is not the whole input
                 raise Unavailable("the client cancelled the submission")
             streamed = await upload.finish()
-            return convert.job_message(await self.jobs.submit(spec, [], [], upload=streamed))
+            job = await self.jobs.submit(spec, [], [], upload=streamed, user=call.user)
+        await self.gate.created(call, job.spec.dataset)
+        if job.created_at >= submitted:  # not a retry answered with an earlier (charged) job
+            await self.gate.computed(call, job.positions_total, novel=False)
+        call.detail["job"] = job.id
+        return convert.job_message(job)
 
-    @rpc
-    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> Any:
-        return convert.job_message(self.jobs.get(request.id))
+    @rpc(Action.PRODUCE)
+    async def GetJob(self, request: pb.GetJobRequest, context: Context, call: Call) -> Any:
+        job = self.jobs.get(request.id)
+        call.target = job.spec.dataset
+        await self.gate.require_owner(call, job.spec.dataset)
+        return convert.job_message(job)
 
-    @rpc
-    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> Any:
-        return pb.ListJobsResponse(jobs=[convert.job_message(j) for j in self.jobs.newest_first()])
+    @rpc(Action.PRODUCE)
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context, call: Call) -> Any:
+        jobs = self.jobs.newest_first()
+        mine = await self.gate.owned(call, {j.spec.dataset for j in jobs})
+        return pb.ListJobsResponse(
+            jobs=[convert.job_message(j) for j in jobs if j.spec.dataset in mine]
+        )
 
-    @rpc
-    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> Any:
+    @rpc(Action.PRODUCE)
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context, call: Call) -> Any:
+        job = self.jobs.get(request.id)
+        call.target = job.spec.dataset
+        await self.gate.require_owner(call, job.spec.dataset)
         return convert.job_message(self.jobs.cancel(request.id))
 
-    @rpc
+    @rpc(Action.PRODUCE)
     async def WatchJob(
-        self, request: pb.WatchJobRequest, context: Context
+        self, request: pb.WatchJobRequest, context: Context, call: Call
     ) -> AsyncIterator[pb.Job]:
+        job = self.jobs.get(request.id)
+        call.target = job.spec.dataset
+        await self.gate.require_owner(call, job.spec.dataset)
         async for job in self.jobs.watch(request.id):
             yield convert.job_message(job)
+
+    # -- governance -----------------------------------------------------------------------------
+
+    @rpc(Action.ADMINISTER)
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: Context,
+                          call: Call) -> Any:  # fmt: skip
+        call.target = request.user
+        token, status = await self.gate.governed(
+            lambda g: g.create_token(request.user, request.role, request.groups)
+        )
+        call.detail.update(token_id=status.record.id, role=status.record.role.value)
+        return pb.CreateTokenResponse(info=auth.token_info(status), token=token)
+
+    @rpc(Action.ADMINISTER)
+    async def ListTokens(self, request: pb.ListTokensRequest, context: Context,
+                         call: Call) -> Any:  # fmt: skip
+        statuses = await self.gate.governed(lambda g: g.tokens())
+        return pb.ListTokensResponse(tokens=[auth.token_info(s) for s in statuses])
+
+    @rpc(Action.ADMINISTER)
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context: Context,
+                          call: Call) -> Any:  # fmt: skip
+        call.target = request.id
+        return auth.token_info(await self.gate.governed(lambda g: g.revoke(request.id)))
+
+    @rpc(Action.ADMINISTER)
+    async def SetLimits(self, request: pb.SetLimitsRequest, context: Context,
+                        call: Call) -> Any:  # fmt: skip
+        call.target = request.id
+        limits = auth.limits_of(request.limits)
+        return auth.token_info(await self.gate.governed(lambda g: g.set_limits(request.id, limits)))
+
+    @rpc(Action.ADMINISTER)
+    async def ClearFlag(self, request: pb.ClearFlagRequest, context: Context,
+                        call: Call) -> Any:  # fmt: skip
+        call.target = request.id
+        return auth.token_info(await self.gate.governed(lambda g: g.clear_flag(request.id)))
+
+    @rpc(Action.READ)
+    async def ShareDataset(self, request: pb.ShareDatasetRequest, context: Context,
+                           call: Call) -> Any:  # fmt: skip
+        call.target = request.dataset
+        await self.gate.require_owner(call, request.dataset)
+        await self.summaries.dataset(request.dataset)  # NOT_FOUND for no such dataset
+        access = await self.gate.governed(
+            lambda g: g.share(
+                request.dataset,
+                add_users=request.add_users,
+                add_groups=request.add_groups,
+                remove_users=request.remove_users,
+                remove_groups=request.remove_groups,
+            )
+        )
+        return auth.access_message(access)
 
 
 async def _encoded(
