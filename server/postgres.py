@@ -81,24 +81,32 @@ class Database:
                 raise Unavailable(f"shared state {shown_url(self.url)}: {error}") from error
 
     def ensure_schema(self, component: str, version: int, ddl: str) -> None:
-        """Create ``component``'s tables (``ddl``, idempotent) at ``version``; InvalidArgument
-        if the database holds a newer version than this logitcache understands. Replicas
-        starting together take turns (an advisory lock)."""
+        """Create ``component``'s tables (``ddl``, idempotent) unless they are at ``version``
+        already (so a role that may not create anything works once they exist);
+        InvalidArgument if the database holds a newer version than this logitcache
+        understands. Replicas starting together take turns (an advisory lock)."""
         with self.transaction() as db:
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            db.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_versions "
-                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-            row = db.execute(
-                "SELECT version FROM schema_versions WHERE component = %s", (component,)
+            found = db.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.schema_versions",)
             ).fetchone()
+            row = None
+            if found is not None and found[0]:
+                row = db.execute(
+                    "SELECT version FROM schema_versions WHERE component = %s", (component,)
+                ).fetchone()
             if row is not None and row[0] > version:
                 raise InvalidArgument(
                     f"{shown_url(self.url)}: {component} schema {row[0]} is newer than this "
                     f"logitcache understands ({version}); upgrade logitcache"
                 )
+            if row is not None and row[0] == version:
+                return
+            db.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_versions "
+                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
             db.execute(ddl)
             db.execute(
                 "INSERT INTO schema_versions VALUES (%s, %s) ON CONFLICT (component) "

@@ -147,6 +147,32 @@ def test_a_newer_postgres_schema_is_refused(postgres_url: str) -> None:
         PostgresState(postgres_url)
 
 
+def test_a_role_that_may_not_create_works_once_the_tables_exist(postgres_url: str) -> None:
+    """As a deployment runs replicas: the tables made once by an owner, the replicas' role
+    only allowed to read and write rows."""
+    import psycopg
+
+    from logitcache.server.leases import PostgresLeaseStore
+
+    PostgresState(postgres_url).close()
+    PostgresLeaseStore(postgres_url, "s3://bucket/store")
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        if db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'lc_replica'").fetchone() is None:
+            db.execute("CREATE ROLE lc_replica LOGIN")
+        db.execute("GRANT USAGE ON SCHEMA logitcache TO lc_replica")
+        db.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA logitcache "
+                   "TO lc_replica")  # fmt: skip
+        db.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA logitcache TO lc_replica")
+    as_replica = postgres_url.replace("postgresql://postgres@", "postgresql://lc_replica@")
+    state = open_state(as_replica)
+    state.add_token(record())
+    assert state.add_usage("tok_1", "c", "d", 3, 10) == 3
+    leases = PostgresLeaseStore(as_replica, "s3://bucket/store")
+    assert leases.acquire("datasets/d", 5.0, "replica") is not None
+    state.close()
+    leases.close()
+
+
 def test_an_unreachable_database_is_unavailable(tmp_path) -> None:
     url = f"postgresql://postgres@/db?host={tmp_path}&port=5999"  # no server listens there
     with pytest.raises(Unavailable, match="shared state postgresql://postgres@"):
