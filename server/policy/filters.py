@@ -26,11 +26,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import phonenumbers
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument
+
+Ids = TypeVar("Ids")  # a token sequence: a list of ids, or an array
 
 
 class Detector(Protocol):
@@ -587,8 +589,8 @@ def screening_tokenize(
 def screen_sequences(
     filter_: SensitiveDataFilter,
     count: int,
-    ids_at: Callable[[int], Sequence[int]],
-    detokenize: Callable[[list[Sequence[int]]], list[str]],
+    ids_at: Callable[[int], Ids],
+    detokenize: Callable[[list[Ids]], list[str]],
     report: FilterReport,
     where: Callable[[int], int | str] = lambda i: i,
     block: int = 1024,
