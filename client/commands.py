@@ -47,7 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_server_options(p, timeout=600.0)
-    add_dataset_options(p, license_default="the teacher's")
+    add_dataset_options(
+        p, license_default="the teacher's, which the server declares; another is refused"
+    )
     add_use_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="FILE.jsonl", help="local JSONL file to send")
