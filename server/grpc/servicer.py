@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from grpc.aio import ServicerContext as Context
 
-from logitcache.client.errors import Unavailable
+from logitcache.client.errors import FailedPrecondition, Unavailable
 from logitcache.server.config import ServerConfig
 from logitcache.server.dataset_lifecycle import delete_dataset, finish_dataset
 from logitcache.server.grpc import auth, convert
@@ -22,6 +22,7 @@ from logitcache.server.grpc.status import rpc
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.access import Action
+from logitcache.server.policy.decision import Verdict
 from logitcache.server.policy.gate import Call, PolicyGate
 from logitcache.server.policy.licensing import DeclaredLicence
 from logitcache.server.policy.state import DatasetAccess
@@ -204,7 +205,12 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
     ) -> Any:
         spec, items = await convert.job_submission(requests)
         call.target = spec.dataset
-        self.jobs.admit(spec, call.user)  # a refused use uploads nothing
+        try:
+            admitted = self.jobs.admit(spec, call.user)  # a refused use uploads nothing
+        except FailedPrecondition:
+            call.decision = Verdict.REFUSE.value
+            raise
+        call.decision = admitted.decision.verdict.value if admitted.decision else None
         await self.gate.may_compute(call)
         submitted = time.time()
         tokenize = teacher_tokenize(self.teachers.get(spec.teacher).info)

@@ -503,6 +503,7 @@ def test_a_lab_server_end_to_end(demo_teacher, tmp_path, capsys) -> None:
     [path] = audit.glob("audit-*.jsonl")
     lines = path.read_text().splitlines(keepends=True)
     assert any('"who":"carol"' in line and '"PERMISSION_DENIED"' in line for line in lines)
+    assert any('"SubmitJob"' in line and '"decision":"allow"' in line for line in lines)
     lines[3] = lines[3].replace('"who":"', '"who":"x', 1)
     path.write_text("".join(lines))
     assert main(["audit", "verify", str(audit)]) == 1
