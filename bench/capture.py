@@ -9,8 +9,9 @@ of about N tokens of the demo language, written to a temporary directory), it co
 readers instead: the streamed reader (``server.inputs.load_sequences``) and, as the baseline, the
 whole-file reader precompute had before inputs were streamed, reimplemented here
 (``whole_file_sequences``). Each reads the whole input in a process of its own, which reports its
-time and peak RSS; then each feeds a capture of the first ``--capture-positions`` positions (a
-whole input may take hours on a small machine), reporting positions/s end to end.
+time and peak RSS; then each feeds a capture of the leading shards holding ``--capture-positions``
+positions (a whole input may take hours on a small machine), reporting positions/s end to end,
+the best of ``--rounds`` alternating rounds.
 """
 
 from __future__ import annotations
@@ -261,18 +262,27 @@ async def _run_readers(
             space = topk_space(info, engine.dtype, args.top_k)
             print(
                 f"\ncapture (k={args.top_k}) of the first {len(input_shards(subset))} shard(s), "
-                "each reader feeding precompute's pipeline (read + capture, fresh store each):"
+                "each reader feeding precompute's pipeline (read + capture, fresh store each; "
+                f"best of {args.rounds} alternating rounds after a warm-up):"
             )
             print(f"{'reader':64s}{'positions':>11s}{'read s':>8s}{'capture s':>11s}"
                   f"{'positions/s':>13s}")  # fmt: skip
-            for reader in READERS:
-                started = time.perf_counter()
-                sequences = await loop.run_in_executor(
-                    None, read_input, reader, subset, info, max_len
-                )
-                read_s = time.perf_counter() - started
-                capture_s, _ = await _precompute_pipeline(engine, space, list(sequences), 256)
-                positions = int(sum(len(s) for s in sequences))
+            best: dict[str, tuple[int, float, float]] = {}  # reader -> positions, read, capture
+            for round_ in range(args.rounds + 1):  # round 0 warms the engine up, unreported
+                for reader in READERS:
+                    started = time.perf_counter()
+                    sequences = await loop.run_in_executor(
+                        None, read_input, reader, subset, info, max_len
+                    )
+                    read_s = time.perf_counter() - started
+                    if round_ == 0:
+                        await _vllm_alone(engine, list(sequences[:64]), args.top_k, 256)
+                        continue
+                    capture_s, _ = await _precompute_pipeline(engine, space, list(sequences), 256)
+                    positions = int(sum(len(s) for s in sequences))
+                    if reader not in best or read_s + capture_s < sum(best[reader][1:]):
+                        best[reader] = (positions, read_s, capture_s)
+            for reader, (positions, read_s, capture_s) in best.items():
                 print(f"{READER_LABELS[reader]:64s}{positions:>11,}{read_s:>8.1f}"
                       f"{capture_s:>11.1f}{positions / (read_s + capture_s):>13,.0f}")  # fmt: skip
         finally:
