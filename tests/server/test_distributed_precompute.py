@@ -2,10 +2,11 @@
 retried, equals a one-worker run key for key and in order; progress shows in ``inspect``, and
 ``--finalize`` names the missing units until the last worker has run.
 
-The workers are real ``logitcache precompute`` command lines, run by this file as a script on
-the transformers reference engine (it starts in a second; the CLI's own engine is vLLM). The
-worker that is killed runs on an engine that stops answering after a few sequences, so it is
-killed while it works, with some of its records sealed and others not.
+The workers are real ``logitcache precompute`` command lines, started together (they race to
+publish the dataset), run by this file as a script on the transformers reference engine (it
+starts in a second; the CLI's own engine is vLLM). The worker that is killed runs on an engine
+that stops answering after a few sequences, so it is killed while it works, with some of its
+records sealed and others not.
 """
 
 from __future__ import annotations
@@ -67,11 +68,16 @@ def test_three_workers_one_killed_and_retried_equal_one_worker(
     single, split = tmp_path / "single", tmp_path / "split"
     across = ["--workers", str(WORKERS)]
 
-    stall = tmp_path / "stalled"
+    stall, zeroth = tmp_path / "stalled", WorkShare(0, WORKERS, UNIT)
     first = worker(command(demo_teacher, data, split, *across, "--worker", "0"), stall=stall)
+    others = [  # all three start together: they race to publish the dataset
+        worker(command(demo_teacher, data, split, *across, "--worker", "1")),
+        worker(command(demo_teacher, data, split, *across), env={"JOB_COMPLETION_INDEX": "2"}),
+    ]
     try:
+        outs = [finished(p) for p in others]
         deadline = time.monotonic() + DEADLINE_S
-        while not (stall.exists() and _sealed(split) > 0):
+        while not (stall.exists() and _sealed(split, zeroth) > 0):
             assert first.poll() is None, first.communicate()[1]
             assert time.monotonic() < deadline, "worker 0 sealed nothing"
             time.sleep(0.05)
@@ -79,14 +85,8 @@ def test_three_workers_one_killed_and_retried_equal_one_worker(
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert first.returncode == -signal.SIGKILL  # killed mid-run, not finished
-
-    others = [
-        worker(command(demo_teacher, data, split, *across, "--worker", "1")),
-        worker(command(demo_teacher, data, split, *across), env={"JOB_COMPLETION_INDEX": "2"}),
-    ]
-    outs = [finished(p) for p in others]
     assert all("worker" in out for out in outs)
-    assert any("dataset building" in out for out in outs)  # worker 0's units are missing
+    assert all("dataset building" in out for out in outs)  # worker 0's units are missing
 
     described = asyncio.run(_described(split))  # what a server's DescribeDataset answers
     assert described["state"] == "building"
@@ -144,13 +144,16 @@ async def _described(store: Path) -> dict:
         await summaries.close()
 
 
-def _sealed(store: Path) -> int:
+def _sealed(store: Path, share) -> int:
+    """How many of ``share``'s sequences are sealed in ``store`` so far."""
     import logitcache
 
     try:
-        return logitcache.open_store(str(store)).dataset("d").sealed_count()
-    except Exception:  # not created yet
+        handle = logitcache.open_store(str(store))
+        ds = handle.dataset("d")
+    except Exception:  # not published yet
         return 0
+    return sum(handle.contains(bytes(k)) for k in ds.raw_keys[share.mine(len(ds))])
 
 
 def _one_worker(args: list[str]) -> None:
