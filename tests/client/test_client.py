@@ -259,10 +259,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+USE_FLAGS = ("--purpose", USE.purpose, "--student-name", USE.student_name, "--student-family",
+             USE.student_family, "--requester", USE.requester)  # fmt: skip
+
+
 def test_cli_submit_jobs_fetch(server, client, teacher, texts, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts[:6]])
     r = cli("submit", "--server", server.target, "--dataset", "client-cli", "--data", str(data),
-            "--top-k", "8", "--wait")  # fmt: skip
+            "--top-k", "8", "--wait", *USE_FLAGS)  # fmt: skip
     assert r.returncode == 0, r.stderr
     job_id, summary = r.stdout.strip().splitlines()
     assert client.get_job(job_id).state == "completed"
@@ -282,7 +286,7 @@ def test_cli_submit_jobs_fetch(server, client, teacher, texts, tmp_path):
     data = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": s.tolist()} for s in seqs])
     out = tmp_path / "out" / "x.npz"
     r = cli("fetch", "--server", server.target, "--data", str(data), "--out", str(out),
-            "--batch", "2", "--top-k", "8")  # fmt: skip
+            "--batch", "2", "--top-k", "8", *USE_FLAGS)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "5 records" in r.stdout
     expected = client.get_distributions(seqs, top_k=8)
