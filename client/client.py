@@ -121,6 +121,19 @@ def _sequence(ids: Any, index: int) -> pb.Sequence:
     return pb.Sequence(input_ids=a.tolist())
 
 
+def use_message(use: Use | None) -> pb.UseDeclaration | None:
+    """The ``UseDeclaration`` of a declared use (None: none declared)."""
+    if use is None:
+        return None
+    return pb.UseDeclaration(
+        purpose=use.purpose,
+        student_name=use.student_name,
+        student_family=use.student_family,
+        requester=use.requester,
+        monthly_active_users=use.monthly_active_users,
+    )
+
+
 def _distributions_request(
     sequences: Iterable[Any],
     teacher: str | None,
@@ -133,7 +146,7 @@ def _distributions_request(
         top_k=top_k or 0,
         sequences=[_sequence(s, i) for i, s in enumerate(sequences)],
         durable=durable,
-        use=use.message() if use is not None else None,
+        use=use_message(use),
     )
 
 
@@ -208,7 +221,7 @@ class _Submission:
             overflow=overflow or "",
             license=license or "",
             client_request_id=uuid.uuid4().hex,
-            use=use.message() if use is not None else None,
+            use=use_message(use),
             sensitive_data=sensitive_data or "",
         )
         self.texts = texts

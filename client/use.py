@@ -1,12 +1,11 @@
 """What a teacher's distributions are for: the declaration every job and read-through request
-carries, on which the server's licence policy decides (allow, allow with obligations, or refuse
+carries (as a ``UseDeclaration``), on which the server's licence policy decides (allow, allow with obligations, or refuse
 citing the licence's clause), and which the dataset's provenance records."""
 
 from __future__ import annotations
 
 import getpass
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,15 +20,3 @@ class Use:
     student_family: str
     requester: str = field(default_factory=getpass.getuser)
     monthly_active_users: int | None = None
-
-    def message(self) -> Any:
-        """The ``UseDeclaration`` message (the stubs load only when a request is made)."""
-        from logitcache.v1 import logitcache_pb2 as pb
-
-        return pb.UseDeclaration(
-            purpose=self.purpose,
-            student_name=self.student_name,
-            student_family=self.student_family,
-            requester=self.requester,
-            monthly_active_users=self.monthly_active_users,
-        )

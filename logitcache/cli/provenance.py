@@ -72,16 +72,21 @@ def _summary(args: argparse.Namespace) -> dict[str, Any]:
 
         ds = open_store(args.store).dataset(args.dataset)
         return dataset_entry(ds.manifest, len(ds), ds.sealed_count())
-    from google.protobuf.json_format import MessageToDict
-
     from logitcache.client.client import Client
 
     with Client(args.server, **client_arguments(args)) as client:
         info = client.describe_dataset(args.dataset)
+    space = info.space
     return {
         "name": info.name,
         "state": info.state,
-        "space": MessageToDict(info.space, preserving_proto_field_name=True),
+        "space": {
+            "space_id": space.space_id,
+            "teacher_fingerprint": space.teacher_fingerprint,
+            "tokenizer_fingerprint": space.tokenizer_fingerprint,
+            "vocab_size": space.vocab_size,
+            "engine_dtype": space.engine_dtype,
+        },
         "sequences": info.sequences,
         "positions": info.positions,
         "created_at": info.created_at,
