@@ -23,7 +23,7 @@ from counting_engine import REFERENCE_K
 from reference_server import ReferenceServer
 
 from logitcache.cli import main
-from logitcache.client.client import Client
+from logitcache.client.client import Client, use_message
 from logitcache.client.space import record_key
 from logitcache.client.use import Use
 from logitcache.server.config import ServerConfig
@@ -50,7 +50,7 @@ Code = grpc.StatusCode
 NOON = 1_796_126_400.0  # 2026-12-01 12:00 UTC
 DAY = 86_400.0
 USE_CLIENT = Use("research", "edge-student", "test", "tests")
-USE = USE_CLIENT.message()
+USE = use_message(USE_CLIENT)
 
 
 class Clock:
