@@ -374,7 +374,7 @@ def test_the_guard_flags_bulk_novel_reads_and_admins_see_and_clear_it(served, tm
     assert code is Code.PERMISSION_DENIED and "suspended by the extraction guard" in message
     with edge.client("admin") as admin:
         [pat] = [t for t in admin.list_tokens() if t.user == "pat"]
-        assert pat.flag == "suspended" and "50 novel positions" in pat.flag_reason
+        assert pat.flag == "suspended" and "50 novel positions" in pat.flag_reason, pat
         assert admin.clear_flag(pat.id).flag == ""
     distributions(edge, "pat", [list(range(100, 125))])  # hits: nothing novel
 
