@@ -13,11 +13,13 @@ a hash of (record seed, t, j), a counter-based generator, so it does not depend 
 the chunking of the prefill, the device or the run.
 
 Columns of one row (float32; ids are int32 bit patterns in float32 columns, exact for any id):
-``target | top-k ids | top-k log-probs | draw ids | draw log-probs | log Z(T) per temperature``.
+``target | top-k ids | top-k log-probs | draw ids | draw log-probs | log Z(T) per temperature |
+log-probs of the requested ids``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +39,17 @@ _MASK32 = 0xFFFFFFFF
 @dataclass(frozen=True)
 class CaptureRequest:
     """What to compute per position: ``top_k`` most probable ids (0: none), ``samples`` draws
-    at T = 1 seeded by ``seed`` (the record's, :func:`seed_of_key`), and the log-normaliser
-    ``log sum_i p_i^(1/T)`` at each of ``temperatures``."""
+    at T = 1 seeded by ``seed`` (the record's, :func:`seed_of_key`), the log-normaliser
+    ``log sum_i p_i^(1/T)`` at each of ``temperatures``, and the log-probs of ``score_width``
+    requested ids per position (``scored``: int32 bytes of a [T, score_width] array, -1 for
+    none; see :meth:`scoring`)."""
 
     top_k: int = 0
     samples: int = 0
     seed: int = 0
     temperatures: tuple[float, ...] = ()
+    score_width: int = 0
+    scored: bytes = b""
 
     def __post_init__(self) -> None:
         if self.top_k < 0 or self.samples < 0:
@@ -53,20 +59,36 @@ class CaptureRequest:
         if any(not t > 0 for t in self.temperatures):
             raise InvalidArgument("temperatures must be positive")
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
+        if self.score_width < 0 or len(self.scored) % (4 * max(self.score_width, 1)):
+            raise InvalidArgument("scored ids must be a [T, score_width] int32 array")
+
+    def scoring(self, ids: np.ndarray) -> CaptureRequest:
+        """This request, also scoring ``ids`` [T, m] (any int dtype; < 0: none) per position."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise InvalidArgument("ids to score must be a [T, m] array")
+        return dataclasses.replace(self, score_width=ids.shape[1],
+                                   scored=ids.astype("<i4").tobytes())  # fmt: skip
+
+    def scored_ids(self) -> np.ndarray:
+        """int32 [T, score_width]: the ids to score."""
+        return np.frombuffer(self.scored, dtype="<i4").reshape(-1, max(self.score_width, 1))
 
     @property
     def columns(self) -> int:
-        return 1 + 2 * self.top_k + 2 * self.samples + len(self.temperatures)
+        return 1 + 2 * self.top_k + 2 * self.samples + len(self.temperatures) + self.score_width
 
     def to_args(self) -> dict[str, Any]:
         """Plain values that travel in vLLM's ``SamplingParams.extra_args`` (msgpack)."""
         return {"top_k": self.top_k, "samples": self.samples, "seed": str(self.seed),
-                "temperatures": list(self.temperatures)}  # fmt: skip
+                "temperatures": list(self.temperatures), "score_width": self.score_width,
+                "scored": self.scored}  # fmt: skip
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> CaptureRequest:
         return cls(int(args["top_k"]), int(args["samples"]), int(args["seed"]),
-                   tuple(args["temperatures"]))  # fmt: skip
+                   tuple(args["temperatures"]), int(args["score_width"]),
+                   bytes(args["scored"]))  # fmt: skip
 
 
 def seed_of_key(key: bytes) -> int:
@@ -127,13 +149,15 @@ def capture_columns(
     rows: torch.Tensor,
     seeds: torch.Tensor,
     request: CaptureRequest,
+    scored_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 [n, request.columns] for ``n`` positions, on ``logits``' device; positions of
     several records may share a call (their seeds differ; ``request.seed`` is not read).
 
     ``logits`` [n, V] are the engine's final logits; ``targets`` [n] the actual next tokens
     (-1 where there is none, the last row); ``rows`` [n] each position's index in its record
-    and ``seeds`` [n] its record's seed (:func:`seed_tensor`), which fix its draws.
+    and ``seeds`` [n] its record's seed (:func:`seed_tensor`), which fix its draws;
+    ``scored_ids`` [n, request.score_width] the ids to score (< 0: none, -inf).
     """
     logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
     parts = [
@@ -153,12 +177,20 @@ def capture_columns(
         shifted = logprobs - top
         parts.append(torch.cat([(shifted / t).exp_().sum(1, keepdim=True).log_() + top / t
                                 for t in request.temperatures], dim=1))  # fmt: skip
+    if request.score_width:
+        if scored_ids is None or scored_ids.shape != (logits.shape[0], request.score_width):
+            raise ValueError(f"expected [{logits.shape[0]}, {request.score_width}] ids to score")
+        ids = scored_ids.to(torch.int64)
+        outside = (ids < 0) | (ids >= logprobs.shape[1])
+        at = logprobs.gather(1, ids.clamp(0, logprobs.shape[1] - 1))
+        parts.append(at.masked_fill_(outside, float("-inf")))
     return torch.cat(parts, dim=1)
 
 
 def without_seed(request: CaptureRequest) -> CaptureRequest:
     """The request's column layout: records that share it are computed in one call."""
-    return CaptureRequest(request.top_k, request.samples, 0, request.temperatures)
+    return CaptureRequest(request.top_k, request.samples, 0, request.temperatures,
+                          request.score_width)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -171,6 +203,7 @@ class CapturedColumns:
     draw_ids: np.ndarray  # int32 [T, samples], in draw order
     draw_logprobs: np.ndarray  # float32 [T, samples]
     log_normalisers: np.ndarray  # float32 [T, len(temperatures)]
+    scored_logprobs: np.ndarray  # float32 [T, score_width], -inf for ids < 0
 
     @classmethod
     def split(cls, columns: np.ndarray, request: CaptureRequest) -> CapturedColumns:
@@ -180,10 +213,10 @@ class CapturedColumns:
                 f"engine-side capture returned {columns.shape}; expected [T, {request.columns}]"
             )
         k, u = request.top_k, request.samples
-        cuts = np.cumsum([1, k, k, u, u])
-        target, top_ids, top_lps, draw_ids, draw_lps, norms = np.split(columns, cuts, axis=1)
+        cuts = np.cumsum([1, k, k, u, u, len(request.temperatures)])
+        target, top_ids, top_lps, draw_ids, draw_lps, norms, scored = np.split(columns, cuts, 1)
         return cls(target[:, 0], top_ids.view(np.int32), top_lps, draw_ids.view(np.int32),
-                   draw_lps, norms)  # fmt: skip
+                   draw_lps, norms, scored)  # fmt: skip
 
     def top_rows(self) -> TopKRows:
         return TopKRows(self.top_ids, self.top_logprobs, self.target_logprobs)
@@ -199,6 +232,14 @@ def self_check_sequences(vocab_size: int, max_len: int) -> list[np.ndarray]:
     rng = np.random.default_rng(20260101)
     lengths = sorted({1, min(7, max_len), min(300, max_len)})
     return [rng.integers(0, vocab_size, n).astype(np.int32) for n in lengths]
+
+
+def _error_where_shown(ids: np.ndarray, logprobs: np.ndarray, expected: TopKRows) -> float:
+    """The largest |log-prob - the engine's| over ``ids`` [T, m] that its top-k rows show."""
+    shown = ids[..., None] == np.asarray(expected.token_ids)[:, None, :]
+    got = np.broadcast_to(logprobs[..., None].astype(np.float64), shown.shape)
+    want = np.broadcast_to(np.asarray(expected.logprobs, np.float64)[:, None, :], shown.shape)
+    return float(np.abs(got - want)[shown].max(initial=0))
 
 
 def check_agreement(expected: TopKRows, got: CapturedColumns) -> None:
@@ -229,12 +270,14 @@ def check_agreement(expected: TopKRows, got: CapturedColumns) -> None:
         norm_err = float(np.abs(got.log_normalisers[:, 0]).max(initial=0))
         if not norm_err <= 1e-3:
             problems.append(f"log Z at T=1 is {norm_err:.3g}, not 0")
-    shown = got.draw_ids[..., None] == np.asarray(expected.token_ids)[:, None, :]
-    drawn_lp = np.broadcast_to(got.draw_logprobs[..., None], shown.shape)
-    want_drawn = np.broadcast_to(want_lp[:, None, :], shown.shape)
-    draw_err = float(np.abs(drawn_lp - want_drawn)[shown].max(initial=0))
+    draw_err = _error_where_shown(got.draw_ids, got.draw_logprobs, expected)
     if not draw_err <= CHECK_TOLERANCE:
         problems.append(f"log-probs of drawn ids differ by up to {draw_err:.3g} nats")
+    if got.scored_logprobs.size:
+        # The check scores the top-k ids themselves (see VLLMEngine._self_check).
+        score_err = _error_where_shown(got.top_ids, got.scored_logprobs, expected)
+        if not score_err <= CHECK_TOLERANCE:
+            problems.append(f"log-probs of scored ids differ by up to {score_err:.3g} nats")
     if problems:
         raise FailedPrecondition(
             "the engine-side capture disagrees with vLLM's own prompt log-probs ("

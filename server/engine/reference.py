@@ -53,7 +53,8 @@ class TransformersReference:
         targets = torch.cat([ids[1:], torch.tensor([-1])])
         rows = torch.arange(len(ids))
         seeds = seed_tensor(request.seed, len(ids))
-        columns = capture_columns(logits, targets, rows, seeds, request)
+        scored = torch.from_numpy(request.scored_ids().copy()) if request.score_width else None
+        columns = capture_columns(logits, targets, rows, seeds, request, scored)
         return CapturedColumns.split(columns.numpy(), request)
 
     def capture(self, input_ids: np.ndarray, k: int) -> TopKRows:

@@ -125,6 +125,8 @@ class VLLMEngine:
 
         if request.top_k > self.vocab_size:
             raise InvalidArgument(f"top-k {request.top_k} exceeds the vocabulary")
+        if request.score_width and request.scored_ids().shape[0] != len(input_ids):
+            raise InvalidArgument("ids to score must have one row per token of the sequence")
         params = SamplingParams(
             prompt_logprobs=0,  # enrols the request in vLLM's prompt step, which the hook takes
             max_tokens=1,
@@ -156,7 +158,8 @@ class VLLMEngine:
         request = CaptureRequest(top_k=k, samples=4, seed=1, temperatures=(1.0,))
         for ids in self_check_sequences(self.vocab_size, self.max_sequence_len):
             expected = rows_from_vllm_output(await self.raw_output(ids, k), len(ids), k)
-            check_agreement(expected, await self._columns(ids, request))
+            scoring = request.scoring(expected.token_ids)  # scored ids: the top-k themselves
+            check_agreement(expected, await self._columns(ids, scoring))
 
     async def prefill_only(self, input_ids: np.ndarray) -> None:
         """Run one sequence with no log-probs at all: vLLM's prefill limit that ``bench capture``

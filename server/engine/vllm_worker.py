@@ -84,11 +84,11 @@ def _capture_chunks(runner: Any, hidden_states: torch.Tensor,
         if req_id not in partial:
             partial[req_id] = torch.empty(length, request.columns, dtype=torch.float32)
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
-        chunk = _Chunk(req_id, request.seed, state.prompt_token_ids, start, n, offset)
+        chunk = _Chunk(req_id, request, state.prompt_token_ids, start, n, offset)
         groups.setdefault(without_seed(request), []).append(chunk)
     step = max(1, _LOGIT_ELEMENTS // runner.model_config.get_vocab_size())
     for layout, chunks in groups.items():
-        index, targets, rows, seeds = _row_tables(chunks)
+        index, targets, rows, seeds, scored = _row_tables(chunks)
         out = torch.empty(len(index), layout.columns, dtype=torch.float32)
         device = hidden_states.device
         for a in range(0, len(index), step):
@@ -96,8 +96,9 @@ def _capture_chunks(runner: Any, hidden_states: torch.Tensor,
             logits = runner.model.compute_logits(hidden_states[index[a:b].to(device)])
             if logits is None:  # a tensor-parallel rank that the logits were not gathered to
                 continue
+            scored_ids = scored[a:b].to(device) if layout.score_width else None
             columns = capture_columns(logits, targets[a:b].to(device), rows[a:b].to(device),
-                                      seeds[a:b].to(device), layout)  # fmt: skip
+                                      seeds[a:b].to(device), layout, scored_ids)  # fmt: skip
             out[a:b].copy_(columns, non_blocking=True)
         at = 0
         for c in chunks:
@@ -116,7 +117,7 @@ class _Chunk:
     """The prompt positions start..start+n-1 of one record, at ``offset`` in the step's tokens."""
 
     req_id: str
-    seed: int
+    request: CaptureRequest
     prompt: Sequence[int]
     start: int
     n: int
@@ -125,17 +126,19 @@ class _Chunk:
 
 def _row_tables(chunks: list[_Chunk]) -> tuple[torch.Tensor, ...]:
     """Per row of the chunks, in order: its index in the step's hidden states, its next token
-    (-1 after the last prompt token), its position in its record, its record's seed."""
+    (-1 after the last prompt token), its position in its record, its record's seed, the ids it
+    scores ([n, score_width])."""
     index = np.concatenate([np.arange(c.offset, c.offset + c.n) for c in chunks])
     rows = np.concatenate([np.arange(c.start, c.start + c.n) for c in chunks])
     targets = np.full(len(index), -1, dtype=np.int64)
-    seeds = np.concatenate([seed_tensor(c.seed, c.n).numpy() for c in chunks])
+    seeds = np.concatenate([seed_tensor(c.request.seed, c.n).numpy() for c in chunks])
+    scored = np.concatenate([c.request.scored_ids()[c.start : c.start + c.n] for c in chunks])
     at = 0
     for c in chunks:
         following = np.asarray(c.prompt[c.start + 1 : c.start + c.n + 1], dtype=np.int64)
         targets[at : at + len(following)] = following
         at += c.n
-    return tuple(torch.from_numpy(a) for a in (index, targets, rows, seeds))
+    return tuple(torch.from_numpy(a) for a in (index, targets, rows, seeds, scored))
 
 
 def _prompt_logprobs_with_capture(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -153,6 +153,17 @@ def test_self_check_refuses_a_wrong_output_layer(tiny_teacher: Path) -> None:
         check_agreement(expected, model.capture_columns(ids, request))
 
 
+def test_requested_ids_are_scored(tiny_teacher: Path) -> None:
+    """Log-probs of ids chosen per position (a student's top-k, say), -inf where none (< 0)."""
+    model = TransformersReference(tiny_teacher)
+    ids = np.random.default_rng(2).integers(0, V, 30)
+    wanted = np.random.default_rng(3).integers(-1, V, (30, 5))
+    cols = model.capture_columns(ids, CaptureRequest(top_k=4).scoring(wanted))
+    full = model.full_logprobs(ids).numpy()
+    at = np.take_along_axis(full, np.maximum(wanted, 0), axis=1)
+    np.testing.assert_allclose(cols.scored_logprobs, np.where(wanted < 0, -np.inf, at), atol=1e-6)
+
+
 def test_host_replica_of_the_draws(tiny_teacher: Path) -> None:
     """``draw_rows_for_key`` repeats the engine's draws from full rows (a fidelity check's
     re-derivation), and they group into the sampled rows that precompute stores."""
