@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
 from logitcache.client.codecs.tempered import encode_tempered, tempered_log_tails
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, stored_rows
-from logitcache.server.engine.device_capture import CaptureRequest
+from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.precompute import capture_into_store
 from logitcache.server.store.store import open_store
@@ -38,7 +39,9 @@ TEMPERED = "top-64 + T=1,2,4, no store"
 UNSTORED = "top-64, no store"
 
 
-async def _gather(sequences: list[np.ndarray], in_flight: int, one) -> float:  # type: ignore[no-untyped-def]
+async def _gather(
+    sequences: list[np.ndarray], in_flight: int, one: Callable[[np.ndarray], Awaitable[None]]
+) -> float:
     slots = asyncio.Semaphore(in_flight)
 
     async def bounded(ids: np.ndarray) -> None:
@@ -66,14 +69,14 @@ async def _unstored(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.
                     in_flight: int, temperatures: tuple[float, ...]) -> tuple[float, int]:  # fmt: skip
     """Seconds of the engine-side top-64 capture (with log Z at ``temperatures``) plus its
     conversion and encoding, and the compressed bytes of the tempered tails alone."""
-    import numcodecs
+    import numcodecs  # type: ignore[import-untyped]
 
     config = CaptureConfig.of_space(space)
     request = CaptureRequest(top_k=64, temperatures=temperatures)
     loop = asyncio.get_running_loop()
     tails: list[np.ndarray] = []
 
-    def encode(ids: np.ndarray, columns) -> None:  # type: ignore[no-untyped-def]
+    def encode(ids: np.ndarray, columns: CapturedColumns) -> None:
         key = record_key(space.space_id, ids)
         CapturedRecord.encode(key, ids, stored_rows(config, columns), space)
         if temperatures:

@@ -173,9 +173,9 @@ def capture_columns(
         parts += [ids.to(torch.int32).view(torch.float32), logprobs.gather(1, ids)]
     if request.temperatures:
         # log sum exp(lp / T), shifted by the row's largest lp: one exp pass per temperature.
-        top = logprobs.amax(dim=1, keepdim=True)
-        shifted = logprobs - top
-        parts.append(torch.cat([(shifted / t).exp_().sum(1, keepdim=True).log_() + top / t
+        peak = logprobs.amax(dim=1, keepdim=True)
+        shifted = logprobs - peak
+        parts.append(torch.cat([(shifted / t).exp_().sum(1, keepdim=True).log_() + peak / t
                                 for t in request.temperatures], dim=1))  # fmt: skip
     if request.score_width:
         if scored_ids is None or scored_ids.shape != (logits.shape[0], request.score_width):
