@@ -22,7 +22,7 @@ import numpy as np
 from logitcache.client.codecs.tempered import encode_tempered, tempered_log_tails
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, stored_rows
-from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.precompute import capture_into_store
 from logitcache.server.store.store import open_store

@@ -31,7 +31,7 @@ from logitcache.client.errors import AlreadyExists, FailedPrecondition, InvalidA
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.chat import chat_provenance, chat_renderer
 from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
-from logitcache.server.engine.device_capture import CapturedColumns
+from logitcache.server.engine.columns import CapturedColumns
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputReport, InputSource, describe_input, load_sequences

@@ -22,7 +22,7 @@ import numpy as np
 from logitcache.client.codecs import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.space import CaptureMode, CaptureSpace
-from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest, seed_of_key
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest, seed_of_key
 from logitcache.server.engine.sampling import MAX_SAMPLES, group_draws
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class CaptureConfig:
     def engine_width(self) -> int:
         """Log-probs per position of the engine's list path (``TeacherEngine.capture``): the
         full vocabulary for sampled captures, which a host-side re-derivation of the draws
-        (``sampling.draw_rows_for_key``) needs."""
+        (``device_capture.draw_rows_for_key``) needs."""
         return FULL_VOCAB if self.mode is CaptureMode.SAMPLED else self.k
 
     def engine_request(self, key: bytes) -> CaptureRequest:

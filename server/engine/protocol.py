@@ -23,7 +23,7 @@ import numpy as np
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import FULL_VOCAB, MAX_TOP_K
-from logitcache.server.engine.device_capture import CapturedColumns, CaptureRequest
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
 from logitcache.server.teachers.identity import TeacherInfo
 
 

@@ -18,12 +18,8 @@ import torch
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import InvalidArgument
 from logitcache.server.engine.capture import FULL_VOCAB
-from logitcache.server.engine.device_capture import (
-    CapturedColumns,
-    CaptureRequest,
-    capture_columns,
-    seed_tensor,
-)
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
+from logitcache.server.engine.device_capture import capture_columns, seed_tensor
 from logitcache.server.engine.protocol import EngineOptions, check_options, check_width
 from logitcache.server.teachers.identity import TeacherInfo
 

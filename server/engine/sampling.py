@@ -8,8 +8,8 @@ forward KL and its gradient are estimated without bias (the top-k's dropped tail
 Captures draw on the engine's device (``device_capture``): draw j of row t is the inverse CDF, in
 id order, at a uniform hashed from (record key, t, j), so the same sequence gets the same draws in
 every run, on every machine, whatever the batch it was captured in. :func:`group_draws` turns
-those draws into stored rows; :func:`draw_rows_for_key` repeats the engine's draws on the host
-from a full distribution (what a fidelity check compares a store with).
+those draws into stored rows; ``device_capture.draw_rows_for_key`` repeats the engine's draws on
+the host from a full distribution (what a fidelity check compares a store with).
 
 :func:`sample_rows` draws on the host from full rows with any numpy generator (``rng_for_key``:
 PCG64 seeded by the key, the scheme of captures before the engine-side path); tests and storage
@@ -19,10 +19,8 @@ benchmarks use it to make sampled rows without an engine.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from logitcache.client.codecs import TopKRows
-from logitcache.server.engine.device_capture import draw, seed_of_key, seed_tensor, uniforms
 
 MAX_SAMPLES = 255
 
@@ -81,16 +79,3 @@ def group_draws(
         target_logprobs=np.asarray(target_logprobs, dtype=np.float32),
         counts=counts,
     )
-
-
-def draw_rows_for_key(full: TopKRows, samples: int, key: bytes) -> TopKRows:
-    """The engine's draws for the record ``key`` (``device_capture``), repeated on the host from
-    its full rows (every token with its log-prob, any order): equal to what the engine stored
-    when ``full`` holds the engine's own values."""
-    lp = torch.from_numpy(np.asarray(full.logprobs, dtype=np.float32))
-    order = torch.from_numpy(np.asarray(full.token_ids).astype(np.int64)).argsort(dim=1)
-    by_id = lp.gather(1, order)  # [P, V] in id order, as the engine's softmax is
-    n = by_id.shape[0]
-    u = uniforms(seed_tensor(seed_of_key(key), n), torch.arange(n), samples)
-    ids = draw(by_id, u)
-    return group_draws(ids.numpy(), by_id.gather(1, ids).numpy(), full.target_logprobs)

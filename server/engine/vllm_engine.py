@@ -31,7 +31,7 @@ import numpy as np
 from logitcache.client.codecs import TopKRows
 from logitcache.client.errors import FailedPrecondition, InvalidArgument, Unavailable
 from logitcache.server.engine.capture import FULL_VOCAB
-from logitcache.server.engine.device_capture import (
+from logitcache.server.engine.columns import (
     EXTRA_ARGS_KEY,
     CapturedColumns,
     CaptureRequest,

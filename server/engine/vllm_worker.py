@@ -30,13 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.server.engine.device_capture import (
-    EXTRA_ARGS_KEY,
-    CaptureRequest,
-    capture_columns,
-    seed_tensor,
-    without_seed,
-)
+from logitcache.server.engine.columns import EXTRA_ARGS_KEY, CaptureRequest, without_seed
+from logitcache.server.engine.device_capture import capture_columns, seed_tensor
 
 HOOK_VERSION = 1
 _DONE = "_logitcache_done"  # runner attribute: finished records waiting for this step's output

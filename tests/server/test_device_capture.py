@@ -12,17 +12,20 @@ import pytest
 import torch
 
 from logitcache.client.errors import FailedPrecondition
-from logitcache.server.engine.device_capture import (
+from logitcache.server.engine.columns import (
     CapturedColumns,
     CaptureRequest,
-    capture_columns,
     check_agreement,
     seed_of_key,
+)
+from logitcache.server.engine.device_capture import (
+    capture_columns,
+    draw_rows_for_key,
     seed_tensor,
     uniforms,
 )
 from logitcache.server.engine.reference import TransformersReference
-from logitcache.server.engine.sampling import draw_rows_for_key, group_draws
+from logitcache.server.engine.sampling import group_draws
 
 V = 300
 

@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from logitcache.server.engine.device_capture import CaptureRequest, seed_of_key
+from logitcache.server.engine.columns import CaptureRequest, seed_of_key
 
 pytestmark = pytest.mark.slow
 TOL = 2e-3  # vLLM's CPU kernels vs eager PyTorch, both in fp32

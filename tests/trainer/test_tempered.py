@@ -15,12 +15,8 @@ from logitcache.client.codecs.tempered import (
     tempered_log_tails,
 )
 from logitcache.client.errors import FailedPrecondition
-from logitcache.server.engine.device_capture import (
-    CapturedColumns,
-    CaptureRequest,
-    capture_columns,
-    seed_tensor,
-)
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
+from logitcache.server.engine.device_capture import capture_columns, seed_tensor
 from logitcache.trainer.losses import DIVERGENCES, forward_kl
 from logitcache.trainer.tempered import tempered_distillation_loss, tempered_kd
 
