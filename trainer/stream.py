@@ -155,6 +155,7 @@ class TeacherStream(IterableDataset):
         self,
         *,
         tokenizer_path: str | None = None,
+        tokenizer_fingerprint: str | None = None,
         vocab_size: int | None = None,
         allow_vocab_padding: bool = False,
     ) -> None:
@@ -164,6 +165,7 @@ class TeacherStream(IterableDataset):
         check_student(
             self.space,
             tokenizer_path=tokenizer_path,
+            tokenizer_fingerprint=tokenizer_fingerprint,
             vocab_size=vocab_size,
             allow_vocab_padding=allow_vocab_padding,
         )
