@@ -28,8 +28,8 @@ from logitcache.client.errors import FailedPrecondition, InvalidArgument
 from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureMode
 from logitcache.server.engine.capture import MAX_TOP_K, CaptureConfig
+from logitcache.server.engine.device_capture import draw_rows_for_key
 from logitcache.server.engine.protocol import EngineFactory, EngineOptions
-from logitcache.server.engine.sampling import rng_for_key, sample_rows
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.store.store import Store
 from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher
@@ -142,15 +142,17 @@ def _sampled_figures(config: CaptureConfig, keys: list[bytes], exact: list[TopKR
     present: np.ndarray = counts > 0
     ref = np.take_along_axis(by_id, np.where(present, stored.token_ids, 0), axis=1)
     err = np.abs(np.where(present, stored.logprobs - ref, 0.0))
+    # The engine's own draws, repeated on the host (stores sampled before the engine-side path
+    # drew with another generator: their draws are not reproduced, their values still checked).
     again = concat_rows(
-        [sample_rows(e, config.k, rng_for_key(k)) for e, k in zip(exact, keys, strict=True)]
+        [draw_rows_for_key(e, config.k, k) for e, k in zip(exact, keys, strict=True)]
     )
     width = max(again.token_ids.shape[1], stored.token_ids.shape[1])
 
     def wide(a: np.ndarray) -> np.ndarray:
         return np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
-    assert again.counts is not None  # sample_rows always counts its draws
+    assert again.counts is not None  # sampled rows always count their draws
     same = (wide(again.token_ids) == wide(stored.token_ids)) & (wide(again.counts) == wide(counts))
     return {
         "abs_err_mean": float(err[present].mean()) if present.any() else 0.0,

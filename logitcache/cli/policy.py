@@ -126,11 +126,11 @@ def add_share_command(datasets: argparse._SubParsersAction) -> None:
 def _where(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state",
-        type=Path,
-        metavar="DIR",
+        metavar="DIR|URL",
         default=None,
-        help="work offline on the server's state directory (--state-dir of serve; default "
-        "there: policy/ inside a local store) instead of calling --server",
+        help="work offline on the server's state instead of calling --server: its state "
+        "directory (--state-dir of serve; default there: policy/ inside a local store) or the "
+        "postgresql:// URL of a shared state (--state-url of serve)",
     )
     add_server_options(parser)
 

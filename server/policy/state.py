@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from logitcache.client.errors import InvalidArgument
+from logitcache.client.errors import AlreadyExists, InvalidArgument
 
 STATE_FILE = "policy.sqlite3"
 SCHEMA_VERSION = 1
@@ -206,19 +206,22 @@ class SqliteState:
     # tokens
 
     def add_token(self, record: TokenRecord) -> None:
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.hash,
-                    record.user,
-                    record.role.value,
-                    json.dumps(list(record.groups)),
-                    record.created_at,
-                    record.revoked_at,
-                ),
-            )
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.hash,
+                        record.user,
+                        record.role.value,
+                        json.dumps(list(record.groups)),
+                        record.created_at,
+                        record.revoked_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"token {record.id} (or its hash) exists already") from None
 
     @staticmethod
     def _token(row: tuple) -> TokenRecord:

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 
 from logitcache.client.codecs import TopKRows
+from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
 from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.reference import ReferenceEngine
 from logitcache.server.teachers.identity import TeacherInfo
@@ -27,3 +28,9 @@ class CountingEngine(ReferenceEngine):
     async def capture(self, input_ids: np.ndarray, k: int, priority: int = 0) -> TopKRows:
         self.computed[np.asarray(input_ids, dtype=np.int32).tobytes()] += 1
         return await super().capture(input_ids, k, priority)
+
+    async def capture_columns(
+        self, input_ids: np.ndarray, request: CaptureRequest, priority: int = 0
+    ) -> CapturedColumns:
+        self.computed[np.asarray(input_ids, dtype=np.int32).tobytes()] += 1
+        return await super().capture_columns(input_ids, request, priority)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from logitcache.client.errors import InvalidArgument
+from logitcache.client.errors import AlreadyExists, InvalidArgument
 from logitcache.server.policy.state import (
     STATE_FILE,
     DatasetAccess,
@@ -59,7 +59,7 @@ def test_tokens_are_listed_and_revoked_once(tmp_path) -> None:
     assert not state.revoke_token("tok_missing", at=10.0)
     revoked = state.token("tok_2")
     assert revoked is not None and not revoked.active and revoked.revoked_at == 9.0
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(AlreadyExists):
         state.add_token(record("tok_1"))
     state.close()
 
