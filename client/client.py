@@ -41,6 +41,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -55,7 +56,7 @@ from logitcache.client.wire import decode_batch
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "AsyncDatasetStream", "Client", "DatasetStream"]
+__all__ = ["AsyncClient", "AsyncDatasetStream", "Client", "DatasetStream", "ScoredIds"]
 
 T = TypeVar("T")
 ENDED = ("completed", "failed", "cancelled")
@@ -157,6 +158,57 @@ def _records(response: pb.DistributionsResponse, request: pb.DistributionsReques
             f"server answered {len(records)} records for {len(request.sequences)} sequences"
         )
     return records
+
+
+@dataclass(frozen=True)
+class ScoredIds:
+    """The teacher's answer for one sequence of ``score_ids``: ``logprobs`` [T, m] float32, the
+    log-probs (T = 1, over the whole vocabulary) of the ids asked for, each in the place of its
+    id in the [T, m] id array sent, and -inf where that array held no id (< 0); ``record``: the
+    stored record of the sequence (the teacher's default capture space), or None."""
+
+    logprobs: np.ndarray
+    record: Record | None
+
+
+def _id_sets(ids: Any, length: int, index: int) -> tuple[pb.IdSets, np.ndarray]:
+    """One sequence's [T, m] ids (< 0: none) as IdSets, and where its ids are."""
+    a = np.asarray(ids)
+    if a.ndim != 2 or a.shape[0] != length or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(
+            f"sequence {index}: expected integer ids to score of shape [{length}, m], got "
+            f"{a.shape} {a.dtype}"
+        )
+    present = a >= 0
+    return pb.IdSets(ids=a[present].tolist(), counts=present.sum(1).tolist()), present
+
+
+def _score_ids_request(
+    sequences: list[Any], ids_per_position: list[Any], teacher: str | None, use: Use | None
+) -> tuple[pb.ScoreIdsRequest, list[np.ndarray]]:
+    if len(ids_per_position) != len(sequences):
+        raise ValueError(f"{len(ids_per_position)} id arrays for {len(sequences)} sequences")
+    messages = [_sequence(s, i) for i, s in enumerate(sequences)]
+    sets = [_id_sets(ids, len(m.input_ids), i)
+            for i, (ids, m) in enumerate(zip(ids_per_position, messages, strict=True))]  # fmt: skip
+    request = pb.ScoreIdsRequest(teacher=teacher or "", sequences=messages,
+                                 ids=[s for s, _ in sets], use=use_message(use))  # fmt: skip
+    return request, [present for _, present in sets]
+
+
+def _scored(response: pb.ScoreIdsResponse, where: list[np.ndarray]) -> list[ScoredIds]:
+    """Each sequence's scores back in the places of their ids, with its stored record."""
+    if len(response.scores) != len(where) or len(response.has_stored) != len(where):
+        raise ValueError(
+            f"server answered {len(response.scores)} scores for {len(where)} sequences"
+        )
+    stored = iter(decode_batch(response.stored))
+    out = []
+    for scores, present, has in zip(response.scores, where, response.has_stored, strict=True):
+        logprobs = np.full(present.shape, -np.inf, dtype=np.float32)
+        logprobs[present] = np.asarray(scores.logprobs, dtype=np.float32)
+        out.append(ScoredIds(logprobs, next(stored) if has else None))
+    return out
 
 
 def _stream_request(
@@ -656,6 +708,34 @@ class AsyncClient:
         finally:
             pipe.close()
 
+    # -- scoring ids ----------------------------------------------------------------------------
+
+    async def score_ids(
+        self,
+        sequences: Iterable[Any],
+        ids_per_position: Iterable[Any],
+        *,
+        teacher: str | None = None,
+        use: Use | None = None,
+    ) -> list[ScoredIds]:
+        """See ``Client.score_ids``."""
+        request, where = _score_ids_request(
+            list(sequences), list(ids_per_position), teacher, use or self.use
+        )
+
+        async def call() -> list[ScoredIds]:
+            responses = [
+                r
+                async for r in self._stub.ScoreIds(
+                    iter([request]), timeout=self.timeout, metadata=self._metadata
+                )
+            ]
+            if len(responses) != 1:
+                raise ValueError(f"server sent {len(responses)} responses to one request")
+            return _scored(responses[0], where)
+
+        return await self._retrying(call)
+
     # -- streaming ------------------------------------------------------------------------------
 
     def stream_dataset(
@@ -989,6 +1069,27 @@ class Client:
             ),
             feed,
         )
+
+    # -- scoring ids ----------------------------------------------------------------------------
+
+    def score_ids(
+        self,
+        sequences: Iterable[Any],
+        ids_per_position: Iterable[Any],
+        *,
+        teacher: str | None = None,
+        use: Use | None = None,
+    ) -> list[ScoredIds]:
+        """The teacher's log-probs of ids chosen per position (a student's own top-k), computed
+        for this call and not cached: one :class:`ScoredIds` per sequence, in order.
+
+        ``ids_per_position``: per sequence an integer array [T, m] (T its length), row t the
+        ids to score after position t; entries < 0 mean none (pad rows of fewer ids with -1).
+        At most 256 ids per position. The answer's ``logprobs`` has the same [T, m] shape, -inf
+        where no id was asked, so a trainer gathers nothing; ``record`` is the sequence's
+        stored record where the store has one. ``use`` as in :meth:`get_distributions`.
+        """
+        return sync(self._async.score_ids(sequences, ids_per_position, teacher=teacher, use=use))
 
     # -- streaming ------------------------------------------------------------------------------
 

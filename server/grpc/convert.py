@@ -21,13 +21,16 @@ from logitcache.server.jobs import Job, JobSpec
 from logitcache.server.policy.decision import Purpose, Student, UseRequest
 from logitcache.server.policy.licences import licence_to_json
 from logitcache.server.policy.licensing import DeclaredLicence
+from logitcache.server.scoring import IdSets, Scored
 from logitcache.server.store.read import EncodedBatch
 from logitcache.server.streaming import StreamBatch, StreamRequest
 from logitcache.server.teachers.registry import Teacher
 from logitcache.v1 import logitcache_pb2 as pb
 
 
-def sequences(request: pb.DistributionsRequest, config: ServerConfig) -> list[np.ndarray]:
+def sequences(
+    request: pb.DistributionsRequest | pb.ScoreIdsRequest, config: ServerConfig
+) -> list[np.ndarray]:
     """The request's sequences, refused whole if it is over the server's size limits."""
     n = len(request.sequences)
     if n > config.max_sequences_per_request:
@@ -55,6 +58,22 @@ def record_batch(batch: EncodedBatch) -> pb.RecordBatch:
             space_id=space.space_id, codec=space.codec, k=space.k, vocab_size=space.vocab_size
         )
     return encode_batch(space, batch.keys, batch.input_ids, batch.lengths, batch.arrays)
+
+
+def id_sets(request: pb.ScoreIdsRequest) -> list[IdSets]:
+    """Per sequence, the ids to score at each of its positions."""
+    return [
+        IdSets(np.asarray(s.ids, dtype=np.int64), np.asarray(s.counts, dtype=np.int64))
+        for s in request.ids
+    ]
+
+
+def scores_response(scored: Scored) -> pb.ScoreIdsResponse:
+    return pb.ScoreIdsResponse(
+        scores=[pb.Scores(logprobs=lp.tolist()) for lp in scored.logprobs],
+        stored=record_batch(scored.stored),
+        has_stored=scored.has_stored,
+    )
 
 
 def stream_batch(batch: StreamBatch) -> pb.RecordBatch:
@@ -111,7 +130,9 @@ async def job_submission(
     return job_spec(first.spec), items()
 
 
-def use_request(message: pb.DistributionsRequest | pb.JobSpec) -> UseRequest | None:
+def use_request(
+    message: pb.DistributionsRequest | pb.ScoreIdsRequest | pb.JobSpec,
+) -> UseRequest | None:
     """The use a request declares (None: it declares none), for the licence policy; the
     teacher is filled in by the core once it has resolved the default."""
     if not message.HasField("use"):

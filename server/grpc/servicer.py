@@ -27,6 +27,7 @@ from logitcache.server.policy.gate import Call, PolicyGate
 from logitcache.server.policy.licensing import DeclaredLicence
 from logitcache.server.policy.state import DatasetAccess
 from logitcache.server.readthrough import ReadThroughCache
+from logitcache.server.scoring import IdScorer
 from logitcache.server.spool import JobUpload, teacher_tokenize
 from logitcache.server.store.store import Store
 from logitcache.server.store.summary import StoreSummaries
@@ -64,6 +65,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         self.store = store
         self.teachers = teachers
         self.readthrough = readthrough
+        self.scorer = IdScorer(readthrough)
         self.streamer = streamer
         self.jobs = jobs
         self.metrics = metrics
@@ -177,6 +179,32 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 await self.gate.serve(call, records.positions)
                 batch = await _encoded(convert.record_batch, records, records.positions)
                 yield pb.DistributionsResponse(records=batch, computed=computed)
+
+    # -- scoring ids ----------------------------------------------------------------------------
+
+    @rpc(Action.PRODUCE)
+    async def ScoreIds(
+        self, requests: AsyncIterator[pb.ScoreIdsRequest], context: Context, call: Call
+    ) -> AsyncIterator[pb.ScoreIdsResponse]:
+        first = True
+        async with self.gate.stream(call):
+            async for request in requests:
+                if not first:
+                    await self.gate.admit_message(call)
+                first = False
+                teacher = self.teachers.get(request.teacher)
+                call.target = teacher.name
+                sequences = convert.sequences(request, self.config)
+                await self.gate.may_compute(call)
+                scored, computed = await self.scorer.score(
+                    teacher, sequences, convert.id_sets(request),
+                    use=convert.use_request(request), user=call.user,
+                )  # fmt: skip
+                await self.gate.computed(call, computed)
+                await self.gate.serve(
+                    call, sum(len(s) for s in sequences) + scored.stored.positions
+                )
+                yield convert.scores_response(scored)
 
     # -- streaming ------------------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""ScoreIds through the real servicer and client, on the reference engine in process: the scores
+are the teacher's full log-softmax at the ids asked for, the stored record comes back where the
+store has one, nothing new is stored, bad id sets and a consumer's call are refused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from counting_engine import REFERENCE_K
+
+from logitcache.client.client import Client, use_message
+from logitcache.client.space import record_key
+from logitcache.client.use import Use
+from logitcache.server.config import ServerConfig
+from logitcache.server.engine.reference import TransformersReference
+from logitcache.server.grpc.servicer import LogitCacheService
+from logitcache.server.grpc.status import service_handler
+from logitcache.server.jobs import JobManager
+from logitcache.server.metrics import ServerMetrics
+from logitcache.server.policy.gate import PolicyGate
+from logitcache.server.policy.governance import Governance
+from logitcache.server.policy.state import open_state
+from logitcache.server.readthrough import ReadThroughCache
+from logitcache.server.scoring import MAX_IDS_PER_POSITION
+from logitcache.server.store.cache import SegmentCache
+from logitcache.server.store.store import Store, open_store
+from logitcache.server.streaming import DatasetStreamer
+from logitcache.v1 import logitcache_pb2 as pb
+from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
+
+USE = Use("research", "scoring-student", "test", "tests")
+VOCAB = 1785
+
+
+@dataclass
+class Scoring:
+    target: str
+    store: Store
+    consumer: str  # a consumer's token
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.target, token=token, retries=0, timeout=30, use=USE)
+
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scoring]:
+    """A served core (anonymous callers are admins) with a consumer's token."""
+    root = tmp_path_factory.mktemp("score-ids")
+    store = open_store(str(root / "store"), writable=True)
+    state = open_state(root / "state")
+    consumer, _ = Governance(state).create_token("carol", "consumer")
+    gate = PolicyGate(state, allow_anonymous=True)
+
+    async def start() -> tuple[int, grpc.aio.Server, ReadThroughCache, JobManager, DatasetStreamer]:
+        metrics, loaded = ServerMetrics(), SegmentCache(1 << 26)
+        readthrough = ReadThroughCache(store, metrics, segment_positions=1 << 16,
+                                       flush_seconds=0.5, loaded=loaded,
+                                       max_unsealed_bytes=1 << 26)  # fmt: skip
+        streamer = DatasetStreamer(store, loaded, prefetch=2)
+        jobs = JobManager(store, reference_teachers, metrics, max_running=1, max_in_flight=4,
+                          segment_positions=1 << 16)  # fmt: skip
+        service = LogitCacheService(ServerConfig(store=str(root / "store")), store,
+                                    reference_teachers, readthrough, streamer, jobs, metrics,
+                                    gate=gate)  # fmt: skip
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
+        )
+        readthrough.start()
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return port, server, readthrough, jobs, streamer
+
+    port, server, readthrough, jobs, streamer = loop_thread.run(start())
+    yield Scoring(f"127.0.0.1:{port}", store, consumer)
+
+    async def stop() -> None:
+        await server.stop(None)
+        await gate.close()
+        await jobs.close()
+        await readthrough.close()
+
+    loop_thread.run(stop())
+    streamer.close()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_teacher: Path) -> TransformersReference:
+    return TransformersReference(demo_teacher)
+
+
+def random_ids(rng: np.random.Generator, length: int, width: int) -> np.ndarray:
+    """[length, width] distinct ids per row, a random number of them kept, -1 after."""
+    ids = np.stack([rng.choice(VOCAB, width, replace=False) for _ in range(length)])
+    keep = rng.integers(0, width + 1, size=(length, 1))
+    return np.where(np.arange(width) < keep, ids, -1)
+
+
+def test_scores_are_the_full_log_softmax_at_the_ids(scoring, reference) -> None:
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(4, VOCAB, n) for n in (1, 9, 40)]
+    ids = [random_ids(rng, len(s), w) for s, w in zip(sequences, (3, 16, 64), strict=True)]
+    ids[1][4] = -1  # a position with nothing to score
+    with scoring.client() as client:
+        scored = client.score_ids(sequences, ids)
+    for seq, asked, got in zip(sequences, ids, scored, strict=True):
+        full = reference.full_logprobs(seq).numpy()
+        want = np.where(asked >= 0, np.take_along_axis(full, np.maximum(asked, 0), 1), -np.inf)
+        assert got.logprobs.shape == asked.shape and got.logprobs.dtype == np.float32
+        np.testing.assert_allclose(got.logprobs, want, rtol=0, atol=1e-5)
+        assert got.record is None
+
+
+def test_the_stored_record_comes_back_and_scoring_stores_nothing(
+    scoring, reference_teachers
+) -> None:
+    rng = np.random.default_rng(1)
+    cached, fresh = rng.integers(4, VOCAB, 12), rng.integers(4, VOCAB, 7)
+    with scoring.client() as client:
+        [record] = client.get_distributions([cached], durable=True)
+        first, second = client.score_ids([cached, fresh], [random_ids(rng, 12, 8),
+                                                           random_ids(rng, 7, 8)])  # fmt: skip
+    assert first.record is not None and second.record is None
+    assert first.record.key == record.key
+    np.testing.assert_array_equal(first.record.input_ids, record.input_ids)
+    np.testing.assert_array_equal(first.record.token_ids, record.token_ids)
+    np.testing.assert_array_equal(first.record.logprobs, record.logprobs)
+    space = reference_teachers.get("").space(REFERENCE_K)  # the default space read-through fills
+    assert scoring.store.contains(record_key(space.space_id, cached))
+    assert not scoring.store.contains(record_key(space.space_id, fresh))
+
+
+def test_bad_id_sets_are_invalid_arguments_naming_the_sequence(scoring) -> None:
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(4, VOCAB, 5), rng.integers(4, VOCAB, 6)]
+    good = random_ids(rng, 5, 4)
+    too_many = np.tile(np.arange(MAX_IDS_PER_POSITION + 1), (6, 1))
+    outside = random_ids(rng, 6, 4)
+    outside[2, 0] = VOCAB
+    with scoring.client() as client:
+        for bad, words in ((too_many, "at most 256 per position"), (outside, "outside")):
+            with pytest.raises(grpc.RpcError) as raised:
+                client.score_ids(seqs, [good, bad])
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "sequence 1" in raised.value.details() and words in raised.value.details()
+    # Counts that do not fit the sequence, over the raw stub (the client cannot send them).
+    request = pb.ScoreIdsRequest(
+        sequences=[pb.Sequence(input_ids=s.tolist()) for s in seqs],
+        ids=[pb.IdSets(ids=[1, 2], counts=[1, 1, 0, 0, 0]), pb.IdSets(ids=[1], counts=[1])],
+        use=use_message(USE),
+    )
+    with grpc.insecure_channel(scoring.target) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            list(pb_grpc.LogitCacheStub(channel).ScoreIds(iter([request]), timeout=30))
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "sequence 1: 1 id counts for 6 positions" in raised.value.details()
+
+
+def test_a_consumer_may_not_score(scoring) -> None:
+    with scoring.client(scoring.consumer) as client:
+        with pytest.raises(grpc.RpcError) as raised:
+            client.score_ids([[5, 6, 7]], [np.array([[1], [2], [3]])])
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_scoring_without_a_declared_use_is_refused(scoring) -> None:
+    with Client(scoring.target, retries=0, timeout=30) as client:
+        with pytest.raises(grpc.RpcError) as raised:
+            client.score_ids([[5, 6, 7]], [np.array([[1], [2], [3]])])
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
