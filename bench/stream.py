@@ -84,7 +84,7 @@ def _measure(
 ) -> tuple[int, float, list[tuple[float, float, float]]]:
     """Positions per pass, the first (cold) pass's rate, and (rate, client CPU, server CPU) of
     each timed pass, from a store-only server on ``url``."""
-    with ServerProcess(None, log.with_suffix(""), "--store", url, log_path=log) as server:
+    with ServerProcess(None, url, log_path=log) as server:
         stub = pb_grpc.LogitCacheStub(grpc.insecure_channel(server.target, CHANNEL_OPTIONS))
         positions, seconds = _stream_once(stub, dataset, args.batch_records)  # segments to RAM
         cold = positions / seconds

@@ -20,8 +20,8 @@ from pathlib import Path
 class ServerProcess:
     """A real `logitcache serve` process on loopback, on ports the OS picks.
 
-    ``teacher=None`` starts a store-only server. Its log goes to ``log_path`` (default: next to
-    the store). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https.
+    ``teacher=None`` starts a store-only server. ``store`` is a directory or a store URL
+    (``s3://...``). Its log goes to ``log_path`` (default: next to a store directory). With ``--tls-cert`` among the flags in ``extra``, ``http_url`` is https.
     ``kill()`` is kill -9 of the server and its engine processes; ``stop()`` is the SIGTERM an
     orchestrator sends. ``command`` replaces ``python -m logitcache.cli serve`` (tests serve
     the same flags with another engine factory). ``allow_anonymous`` (the default) serves
@@ -32,7 +32,7 @@ class ServerProcess:
     def __init__(
         self,
         teacher: Path | str | None,
-        store: Path,
+        store: Path | str,
         *extra: str,
         log_path: Path | None = None,
         timeout: float = 300.0,
@@ -40,7 +40,11 @@ class ServerProcess:
         allow_anonymous: bool = True,
     ) -> None:
         self.store = store
-        self.log_path = log_path or store.parent / f"{store.name}-serve.log"
+        if log_path is None:
+            if not isinstance(store, Path):
+                raise ValueError(f"a server on the store URL {store} needs a log_path")
+            log_path = store.parent / f"{store.name}-serve.log"
+        self.log_path = log_path
         self._log = open(self.log_path, "ab")
         self._log_start = self._log.tell()  # a restart on the same store appends to the same log
         self._ready_dir = tempfile.TemporaryDirectory(prefix="logitcache-ready-")

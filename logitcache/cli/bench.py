@@ -150,7 +150,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Starts a store-only server on loopback and streams a dataset into numpy records; prints positions/s and the client's and server's CPU use.",
     )
     p.add_argument(
-        "--store", default=None, help="stream this store's --dataset instead of a synthetic one"
+        "--store",
+        default=None,
+        help="stream this store's --dataset (a directory or an s3:// URL) instead of a synthetic one",
     )
     p.add_argument(
         "--dataset", default="bench", help="dataset to stream with --store (default: bench)"

@@ -22,7 +22,7 @@ class ReferenceServer(ServerProcess):
     def __init__(
         self,
         teacher: Path,
-        store: Path,
+        store: Path | str,
         *extra: str,
         log_path: Path | None = None,
         timeout: float = 120.0,
@@ -32,7 +32,7 @@ class ReferenceServer(ServerProcess):
             teacher,
             store,
             "--max-top-k", str(REFERENCE_K), "--default-top-k", str(REFERENCE_K), *extra,
-            log_path=log_path or store.parent / f"{store.name}-reference-serve.log",
+            log_path=log_path or Path(store).parent / f"{Path(store).name}-reference-serve.log",
             timeout=timeout,
             command=(sys.executable, "-P", __file__),
             allow_anonymous=allow_anonymous,

@@ -42,15 +42,13 @@ def replicas(
 ) -> Iterator[tuple[str, ReferenceServer, ReferenceServer]]:
     url = seaweedfs.url()
     tmp = tmp_path_factory.mktemp("replicas")
-    flags = ("--store", url, "--store-refresh-seconds", str(REFRESH_S), "--flush-seconds", "0.2")
+    flags = ("--store-refresh-seconds", str(REFRESH_S), "--flush-seconds", "0.2")
     with pytest.MonkeyPatch.context() as env:
         for name, value in seaweedfs.env().items():
             env.setenv(name, value)  # the servers inherit them: the AWS variables
-        with ThreadPoolExecutor(2) as pool:  # ``--store`` in flags wins over the path
+        with ThreadPoolExecutor(2) as pool:
             started = [
-                pool.submit(
-                    ReferenceServer, demo_teacher, tmp / n, *flags, log_path=tmp / f"{n}.log"
-                )
+                pool.submit(ReferenceServer, demo_teacher, url, *flags, log_path=tmp / f"{n}.log")
                 for n in ("a", "b")
             ]
             a, b = (f.result() for f in started)
