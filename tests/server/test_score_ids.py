@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from counting_engine import REFERENCE_K
 
 from logitcache.client.client import Client, use_message
@@ -30,6 +31,7 @@ from logitcache.server.scoring import MAX_IDS_PER_POSITION
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import Store, open_store
 from logitcache.server.streaming import DatasetStreamer
+from logitcache.trainer.online import online_reverse_kl, service_scorer
 from logitcache.v1 import logitcache_pb2 as pb
 from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
@@ -173,3 +175,25 @@ def test_scoring_without_a_declared_use_is_refused(scoring) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             client.score_ids([[5, 6, 7]], [np.array([[1], [2], [3]])])
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_online_reverse_kl_scores_the_students_top_m_through_the_service(
+    scoring, reference
+) -> None:
+    """The trainer's loss with the teacher scored by the server equals it with the teacher's
+    values from the reference's own full log-softmax."""
+    input_ids = torch.from_numpy(np.random.default_rng(3).integers(4, VOCAB, (2, 6)))
+    attention_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    logits = torch.randn(2, 6, VOCAB, generator=torch.Generator().manual_seed(3)).requires_grad_()
+
+    def from_reference(sequences: list[np.ndarray], ids: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.take_along_axis(reference.full_logprobs(s).numpy(), i, 1)
+                for s, i in zip(sequences, ids, strict=True)]  # fmt: skip
+
+    with scoring.client() as client:
+        served = online_reverse_kl(logits, input_ids, attention_mask, service_scorer(client), m=8)
+    (served_grad,) = torch.autograd.grad(served, logits)
+    want = online_reverse_kl(logits, input_ids, attention_mask, from_reference, m=8)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(served, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(served_grad, want_grad, rtol=1e-4, atol=1e-8)
