@@ -19,7 +19,9 @@ from logitcache.client.errors import InvalidArgument
 from logitcache.client.space import record_key
 from logitcache.server.engine.columns import CaptureRequest
 from logitcache.server.policy.decision import UseRequest
+from logitcache.server.policy.filters import FilterAction, screen_sequences
 from logitcache.server.readthrough import INTERACTIVE_PRIORITY, ReadThroughCache
+from logitcache.server.spool import teacher_detokenize
 from logitcache.server.store.read import EncodedBatch, gather, locate
 from logitcache.server.teachers.registry import Teacher
 
@@ -122,6 +124,7 @@ class IdScorer:
         teacher.check_sequences(sequences)
         check_id_sets(sequences, id_sets, teacher.info.vocab_size)
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._screen, teacher, sequences)
         stored = loop.run_in_executor(None, self._stored, teacher, sequences)
         scores = await asyncio.gather(
             *(
@@ -141,6 +144,17 @@ class IdScorer:
         request = CaptureRequest().scoring(sets.padded())
         columns = await teacher.engine.capture_columns(ids, request, INTERACTIVE_PRIORITY)
         return columns.scored_logprobs[sets.where()]
+
+    def _screen(self, teacher: Teacher, sequences: list[np.ndarray]) -> None:
+        """The sensitive-data filter on every sequence (each reaches the teacher), as on
+        read-through's misses: INVALID_ARGUMENT naming the first one with findings, unless the
+        server's filter allows them."""
+        filter_ = self.readthrough.admission.filter()
+        if filter_.action is FilterAction.ALLOW:
+            return
+        detokenize = teacher_detokenize(teacher.info)
+        screen_sequences(filter_, len(sequences), sequences.__getitem__, detokenize,
+                         filter_.report())  # fmt: skip
 
     def _stored(self, teacher: Teacher, sequences: list[np.ndarray]) -> EncodedBatch:
         """The sealed records of ``sequences`` in the teacher's default space."""

@@ -25,9 +25,10 @@ from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.gate import PolicyGate
 from logitcache.server.policy.governance import Governance
-from logitcache.server.policy.state import open_state
+from logitcache.server.policy.state import Limits, open_state
 from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.scoring import MAX_IDS_PER_POSITION
+from logitcache.server.spool import teacher_tokenize
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import Store, open_store
 from logitcache.server.streaming import DatasetStreamer
@@ -44,6 +45,7 @@ class Scoring:
     target: str
     store: Store
     consumer: str  # a consumer's token
+    producer: str  # a producer's token that may compute 10 positions a day
 
     def client(self, token: str | None = None) -> Client:
         return Client(self.target, token=token, retries=0, timeout=30, use=USE)
@@ -56,6 +58,8 @@ def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scori
     store = open_store(str(root / "store"), writable=True)
     state = open_state(root / "state")
     consumer, _ = Governance(state).create_token("carol", "consumer")
+    producer, status = Governance(state).create_token("pat", "producer")
+    Governance(state).set_limits(status.record.id, Limits(positions_computed_per_day=10))
     gate = PolicyGate(state, allow_anonymous=True)
 
     async def start() -> tuple[int, grpc.aio.Server, ReadThroughCache, JobManager, DatasetStreamer]:
@@ -79,7 +83,7 @@ def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scori
         return port, server, readthrough, jobs, streamer
 
     port, server, readthrough, jobs, streamer = loop_thread.run(start())
-    yield Scoring(f"127.0.0.1:{port}", store, consumer)
+    yield Scoring(f"127.0.0.1:{port}", store, consumer, producer)
 
     async def stop() -> None:
         await server.stop(None)
@@ -197,3 +201,29 @@ def test_online_reverse_kl_scores_the_students_top_m_through_the_service(
     (want_grad,) = torch.autograd.grad(want, logits)
     torch.testing.assert_close(served, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(served_grad, want_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_sequences_with_sensitive_data_are_refused(scoring, reference_teachers) -> None:
+    """Every scored sequence reaches the teacher, so the server's filter screens each one."""
+    secret = teacher_tokenize(reference_teachers.get("").info)(["mail alice@example.com now"])[0]
+    seqs = [np.arange(4, 10), np.asarray(secret)]
+    ids = [np.ones((len(s), 1), dtype=np.int64) for s in seqs]
+    with scoring.client() as client:
+        with pytest.raises(grpc.RpcError) as raised:
+            client.score_ids(seqs, ids)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert details.startswith("sequence 1 contains sensitive data") and "alice" not in details
+
+
+def test_scored_positions_count_as_computed(scoring) -> None:
+    """Scoring computes every position it answers: the producer's daily computed positions
+    (10) allow two calls of 8 and refuse the third."""
+    seqs, ids = [np.arange(4, 12)], [np.ones((8, 2), dtype=np.int64)]
+    with scoring.client(scoring.producer) as client:
+        for _ in range(2):
+            client.score_ids(seqs, ids)
+        with pytest.raises(grpc.RpcError) as raised:
+            client.score_ids(seqs, ids)
+    assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "positions_computed_per_day limit of 10 reached" in (raised.value.details() or "")
