@@ -35,6 +35,7 @@ from logitcache.server.grpc.servicer import LogitCacheService
 from logitcache.server.grpc.status import service_handler
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
+from logitcache.server.leases import leases_for
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.admission import Admission, policy_state_dir
 from logitcache.server.policy.audit import AuditLog
@@ -147,6 +148,7 @@ async def serve(
             max_running=config.max_running_jobs,
             max_in_flight=config.job_max_in_flight,
             segment_positions=config.segment_positions,
+            leases=leases_for(store, state_url=config.state_url),
             admission=admission,
         )
         server = grpc.aio.server(
@@ -205,11 +207,13 @@ async def serve(
 
 def max_request_bytes(config: ServerConfig) -> int:
     """The largest request message the server reads: what its request limits allow, encoded
-    (a token id takes at most 5 bytes, a sequence's framing a few more), plus room for the other
-    fields. gRPC refuses a larger message (RESOURCE_EXHAUSTED) from its length prefix, before
-    any of it is held or parsed, so a huge request costs the server no memory and no loop time.
+    (a token id takes at most 5 bytes, a sequence's framing a few more; a ScoreIds request adds
+    as many ids to score as tokens, 5 bytes each, and a count per token, 2), plus room for the
+    other fields. gRPC refuses a larger message (RESOURCE_EXHAUSTED) from its length prefix,
+    before any of it is held or parsed, so a huge request costs the server no memory and no loop
+    time.
     """
-    encoded = 5 * config.max_tokens_per_request + 16 * config.max_sequences_per_request
+    encoded = 12 * config.max_tokens_per_request + 16 * config.max_sequences_per_request
     return min(config.max_message_bytes, encoded + (1 << 16))
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from logitcache.client.errors import FailedPrecondition
 from logitcache.server.jobs import end_jobs
-from logitcache.server.leases import claimed, dataset_lease, leases_for
+from logitcache.server.leases import LeaseStore, claimed, dataset_lease, leases_for
 from logitcache.server.store.store import Store, validate_dataset_name
 
 _WHEN_HELD = (
@@ -35,10 +35,11 @@ class DatasetEnd:
     ended_jobs: list[str]
 
 
-def finish_dataset(store: Store, name: str) -> DatasetEnd:
-    """Mark a building dataset ended: ``partial``, or ``complete`` if all its records are sealed."""
+def finish_dataset(store: Store, name: str, leases: LeaseStore | None = None) -> DatasetEnd:
+    """Mark a building dataset ended: ``partial``, or ``complete`` if all its records are sealed.
+    ``leases``: the store's lease store (default: its files; a server passes its shared one)."""
     validate_dataset_name(name)
-    with claimed(leases_for(store), dataset_lease(name), "logitcache datasets finish",
+    with claimed(leases or leases_for(store), dataset_lease(name), "logitcache datasets finish",
                  what=f"dataset {name!r}", todo=_WHEN_HELD):  # fmt: skip
         ds = store.dataset(name)
         state = ds.manifest["state"]
@@ -50,10 +51,10 @@ def finish_dataset(store: Store, name: str) -> DatasetEnd:
     return DatasetEnd(name, state, [j.id for j in ended])
 
 
-def delete_dataset(store: Store, name: str) -> DatasetEnd:
+def delete_dataset(store: Store, name: str, leases: LeaseStore | None = None) -> DatasetEnd:
     """Remove a dataset's manifest and key list (its records stay, for ``gc``)."""
     validate_dataset_name(name)
-    with claimed(leases_for(store), dataset_lease(name), "logitcache datasets delete",
+    with claimed(leases or leases_for(store), dataset_lease(name), "logitcache datasets delete",
                  what=f"dataset {name!r}", todo=_WHEN_HELD):  # fmt: skip
         store.dataset(name)  # NotFound
         ended = end_jobs(store, name, "its dataset was deleted")

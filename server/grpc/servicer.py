@@ -20,6 +20,7 @@ from logitcache.server.dataset_lifecycle import delete_dataset, finish_dataset
 from logitcache.server.grpc import auth, convert
 from logitcache.server.grpc.status import rpc
 from logitcache.server.jobs import JobManager
+from logitcache.server.leases import LeaseStore, leases_for
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.access import Action
 from logitcache.server.policy.decision import Verdict
@@ -96,6 +97,11 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         )
         return convert.teacher_info(teacher, self._licence_of(teacher))
 
+    def _leases(self) -> LeaseStore:
+        """A lease store of its own for finishing or deleting a dataset (one that a job of this
+        server holds must refuse them): files, or the replicas' shared state."""
+        return leases_for(self.store, state_url=self.config.state_url)
+
     def _licence_of(self, teacher: Teacher) -> DeclaredLicence:
         return self.jobs.admission.licence_of(
             teacher.name, teacher.config.license, teacher.info.license
@@ -122,7 +128,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                             call: Call) -> Any:  # fmt: skip
         call.target = request.dataset
         await self.gate.require_owner(call, request.dataset)
-        await asyncio.to_thread(finish_dataset, self.store, request.dataset)
+        await asyncio.to_thread(finish_dataset, self.store, request.dataset, self._leases())
         await self.jobs.refresh()  # the jobs it cancelled
         return await self._described(request.dataset)
 
@@ -138,7 +144,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                             call: Call) -> Any:  # fmt: skip
         call.target = request.dataset
         await self.gate.require_owner(call, request.dataset)
-        end = await asyncio.to_thread(delete_dataset, self.store, request.dataset)
+        end = await asyncio.to_thread(delete_dataset, self.store, request.dataset, self._leases())
         await self.gate.deleted(request.dataset)
         await self.jobs.refresh()
         return convert.dataset_deleted(end)
