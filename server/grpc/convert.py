@@ -60,8 +60,17 @@ def record_batch(batch: EncodedBatch) -> pb.RecordBatch:
     return encode_batch(space, batch.keys, batch.input_ids, batch.lengths, batch.arrays)
 
 
-def id_sets(request: pb.ScoreIdsRequest) -> list[IdSets]:
-    """Per sequence, the ids to score at each of its positions."""
+def id_sets(request: pb.ScoreIdsRequest, config: ServerConfig) -> list[IdSets]:
+    """Per sequence, the ids to score at each of its positions; the ids of one request count
+    against the same limit as its tokens (the request's size stays within what the server
+    reads, see ``max_request_bytes``)."""
+    total = sum(len(s.ids) for s in request.ids)
+    if total > config.max_tokens_per_request:
+        raise ResourceExhausted(
+            f"{total} ids to score in one request; the limit is "
+            f"{config.max_tokens_per_request} (split the request)",
+            fields=["ids"],
+        )
     return [
         IdSets(np.asarray(s.ids, dtype=np.int64), np.asarray(s.counts, dtype=np.int64))
         for s in request.ids

@@ -203,7 +203,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 sequences = convert.sequences(request, self.config)
                 await self.gate.may_compute(call)
                 scored, computed = await self.scorer.score(
-                    teacher, sequences, convert.id_sets(request),
+                    teacher, sequences, convert.id_sets(request, self.config),
                     use=convert.use_request(request), user=call.user,
                 )  # fmt: skip
                 await self.gate.computed(call, computed)

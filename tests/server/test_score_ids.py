@@ -70,9 +70,9 @@ def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scori
         streamer = DatasetStreamer(store, loaded, prefetch=2)
         jobs = JobManager(store, reference_teachers, metrics, max_running=1, max_in_flight=4,
                           segment_positions=1 << 16)  # fmt: skip
-        service = LogitCacheService(ServerConfig(store=str(root / "store")), store,
-                                    reference_teachers, readthrough, streamer, jobs, metrics,
-                                    gate=gate)  # fmt: skip
+        config = ServerConfig(store=str(root / "store"), max_tokens_per_request=4096)
+        service = LogitCacheService(config, store, reference_teachers, readthrough, streamer,
+                                    jobs, metrics, gate=gate)  # fmt: skip
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
             (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
@@ -227,3 +227,16 @@ def test_scored_positions_count_as_computed(scoring) -> None:
             client.score_ids(seqs, ids)
     assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "positions_computed_per_day limit of 10 reached" in (raised.value.details() or "")
+
+
+def test_the_ids_of_a_request_count_against_its_token_limit(scoring) -> None:
+    """4096 tokens per request on this server: 20 positions of 256 ids are too many at once."""
+    seqs = [np.arange(4, 24)]
+    ids = [np.tile(np.arange(MAX_IDS_PER_POSITION), (20, 1))]
+    with scoring.client() as client:
+        with pytest.raises(grpc.RpcError) as raised:
+            client.score_ids(seqs, ids)
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "5120 ids to score in one request" in (raised.value.details() or "")
+        [half] = client.score_ids(seqs, [ids[0][:, :128]])
+    assert half.logprobs.shape == (20, 128) and np.isfinite(half.logprobs).all()
