@@ -29,6 +29,11 @@ class Record:
     where its target, token t + 1, belongs to an assistant turn (0 on the last row, which has no
     target). It belongs to the dataset entry, not to the record: the same record in another
     dataset may have another mask, or none. None: every position counts.
+
+    ``tempered_log_tails`` (float32 [T, m]) come with records of a space captured at
+    ``temperatures`` (``--temperatures``): column j is the log of the teacher's mass outside the
+    row's entries at temperature ``temperatures[j]``, i.e. under ``softmax(log p / T)`` over the
+    whole vocabulary (-inf where there is none; within 1/128 nats). None: not captured.
     """
 
     key: str
@@ -39,6 +44,8 @@ class Record:
     tail_logprobs: np.ndarray | None = None  # float32 [T]; log mass outside the stored entries
     counts: np.ndarray | None = None  # int32 [T, k]; sampled mode only
     loss_mask: np.ndarray | None = None  # uint8 [T]; chat datasets only
+    tempered_log_tails: np.ndarray | None = None  # float32 [T, m]; captures with temperatures
+    temperatures: tuple[float, ...] = ()  # the temperature of each column of tempered_log_tails
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

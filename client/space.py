@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -43,6 +44,13 @@ class CaptureSpace:
     k: int
     engine_dtype: str
     codec: str
+    # Temperatures besides 1 at which each position's log tail mass is stored (sorted; see
+    # ``client.codecs.tempered``). Left out of the id and the JSON when empty, so the spaces
+    # and stores of earlier versions keep their ids.
+    temperatures: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperatures", canonical_temperatures(self.temperatures))
 
     @property
     def capture_mode(self) -> CaptureMode:
@@ -67,19 +75,39 @@ class CaptureSpace:
     @property
     def space_id(self) -> str:
         """A short stable id: the hash of the canonical JSON form of the fields."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self._fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
+    def _fields(self) -> dict[str, Any]:
+        """The fields as JSON values, ``temperatures`` only where there are some."""
+        fields = asdict(self)
+        if self.temperatures:
+            fields["temperatures"] = list(self.temperatures)
+        else:
+            del fields["temperatures"]
+        return fields
+
     def to_json(self) -> dict[str, Any]:
-        return {"space_id": self.space_id, **asdict(self)}
+        return {"space_id": self.space_id, **self._fields()}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> CaptureSpace:
         fields = {k: v for k, v in obj.items() if k != "space_id"}
+        fields["temperatures"] = tuple(fields.get("temperatures", ()))
         space = cls(**fields)
         if "space_id" in obj and obj["space_id"] != space.space_id:
             raise ValueError(f"capture space {obj['space_id']} does not match its own fields")
         return space
+
+
+def canonical_temperatures(temperatures: Iterable[float]) -> tuple[float, ...]:
+    """Temperatures as a space holds them: distinct, sorted, each the shortest decimal of its
+    float32 value, so a space read from the wire (float32) has the id it was written with.
+    ValueError for a temperature that is not positive and finite."""
+    values = sorted({float(str(np.float32(t))) for t in temperatures})
+    if any(not 0.0 < t < np.inf for t in values):
+        raise ValueError(f"temperatures must be positive and finite, got {values}")
+    return tuple(values)
 
 
 def record_key(space_id: str, input_ids: np.ndarray) -> bytes:

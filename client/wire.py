@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from logitcache.client.codecs import TopKRows, codec_for
+from logitcache.client.codecs.tempered import temperatures_of
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.v1 import logitcache_pb2 as pb
@@ -29,8 +30,9 @@ def encode_batch(
     loss_mask: np.ndarray | None = None,
 ) -> pb.RecordBatch:
     """Wrap the codec arrays of concatenated records (see ``logitcache.client.codecs``), and
-    their ``loss_mask`` (uint8 [P], see ``Record.loss_mask``) where their dataset has one."""
-    codec = codec_for(space.codec, space.vocab_size)
+    their ``loss_mask`` (uint8 [P], see ``Record.loss_mask``) where their dataset has one.
+    A space's tails at other temperatures travel as arrays named by their temperature."""
+    codec = codec_for(space.codec, space.vocab_size, space.temperatures)
     return pb.RecordBatch(
         space_id=space.space_id,
         codec=space.codec,
@@ -72,10 +74,12 @@ def decode_arrays(batch: pb.RecordBatch, codec, positions: int) -> dict[str, np.
 
 
 def decode_batch(batch: pb.RecordBatch) -> list[Record]:
-    """All records of a batch, in batch order."""
+    """All records of a batch, in batch order (with the tails at the temperatures whose arrays
+    the batch carries)."""
     if not batch.keys:
         return []
-    codec = codec_for(batch.codec, batch.vocab_size)
+    temperatures = temperatures_of(a.name for a in batch.arrays)
+    codec = codec_for(batch.codec, batch.vocab_size, temperatures)
     lengths = np.asarray(batch.lengths, dtype=np.int64)
     positions = int(lengths.sum())
     input_ids = np.frombuffer(batch.input_ids, dtype="<i4")
@@ -129,8 +133,8 @@ def split_records(
         return [p if w == width else p[:, :w] for p, w in zip(pieces, widths.tolist(), strict=True)]
 
     return [
-        Record(key, ids, tok, lp, tgt, tail, cnt, mask)
-        for key, ids, tok, lp, tgt, tail, cnt, mask in zip(
+        Record(key, ids, tok, lp, tgt, tail, cnt, mask, tempered, rows.temperatures)
+        for key, ids, tok, lp, tgt, tail, cnt, mask, tempered in zip(
             keys,
             np.split(input_ids, bounds),
             parts(rows.token_ids),
@@ -139,6 +143,7 @@ def split_records(
             parts(rows.tail_logprobs),
             parts(rows.counts),
             parts(loss_mask),
+            parts(rows.tempered_log_tails),
             strict=True,
         )
     ]

@@ -73,6 +73,7 @@ class PrecomputeRequest:
     mode: CaptureMode = CaptureMode.TOPK  # a mode's string works too; see engine.capture
     top_p: float | None = None
     codec: str | None = None
+    temperatures: tuple[float, ...] = ()  # tails stored at these too (see engine.capture)
     text_field: str = "text"
     ids_field: str = "input_ids"
     # Chat rows (``server.chat``): the field of their messages ("": none), and the template
@@ -93,7 +94,7 @@ class PrecomputeRequest:
 
     @property
     def capture(self) -> CaptureConfig:
-        return CaptureConfig(self.mode, self.top_k, self.top_p, self.codec)
+        return CaptureConfig(self.mode, self.top_k, self.top_p, self.codec, self.temperatures)
 
 
 @dataclass
@@ -537,6 +538,7 @@ def _existing_space(
         and space.k == req.top_k
         and space.mode == req.capture.space_mode
         and space.codec == req.capture.codec_name
+        and space.temperatures == req.capture.temperatures
     )
     if not same:
         hint = "choose another name"

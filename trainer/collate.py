@@ -29,6 +29,12 @@ Fields (B rows of T positions, k = the largest k in the batch)::
     teacher_folded_entries  int64 []      with ``vocab_size`` only: teacher entries on ids the
     teacher_folded_mass   float32 []      student lacks, folded into the tail, and the most mass
                                           folded at one position (see trainer.vocab)
+    teacher_tempered_log_tails            records of a space captured with temperatures only
+                       float32 [B, T, m]  (``Record.tempered_log_tails``): log of the teacher's
+                                          tempered mass outside the row's entries at each
+                                          captured temperature (-inf: none); NaN on padding
+    teacher_temperatures float32 [m]      the temperature of each column (what
+                                          ``trainer.tempered.tempered_batch_loss`` looks up)
     loss_mask          bool    [B, T]     batches with a record of a chat dataset only: True where
                                           the record's ``loss_mask`` is (its target token is the
                                           assistant's), on every real position of records
@@ -157,7 +163,13 @@ _Piece = tuple[int, int, int, int, int]
 
 
 def _alloc(
-    rows: int, width: int, k: int, pad_token_id: int, sampled: bool, masked: bool
+    rows: int,
+    width: int,
+    k: int,
+    pad_token_id: int,
+    sampled: bool,
+    masked: bool,
+    temperatures: tuple[float, ...] = (),
 ) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "input_ids": np.full((rows, width), pad_token_id, dtype=np.int64),
@@ -173,7 +185,24 @@ def _alloc(
         arrays["teacher_counts"] = np.zeros((rows, width, k), dtype=np.int64)
     if masked:
         arrays["loss_mask"] = np.zeros((rows, width), dtype=np.bool_)
+    if temperatures:
+        arrays["teacher_tempered_log_tails"] = np.full(
+            (rows, width, len(temperatures)), np.nan, dtype=np.float32
+        )
+        arrays["teacher_temperatures"] = np.asarray(temperatures, dtype=np.float32)
     return arrays
+
+
+def _temperatures(records: Sequence[Record]) -> tuple[float, ...]:
+    """The temperatures every record has tails at; ValueError if the records differ."""
+    found = {rec.temperatures if rec.tempered_log_tails is not None else () for rec in records}
+    if len(found) > 1:
+        have = ", ".join(sorted(",".join(f"{t:g}" for t in f) or "none" for f in found))
+        raise ValueError(
+            f"cannot batch records captured with tails at different temperatures ({have}): "
+            "keep one capture space per stream"
+        )
+    return found.pop()
 
 
 def _masked(records: Sequence[Record]) -> bool:
@@ -217,6 +246,8 @@ def _fill(
             arrays["teacher_tail_logprobs"][row, col:end] = rec.tail_logprobs[start:stop]
         if rec.counts is not None:
             arrays["teacher_counts"][row, col:end, :k] = rec.counts[start:stop]
+        if rec.tempered_log_tails is not None:
+            arrays["teacher_tempered_log_tails"][row, col:end] = rec.tempered_log_tails[start:stop]
         if "loss_mask" in arrays:
             scored = True if rec.loss_mask is None else rec.loss_mask[start:stop].astype(bool)
             arrays["loss_mask"][row, col:end] = scored
@@ -285,7 +316,13 @@ def collate_records(
     lengths = [t if max_len is None else min(t, int(max_len)) for t, _ in shapes]
     k = max(kk for _, kk in shapes)
     arrays = _alloc(
-        len(records), max(lengths), k, pad_token_id, _sampled(records), _masked(records)
+        len(records),
+        max(lengths),
+        k,
+        pad_token_id,
+        _sampled(records),
+        _masked(records),
+        _temperatures(records),
     )
     _fill(arrays, records, [(i, 0, n, i, 0) for i, n in enumerate(lengths)], vocab_size, loss_on)
     return _to_torch(arrays, pin_memory)
@@ -353,7 +390,8 @@ def pack_records(
             used += stop - start
     rows = max(row + 1, 1)
 
-    arrays = _alloc(rows, seq_len, k, pad_token_id, sampled, _masked(records))
+    arrays = _alloc(rows, seq_len, k, pad_token_id, sampled, _masked(records),
+                    _temperatures(records))  # fmt: skip
     _fill(arrays, records, pieces, vocab_size, loss_on)
     position_ids = np.zeros((rows, seq_len), dtype=np.int64)
     sequence_ids = np.full((rows, seq_len), -1, dtype=np.int64)

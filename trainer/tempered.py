@@ -12,12 +12,14 @@ teacher's k + 1 buckets at T are exact (the normaliser cancels inside the kept s
 which is the dense tempered divergence coarsened to the kept ids and one tail bucket, and equal to
 the dense one when nothing is left outside (k = V). :func:`tempered_distillation_loss` refuses a
 temperature that was not captured unless the caller asks for ``approximate=True``: then it is the
-documented renormalised top-k objective of ``losses`` (tail dropped).
+documented renormalised top-k objective of ``losses`` (tail dropped). :func:`tempered_batch_loss`
+takes a collated batch (``trainer.collate``), whose ``teacher_tempered_log_tails`` and
+``teacher_temperatures`` say which temperatures were captured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -118,3 +120,33 @@ def tempered_distillation_loss(
     approximation = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}[kind]
     return approximation(student_logits, teacher_ids, teacher_logprobs, None,
                          temperature=temperature)  # fmt: skip
+
+
+def tempered_batch_loss(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    temperature: float,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    approximate: bool = False,
+) -> Tensor:
+    """:func:`tempered_distillation_loss` over the teacher positions of a collated ``batch``
+    (``teacher_mask``), with the captured temperatures and tails the batch carries
+    (``teacher_temperatures``, ``teacher_tempered_log_tails``; absent: none were captured).
+    ``student_logits`` [B, T, V], aligned with the batch."""
+    mask = batch["teacher_mask"]
+    tails = batch.get("teacher_tempered_log_tails")
+    captured = batch.get("teacher_temperatures")
+    return tempered_distillation_loss(
+        student_logits[mask],
+        batch["teacher_token_ids"][mask],
+        batch["teacher_logprobs"][mask],
+        temperature,
+        # float32 in the batch: each back to the shortest decimal, as the capture space has it
+        captured=() if captured is None else [float(str(t)) for t in captured.numpy()],
+        tempered_log_tails=None if tails is None else tails[mask],
+        kind=kind,
+        beta=beta,
+        approximate=approximate,
+    )

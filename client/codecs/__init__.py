@@ -11,7 +11,8 @@ row after row). Arrays of several records concatenate along their first dimensio
 segments, wire batches and decoders handle many records at once.
 
 One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v1``,
-``sampled``); the quantisation grids they share are in ``grid``.
+``sampled``); the quantisation grids they share are in ``grid``. A space with temperatures
+stores per-position log tails at them beside any top-k codec's arrays (``tempered``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from logitcache.client.codecs.base import Codec, Field
 from logitcache.client.codecs.grid import LOGPROB_SCALE, dequantize, quantize
 from logitcache.client.codecs.rows import TopKRows, concat_rows
 from logitcache.client.codecs.sampled import SampledCodec
+from logitcache.client.codecs.tempered import TemperedCodec
 from logitcache.client.codecs.topk_v1 import QuantizedTopKCodec
 from logitcache.client.codecs.topk_v2 import TopKCodec
 from logitcache.client.codecs.topk_v3 import ContractGridTopKCodec
@@ -36,6 +38,7 @@ __all__ = [
     "SampledCodec",
     "ContractGridTopKCodec",
     "TopKCodec",
+    "TemperedCodec",
     "TopKRows",
     "codec_for",
     "concat_rows",
@@ -56,9 +59,15 @@ CODECS: dict[str, type[Codec]] = {
 DEFAULT_CODEC = TopKCodec.name
 
 
-def codec_for(name: str, vocab_size: int) -> Codec:
-    """The codec a capture space names; old names stay here so old stores stay readable."""
+def codec_for(name: str, vocab_size: int, temperatures: tuple[float, ...] = ()) -> Codec:
+    """The codec a capture space names (with the space's ``temperatures``, the tail arrays at
+    them too); old names stay here so old stores stay readable."""
     try:
-        return CODECS[name](vocab_size=vocab_size)
+        codec = CODECS[name](vocab_size=vocab_size)
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; this version reads {sorted(CODECS)}") from None
+    if not temperatures:
+        return codec
+    if name == SampledCodec.name:
+        raise ValueError("sampled rows have no tail, so no tails at other temperatures")
+    return TemperedCodec(vocab_size, codec, tuple(temperatures))

@@ -14,21 +14,36 @@ in arrays named by the temperature (``tail_q_t2``, ``tail_q_t0.5``). These array
 codec's (top-k, top-p), per position: two bytes per position per temperature before
 compression. The engine computes ``log Z_T`` on its device (``device_capture``); the tails come
 from it and the exact kept values, before anything is rounded.
+
+:class:`TemperedCodec` adds these arrays to any top-k codec's (``codec_for`` wraps the space's
+codec when the space has temperatures): rows in carry ``TopKRows.tempered_log_tails``, rows out
+get them back. A space without temperatures uses its codec unwrapped, so its segments are as
+before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.client.codecs.base import Field
+from logitcache.client.codecs.base import Codec, Field
 from logitcache.client.codecs.grid import NO_VALUE, dequantize_uniform, quantize_uniform
+from logitcache.client.codecs.rows import TopKRows
+
+TAIL_PREFIX = "tail_q_t"
 
 
 def tail_field_name(temperature: float) -> str:
     """The array of one temperature's log tails (``tail_q_t2`` for T = 2)."""
-    return f"tail_q_t{float(temperature):g}"
+    return f"{TAIL_PREFIX}{float(temperature):g}"
+
+
+def temperatures_of(names: Iterable[str]) -> tuple[float, ...]:
+    """The temperatures whose tail arrays are among ``names`` (a wire batch's arrays), in order."""
+    return tuple(float(n[len(TAIL_PREFIX) :]) for n in names if n.startswith(TAIL_PREFIX))
 
 
 def tempered_fields(temperatures: Sequence[float]) -> tuple[Field, ...]:
@@ -71,3 +86,44 @@ def decode_tempered(arrays: dict[str, np.ndarray], temperatures: Sequence[float]
     if not columns:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TemperedCodec(Codec):
+    """``inner``'s arrays plus one log-tail array per temperature; it takes ``inner``'s name and
+    segment tables, so a segment says which codec it is as before."""
+
+    inner: Codec
+    temperatures: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.inner.name)
+        object.__setattr__(self, "segment_tables", self.inner.segment_tables)
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return (*self.inner.fields, *tempered_fields(self.temperatures))
+
+    def encode(self, rows: TopKRows) -> dict[str, np.ndarray]:
+        if rows.tempered_log_tails is None or rows.temperatures != self.temperatures:
+            have = ", ".join(f"{t:g}" for t in rows.temperatures) or "none"
+            want = ", ".join(f"{t:g}" for t in self.temperatures)
+            raise ValueError(f"the space stores tails at temperatures {want}; rows have {have}")
+        return {**self.inner.encode(rows), **encode_tempered(rows.tempered_log_tails,
+                                                              self.temperatures)}  # fmt: skip
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> TopKRows:
+        rows = self.inner.decode(arrays)
+        tails = decode_tempered(arrays, self.temperatures)
+        return dataclasses.replace(rows, tempered_log_tails=tails, temperatures=self.temperatures)
+
+    def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.seal(arrays)
+
+    def unseal(
+        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return self.inner.unseal(arrays, tables, input_ids)
+
+    def check_ids(self, token_ids: np.ndarray, valid: np.ndarray) -> None:
+        self.inner.check_ids(token_ids, valid)

@@ -5,6 +5,10 @@
                probability reaches P (at least one entry), plus the exact tail mass
     sampled    U = k draws per position from the teacher's full distribution (codec sampled-v1)
 
+A top-k or top-p capture with ``temperatures`` also stores, per position and temperature, the
+log of the tempered mass outside the kept entries (``client.codecs.tempered``), from the
+engine's log-normalisers at those temperatures and the exact kept values.
+
 Every mode is computed on the engine's device (``device_capture``): the engine returns a few
 columns per position (top-k, draws, normalisers), never the whole vocabulary, so sampling from
 the full distribution costs about what a top-k capture does at any vocabulary size.
@@ -14,14 +18,16 @@ the answer into the rows the space stores.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from logitcache.client.codecs import CODECS, DEFAULT_CODEC, SampledCodec, TopKRows
+from logitcache.client.codecs.tempered import tempered_log_tails
 from logitcache.client.errors import InvalidArgument
-from logitcache.client.space import CaptureMode, CaptureSpace
+from logitcache.client.space import CaptureMode, CaptureSpace, canonical_temperatures
 from logitcache.server.engine.columns import CapturedColumns, CaptureRequest, seed_of_key
 from logitcache.server.engine.sampling import MAX_SAMPLES, group_draws
 
@@ -34,9 +40,11 @@ FULL_VOCAB = -1  # an engine width: every token of the vocabulary
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """What to capture: the mode, k (top-k, the most entries for top_p, or draws for sampled).
+    """What to capture: the mode, k (top-k, the most entries for top_p, or draws for sampled),
+    and the temperatures whose tails are stored too (top-k and top-p only).
 
-    Errors name these fields as they are spelled here (``mode``, ``k``, ``top_p``, ``codec``);
+    Errors name these fields as they are spelled here (``mode``, ``k``, ``top_p``, ``codec``,
+    ``temperatures``);
     a front end words them its own way (see ``LogitCacheError.worded``).
     """
 
@@ -44,8 +52,13 @@ class CaptureConfig:
     k: int = 64
     top_p: float | None = None
     codec: str | None = None  # None: the mode's default
+    temperatures: tuple[float, ...] = ()  # sorted and distinct, as the space holds them
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "temperatures", canonical_temperatures(self.temperatures))
+        except ValueError as e:
+            raise InvalidArgument(str(e), fields=["temperatures"]) from None
         try:
             object.__setattr__(self, "mode", CaptureMode(self.mode))
         except ValueError:
@@ -70,6 +83,11 @@ class CaptureConfig:
         sampled_codec = self.codec == SampledCodec.name
         if self.codec is not None and sampled_codec != (self.mode is CaptureMode.SAMPLED):
             raise InvalidArgument(f"codec {self.codec} does not store {self.mode} captures")
+        if self.temperatures and self.mode is CaptureMode.SAMPLED:
+            raise InvalidArgument(
+                "temperatures are for top-k and top-p captures (sampled rows have no tail)",
+                fields=["temperatures", "mode"],
+            )
         if self.codec == "topk-q64-delta-v1" and self.mode is not CaptureMode.TOPK:
             raise InvalidArgument("codec topk-q64-delta-v1 stores fixed-k rows only")
 
@@ -95,7 +113,7 @@ class CaptureConfig:
         """What the engine computes per position of the record ``key``."""
         if self.mode is CaptureMode.SAMPLED:
             return CaptureRequest(samples=self.k, seed=seed_of_key(key))
-        return CaptureRequest(top_k=self.k)
+        return CaptureRequest(top_k=self.k, temperatures=self.temperatures)
 
     def space(self, teacher_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int,
               engine_dtype: str) -> CaptureSpace:  # fmt: skip
@@ -107,20 +125,22 @@ class CaptureConfig:
             k=self.k,
             engine_dtype=engine_dtype,
             codec=self.codec_name,
+            temperatures=self.temperatures,
         )
 
     @classmethod
     def of_space(cls, space: CaptureSpace) -> CaptureConfig:
-        return cls(space.capture_mode, space.k, space.top_p, space.codec)
+        return cls(space.capture_mode, space.k, space.top_p, space.codec, space.temperatures)
 
 
 async def capture_record(
     engine: TeacherEngine, config: CaptureConfig, ids: np.ndarray, key: bytes, priority: int = 0
 ) -> TopKRows | CapturedColumns:
     """The engine's answer for one record of a space: its top-k rows (``engine.capture``, which
-    the vLLM engine computes engine-side), or for sampled captures the engine-side columns of
-    :meth:`CaptureConfig.engine_request`; :func:`stored_rows` makes the stored rows of either."""
-    if config.mode is CaptureMode.SAMPLED:
+    the vLLM engine computes engine-side), or for sampled captures and captures with
+    temperatures the engine-side columns of :meth:`CaptureConfig.engine_request`;
+    :func:`stored_rows` makes the stored rows of either."""
+    if config.mode is CaptureMode.SAMPLED or config.temperatures:
         return await engine.capture_columns(ids, config.engine_request(key), priority)
     return await engine.capture(ids, config.k, priority)
 
@@ -128,9 +148,19 @@ async def capture_record(
 def stored_rows(config: CaptureConfig, answer: TopKRows | CapturedColumns) -> TopKRows:
     """The engine's answer (:func:`capture_record`) -> the rows a space stores."""
     if isinstance(answer, CapturedColumns):
-        if config.mode is not CaptureMode.SAMPLED:
-            return stored_rows(config, answer.top_rows())
-        return group_draws(answer.draw_ids, answer.draw_logprobs, answer.target_logprobs)
+        if config.mode is CaptureMode.SAMPLED:
+            return group_draws(answer.draw_ids, answer.draw_logprobs, answer.target_logprobs)
+        rows = stored_rows(dataclasses.replace(config, temperatures=()), answer.top_rows())
+        if not config.temperatures:
+            return rows
+        if answer.log_normalisers.shape[1] != len(config.temperatures):
+            raise ValueError("the engine's answer has no normalisers at the space's temperatures")
+        # The kept entries (a top-p prefix, or all k), exact: the tails are what they leave out.
+        tails = tempered_log_tails(rows.logprobs, answer.log_normalisers, config.temperatures)
+        return dataclasses.replace(rows, tempered_log_tails=tails.astype(np.float32),
+                                   temperatures=config.temperatures)  # fmt: skip
+    if config.temperatures:
+        raise ValueError("tails at temperatures come from the engine's columns (capture_columns)")
     rows = answer
     if config.mode is CaptureMode.SAMPLED:
         raise ValueError("sampled rows come from the engine's draws (capture_columns)")

@@ -71,7 +71,8 @@ class EncodedBatch:
         """Every record, decoded with the space's codec in one call for the whole batch."""
         if not self.keys:
             return []
-        rows = codec_for(self.space.codec, self.space.vocab_size).decode(self.arrays)
+        space = self.space
+        rows = codec_for(space.codec, space.vocab_size, space.temperatures).decode(self.arrays)
         keys = [k.hex() for k in self.keys]
         return split_records(keys, self.input_ids, self.lengths, rows, self.arrays.get("n"))
 

@@ -42,7 +42,7 @@ class SegmentReader:
         self.rel = f"{segments_dir(space.space_id)}/{segment_id}"
         self.cache_key = f"{backend.url}/{self.rel}"
         self._backend = backend
-        self._codec = codec_for(space.codec, space.vocab_size)
+        self._codec = codec_for(space.codec, space.vocab_size, space.temperatures)
         self._fields = codec_fields(space)
         store = backend.zarr_store(self.rel, read_only=True)
         try:
@@ -151,4 +151,6 @@ class SegmentReader:
             target_logprobs=rows.target_logprobs,
             tail_logprobs=rows.tail_logprobs,
             counts=rows.counts,
+            tempered_log_tails=rows.tempered_log_tails,
+            temperatures=rows.temperatures,
         )

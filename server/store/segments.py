@@ -57,7 +57,7 @@ def unsealed_dir(space_id: str) -> str:
 
 
 def codec_fields(space: CaptureSpace) -> tuple[Field, ...]:
-    return codec_for(space.codec, space.vocab_size).fields
+    return codec_for(space.codec, space.vocab_size, space.temperatures).fields
 
 
 def has_entries(fields: tuple[Field, ...]) -> bool:
@@ -67,7 +67,7 @@ def has_entries(fields: tuple[Field, ...]) -> bool:
 
 def array_names(space: CaptureSpace) -> tuple[str, ...]:
     """Every array of a segment of this space, index arrays included."""
-    codec = codec_for(space.codec, space.vocab_size)
+    codec = codec_for(space.codec, space.vocab_size, space.temperatures)
     index = INDEX_ARRAYS if has_entries(codec.fields) else INDEX_ARRAYS[:2]
     return (*index, "input_ids", *(f.name for f in codec.fields), *codec.segment_tables)
 

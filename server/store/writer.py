@@ -75,7 +75,7 @@ class CapturedRecord:
     def encode(
         cls, key: bytes, input_ids: np.ndarray, rows: TopKRows, space: CaptureSpace
     ) -> CapturedRecord:
-        codec = codec_for(space.codec, space.vocab_size)
+        codec = codec_for(space.codec, space.vocab_size, space.temperatures)
         return cls(key, np.asarray(input_ids, dtype=np.int32), codec.encode(rows))
 
     def __len__(self) -> int:
@@ -161,7 +161,8 @@ def _lay_out(
     }
     for f in fields:
         arrays[f.name] = np.concatenate([r.arrays[f.name] for r in records])
-    arrays = codec_for(space.codec, space.vocab_size).seal(arrays)  # + the codec's segment tables
+    codec = codec_for(space.codec, space.vocab_size, space.temperatures)
+    arrays = codec.seal(arrays)  # + the codec's segment tables
     per_entry = [f.name for f in fields if f.per == "entry"]
     if per_entry:
         entries = np.array([len(r.arrays[per_entry[0]]) for r in records], dtype=np.int64)

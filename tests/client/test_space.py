@@ -29,6 +29,7 @@ CHANGES = {
     "k": 32,
     "engine_dtype": "float32",
     "codec": "topk-q64-delta-v2",
+    "temperatures": (2.0,),
 }
 
 
