@@ -210,8 +210,10 @@ def test_server_on_a_full_disk_answers_turns_unready_and_recovers(
     store_dir = disk.root / "store"
     seqs = [list(map(int, s)) for s in sequences(7, 8)]
     log_path = tmp_path / "serve.log"  # not on the disk that fills
+    # Nor is the policy state with its audit log: a server refuses calls it cannot audit.
+    state = ("--state-dir", str(tmp_path / "state"))
     with ReferenceServer(
-        demo_teacher, store_dir, "--flush-seconds", "0.2", log_path=log_path
+        demo_teacher, store_dir, "--flush-seconds", "0.2", *state, log_path=log_path
     ) as server:
         wait_ready(server.http_url, True)
         with grpc.insecure_channel(server.target) as channel:
