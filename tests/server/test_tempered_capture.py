@@ -22,9 +22,10 @@ from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
 from logitcache.client.wire import decode_batch
 from logitcache.server.engine.reference import ReferenceEngine, TransformersReference
-from logitcache.server.grpc.convert import stream_batch
+from logitcache.server.grpc.convert import dataset_info, stream_batch
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import open_store
+from logitcache.server.store.summary import store_summary
 from logitcache.server.streaming import DatasetStreamer, StreamRequest
 from logitcache.trainer.collate import Collator
 from logitcache.trainer.losses import DIVERGENCES
@@ -46,12 +47,15 @@ def precompute(teacher: Path, rows: list[dict], out: Path, *flags: str) -> None:
     assert precompute_command(build_parser().parse_args(argv), ReferenceEngine) == 0
 
 
-def dense_log_tails(full_logprobs: np.ndarray, kept_ids: np.ndarray, t: float) -> np.ndarray:
-    """log of the mass outside ``kept_ids`` under softmax(lp / t) over the whole vocabulary."""
+def dense_log_tails(full_logprobs: np.ndarray, record: Record, t: float) -> np.ndarray:
+    """log of the mass outside the record's entries under softmax(lp / t) over the whole
+    vocabulary."""
     scaled = full_logprobs.astype(np.float64) / t
     scaled -= np.logaddexp.reduce(scaled, axis=1, keepdims=True)
-    outside = np.ones_like(scaled, dtype=bool)
-    np.put_along_axis(outside, kept_ids.astype(np.int64), False, axis=1)
+    kept = np.zeros_like(scaled, dtype=bool)
+    ids = record.token_ids.astype(np.int64)
+    np.put_along_axis(kept, ids, np.isfinite(record.logprobs), axis=1)
+    outside = ~kept
     with np.errstate(divide="ignore"):
         return np.logaddexp.reduce(np.where(outside, scaled, -np.inf), axis=1)
 
@@ -75,20 +79,25 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_precompute_stores_the_dense_tails(demo_teacher: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("capture", [["--top-k", "8"], ["--top-p", "0.9", "--max-k", "16"]])
+def test_precompute_stores_the_dense_tails(
+    demo_teacher: Path, tmp_path: Path, capture: list[str]
+) -> None:
+    """Top-k, and top-p (the tail is what each row's prefix leaves out, at T as at 1)."""
     out = tmp_path / "store"
     texts = ["the cat sat on the mat", "a dog ran far away in the park"]
-    precompute(demo_teacher, [{"text": t} for t in texts], out, "--top-k", "8",
-               "--temperatures", "2")  # fmt: skip
+    precompute(demo_teacher, [{"text": t} for t in texts], out, *capture, "--temperatures", "2")
     ds = logitcache.open_store(str(out)).dataset("d")
     assert ds.space.temperatures == (2.0,)
     assert ds.space.to_json()["temperatures"] == [2.0]
+    described = dataset_info(store_summary(open_store(str(out)), "d")["datasets"][0]).space
+    on_wire = {f: getattr(described, f) for f in CaptureSpace.__dataclass_fields__}
+    assert list(described.temperatures) == [2.0] and CaptureSpace(**on_wire) == ds.space
     reference = TransformersReference(demo_teacher)
     for record in ds:
         assert record.temperatures == (2.0,) and record.tempered_log_tails is not None
         assert record.tempered_log_tails.shape == (len(record), 1)
-        want = dense_log_tails(reference.full_logprobs(record.input_ids).numpy(),
-                               record.token_ids, 2.0)  # fmt: skip
+        want = dense_log_tails(reference.full_logprobs(record.input_ids).numpy(), record, 2.0)
         np.testing.assert_allclose(record.tempered_log_tails[:, 0], want, atol=GRID, rtol=0)
 
 
