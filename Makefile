@@ -40,7 +40,8 @@ endif
 	touch $@
 
 demo: $(STAMP)
-	test -f $(DEMO)/teacher/config.json || $(BIN)/logitcache demo-teacher $(DEMO)/teacher --seed 0
+	# A teacher is built once; one from before its model card (its licence) is built again.
+	test -f $(DEMO)/teacher/README.md || $(BIN)/logitcache demo-teacher $(DEMO)/teacher --seed 0
 	$(BIN)/logitcache demo-data $(DEMO)/data.jsonl --documents 400 --seed 1
 	$(BIN)/logitcache precompute --teacher $(DEMO)/teacher --data $(DEMO)/data.jsonl \
 		--out $(DEMO)/store --dataset demo --top-k 64
