@@ -2,12 +2,10 @@
 sampled U=12 and top-64 with three temperatures, beside vLLM's prefill-only limit, one engine.
 
 Rounds alternate between the modes and the prefill-only run, so that machine load falls on all
-of them alike; the best round of each is reported. top-64, top-p and sampled run precompute's
-pipeline end to end into a fresh store (capture, convert, encode, write, seal; their bytes are
-the store's). The temperatures are not a store field yet: that row runs the engine-side capture
-with log Z at T = 1, 2, 4, the same conversion and top-64 encoding, and the tempered tails'
-encoding, without writing a store; it is compared with top-64 run the same way (the row "top-64,
-no store"). Its bytes are top-64's plus the tails' arrays compressed as the store compresses.
+of them alike; the best round of each is reported. Every mode runs precompute's pipeline end to
+end into a fresh store (capture, convert, encode, write, seal), and its bytes are the store's:
+top-64 with temperatures stores each position's log tail mass at T = 1, 2, 4 beside the top-64
+arrays (``client.codecs.tempered``), from the engine's log-normalisers.
 """
 
 from __future__ import annotations
@@ -19,14 +17,11 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from logitcache.client.codecs.tempered import encode_tempered, tempered_log_tails
 from logitcache.client.space import CaptureMode, CaptureSpace, record_key
-from logitcache.server.engine.capture import CaptureConfig, stored_rows
-from logitcache.server.engine.columns import CapturedColumns, CaptureRequest
+from logitcache.server.engine.capture import CaptureConfig
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.precompute import capture_into_store
 from logitcache.server.store.store import open_store
-from logitcache.server.store.writer import CapturedRecord
 from logitcache.server.teachers.identity import TeacherInfo, capture_space
 
 TEMPERATURES = (1.0, 2.0, 4.0)
@@ -34,9 +29,9 @@ MODES = {
     "top-64": CaptureConfig(CaptureMode.TOPK, 64),
     "top-p 0.95 (max 64)": CaptureConfig(CaptureMode.TOP_P, 64, 0.95),
     "sampled U=12": CaptureConfig(CaptureMode.SAMPLED, 12),
+    "top-64 + T=1,2,4": CaptureConfig(CaptureMode.TOPK, 64, temperatures=TEMPERATURES),
 }
-TEMPERED = "top-64 + T=1,2,4, no store"
-UNSTORED = "top-64, no store"
+TEMPERED = "top-64 + T=1,2,4"
 
 
 async def _gather(
@@ -65,36 +60,6 @@ async def _pipeline(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.
         return seconds, store.backend.stored_bytes(f"spaces/{space.space_id}/segments")
 
 
-async def _unstored(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray],
-                    in_flight: int, temperatures: tuple[float, ...]) -> tuple[float, int]:  # fmt: skip
-    """Seconds of the engine-side top-64 capture (with log Z at ``temperatures``) plus its
-    conversion and encoding, and the compressed bytes of the tempered tails alone."""
-    import numcodecs  # type: ignore[import-untyped]
-
-    config = CaptureConfig.of_space(space)
-    request = CaptureRequest(top_k=64, temperatures=temperatures)
-    loop = asyncio.get_running_loop()
-    tails: list[np.ndarray] = []
-
-    def encode(ids: np.ndarray, columns: CapturedColumns) -> None:
-        key = record_key(space.space_id, ids)
-        CapturedRecord.encode(key, ids, stored_rows(config, columns), space)
-        if temperatures:
-            logs = tempered_log_tails(columns.top_logprobs, columns.log_normalisers, temperatures)
-            tails.append(np.stack(list(encode_tempered(logs, temperatures).values()), axis=1))
-
-    async def one(ids: np.ndarray) -> None:
-        columns = await engine.capture_columns(ids, request)
-        await loop.run_in_executor(None, encode, ids, columns)
-
-    seconds = await _gather(sequences, in_flight, one)
-    if not tails:
-        return seconds, 0
-    packed = np.ascontiguousarray(np.concatenate(tails))
-    compressed = numcodecs.Zstd(level=3).encode(packed)
-    return seconds, len(compressed)
-
-
 async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
                              sequences: list[np.ndarray], rounds: int) -> None:  # fmt: skip
     """Run the rounds and print the table (positions/s, ratios, bytes/position)."""
@@ -111,11 +76,6 @@ async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
         for name, space in spaces.items():
             seconds[name], stored = await _pipeline(engine, space, sequences, in_flight)
             nbytes[name] = stored / positions
-        seconds[UNSTORED], _ = await _unstored(engine, spaces["top-64"], sequences, in_flight, ())
-        seconds[TEMPERED], tail_bytes = await _unstored(engine, spaces["top-64"], sequences,
-                                                        in_flight, TEMPERATURES)  # fmt: skip
-        nbytes[UNSTORED] = nbytes["top-64"]
-        nbytes[TEMPERED] = nbytes["top-64"] + tail_bytes / positions
         for name, s in seconds.items():
             best[name] = max(best.get(name, 0.0), positions / s)
         print(f"modes round {r + 1}: " + "  ".join(f"{n}: {positions / s:,.0f}"
@@ -129,4 +89,4 @@ async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
         print(f"{name:28s}{rate:>13,.0f}{rate / prefill:>11.2f}{rate / top:>10.2f}{size:>11s}")
     print(f"targets: top-64 >= 0.8x prefill ({top / prefill:.2f}); sampled >= 0.5x top-64 "
           f"({best['sampled U=12'] / top:.2f}); temperatures >= 0.9x top-64 "
-          f"({best[TEMPERED] / best[UNSTORED]:.2f}, both without a store)")  # fmt: skip
+          f"({best[TEMPERED] / top:.2f})")  # fmt: skip
