@@ -4,7 +4,8 @@ A job is a precompute run with the server's own engine and store. Its spec and i
 sequences or texts a client streamed) are written to the store, and its dataset is published
 (state building, create-only: of two submissions of one name exactly one wins), before the job
 is accepted; so a server killed at any point finds every unfinished job on restart and runs it
-again, and the precompute's own resume logic then skips what was already sealed.
+again, and the precompute's own resume logic then skips what was already sealed. A job captures
+in any mode (``JobSpec.mode``: top-k, top-p, sampled), exactly as the offline precompute does.
 
 Ownership: the server that runs a job holds its dataset's lease (``leases``) from acceptance to
 the job's end, and renews it. Several servers may share a store: each one takes an unfinished job
@@ -43,7 +44,8 @@ from logitcache.client.errors import (
     LogitCacheError,
     NotFound,
 )
-from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport, input_shards
+from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport, input_shards, input_source
+from logitcache.server.inputs_hf import PACKAGED_BUILDERS, HFDataset
 from logitcache.server.leases import (
     DEFAULT_LEASE_S,
     LeaseKeeper,
@@ -62,6 +64,7 @@ from logitcache.server.precompute import (
     create_dataset,
     precompute,
 )
+from logitcache.server.readthrough import parse_mode, requested_capture
 from logitcache.server.spool import adopt_upload
 from logitcache.server.store.backend import StoredObject
 from logitcache.server.store.store import Store, validate_dataset_name
@@ -94,7 +97,8 @@ class JobState(StrEnum):
 class JobSpec:
     dataset: str
     teacher: str = ""
-    top_k: int = 0
+    top_k: int = 0  # k, the most entries (top_p) or the draws (sampled); 0: the default
+    mode: str = ""  # as a capture space spells it ("topk", "top_p:0.95", "sampled"; "": topk)
     server_path: str = ""
     max_len: int = 0
     overflow: str = "error"
@@ -317,7 +321,8 @@ class JobManager:
                       user: str | None) -> Job:  # fmt: skip
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
-        spec.top_k = teacher.resolve_k(spec.top_k)
+        capture = requested_capture(teacher, spec.mode, spec.top_k)
+        spec.mode, spec.top_k = capture.space_mode, capture.k
         if spec.overflow not in OVERFLOW_POLICIES:
             raise InvalidArgument(
                 f"overflow must be one of {OVERFLOW_POLICIES}, not {spec.overflow!r}",
@@ -336,7 +341,7 @@ class JobManager:
         admitted = self._admit(teacher, spec, user)  # before the input is read
         parse_action(spec.sensitive_data)
         if spec.server_path:
-            self.admission.confine(spec.server_path)  # before anything looks at the path
+            self._confined_input(spec.server_path)  # before anything looks at the path
         if spec.dataset in self._accepting or any(
             j.spec.dataset == spec.dataset and j.state.active for j in self._jobs.values()
         ):
@@ -591,10 +596,34 @@ class JobManager:
             if made_by.get("id") == job.id:
                 self.store.delete_dataset(job.spec.dataset)
 
+    def _confined_input(self, server_path: str) -> Path | HFDataset:
+        """``server_path`` as an input (``inputs.input_source``), confined to the allowed roots:
+        a path resolved inside them, or an ``hf://`` dataset of local files (its data_files and
+        data_dir patterns, and each file they match) inside them. A hub dataset, or remote data
+        files, is FAILED_PRECONDITION: the server would download it with its own credentials."""
+        source = input_source(server_path)
+        if not isinstance(source, HFDataset):
+            return self.admission.confine(server_path)
+        patterns = [*source.data_files, *([source.data_dir] if source.data_dir else [])]
+        if source.name not in PACKAGED_BUILDERS or any("://" in p for p in patterns):
+            raise FailedPrecondition(
+                "server_path names a Hugging Face hub dataset or remote files, which a job "
+                "would download with the server's credentials: jobs read local inputs only "
+                "(hf://json?data_files=..., a save_to_disk directory, or files under the "
+                "allowed roots)",
+                fields=["server_path"],
+            )
+        for path in [*patterns, *map(str, source.local_files())]:
+            self.admission.confine(path)
+        return source
+
     def _check_server_path(self, server_path: str) -> None:
         """Every shard of ``server_path`` is a file inside the allowed roots (a link in a root
         that leads out of it is refused like a path outside)."""
-        shards = input_shards(self.admission.confine(server_path))
+        source = self._confined_input(server_path)
+        if isinstance(source, HFDataset):
+            return  # its local files were each confined
+        shards = input_shards(source)
         if not all(isinstance(shard, Path) and shard.is_file() for shard in shards):
             raise InvalidArgument(
                 f"server_path {shown(server_path)!r} is not a file, a directory of shards or a "
@@ -612,16 +641,19 @@ class JobManager:
     def _request(self, job: Job) -> PrecomputeRequest:
         spec = job.spec
         data = (
-            self.admission.confine(spec.server_path)
+            self._confined_input(spec.server_path)
             if spec.server_path
             else StoredObject(self.store.backend, f"jobs/{job.id}/input.jsonl")
         )
+        mode, top_p = parse_mode(spec.mode)
         return PrecomputeRequest(
             teacher=spec.teacher,
             data=data,
             out=self.store.url,
             dataset=spec.dataset,
             top_k=spec.top_k,
+            mode=mode,
+            top_p=top_p,
             max_len=spec.max_len or None,
             overflow=spec.overflow,
             segment_positions=self.segment_positions,

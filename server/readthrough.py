@@ -11,6 +11,11 @@ Records answered and not sealed yet are held in memory, up to ``max_unsealed_byt
 store refuses writes (a full disk), the writer keeps them and retries with backoff, so they are
 sealed once space returns; past the bound, requests that need a computation are refused with
 UNAVAILABLE instead of growing the heap (hits are still answered).
+
+Every capture mode is read through (top-k, top-p, sampled): a request names its mode and k
+(:func:`requested_capture`), its records live in that mode's capture space, and a miss is
+captured as precompute captures it (``engine.capture.capture_record``), so a read-through
+record equals the precompute's record of the same sequence in the same space.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from logitcache.client.errors import LogitCacheError, Unavailable
-from logitcache.client.space import CaptureSpace, record_key
+from logitcache.client.errors import InvalidArgument, LogitCacheError, Unavailable
+from logitcache.client.space import CaptureMode, CaptureSpace, record_key
+from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.admission import Admission, Admitted
 from logitcache.server.policy.decision import UseRequest
@@ -33,10 +39,44 @@ from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.read import EncodedBatch, RecordSlice, gather, locate, record_slice
 from logitcache.server.store.store import Store
 from logitcache.server.store.writer import CapturedRecord, SegmentWriter
+from logitcache.server.teachers.identity import capture_space
 from logitcache.server.teachers.registry import Teacher
 
 INTERACTIVE_PRIORITY = 0
+DEFAULT_DRAWS = 12  # draws per position of a sampled request that leaves k 0 (as the CLI's)
 log = logging.getLogger(__name__)
+
+
+def parse_mode(mode: str) -> tuple[CaptureMode, float | None]:
+    """A mode as a capture space spells it ("topk", "top_p:0.95", "sampled"; "" is "topk") ->
+    the mode and its top-p threshold; INVALID_ARGUMENT naming ``mode`` for one this version
+    lacks (the threshold's range is CaptureConfig's to check)."""
+    name, colon, parameter = (mode or str(CaptureMode.TOPK)).partition(":")
+    try:
+        capture_mode = CaptureMode(name)
+        if bool(colon) == (capture_mode is CaptureMode.TOP_P):
+            return capture_mode, float(parameter) if colon else None
+    except ValueError:
+        pass
+    raise InvalidArgument(
+        f"mode {mode!r} is not one of topk, top_p:P (0 < P <= 1), sampled", fields=["mode"]
+    )
+
+
+def requested_capture(teacher: Teacher, mode: str, k: int) -> CaptureConfig:
+    """The capture a request asks ``teacher`` for: ``mode`` (:func:`parse_mode`) and its k (the
+    entries, the most entries, the draws; 0: the teacher's default, or DEFAULT_DRAWS draws).
+    INVALID_ARGUMENT naming ``mode`` or ``top_p`` for a bad mode, ``top_k`` for a k out of its
+    mode's range."""
+    capture_mode, top_p = parse_mode(mode)
+    if capture_mode is CaptureMode.SAMPLED:
+        k = k or DEFAULT_DRAWS
+    else:
+        k = teacher.resolve_k(k)
+    try:
+        return CaptureConfig(capture_mode, k, top_p)
+    except InvalidArgument as e:  # the core's k is the wire's top_k
+        raise InvalidArgument(e.worded({"k": "top_k"}), fields=["top_k", *e.fields]) from None
 
 
 class ReadThroughCache:
@@ -86,7 +126,7 @@ class ReadThroughCache:
     async def get(
         self,
         teacher: Teacher,
-        k: int,
+        capture: CaptureConfig | int,
         sequences: list[np.ndarray],
         *,
         durable: bool = False,
@@ -94,8 +134,8 @@ class ReadThroughCache:
         use: UseRequest | None = None,
         user: str | None = None,
     ) -> tuple[EncodedBatch, int]:
-        """Records for ``sequences`` in order, as one batch, and how many this call computed;
-        ``durable``: only once every one of them is sealed (else the store's error).
+        """Records for ``sequences`` in order, as one batch, in the space of ``capture`` (an int
+        is top-k with that k), and how many this call computed; ``durable``: only once every one of them is sealed (else the store's error).
         ``on_computed`` is told the positions this call computes (for quotas), once.
 
         The licence policy decides on the declared ``use`` (by ``user``, as authenticated)
@@ -103,7 +143,9 @@ class ReadThroughCache:
         reach the teacher or the cache (hits are in the store already)."""
         self.admit(teacher, use, user)
         teacher.check_sequences(sequences)
-        space = teacher.space(k)
+        if isinstance(capture, int):
+            capture = CaptureConfig(CaptureMode.TOPK, capture)
+        space = capture_space(teacher.info, teacher.engine.dtype, capture)
         loop = asyncio.get_running_loop()
         keys, slices, batch = await loop.run_in_executor(
             self._reader, self._lookup, space, sequences
@@ -240,15 +282,19 @@ class ReadThroughCache:
     ) -> asyncio.Future[CapturedRecord]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CapturedRecord] = loop.create_future()
+        config = CaptureConfig.of_space(space)
         self._inflight[key] = future
         self.computations += 1
         self.metrics.set_queue_depth("interactive", len(self._inflight))
 
         async def compute() -> None:
             try:
-                rows = await teacher.engine.capture(ids, space.k, INTERACTIVE_PRIORITY)
+                answer = await capture_record(
+                    teacher.engine, config, ids, key, INTERACTIVE_PRIORITY
+                )
                 record = await loop.run_in_executor(
-                    self._reader, CapturedRecord.encode, key, ids, rows, space
+                    self._reader,
+                    lambda: CapturedRecord.encode(key, ids, stored_rows(config, answer), space),
                 )
                 self._unsealed[key] = record
                 self.unsealed_bytes += record.nbytes

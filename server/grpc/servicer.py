@@ -27,7 +27,7 @@ from logitcache.server.policy.decision import Verdict
 from logitcache.server.policy.gate import Call, PolicyGate
 from logitcache.server.policy.licensing import DeclaredLicence
 from logitcache.server.policy.state import DatasetAccess
-from logitcache.server.readthrough import ReadThroughCache
+from logitcache.server.readthrough import ReadThroughCache, requested_capture
 from logitcache.server.scoring import IdScorer
 from logitcache.server.spool import JobUpload, teacher_tokenize
 from logitcache.server.store.store import Store
@@ -173,13 +173,13 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 first = False
                 teacher = self.teachers.get(request.teacher)
                 call.target = teacher.name
-                k = teacher.resolve_k(request.top_k)
+                capture = requested_capture(teacher, convert.capture_mode(request), request.top_k)
                 sequences = convert.sequences(request, self.config)
                 await self.gate.may_compute(call)
                 computing: list[int] = []
                 records, computed = await self.readthrough.get(
-                    teacher, k, sequences, durable=request.durable, on_computed=computing.append,
-                    use=convert.use_request(request), user=call.user,
+                    teacher, capture, sequences, durable=request.durable,
+                    on_computed=computing.append, use=convert.use_request(request), user=call.user,
                 )  # fmt: skip
                 await self.gate.computed(call, sum(computing))
                 await self.gate.serve(call, records.positions)

@@ -1,0 +1,148 @@
+"""Every capture mode through jobs and read-through, in process on the reference engine.
+
+A job and a read-through miss in top-p or sampled mode capture exactly what the offline
+precompute stores for the same input in the same space (sampled: the same draws, seeded by the
+record key); the spaces of different modes and k stay apart; a mode this version lacks, or a k
+outside its mode's range, is INVALID_ARGUMENT naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from job_managers import USE, last_update, manager, sequences
+from test_core_readthrough import assert_same, cache_on
+
+import logitcache
+from logitcache.client.errors import InvalidArgument
+from logitcache.client.record import Record
+from logitcache.server.grpc import convert
+from logitcache.server.jobs import JobSpec, JobState
+from logitcache.server.precompute import PrecomputeRequest, precompute
+from logitcache.server.readthrough import requested_capture
+from logitcache.server.store.store import open_store
+from logitcache.server.teachers.registry import Teacher, TeacherRegistry
+from logitcache.v1 import logitcache_pb2 as pb
+
+MODES = [("top_p:0.9", 8), ("sampled", 6)]
+
+
+@pytest.fixture
+def teacher(reference_teachers: TeacherRegistry) -> Teacher:
+    return reference_teachers.get("demo")
+
+
+def offline(
+    teacher: Teacher, inputs: list[list[int]], mode: str, k: int, tmp: Path
+) -> list[Record]:
+    """What ``logitcache precompute`` stores for ``inputs`` in this mode, in order."""
+    data = tmp / "input.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in inputs))
+    config = requested_capture(teacher, mode, k)
+    url = str(tmp / "offline")
+    req = PrecomputeRequest(teacher="demo", data=data, out=url, dataset="offline", top_k=k,
+                            mode=config.mode, top_p=config.top_p, progress=False,
+                            use=USE)  # fmt: skip
+    store = open_store(url, writable=True)
+    asyncio.run(precompute(req, teacher.engine, store=store, info=teacher.info))
+    ds = logitcache.open_store(url).dataset("offline")
+    return [ds[i] for i in range(len(inputs))]
+
+
+@pytest.mark.parametrize(("mode", "k"), MODES)
+def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_teachers, mode, k,
+                                                            tmp_path):  # fmt: skip
+    inputs = sequences(seed=16, count=6)
+    want = offline(teacher, inputs, mode, k, tmp_path)
+    url = str(tmp_path / "served")
+
+    async def scenario() -> tuple[JobState, str, list[Record], int]:
+        jobs = manager(url, reference_teachers)
+        try:
+            spec = JobSpec(use=USE, dataset="job", mode=mode, top_k=k)
+            done = await last_update(jobs, (await jobs.submit(spec, inputs, [])).id)
+        finally:
+            await jobs.close()
+        cache = cache_on(open_store(str(tmp_path / "rt"), writable=True))
+        cache.start()
+        try:
+            capture = requested_capture(teacher, mode, k)
+            batch = [np.asarray(s) for s in inputs]
+            records, computed = await cache.get(teacher, capture, batch, use=USE)
+            assert records.space.mode == mode and records.space.k == k
+        finally:
+            await cache.close()
+        return done.state, done.error, records.decode(), computed
+
+    state, error, answered, computed = asyncio.run(scenario())
+    assert state is JobState.COMPLETED, error
+    ds = logitcache.open_store(url).dataset("job")
+    assert ds.space.mode == mode and ds.space.k == k
+    assert computed == len(inputs)
+    for i, expected in enumerate(want):
+        assert_same(ds[i], expected)
+        assert_same(answered[i], expected)
+    if mode == "sampled":
+        assert all(r.counts is not None and int(r.counts.sum(axis=1).max()) == k for r in want)
+
+
+def test_read_through_keeps_each_mode_and_k_in_its_own_space(teacher, tmp_path):
+    batch = [np.asarray(s) for s in sequences(seed=17, count=3)]
+    captures = [requested_capture(teacher, m, k) for m, k in [("", 8), ("sampled", 6),
+                                                               ("sampled", 4), ("top_p:0.9", 8)]]  # fmt: skip
+
+    async def scenario() -> list[tuple[str, int]]:
+        cache = cache_on(open_store(str(tmp_path / "rt"), writable=True))
+        cache.start()
+        try:
+            answers = [await cache.get(teacher, c, batch, use=USE) for c in captures]
+            again = [await cache.get(teacher, c, batch, use=USE) for c in captures]
+        finally:
+            await cache.close()
+        assert [computed for _, computed in again] == [0] * len(captures)
+        return [(records.space.space_id, computed) for records, computed in answers]
+
+    answers = asyncio.run(scenario())
+    assert [computed for _, computed in answers] == [len(batch)] * len(captures)
+    assert len({space_id for space_id, _ in answers}) == len(captures)
+
+
+@pytest.mark.parametrize(
+    ("mode", "k", "field"),
+    [("nucleus", 8, "mode"), ("top_p", 8, "mode"), ("sampled:3", 6, "mode"),
+     ("top_p:x", 8, "mode"), ("top_p:1.5", 8, "top_p"), ("sampled", 256, "top_k"),
+     ("topk", 9, "top_k")],
+)  # fmt: skip
+def test_a_bad_mode_or_k_is_invalid_argument_naming_it(teacher, mode, k, field):
+    with pytest.raises(InvalidArgument) as refused:
+        requested_capture(teacher, mode, k)
+    assert field in refused.value.fields
+
+
+def test_a_job_with_a_bad_mode_is_refused_and_leaves_nothing(reference_teachers, tmp_path):
+    url = str(tmp_path / "store")
+
+    async def scenario() -> None:
+        jobs = manager(url, reference_teachers)
+        try:
+            with pytest.raises(InvalidArgument) as refused:
+                spec = JobSpec(use=USE, dataset="bad", mode="nucleus")
+                await jobs.submit(spec, sequences(seed=18, count=2), [])
+            assert refused.value.fields == ("mode",)
+        finally:
+            await jobs.close()
+
+    asyncio.run(scenario())
+    assert "bad" not in open_store(url).datasets()
+
+
+def test_the_wire_mode_reaches_the_job_spec_and_temperatures_are_refused():
+    spec = convert.job_spec(pb.JobSpec(dataset="d", mode="sampled", top_k=6))
+    assert spec.mode == "sampled" and spec.top_k == 6
+    with pytest.raises(InvalidArgument) as refused:
+        convert.capture_mode(pb.DistributionsRequest(mode="topk", temperatures=[2.0]))
+    assert refused.value.fields == ("temperatures",)
