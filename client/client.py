@@ -261,6 +261,7 @@ class _Submission:
         license: str | None,
         use: Use | None = None,
         sensitive_data: str | None = None,
+        messages_field: str | None = None,
     ) -> None:
         if sum(x is not None for x in (texts, input_ids, server_path)) != 1:
             raise ValueError("give exactly one of texts=, input_ids= or server_path=")
@@ -275,6 +276,7 @@ class _Submission:
             client_request_id=uuid.uuid4().hex,
             use=use_message(use),
             sensitive_data=sensitive_data or "",
+            messages_field=messages_field or "",
         )
         self.texts = texts
         self.input_ids = input_ids
@@ -775,12 +777,13 @@ class AsyncClient:
         license: str | None = None,
         use: Use | None = None,
         sensitive_data: str | None = None,
+        messages_field: str | None = None,
     ) -> str:
         """See ``Client.precompute``."""
         submission = _Submission(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license,
-            use=use or self.use, sensitive_data=sensitive_data,
+            use=use or self.use, sensitive_data=sensitive_data, messages_field=messages_field,
         )  # fmt: skip
 
         async def call() -> pb.Job:
@@ -1134,6 +1137,7 @@ class Client:
         license: str | None = None,
         use: Use | None = None,
         sensitive_data: str | None = None,
+        messages_field: str | None = None,
     ) -> str:
         """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
 
@@ -1144,13 +1148,15 @@ class Client:
         A one-shot iterator as input is sent once (not retried on UNAVAILABLE). The input is read
         on the client's loop thread while it is sent. ``use`` declares what the distributions
         are for (default: the client's; required by the server's licence policy);
-        ``sensitive_data`` is the dataset's filter action: "reject", "redact" (texts) or "allow"
-        (default: the server's).
+        ``sensitive_data`` is the dataset's filter action: "reject", "redact" (texts and chat
+        messages) or "allow" (default: the server's). ``messages_field`` names the column of chat rows in a
+        ``server_path`` input (``{"messages": [...]}``): they are rendered with the teacher's chat
+        template and each sequence gets an assistant-only loss mask.
         """
         return sync(self._async.precompute(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license, use=use,
-            sensitive_data=sensitive_data,
+            sensitive_data=sensitive_data, messages_field=messages_field,
         ))  # fmt: skip
 
     def get_job(self, job_id: str) -> pb.Job:

@@ -57,6 +57,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the teacher's)")  # fmt: skip
     p.add_argument(
+        "--messages-field",
+        default=None,
+        metavar="FIELD",
+        help="--server-path rows with this field are chat conversations, rendered with the "
+        "teacher's chat template, each sequence with an assistant-only loss mask",
+    )
+    p.add_argument(
         "--wait",
         action="store_true",
         help="follow the job to its end (progress bar on a terminal); exit 1 if it fails",
@@ -142,6 +149,7 @@ def _submit(args: argparse.Namespace) -> int:
             license=args.license,
             use=use_of(args),
             sensitive_data=args.sensitive_data,
+            messages_field=args.messages_field,
         )
         print(job_id, flush=True)
         if args.wait:

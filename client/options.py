@@ -102,8 +102,8 @@ def add_dataset_options(parser: argparse.ArgumentParser, *, license_default: str
         default=None,
         help="rows in which a sensitive-data detector (e-mail, phone, card, government id, "
         "secret, IP address) fires: fail naming the row (reject), replace the finding in texts "
-        "before tokenising (redact), or only count it in the provenance (allow) (default: the "
-        "server's, reject)",
+        "and chat messages before tokenising (redact), or only count it in the provenance "
+        "(allow) (default: the server's, reject)",
     )
 
 

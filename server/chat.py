@@ -31,7 +31,7 @@ import mmap
 import re
 import tempfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,12 +96,20 @@ def load_chat_template(spec: str | None, tokenizer: Any) -> ChatTemplate:
 
 
 class ChatRenderer:
-    """Conversations to (token ids, loss mask) with one tokenizer and one template."""
+    """Conversations to (token ids, loss mask) with one tokenizer and one template; ``redact``
+    (a sensitive-data filter's) rewrites each message's content before it is rendered."""
 
-    def __init__(self, tokenizer: Any, template: ChatTemplate, messages_field: str) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: ChatTemplate,
+        messages_field: str,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.field = messages_field
+        self.redact = redact
 
     @property
     def provenance(self) -> dict[str, str]:
@@ -117,6 +125,8 @@ class ChatRenderer:
         """Token ids (int64 [T]) and the target loss mask (uint8 [T]) of one conversation;
         ChatError says what is wrong with it."""
         conversation = _checked(messages)
+        if self.redact is not None:
+            conversation = [{**m, "content": self.redact(m["content"])} for m in conversation]
         from jinja2 import TemplateError
 
         try:
@@ -192,9 +202,13 @@ class ChatRenderer:
 
 
 def chat_renderer(
-    tokenizer_path: str | Path, messages_field: str, chat_template: str | None
+    tokenizer_path: str | Path,
+    messages_field: str,
+    chat_template: str | None,
+    redact: Callable[[str], str] | None = None,
 ) -> ChatRenderer:
-    """A renderer with the teacher's tokenizer (in ``tokenizer_path``) and ``chat_template``."""
+    """A renderer with the teacher's tokenizer (in ``tokenizer_path``), ``chat_template`` and
+    ``redact`` (see ChatRenderer)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
@@ -203,7 +217,8 @@ def chat_renderer(
             f"the teacher's tokenizer in {tokenizer_path} is not a fast tokenizer; chat rows "
             "need its character offsets for the assistant masks"
         )
-    return ChatRenderer(tokenizer, load_chat_template(chat_template, tokenizer), messages_field)
+    template = load_chat_template(chat_template, tokenizer)
+    return ChatRenderer(tokenizer, template, messages_field, redact)
 
 
 def _checked(messages: object) -> list[dict]:

@@ -43,6 +43,7 @@ from logitcache.server.policy.filters import (
     FilterReport,
     SensitiveDataFilter,
     screen_sequences,
+    screening_redact,
     screening_tokenize,
 )
 from logitcache.server.policy.provenance import policy_provenance
@@ -120,10 +121,14 @@ class PrecomputeResult:
 
 
 def prepare_inputs(
-    req: PrecomputeRequest, info: TeacherInfo, tokenize: Tokenize | None = None
+    req: PrecomputeRequest,
+    info: TeacherInfo,
+    tokenize: Tokenize | None = None,
+    redact: Callable[[str], str] | None = None,
 ) -> InputReport:
     """Read and check the input file completely (before any engine starts or anything is written);
-    texts are tokenised with ``tokenize`` (default: the teacher's tokenizer)."""
+    texts are tokenised with ``tokenize`` (default: the teacher's tokenizer), chat messages'
+    contents go through ``redact`` (if given) before they are rendered."""
     req.capture  # noqa: B018 - checks the capture options (and k) before any work
     limit = info.max_model_len - 1
     if req.max_len is not None:
@@ -139,7 +144,7 @@ def prepare_inputs(
         skip_invalid=req.skip_invalid,
         text_field=req.text_field,
         ids_field=req.ids_field,
-        chat=chat_renderer(info.path, req.messages_field, req.chat_template)
+        chat=chat_renderer(info.path, req.messages_field, req.chat_template, redact)
         if req.messages_field
         else None,
     )
@@ -167,14 +172,16 @@ def admitted_inputs(
 def screened_inputs(
     req: PrecomputeRequest, info: TeacherInfo, filter_: SensitiveDataFilter
 ) -> tuple[InputReport, FilterReport]:
-    """The input as ``prepare_inputs`` reads it, texts redacted before they are tokenised (a
-    redact filter), and every sequence screened as the teacher's tokenizer reads it: a
-    rejected one is INVALID_ARGUMENT naming its row and detector."""
+    """The input as ``prepare_inputs`` reads it, texts and chat messages redacted before they
+    are tokenised or rendered (a redact filter), and every sequence screened as the teacher's
+    tokenizer reads it: a rejected one is INVALID_ARGUMENT naming its row and detector."""
     filters = filter_.report()
     tokenize = teacher_tokenize(info)
+    redact = None
     if filter_.action is FilterAction.REDACT:
         tokenize = screening_tokenize(filter_, tokenize, filters)
-    report = prepare_inputs(req, info, tokenize)
+        redact = screening_redact(filter_, filters)
+    report = prepare_inputs(req, info, tokenize, redact)
     sequences = report.sequences
     screen_sequences(
         filter_,

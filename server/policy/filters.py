@@ -573,17 +573,21 @@ def screening_tokenize(
     """``tokenize`` for a REDACT filter: each text's findings are redacted before it is
     tokenised, and counted into ``report`` (texts reach the tokenizer, hence the teacher and
     the cache, only redacted)."""
+    redact = screening_redact(filter_, report)
+    return lambda texts: tokenize([redact(text) for text in texts])
 
-    def redacting(texts: list[str]) -> list[list[int]]:
-        redacted = []
-        for text in texts:
-            result = filter_.apply(text)
-            report.counts.update(result.counts)
-            report.texts_with_findings += bool(result.counts)
-            redacted.append(result.text)
-        return tokenize(redacted)
 
-    return redacting
+def screening_redact(filter_: SensitiveDataFilter, report: FilterReport) -> Callable[[str], str]:
+    """One text redacted by a REDACT filter, its findings counted into ``report``: what a chat
+    message's content goes through before the template renders it."""
+
+    def redact(text: str) -> str:
+        result = filter_.apply(text)
+        report.counts.update(result.counts)
+        report.texts_with_findings += bool(result.counts)
+        return result.text
+
+    return redact
 
 
 def screen_sequences(
