@@ -35,6 +35,7 @@ from logitcache.bench.synthetic import benchmark_sequences
 from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
 from logitcache.demo.language import generate_documents
+from logitcache.demo.large_vocab import large_vocab_teacher_path
 from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputSource, input_shards, input_source, load_sequences
@@ -118,6 +119,8 @@ async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -
 
 def run_capture_benchmark(args: argparse.Namespace, options: EngineOptions) -> None:
     teacher = args.teacher or str(demo_teacher_path())
+    if teacher == "large":
+        teacher = str(large_vocab_teacher_path())
     if args.data is None and args.data_tokens is None:
         asyncio.run(_run(args, options, teacher))
         return

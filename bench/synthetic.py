@@ -21,7 +21,8 @@ def benchmark_sequences(
     teacher_path: str, count: int, length: int, seed: int = 1
 ) -> list[np.ndarray]:
     """``count`` sequences of ``length`` tokens: demo-language documents of ``seed``, tokenised
-    with the teacher's tokenizer, run together and cut."""
+    with the teacher's tokenizer, run together and cut; a teacher of another language (the
+    large-vocabulary one) gives its own held-out texts instead, repeated if too few."""
     from transformers import AutoTokenizer
 
     from logitcache.demo.language import generate_documents
@@ -29,11 +30,26 @@ def benchmark_sequences(
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     stream: list[int] = []
     docs_seed = seed
+    own = _own_language_texts(Path(teacher_path))
     while len(stream) < count * length:
-        for ids in tokenizer(generate_documents(200, seed=docs_seed))["input_ids"]:
+        texts = own or generate_documents(200, seed=docs_seed)
+        for ids in tokenizer(texts)["input_ids"]:
             stream.extend(ids)
         docs_seed += 1000
     return list(np.asarray(stream[: count * length], dtype=np.int32).reshape(count, length))
+
+
+def _own_language_texts(teacher_path: Path) -> list[str]:
+    """The held-out texts of a teacher that does not speak the demo language, else none."""
+    import json
+
+    from logitcache.demo.large_vocab import HELD_OUT_FILE, LANGUAGE
+
+    facts = teacher_path / "demo_teacher.json"
+    if not facts.is_file() or json.loads(facts.read_text()).get("language") != LANGUAGE:
+        return []
+    with open(teacher_path / HELD_OUT_FILE, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
 
 
 def synthetic_store(root: Path, positions: int, seq_len: int, k: int, vocab: int = 32000) -> str:

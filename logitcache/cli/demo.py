@@ -18,6 +18,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the language and the weights (default: 0)"
     )
+    p.add_argument(
+        "--large-vocab",
+        action="store_true",
+        help="build the large-vocabulary teacher instead (131,072 rows, a synthetic Zipf lexicon)",
+    )
     p.set_defaults(handler=_demo_teacher)
 
     p = sub.add_parser(
@@ -48,10 +53,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_teacher(args: argparse.Namespace) -> int:
+    from logitcache.demo.large_vocab import build_large_vocab_teacher
     from logitcache.demo.model_card import DEMO_LANGUAGE_DATA, ensure_model_card
     from logitcache.demo.teacher import build_demo_teacher
 
-    path = build_demo_teacher(args.out_dir, seed=args.seed)
+    build = build_large_vocab_teacher if args.large_vocab else build_demo_teacher
+    path = build(args.out_dir, seed=args.seed)
     ensure_model_card(path, "logitcache demo teacher", DEMO_LANGUAGE_DATA)  # its licence
     print(f"demo teacher written to {path}")
     return 0
