@@ -141,10 +141,12 @@ def _distributions_request(
     top_k: int | None,
     durable: bool = False,
     use: Use | None = None,
+    mode: str | None = None,
 ) -> pb.DistributionsRequest:
     return pb.DistributionsRequest(
         teacher=teacher or "",
         top_k=top_k or 0,
+        mode=mode or "",
         sequences=[_sequence(s, i) for i, s in enumerate(sequences)],
         durable=durable,
         use=use_message(use),
@@ -262,6 +264,7 @@ class _Submission:
         use: Use | None = None,
         sensitive_data: str | None = None,
         messages_field: str | None = None,
+        mode: str | None = None,
     ) -> None:
         if sum(x is not None for x in (texts, input_ids, server_path)) != 1:
             raise ValueError("give exactly one of texts=, input_ids= or server_path=")
@@ -269,6 +272,7 @@ class _Submission:
             dataset=dataset,
             teacher=teacher or "",
             top_k=top_k or 0,
+            mode=mode or "",
             server_path=server_path or "",
             max_len=max_len or 0,
             overflow=overflow or "",
@@ -360,12 +364,18 @@ class _Pipeline:
     """
 
     def __init__(
-        self, teacher: str | None, top_k: int | None, window: int, use: Use | None = None
+        self,
+        teacher: str | None,
+        top_k: int | None,
+        window: int,
+        use: Use | None = None,
+        mode: str | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.teacher = teacher
         self.top_k = top_k
+        self.mode = mode
         self.use = use
         self.window = window
         # The requests of the current call; None in it ends the request stream.
@@ -394,7 +404,9 @@ class _Pipeline:
             self._exhausted = True
             self._outbox.put_nowait(None)
             return
-        request = _distributions_request(batch, self.teacher, self.top_k, use=self.use)
+        request = _distributions_request(
+            batch, self.teacher, self.top_k, use=self.use, mode=self.mode
+        )
         self._pending.append(request)
         self._outbox.put_nowait(request)
 
@@ -665,8 +677,9 @@ class AsyncClient:
         top_k: int | None = None,
         durable: bool = False,
         use: Use | None = None,
+        mode: str | None = None,
     ) -> list[Record]:
-        request = _distributions_request(sequences, teacher, top_k, durable, use or self.use)
+        request = _distributions_request(sequences, teacher, top_k, durable, use or self.use, mode)
 
         async def call() -> list[Record]:
             responses = [
@@ -689,9 +702,10 @@ class AsyncClient:
         top_k: int | None = None,
         window: int = 8,
         use: Use | None = None,
+        mode: str | None = None,
     ) -> AsyncIterator[list[Record]]:
         """``Client.get_distributions_iter``; ``batches`` may also be an async iterable."""
-        pipe = _Pipeline(teacher, top_k, window, use or self.use)
+        pipe = _Pipeline(teacher, top_k, window, use or self.use, mode)
         source = _aiter_of(batches)
 
         async def fill() -> None:
@@ -778,12 +792,14 @@ class AsyncClient:
         use: Use | None = None,
         sensitive_data: str | None = None,
         messages_field: str | None = None,
+        mode: str | None = None,
     ) -> str:
         """See ``Client.precompute``."""
         submission = _Submission(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license,
             use=use or self.use, sensitive_data=sensitive_data, messages_field=messages_field,
+            mode=mode,
         )  # fmt: skip
 
         async def call() -> pb.Job:
@@ -1034,6 +1050,7 @@ class Client:
         top_k: int | None = None,
         durable: bool = False,
         use: Use | None = None,
+        mode: str | None = None,
     ) -> list[Record]:
         """One record per sequence (lists or arrays of token ids), in the same order.
 
@@ -1042,11 +1059,12 @@ class Client:
         once every record is sealed in the store (a server crash after the answer cannot lose
         them); RESOURCE_EXHAUSTED or UNAVAILABLE if the store cannot take them now. ``use``
         declares what the distributions are for (default: the client's); the server's licence
-        policy refuses an undeclared use.
+        policy refuses an undeclared use. ``mode``: the capture mode, as in ``precompute``
+        (default "topk"); each mode and k is its own capture space.
         """
         return sync(
             self._async.get_distributions(
-                sequences, teacher=teacher, top_k=top_k, durable=durable, use=use
+                sequences, teacher=teacher, top_k=top_k, durable=durable, use=use, mode=mode
             )
         )
 
@@ -1058,6 +1076,7 @@ class Client:
         top_k: int | None = None,
         window: int = 8,
         use: Use | None = None,
+        mode: str | None = None,
     ) -> Iterator[list[Record]]:
         """The records of each batch of sequences, in order, over one stream.
 
@@ -1068,7 +1087,7 @@ class Client:
         feed = Feed(batches)
         return SyncIterator(
             self._async.get_distributions_iter(
-                feed, teacher=teacher, top_k=top_k, window=window, use=use
+                feed, teacher=teacher, top_k=top_k, window=window, use=use, mode=mode
             ),
             feed,
         )
@@ -1138,6 +1157,7 @@ class Client:
         use: Use | None = None,
         sensitive_data: str | None = None,
         messages_field: str | None = None,
+        mode: str | None = None,
     ) -> str:
         """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
 
@@ -1151,12 +1171,14 @@ class Client:
         ``sensitive_data`` is the dataset's filter action: "reject", "redact" (texts and chat
         messages) or "allow" (default: the server's). ``messages_field`` names the column of chat rows in a
         ``server_path`` input (``{"messages": [...]}``): they are rendered with the teacher's chat
-        template and each sequence gets an assistant-only loss mask.
+        template and each sequence gets an assistant-only loss mask. ``mode`` is the capture
+        mode as a capture space spells it: "topk" (the default), "top_p:P" (adaptive, at most
+        ``top_k`` entries) or "sampled" (``top_k`` draws per position; 0: 12).
         """
         return sync(self._async.precompute(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license, use=use,
-            sensitive_data=sensitive_data, messages_field=messages_field,
+            sensitive_data=sensitive_data, messages_field=messages_field, mode=mode,
         ))  # fmt: skip
 
     def get_job(self, job_id: str) -> pb.Job:

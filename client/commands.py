@@ -20,6 +20,7 @@ from typing import Any
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.options import (
     add_dataset_options,
+    add_mode_option,
     add_progress_option,
     add_server_options,
     add_use_options,
@@ -56,6 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--server-path", metavar="PATH", help="JSONL or Parquet file on the server")
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the teacher's)")  # fmt: skip
+    add_mode_option(p)
     p.add_argument(
         "--messages-field",
         default=None,
@@ -99,8 +101,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "come from its store, the others are computed) and write the records to an .npz "
             "file: input_ids int32 [P], token_ids int32 [P, k], logprobs float32 [P, k] and "
             "target_logprobs float32 [P] (NaN on each record's last row) and, for spaces that "
-            "store it, tail_logprobs float32 [P] (log of the mass outside the top-k), concatenated over the "
-            "records in file order, with offsets int64 [n+1] (record i is rows "
+            "store it, tail_logprobs float32 [P] (log of the mass outside the top-k), and for "
+            "--mode sampled counts int32 [P, k] (draws per entry), concatenated over the "
+            "records in file order (k is the widest record's; narrower rows are padded with id 0, "
+            "log-prob -inf, count 0), with offsets int64 [n+1] (record i is rows "
             "offsets[i]:offsets[i+1]) and keys (hex) [n]. The client has no tokenizer: for texts, "
             "build a dataset with `logitcache submit`. Writing into a store (--out-store) is not "
             "implemented; only --out."
@@ -111,6 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="OUT.npz", help="output file")
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the server's)")  # fmt: skip
+    add_mode_option(p)
     p.add_argument("--batch", type=int, default=256, help="sequences per request (default: 256)")
     add_use_options(p)
     add_progress_option(p)
@@ -150,6 +155,7 @@ def _submit(args: argparse.Namespace) -> int:
             use=use_of(args),
             sensitive_data=args.sensitive_data,
             messages_field=args.messages_field,
+            mode=args.mode,
         )
         print(job_id, flush=True)
         if args.wait:
@@ -272,7 +278,7 @@ def _job_details(job: Any) -> str:
         ("job", job.id),
         ("dataset", s.dataset),
         ("state", job.state + (f": {job.error}" if job.error else "")),
-        ("teacher", f"{s.teacher} (top_k {s.top_k})"),
+        ("teacher", f"{s.teacher} ({s.mode or 'topk'}, top_k {s.top_k})"),
         ("input", s.server_path or "streamed by the client"),
         ("sequences", f"{job.sequences_done:,} / {job.sequences_total:,}"),
         ("positions", f"{job.positions_done:,} / {job.positions_total:,} ({_percent(job)})"),
@@ -337,7 +343,7 @@ def _fetch(args: argparse.Namespace) -> int:
     records = []
     with _client(args) as client, _progress(len(sequences), args.no_progress) as bar:
         for batch in client.get_distributions_iter(
-            batches, teacher=args.teacher, top_k=args.top_k, use=use_of(args)
+            batches, teacher=args.teacher, top_k=args.top_k, use=use_of(args), mode=args.mode
         ):
             records += batch
             bar.update(len(batch))
@@ -348,12 +354,17 @@ def _fetch(args: argparse.Namespace) -> int:
         np.savez(
             f,
             input_ids=np.concatenate([r.input_ids for r in records]),
-            token_ids=np.concatenate([r.token_ids for r in records]),
-            logprobs=np.concatenate([r.logprobs for r in records]),
+            token_ids=_columns([r.token_ids for r in records], 0),
+            logprobs=_columns([r.logprobs for r in records], -np.inf),
             target_logprobs=np.concatenate([r.target_logprobs for r in records]),
             **(
                 {"tail_logprobs": np.concatenate([r.tail_logprobs for r in records])}
                 if all(r.tail_logprobs is not None for r in records)
+                else {}
+            ),
+            **(
+                {"counts": _columns([r.counts for r in records], 0)}
+                if all(r.counts is not None for r in records)
                 else {}
             ),
             offsets=offsets,
@@ -364,6 +375,17 @@ def _fetch(args: argparse.Namespace) -> int:
         f"to {args.out}"
     )
     return 0
+
+
+def _columns(arrays: list[Any], fill: float) -> Any:
+    """Records' [T, k] rows stacked into [P, k] at the widest k (top-p and sampled records have
+    their own widths), the narrower ones padded with ``fill``."""
+    import numpy as np
+
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate(
+        [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
+    )
 
 
 def _progress(total: int, hidden: bool):

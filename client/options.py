@@ -152,3 +152,15 @@ def use_of(args: argparse.Namespace) -> Any:
 def add_progress_option(parser: argparse.ArgumentParser) -> None:
     """``--no-progress``, for commands that draw a progress bar on stderr."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_mode_option(parser: argparse.ArgumentParser) -> None:
+    """``--mode``, the capture mode of a server's job or read-through (checked by the server)."""
+    parser.add_argument(
+        "--mode",
+        default=None,
+        metavar="MODE",
+        help="capture mode: topk (default), top_p:P (adaptive: the fewest entries whose "
+        "probability reaches P, at most --top-k) or sampled (--top-k draws per position from "
+        "the teacher's full distribution; default 12)",
+    )

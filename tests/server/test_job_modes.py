@@ -3,28 +3,40 @@
 A job and a read-through miss in top-p or sampled mode capture exactly what the offline
 precompute stores for the same input in the same space (sampled: the same draws, seeded by the
 record key); the spaces of different modes and k stay apart; a mode this version lacks, or a k
-outside its mode's range, is INVALID_ARGUMENT naming the field.
+outside its mode's range, is INVALID_ARGUMENT naming the field. Through the real servicer and
+client, a job's and a read-through's mode reach the core and come back in the records' space.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from job_managers import USE, last_update, manager, sequences
 from test_core_readthrough import assert_same, cache_on
 
 import logitcache
+import logitcache.cli
+from logitcache.client.client import Client
 from logitcache.client.errors import InvalidArgument
 from logitcache.client.record import Record
+from logitcache.client.use import Use
+from logitcache.server.config import ServerConfig
 from logitcache.server.grpc import convert
-from logitcache.server.jobs import JobSpec, JobState
+from logitcache.server.grpc.servicer import LogitCacheService
+from logitcache.server.grpc.status import service_handler
+from logitcache.server.jobs import JobManager, JobSpec, JobState
+from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute
-from logitcache.server.readthrough import requested_capture
+from logitcache.server.readthrough import ReadThroughCache, requested_capture
+from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import open_store
+from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import Teacher, TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 
@@ -56,7 +68,7 @@ def offline(
 @pytest.mark.parametrize(("mode", "k"), MODES)
 def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_teachers, mode, k,
                                                             tmp_path):  # fmt: skip
-    inputs = sequences(seed=16, count=6)
+    inputs = sequences(seed=16, count=4, lengths=(3, 24))
     want = offline(teacher, inputs, mode, k, tmp_path)
     url = str(tmp_path / "served")
 
@@ -146,3 +158,81 @@ def test_the_wire_mode_reaches_the_job_spec_and_temperatures_are_refused():
     with pytest.raises(InvalidArgument) as refused:
         convert.capture_mode(pb.DistributionsRequest(mode="topk", temperatures=[2.0]))
     assert refused.value.fields == ("temperatures",)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[str]:
+    """The real servicer on the reference engine (no policy gate): its address."""
+    root = tmp_path_factory.mktemp("modes")
+    store = open_store(str(root / "store"), writable=True)
+
+    async def start() -> tuple[int, grpc.aio.Server, ReadThroughCache, JobManager]:
+        metrics, loaded = ServerMetrics(), SegmentCache(1 << 26)
+        readthrough = cache_on(store)
+        jobs = manager(str(root / "store"), reference_teachers)
+        service = LogitCacheService(ServerConfig(store=str(root / "store")), store,
+                                    reference_teachers, readthrough,
+                                    DatasetStreamer(store, loaded, prefetch=2), jobs,
+                                    metrics)  # fmt: skip
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
+        )
+        readthrough.start()
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return port, server, readthrough, jobs
+
+    port, server, readthrough, jobs = loop_thread.run(start())
+    yield f"127.0.0.1:{port}"
+
+    async def stop() -> None:
+        await server.stop(None)
+        await jobs.close()
+        await readthrough.close()
+
+    loop_thread.run(stop())
+
+
+CLIENT_USE = Use("research", "test-student", "test", "tests")
+
+
+def test_the_client_submits_and_fetches_in_every_mode(served):
+    inputs = sequences(seed=19, count=3)
+    with Client(served, retries=0, timeout=60, use=CLIENT_USE) as client:
+        job = client.wait(client.precompute("drawn", input_ids=inputs, mode="sampled", top_k=5))
+        assert job.spec.mode == "sampled" and job.spec.top_k == 5
+        records = client.get_distributions(inputs, mode="sampled", top_k=5)
+        assert all(r.counts is not None and int(r.counts.sum(axis=1).max()) == 5 for r in records)
+        adaptive = next(iter(client.get_distributions_iter([inputs], mode="top_p:0.5")))
+        assert all(r.tail_logprobs is not None and r.counts is None for r in adaptive)
+        for refused in (lambda: client.get_distributions(inputs, mode="nucleus"),
+                        lambda: client.precompute("bad", input_ids=inputs, mode="top_p")):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as raised:
+                refused()
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.details().startswith("mode ")
+
+
+def test_the_cli_submits_and_fetches_with_a_mode(served, tmp_path, capsys):
+    inputs = sequences(seed=20, count=3)
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in inputs))
+    use = ["--purpose", "research", "--student-name", "test-student", "--student-family",
+           "test", "--requester", "tests"]  # fmt: skip
+    common = ["--server", served, "--data", str(data), "--top-k", "5", "--no-progress", *use]
+    assert logitcache.cli.main(["submit", "--dataset", "cli-drawn", "--mode", "sampled",
+                                "--wait", *common]) == 0  # fmt: skip
+    assert "completed" in capsys.readouterr().out
+    out = tmp_path / "x.npz"
+    assert logitcache.cli.main(["fetch", "--out", str(out), "--mode", "top_p:0.5", *common]) == 0
+    with Client(served, retries=0, timeout=60, use=CLIENT_USE) as client:
+        assert client.describe_dataset("cli-drawn").space.mode == "sampled"
+        expected = client.get_distributions(inputs, mode="top_p:0.5", top_k=5)
+    width = max(r.k for r in expected)
+    with np.load(out) as z:
+        assert z["token_ids"].shape == (sum(len(s) for s in inputs), width)
+        rows = np.split(z["logprobs"], z["offsets"][1:-1])
+        for got, want in zip(rows, expected, strict=True):
+            np.testing.assert_array_equal(got[:, : want.k], want.logprobs)
+            assert np.all(got[:, want.k :] == -np.inf)
