@@ -99,6 +99,7 @@ class JobSpec:
     teacher: str = ""
     top_k: int = 0  # k, the most entries (top_p) or the draws (sampled); 0: the default
     mode: str = ""  # as a capture space spells it ("topk", "top_p:0.95", "sampled"; "": topk)
+    temperatures: list[float] = field(default_factory=list)  # tails stored at these too
     server_path: str = ""
     max_len: int = 0
     overflow: str = "error"
@@ -321,8 +322,9 @@ class JobManager:
                       user: str | None) -> Job:  # fmt: skip
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
-        capture = requested_capture(teacher, spec.mode, spec.top_k)
+        capture = requested_capture(teacher, spec.mode, spec.top_k, spec.temperatures)
         spec.mode, spec.top_k = capture.space_mode, capture.k
+        spec.temperatures = list(capture.temperatures)
         if spec.overflow not in OVERFLOW_POLICIES:
             raise InvalidArgument(
                 f"overflow must be one of {OVERFLOW_POLICIES}, not {spec.overflow!r}",
@@ -654,6 +656,7 @@ class JobManager:
             top_k=spec.top_k,
             mode=mode,
             top_p=top_p,
+            temperatures=tuple(spec.temperatures),
             max_len=spec.max_len or None,
             overflow=spec.overflow,
             segment_positions=self.segment_positions,

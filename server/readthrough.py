@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,18 +63,20 @@ def parse_mode(mode: str) -> tuple[CaptureMode, float | None]:
     )
 
 
-def requested_capture(teacher: Teacher, mode: str, k: int) -> CaptureConfig:
-    """The capture a request asks ``teacher`` for: ``mode`` (:func:`parse_mode`) and its k (the
-    entries, the most entries, the draws; 0: the teacher's default, or DEFAULT_DRAWS draws).
-    INVALID_ARGUMENT naming ``mode`` or ``top_p`` for a bad mode, ``top_k`` for a k out of its
-    mode's range."""
+def requested_capture(
+    teacher: Teacher, mode: str, k: int, temperatures: Sequence[float] = ()
+) -> CaptureConfig:
+    """The capture a request asks ``teacher`` for: ``mode`` (:func:`parse_mode`), its k (the
+    entries, the most entries, the draws; 0: the teacher's default, or DEFAULT_DRAWS draws) and
+    the ``temperatures`` whose tails are stored too. INVALID_ARGUMENT naming ``mode`` or
+    ``top_p`` for a bad mode, ``top_k`` for a k out of its mode's range, ``temperatures``."""
     capture_mode, top_p = parse_mode(mode)
     if capture_mode is CaptureMode.SAMPLED:
         k = k or DEFAULT_DRAWS
     else:
         k = teacher.resolve_k(k)
     try:
-        return CaptureConfig(capture_mode, k, top_p)
+        return CaptureConfig(capture_mode, k, top_p, temperatures=tuple(temperatures))
     except InvalidArgument as e:  # the core's k is the wire's top_k
         raise InvalidArgument(e.worded({"k": "top_k"}), fields=["top_k", *e.fields]) from None
 

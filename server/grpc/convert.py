@@ -170,24 +170,13 @@ def use_message(use: UseRequest | None) -> pb.UseDeclaration | None:
     )
 
 
-def capture_mode(message: pb.DistributionsRequest | pb.JobSpec) -> str:
-    """The capture mode a request names (checked by the core, ``readthrough.parse_mode``);
-    temperatures are refused here until jobs and read-through store them."""
-    if message.temperatures:
-        raise InvalidArgument(
-            "temperatures are not supported in jobs and read-through yet: capture them with "
-            "`logitcache precompute --temperatures`",
-            fields=["temperatures"],
-        )
-    return message.mode
-
-
 def job_spec(spec: pb.JobSpec) -> JobSpec:
     return JobSpec(
         dataset=spec.dataset,
         teacher=spec.teacher,
         top_k=spec.top_k,
-        mode=capture_mode(spec),
+        mode=spec.mode,
+        temperatures=list(spec.temperatures),
         server_path=spec.server_path,
         max_len=spec.max_len,
         overflow=spec.overflow or "error",

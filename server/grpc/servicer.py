@@ -173,7 +173,9 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 first = False
                 teacher = self.teachers.get(request.teacher)
                 call.target = teacher.name
-                capture = requested_capture(teacher, convert.capture_mode(request), request.top_k)
+                capture = requested_capture(
+                    teacher, request.mode, request.top_k, request.temperatures
+                )
                 sequences = convert.sequences(request, self.config)
                 await self.gate.may_compute(call)
                 computing: list[int] = []

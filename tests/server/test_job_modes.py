@@ -40,7 +40,7 @@ from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import Teacher, TeacherRegistry
 from logitcache.v1 import logitcache_pb2 as pb
 
-MODES = [("top_p:0.9", 8), ("sampled", 6)]
+MODES = [("top_p:0.9", 8, (2.0,)), ("sampled", 6, ())]  # (mode, k, temperatures)
 
 
 @pytest.fixture
@@ -48,44 +48,45 @@ def teacher(reference_teachers: TeacherRegistry) -> Teacher:
     return reference_teachers.get("demo")
 
 
-def offline(
-    teacher: Teacher, inputs: list[list[int]], mode: str, k: int, tmp: Path
-) -> list[Record]:
+def offline(teacher: Teacher, inputs: list[list[int]], mode: str, k: int,
+            temperatures: tuple[float, ...], tmp: Path) -> list[Record]:  # fmt: skip
     """What ``logitcache precompute`` stores for ``inputs`` in this mode, in order."""
     data = tmp / "input.jsonl"
     data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in inputs))
     config = requested_capture(teacher, mode, k)
     url = str(tmp / "offline")
     req = PrecomputeRequest(teacher="demo", data=data, out=url, dataset="offline", top_k=k,
-                            mode=config.mode, top_p=config.top_p, progress=False,
-                            use=USE)  # fmt: skip
+                            mode=config.mode, top_p=config.top_p, temperatures=temperatures,
+                            progress=False, use=USE)  # fmt: skip
     store = open_store(url, writable=True)
     asyncio.run(precompute(req, teacher.engine, store=store, info=teacher.info))
     ds = logitcache.open_store(url).dataset("offline")
     return [ds[i] for i in range(len(inputs))]
 
 
-@pytest.mark.parametrize(("mode", "k"), MODES)
+@pytest.mark.parametrize(("mode", "k", "temperatures"), MODES)
 def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_teachers, mode, k,
-                                                            tmp_path):  # fmt: skip
+                                                            temperatures, tmp_path):  # fmt: skip
     inputs = sequences(seed=16, count=4, lengths=(3, 24))
-    want = offline(teacher, inputs, mode, k, tmp_path)
+    want = offline(teacher, inputs, mode, k, temperatures, tmp_path)
     url = str(tmp_path / "served")
 
     async def scenario() -> tuple[JobState, str, list[Record], int]:
         jobs = manager(url, reference_teachers)
         try:
-            spec = JobSpec(use=USE, dataset="job", mode=mode, top_k=k)
+            spec = JobSpec(use=USE, dataset="job", mode=mode, top_k=k,
+                           temperatures=list(temperatures))  # fmt: skip
             done = await last_update(jobs, (await jobs.submit(spec, inputs, [])).id)
         finally:
             await jobs.close()
         cache = cache_on(open_store(str(tmp_path / "rt"), writable=True))
         cache.start()
         try:
-            capture = requested_capture(teacher, mode, k)
+            capture = requested_capture(teacher, mode, k, temperatures)
             batch = [np.asarray(s) for s in inputs]
             records, computed = await cache.get(teacher, capture, batch, use=USE)
             assert records.space.mode == mode and records.space.k == k
+            assert records.space.temperatures == temperatures
         finally:
             await cache.close()
         return done.state, done.error, records.decode(), computed
@@ -93,11 +94,14 @@ def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_t
     state, error, answered, computed = asyncio.run(scenario())
     assert state is JobState.COMPLETED, error
     ds = logitcache.open_store(url).dataset("job")
-    assert ds.space.mode == mode and ds.space.k == k
+    assert ds.space.mode == mode and ds.space.k == k and ds.space.temperatures == temperatures
     assert computed == len(inputs)
     for i, expected in enumerate(want):
-        assert_same(ds[i], expected)
-        assert_same(answered[i], expected)
+        for got in (ds[i], answered[i]):
+            assert_same(got, expected)
+            assert got.temperatures == temperatures
+            if temperatures:
+                np.testing.assert_array_equal(got.tempered_log_tails, expected.tempered_log_tails)
     if mode == "sampled":
         assert all(r.counts is not None and int(r.counts.sum(axis=1).max()) == k for r in want)
 
@@ -135,6 +139,13 @@ def test_a_bad_mode_or_k_is_invalid_argument_naming_it(teacher, mode, k, field):
     assert field in refused.value.fields
 
 
+@pytest.mark.parametrize(("mode", "temperatures"), [("sampled", (2.0,)), ("topk", (0.0,))])
+def test_bad_temperatures_are_invalid_argument_naming_them(teacher, mode, temperatures):
+    with pytest.raises(InvalidArgument) as refused:
+        requested_capture(teacher, mode, 6, temperatures)
+    assert "temperatures" in refused.value.fields
+
+
 def test_a_job_with_a_bad_mode_is_refused_and_leaves_nothing(reference_teachers, tmp_path):
     url = str(tmp_path / "store")
 
@@ -152,12 +163,9 @@ def test_a_job_with_a_bad_mode_is_refused_and_leaves_nothing(reference_teachers,
     assert "bad" not in open_store(url).datasets()
 
 
-def test_the_wire_mode_reaches_the_job_spec_and_temperatures_are_refused():
-    spec = convert.job_spec(pb.JobSpec(dataset="d", mode="sampled", top_k=6))
-    assert spec.mode == "sampled" and spec.top_k == 6
-    with pytest.raises(InvalidArgument) as refused:
-        convert.capture_mode(pb.DistributionsRequest(mode="topk", temperatures=[2.0]))
-    assert refused.value.fields == ("temperatures",)
+def test_the_wire_mode_and_temperatures_reach_the_job_spec():
+    spec = convert.job_spec(pb.JobSpec(dataset="d", mode="top_p:0.9", top_k=6, temperatures=[2]))
+    assert spec.mode == "top_p:0.9" and spec.top_k == 6 and spec.temperatures == [2.0]
 
 
 @pytest.fixture(scope="module")
