@@ -142,11 +142,13 @@ def _distributions_request(
     durable: bool = False,
     use: Use | None = None,
     mode: str | None = None,
+    temperatures: Iterable[float] = (),
 ) -> pb.DistributionsRequest:
     return pb.DistributionsRequest(
         teacher=teacher or "",
         top_k=top_k or 0,
         mode=mode or "",
+        temperatures=list(temperatures),
         sequences=[_sequence(s, i) for i, s in enumerate(sequences)],
         durable=durable,
         use=use_message(use),
@@ -265,6 +267,7 @@ class _Submission:
         sensitive_data: str | None = None,
         messages_field: str | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> None:
         if sum(x is not None for x in (texts, input_ids, server_path)) != 1:
             raise ValueError("give exactly one of texts=, input_ids= or server_path=")
@@ -273,6 +276,7 @@ class _Submission:
             teacher=teacher or "",
             top_k=top_k or 0,
             mode=mode or "",
+            temperatures=list(temperatures),
             server_path=server_path or "",
             max_len=max_len or 0,
             overflow=overflow or "",
@@ -370,12 +374,14 @@ class _Pipeline:
         window: int,
         use: Use | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.teacher = teacher
         self.top_k = top_k
         self.mode = mode
+        self.temperatures = list(temperatures)
         self.use = use
         self.window = window
         # The requests of the current call; None in it ends the request stream.
@@ -405,8 +411,9 @@ class _Pipeline:
             self._outbox.put_nowait(None)
             return
         request = _distributions_request(
-            batch, self.teacher, self.top_k, use=self.use, mode=self.mode
-        )
+            batch, self.teacher, self.top_k, use=self.use, mode=self.mode,
+            temperatures=self.temperatures,
+        )  # fmt: skip
         self._pending.append(request)
         self._outbox.put_nowait(request)
 
@@ -678,8 +685,11 @@ class AsyncClient:
         durable: bool = False,
         use: Use | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> list[Record]:
-        request = _distributions_request(sequences, teacher, top_k, durable, use or self.use, mode)
+        request = _distributions_request(
+            sequences, teacher, top_k, durable, use or self.use, mode, temperatures
+        )
 
         async def call() -> list[Record]:
             responses = [
@@ -703,9 +713,10 @@ class AsyncClient:
         window: int = 8,
         use: Use | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> AsyncIterator[list[Record]]:
         """``Client.get_distributions_iter``; ``batches`` may also be an async iterable."""
-        pipe = _Pipeline(teacher, top_k, window, use or self.use, mode)
+        pipe = _Pipeline(teacher, top_k, window, use or self.use, mode, temperatures)
         source = _aiter_of(batches)
 
         async def fill() -> None:
@@ -793,13 +804,14 @@ class AsyncClient:
         sensitive_data: str | None = None,
         messages_field: str | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> str:
         """See ``Client.precompute``."""
         submission = _Submission(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license,
             use=use or self.use, sensitive_data=sensitive_data, messages_field=messages_field,
-            mode=mode,
+            mode=mode, temperatures=temperatures,
         )  # fmt: skip
 
         async def call() -> pb.Job:
@@ -1051,6 +1063,7 @@ class Client:
         durable: bool = False,
         use: Use | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> list[Record]:
         """One record per sequence (lists or arrays of token ids), in the same order.
 
@@ -1060,13 +1073,15 @@ class Client:
         them); RESOURCE_EXHAUSTED or UNAVAILABLE if the store cannot take them now. ``use``
         declares what the distributions are for (default: the client's); the server's licence
         policy refuses an undeclared use. ``mode``: the capture mode, as in ``precompute``
-        (default "topk"); each mode and k is its own capture space.
+        (default "topk"), and ``temperatures``; each mode, k and set of temperatures is its own
+        capture space.
         """
         return sync(
             self._async.get_distributions(
-                sequences, teacher=teacher, top_k=top_k, durable=durable, use=use, mode=mode
+                sequences, teacher=teacher, top_k=top_k, durable=durable, use=use, mode=mode,
+                temperatures=temperatures,
             )
-        )
+        )  # fmt: skip
 
     def get_distributions_iter(
         self,
@@ -1077,6 +1092,7 @@ class Client:
         window: int = 8,
         use: Use | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> Iterator[list[Record]]:
         """The records of each batch of sequences, in order, over one stream.
 
@@ -1087,10 +1103,11 @@ class Client:
         feed = Feed(batches)
         return SyncIterator(
             self._async.get_distributions_iter(
-                feed, teacher=teacher, top_k=top_k, window=window, use=use, mode=mode
+                feed, teacher=teacher, top_k=top_k, window=window, use=use, mode=mode,
+                temperatures=temperatures,
             ),
             feed,
-        )
+        )  # fmt: skip
 
     # -- scoring ids ----------------------------------------------------------------------------
 
@@ -1158,6 +1175,7 @@ class Client:
         sensitive_data: str | None = None,
         messages_field: str | None = None,
         mode: str | None = None,
+        temperatures: Iterable[float] = (),
     ) -> str:
         """Submit a job that builds ``dataset`` from texts, token sequences or a server file.
 
@@ -1173,12 +1191,15 @@ class Client:
         ``server_path`` input (``{"messages": [...]}``): they are rendered with the teacher's chat
         template and each sequence gets an assistant-only loss mask. ``mode`` is the capture
         mode as a capture space spells it: "topk" (the default), "top_p:P" (adaptive, at most
-        ``top_k`` entries) or "sampled" (``top_k`` draws per position; 0: 12).
+        ``top_k`` entries) or "sampled" (``top_k`` draws per position; 0: 12);
+        ``temperatures`` (top-k and top-p only): each position's tail mass at these is stored
+        too, so the trainer's losses at them are exact.
         """
         return sync(self._async.precompute(
             dataset, texts=texts, input_ids=input_ids, server_path=server_path, teacher=teacher,
             top_k=top_k, max_len=max_len, overflow=overflow, license=license, use=use,
             sensitive_data=sensitive_data, messages_field=messages_field, mode=mode,
+            temperatures=temperatures,
         ))  # fmt: skip
 
     def get_job(self, job_id: str) -> pb.Job:

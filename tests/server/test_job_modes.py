@@ -212,8 +212,12 @@ def test_the_client_submits_and_fetches_in_every_mode(served):
         assert job.spec.mode == "sampled" and job.spec.top_k == 5
         records = client.get_distributions(inputs, mode="sampled", top_k=5)
         assert all(r.counts is not None and int(r.counts.sum(axis=1).max()) == 5 for r in records)
-        adaptive = next(iter(client.get_distributions_iter([inputs], mode="top_p:0.5")))
+        feed = [inputs]
+        adaptive = next(
+            iter(client.get_distributions_iter(feed, mode="top_p:0.5", temperatures=[2]))
+        )
         assert all(r.tail_logprobs is not None and r.counts is None for r in adaptive)
+        assert all(r.temperatures == (2.0,) and r.tempered_log_tails is not None for r in adaptive)
         for refused in (lambda: client.get_distributions(inputs, mode="nucleus"),
                         lambda: client.precompute("bad", input_ids=inputs, mode="top_p")):  # fmt: skip
             with pytest.raises(grpc.RpcError) as raised:
