@@ -48,13 +48,13 @@ def concat_rows(parts: list[TopKRows]) -> TopKRows:
     temperatures = {p.temperatures for p in parts}
     if len(temperatures) > 1:
         raise ValueError(f"rows with tails at different temperatures: {sorted(temperatures)}")
-    tails = [p.tempered_log_tails for p in parts]
+    tails = [p.tempered_log_tails for p in parts if p.tempered_log_tails is not None]
     return TopKRows(
         token_ids=cat([p.token_ids for p in parts], 0),
         logprobs=cat([p.logprobs for p in parts], -np.inf),
         target_logprobs=cat([p.target_logprobs for p in parts], np.nan),
         tail_logprobs=cat_optional([p.tail_logprobs for p in parts], np.nan),
         counts=cat_optional([p.counts for p in parts], 0),
-        tempered_log_tails=None if any(t is None for t in tails) else np.concatenate(tails),
+        tempered_log_tails=np.concatenate(tails) if len(tails) == len(parts) else None,
         temperatures=parts[0].temperatures,
     )
