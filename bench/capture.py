@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing
 import resource
@@ -30,18 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.bench.capture_modes import print_mode_figures
+from logitcache.bench.capture_modes import capture_pipeline, print_mode_figures, timed_gather
 from logitcache.bench.synthetic import benchmark_sequences
-from logitcache.client.space import CaptureSpace, record_key
 from logitcache.demo.assets import demo_teacher_path
 from logitcache.demo.language import generate_documents
 from logitcache.demo.large_vocab import large_vocab_teacher_path
 from logitcache.server.engine.protocol import EngineOptions
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.inputs import InputSource, input_shards, input_source, load_sequences
-from logitcache.server.precompute import capture_into_store
 from logitcache.server.spool import teacher_tokenize
-from logitcache.server.store.store import open_store
 from logitcache.server.teachers.identity import TeacherInfo, resolve_teacher, topk_space
 
 READERS = ("streamed", "whole-file")
@@ -51,33 +49,6 @@ READER_LABELS = {
 }
 SHARDS = 100  # of a generated input: 100k tokens each at the 10M
 MIB = 1 << 20
-
-
-async def _vllm_alone(
-    engine: VLLMEngine, sequences: list[np.ndarray], k: int, in_flight: int
-) -> float:
-    slots = asyncio.Semaphore(in_flight)
-
-    async def one(ids: np.ndarray) -> None:
-        async with slots:
-            await engine.raw_output(ids, k)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(s) for s in sequences))
-    return time.perf_counter() - started
-
-
-async def _precompute_pipeline(
-    engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray], in_flight: int
-) -> tuple[float, int]:
-    with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as root:
-        store = open_store(root, writable=True)
-        store.ensure_space(space)
-        todo = [(record_key(space.space_id, s), s) for s in sequences]
-        started = time.perf_counter()
-        await capture_into_store(engine, store, space, todo, 1 << 16, in_flight, progress=False)
-        seconds = time.perf_counter() - started
-        return seconds, store.backend.stored_bytes(f"spaces/{space.space_id}/segments")
 
 
 async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -> None:
@@ -93,11 +64,12 @@ async def _run(args: argparse.Namespace, options: EngineOptions, teacher: str) -
     try:
         space = topk_space(info, engine.dtype, args.top_k)
         in_flight = 256
-        await _vllm_alone(engine, sequences[:16], args.top_k, in_flight)  # warm-up
+        raw = functools.partial(engine.raw_output, k=args.top_k)  # vLLM alone, results dropped
+        await timed_gather(sequences[:16], in_flight, raw)  # warm-up
         alone, pipeline, nbytes = [], [], 0
         for r in range(args.rounds):
-            alone.append(await _vllm_alone(engine, sequences, args.top_k, in_flight))
-            seconds, nbytes = await _precompute_pipeline(engine, space, sequences, in_flight)
+            alone.append(await timed_gather(sequences, in_flight, raw))
+            seconds, nbytes = await capture_pipeline(engine, space, sequences, in_flight)
             pipeline.append(seconds)
             print(
                 f"round {r + 1}: (a) {positions / alone[-1]:,.0f} pos/s  (b) {positions / seconds:,.0f} pos/s"
@@ -279,9 +251,10 @@ async def _run_readers(
                     )
                     read_s = time.perf_counter() - started
                     if round_ == 0:
-                        await _vllm_alone(engine, list(sequences[:64]), args.top_k, 256)
+                        warm_up = functools.partial(engine.raw_output, k=args.top_k)
+                        await timed_gather(list(sequences[:64]), 256, warm_up)
                         continue
-                    capture_s, _ = await _precompute_pipeline(engine, space, list(sequences), 256)
+                    capture_s, _ = await capture_pipeline(engine, space, list(sequences), 256)
                     positions = int(sum(len(s) for s in sequences))
                     if reader not in best or read_s + capture_s < sum(best[reader][1:]):
                         best[reader] = (positions, read_s, capture_s)

@@ -34,9 +34,10 @@ MODES = {
 TEMPERED = "top-64 + T=1,2,4"
 
 
-async def _gather(
-    sequences: list[np.ndarray], in_flight: int, one: Callable[[np.ndarray], Awaitable[None]]
+async def timed_gather(
+    sequences: list[np.ndarray], in_flight: int, one: Callable[[np.ndarray], Awaitable[object]]
 ) -> float:
+    """Seconds to run ``one`` on every sequence, at most ``in_flight`` at a time."""
     slots = asyncio.Semaphore(in_flight)
 
     async def bounded(ids: np.ndarray) -> None:
@@ -48,8 +49,10 @@ async def _gather(
     return time.perf_counter() - started
 
 
-async def _pipeline(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray],
-                    in_flight: int) -> tuple[float, int]:  # fmt: skip
+async def capture_pipeline(engine: VLLMEngine, space: CaptureSpace, sequences: list[np.ndarray],
+                           in_flight: int) -> tuple[float, int]:  # fmt: skip
+    """Seconds to capture ``sequences`` into a fresh store the way precompute does, and the
+    bytes its sealed segments take."""
     with tempfile.TemporaryDirectory(prefix="logitcache-bench-") as root:
         store = open_store(root, writable=True)
         store.ensure_space(space)
@@ -68,13 +71,13 @@ async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
     spaces = {name: capture_space(info, engine.dtype, c) for name, c in MODES.items()}
     best: dict[str, float] = {}
     nbytes: dict[str, float] = {}
-    await _gather(sequences[:16], in_flight, engine.prefill_only)  # warm-up (and self-check)
+    await timed_gather(sequences[:16], in_flight, engine.prefill_only)  # warm-up (and self-check)
     await engine.capture(sequences[0], 64)
     for r in range(rounds):
-        seconds = {"prefill only (no logprobs)": await _gather(sequences, in_flight,
+        seconds = {"prefill only (no logprobs)": await timed_gather(sequences, in_flight,
                                                                engine.prefill_only)}  # fmt: skip
         for name, space in spaces.items():
-            seconds[name], stored = await _pipeline(engine, space, sequences, in_flight)
+            seconds[name], stored = await capture_pipeline(engine, space, sequences, in_flight)
             nbytes[name] = stored / positions
         for name, s in seconds.items():
             best[name] = max(best.get(name, 0.0), positions / s)
