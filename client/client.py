@@ -692,15 +692,7 @@ class AsyncClient:
         )
 
         async def call() -> list[Record]:
-            responses = [
-                r
-                async for r in self._stub.GetDistributions(
-                    iter([request]), timeout=self.timeout, metadata=self._metadata
-                )
-            ]
-            if len(responses) != 1:
-                raise ValueError(f"server sent {len(responses)} responses to one request")
-            return _records(responses[0], request)
+            return _records(await self._one_answer(self._stub.GetDistributions, request), request)
 
         return await self._retrying(call)
 
@@ -751,17 +743,19 @@ class AsyncClient:
         )
 
         async def call() -> list[ScoredIds]:
-            responses = [
-                r
-                async for r in self._stub.ScoreIds(
-                    iter([request]), timeout=self.timeout, metadata=self._metadata
-                )
-            ]
-            if len(responses) != 1:
-                raise ValueError(f"server sent {len(responses)} responses to one request")
-            return _scored(responses[0], where)
+            return _scored(await self._one_answer(self._stub.ScoreIds, request), where)
 
         return await self._retrying(call)
+
+    async def _one_answer(self, method: Any, request: Any) -> Any:
+        """The one response of a request-per-response stream (GetDistributions, ScoreIds) that
+        is sent a single request."""
+        responses = [
+            r async for r in method(iter([request]), timeout=self.timeout, metadata=self._metadata)
+        ]
+        if len(responses) != 1:
+            raise ValueError(f"server sent {len(responses)} responses to one request")
+        return responses[0]
 
     # -- streaming ------------------------------------------------------------------------------
 
