@@ -410,8 +410,20 @@ class LocalBackend:
         _fsync_dir(path.parent)
         shutil.rmtree(hidden, ignore_errors=True)
 
+    @_storage_op("cleaning", write=True, proves=False)
     def clean_abandoned(self, parent: str) -> int:
-        return 0  # a rename is whole or not done: nothing is ever left half published
+        # A rename is whole or not done, so nothing is ever left half published; but a remover
+        # that died between its hiding rename and the removal leaves the hidden name behind.
+        # Nothing reads a hidden name, so it is garbage as soon as it exists.
+        p = self._path(parent)
+        if not p.is_dir():
+            return 0
+        cleaned = 0
+        for entry in p.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(".removing"):
+                shutil.rmtree(entry, ignore_errors=True)
+                cleaned += 1
+        return cleaned
 
 
 class LocalUpload:

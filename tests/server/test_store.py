@@ -272,6 +272,25 @@ def test_clean_unsealed(
     assert_matches(logitcache.open_store(str(store_path)).get(kept.key), kept)
 
 
+def test_clean_unsealed_frees_what_a_remover_that_died_left_hidden(
+    store_path: Path, writer: Store
+) -> None:
+    # A remover hides a segment by one rename, then frees it; one killed in between leaves the
+    # hidden name, which no reader sees and nothing else would ever free.
+    writer.ensure_space(SPACE)
+    kept = synthetic_record(0, 5)
+    kept_id = write_segment(writer, [kept])
+    withdrawn_id = write_segment(writer, [synthetic_record(1, 5)])
+    segments = store_path / "spaces" / SPACE.space_id / "segments"
+    hidden = segments / f".{withdrawn_id}.{'0' * 32}.removing"
+    (segments / withdrawn_id).rename(hidden)
+
+    assert writer.clean_unsealed() == 1
+    assert [p.name for p in segments.iterdir()] == [kept_id]
+    assert_matches(logitcache.open_store(str(store_path)).get(kept.key), kept)
+    assert writer.clean_unsealed() == 0
+
+
 # Runs in a subprocess: seal one segment, then write a second one completely and hang at the moment
 # of sealing it, so that the test can kill the writer with SIGKILL mid-segment.
 _CRASHING_WRITER = """
