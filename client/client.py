@@ -1118,7 +1118,10 @@ class Client:
 
         ``ids_per_position``: per sequence an integer array [T, m] (T its length), row t the
         ids to score after position t; entries < 0 mean none (pad rows of fewer ids with -1).
-        At most 256 ids per position. The answer's ``logprobs`` has the same [T, m] shape, -inf
+        At most the server's ``max_ids_per_position`` ids per position (``logitcache serve
+        --max-ids-per-position``, default 256); more is INVALID_ARGUMENT naming that bound, and
+        the ids of one call also count against the server's ``max_tokens_per_request``
+        (RESOURCE_EXHAUSTED). The answer's ``logprobs`` has the same [T, m] shape, -inf
         where no id was asked, so a trainer gathers nothing; ``record`` is the sequence's
         stored record where the store has one. ``use`` as in :meth:`get_distributions`.
         """

@@ -76,6 +76,7 @@ class ServerConfig:
     max_sequences_per_request: int = 4096
     max_tokens_per_request: int = 1 << 21
     max_message_bytes: int = 256 << 20
+    max_ids_per_position: int = 256  # ScoreIds: a student's top-k, not the vocabulary
     stream_batch_records: int = 64  # records per StreamDataset batch by default
     stream_prefetch_batches: int = 4  # batches a stream prepares ahead of a slow client
     job_max_in_flight: int = 64  # sequences one job keeps queued in the engine
@@ -150,6 +151,10 @@ class ServerConfig:
         if self.allow_anonymous:
             check_anonymous_bind(self.host)
         self.guard_policy()
+        if self.max_ids_per_position < 1:
+            raise InvalidArgument(
+                f"max_ids_per_position must be at least 1, got {self.max_ids_per_position}"
+            )
         for name, value in vars(self.default_limits()).items():
             if value is not None and value < 0:
                 raise InvalidArgument(f"limit_{name} must be >= 0 (0: unlimited)")
@@ -191,6 +196,9 @@ FIELD_HELP = {
     "http_port": "HTTP port for /healthz, /readyz, /metrics; 0 picks a free one (default: 8080)",
     "max_sequences_per_request": "most sequences in one GetDistributions request (default: 4096)",
     "max_tokens_per_request": "most tokens in one GetDistributions request (default: 2097152)",
+    "max_ids_per_position": "most ids one ScoreIds position may ask the teacher to score (a "
+    "student's top-k); a request with more is refused with INVALID_ARGUMENT naming this bound; "
+    "the ids of a request also count against --max-tokens-per-request (default: 256)",
     "max_message_bytes": "largest gRPC message in either direction; a request message is also "
     "held to what the request limits allow, so a larger one is refused before it is read "
     "(default: 256 MiB)",

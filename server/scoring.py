@@ -25,9 +25,6 @@ from logitcache.server.spool import teacher_detokenize
 from logitcache.server.store.read import EncodedBatch, gather, locate
 from logitcache.server.teachers.registry import Teacher
 
-# The most ids one position may ask for: a student's top-k, not the vocabulary.
-MAX_IDS_PER_POSITION = 256
-
 
 @dataclass(frozen=True)
 class IdSets:
@@ -67,8 +64,14 @@ class Scored:
         return present.tolist()
 
 
-def check_id_sets(sequences: list[np.ndarray], id_sets: list[IdSets], vocab_size: int) -> None:
-    """INVALID_ARGUMENT naming the first sequence whose id sets do not fit it."""
+def check_id_sets(
+    sequences: list[np.ndarray],
+    id_sets: list[IdSets],
+    vocab_size: int,
+    max_ids_per_position: int,
+) -> None:
+    """INVALID_ARGUMENT naming the first sequence whose id sets do not fit it, or that asks for
+    more than ``max_ids_per_position`` ids at a position (the server's setting)."""
     if len(id_sets) != len(sequences):
         raise InvalidArgument(
             f"{len(id_sets)} id sets for {len(sequences)} sequences: send one per sequence",
@@ -87,10 +90,10 @@ def check_id_sets(sequences: list[np.ndarray], id_sets: list[IdSets], vocab_size
                 fields=["ids"],
             )
         widest = int(sets.counts.max(initial=0))
-        if widest > MAX_IDS_PER_POSITION:
+        if widest > max_ids_per_position:
             raise InvalidArgument(
                 f"sequence {i}: {widest} ids at position {int(sets.counts.argmax())}; at most "
-                f"{MAX_IDS_PER_POSITION} per position",
+                f"{max_ids_per_position} per position (the server's max_ids_per_position)",
                 fields=["ids"],
             )
         bad = np.flatnonzero((sets.ids < 0) | (sets.ids >= vocab_size))
@@ -104,10 +107,12 @@ def check_id_sets(sequences: list[np.ndarray], id_sets: list[IdSets], vocab_size
 
 class IdScorer:
     """Scores ids on a teacher's engine, with the read-through cache's licence policy and its
-    view of the store (the records it serves are the ones returned beside the scores)."""
+    view of the store (the records it serves are the ones returned beside the scores), at most
+    ``max_ids_per_position`` ids per position (``ServerConfig.max_ids_per_position``)."""
 
-    def __init__(self, readthrough: ReadThroughCache) -> None:
+    def __init__(self, readthrough: ReadThroughCache, max_ids_per_position: int) -> None:
         self.readthrough = readthrough
+        self.max_ids_per_position = max_ids_per_position
 
     async def score(
         self,
@@ -122,7 +127,7 @@ class IdScorer:
         (every position of every sequence with an id to score)."""
         self.readthrough.admit(teacher, use, user)
         teacher.check_sequences(sequences)
-        check_id_sets(sequences, id_sets, teacher.info.vocab_size)
+        check_id_sets(sequences, id_sets, teacher.info.vocab_size, self.max_ids_per_position)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._screen, teacher, sequences)
         stored = loop.run_in_executor(None, self._stored, teacher, sequences)

@@ -66,7 +66,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         self.store = store
         self.teachers = teachers
         self.readthrough = readthrough
-        self.scorer = IdScorer(readthrough)
+        self.scorer = IdScorer(readthrough, config.max_ids_per_position)
         self.streamer = streamer
         self.jobs = jobs
         self.metrics = metrics

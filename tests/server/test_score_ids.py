@@ -1,6 +1,7 @@
 """ScoreIds through the real servicer and client, on the reference engine in process: the scores
 are the teacher's full log-softmax at the ids asked for, the stored record comes back where the
-store has one, nothing new is stored, bad id sets and a consumer's call are refused."""
+store has one, nothing new is stored, bad id sets (more ids at a position than the server's
+max_ids_per_position, set small here) and a consumer's call are refused."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from logitcache.server.policy.gate import PolicyGate
 from logitcache.server.policy.governance import Governance
 from logitcache.server.policy.state import Limits, open_state
 from logitcache.server.readthrough import ReadThroughCache
-from logitcache.server.scoring import MAX_IDS_PER_POSITION
 from logitcache.server.spool import teacher_tokenize
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import Store, open_store
@@ -38,6 +38,7 @@ from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 
 USE = Use("research", "scoring-student", "test", "tests")
 VOCAB = 1785
+MAX_IDS = 64  # the served core's max_ids_per_position
 
 
 @dataclass
@@ -70,7 +71,8 @@ def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scori
         streamer = DatasetStreamer(store, loaded, prefetch=2)
         jobs = JobManager(store, reference_teachers, metrics, max_running=1, max_in_flight=4,
                           segment_positions=1 << 16)  # fmt: skip
-        config = ServerConfig(store=str(root / "store"), max_tokens_per_request=4096)
+        config = ServerConfig(store=str(root / "store"), max_tokens_per_request=4096,
+                              max_ids_per_position=MAX_IDS)  # fmt: skip
         service = LogitCacheService(config, store, reference_teachers, readthrough, streamer,
                                     jobs, metrics, gate=gate)  # fmt: skip
         server = grpc.aio.server()
@@ -110,7 +112,8 @@ def random_ids(rng: np.random.Generator, length: int, width: int) -> np.ndarray:
 def test_scores_are_the_full_log_softmax_at_the_ids(scoring, reference) -> None:
     rng = np.random.default_rng(0)
     sequences = [rng.integers(4, VOCAB, n) for n in (1, 9, 40)]
-    ids = [random_ids(rng, len(s), w) for s, w in zip(sequences, (3, 16, 64), strict=True)]
+    # 64 ids at a position: at the served bound, which allows them
+    ids = [random_ids(rng, len(s), w) for s, w in zip(sequences, (3, 16, MAX_IDS), strict=True)]
     ids[1][4] = -1  # a position with nothing to score
     with scoring.client() as client:
         scored = client.score_ids(sequences, ids)
@@ -145,11 +148,12 @@ def test_bad_id_sets_are_invalid_arguments_naming_the_sequence(scoring) -> None:
     rng = np.random.default_rng(2)
     seqs = [rng.integers(4, VOCAB, 5), rng.integers(4, VOCAB, 6)]
     good = random_ids(rng, 5, 4)
-    too_many = np.tile(np.arange(MAX_IDS_PER_POSITION + 1), (6, 1))
+    too_many = np.tile(np.arange(MAX_IDS + 1), (6, 1))
     outside = random_ids(rng, 6, 4)
     outside[2, 0] = VOCAB
     with scoring.client() as client:
-        for bad, words in ((too_many, "at most 256 per position"), (outside, "outside")):
+        bound = f"65 ids at position 0; at most {MAX_IDS} per position (the server's max_ids_"
+        for bad, words in ((too_many, bound), (outside, "outside")):
             with pytest.raises(grpc.RpcError) as raised:
                 client.score_ids(seqs, [good, bad])
             assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -230,13 +234,28 @@ def test_scored_positions_count_as_computed(scoring) -> None:
 
 
 def test_the_ids_of_a_request_count_against_its_token_limit(scoring) -> None:
-    """4096 tokens per request on this server: 20 positions of 256 ids are too many at once."""
-    seqs = [np.arange(4, 24)]
-    ids = [np.tile(np.arange(MAX_IDS_PER_POSITION), (20, 1))]
+    """4096 tokens per request on this server: 70 positions of 64 ids are too many at once."""
+    seqs = [np.arange(4, 74)]
+    ids = [np.tile(np.arange(MAX_IDS), (70, 1))]
     with scoring.client() as client:
         with pytest.raises(grpc.RpcError) as raised:
             client.score_ids(seqs, ids)
         assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "5120 ids to score in one request" in (raised.value.details() or "")
-        [half] = client.score_ids(seqs, [ids[0][:, :128]])
-    assert half.logprobs.shape == (20, 128) and np.isfinite(half.logprobs).all()
+        assert "4480 ids to score in one request" in (raised.value.details() or "")
+        [half] = client.score_ids(seqs, [ids[0][:, :32]])
+    assert half.logprobs.shape == (70, 32) and np.isfinite(half.logprobs).all()
+
+
+def test_the_bound_is_a_server_setting(tmp_path) -> None:
+    """``--max-ids-per-position`` (or the config key, or LOGITCACHE_MAX_IDS_PER_POSITION) sets
+    the bound; one below 1 is refused at start-up."""
+    from logitcache.client.errors import InvalidArgument
+    from logitcache.server.config import load_config
+
+    store = str(tmp_path / "store")
+    assert load_config(None, {"store": store}).max_ids_per_position == 256
+    assert (
+        load_config(None, {"store": store, "max_ids_per_position": "8"}).max_ids_per_position == 8
+    )
+    with pytest.raises(InvalidArgument, match="max_ids_per_position must be at least 1"):
+        load_config(None, {"store": store, "max_ids_per_position": "0"})
