@@ -23,6 +23,7 @@ from logitcache.client.options import (
     add_mode_option,
     add_progress_option,
     add_server_options,
+    add_temperatures_option,
     add_use_options,
     client_arguments,
     use_of,
@@ -58,6 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the teacher's)")  # fmt: skip
     add_mode_option(p)
+    add_temperatures_option(p)
     p.add_argument(
         "--messages-field",
         default=None,
@@ -102,7 +104,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "file: input_ids int32 [P], token_ids int32 [P, k], logprobs float32 [P, k] and "
             "target_logprobs float32 [P] (NaN on each record's last row) and, for spaces that "
             "store it, tail_logprobs float32 [P] (log of the mass outside the top-k), and for "
-            "--mode sampled counts int32 [P, k] (draws per entry), concatenated over the "
+            "--mode sampled counts int32 [P, k] (draws per entry), and with --temperatures "
+            "tempered_log_tails float32 [P, m] (column j: log of the mass outside the row's "
+            "entries at temperatures[j]) and temperatures float32 [m], concatenated over the "
             "records in file order (k is the widest record's; narrower rows are padded with id 0, "
             "log-prob -inf, count 0), with offsets int64 [n+1] (record i is rows "
             "offsets[i]:offsets[i+1]) and keys (hex) [n]. The client has no tokenizer: for texts, "
@@ -116,6 +120,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher name (default: the server's default)")
     p.add_argument("--top-k", type=int, default=None, help="entries per position (default: the server's)")  # fmt: skip
     add_mode_option(p)
+    add_temperatures_option(p)
     p.add_argument("--batch", type=int, default=256, help="sequences per request (default: 256)")
     add_use_options(p)
     add_progress_option(p)
@@ -156,6 +161,7 @@ def _submit(args: argparse.Namespace) -> int:
             sensitive_data=args.sensitive_data,
             messages_field=args.messages_field,
             mode=args.mode,
+            temperatures=args.temperatures,
         )
         print(job_id, flush=True)
         if args.wait:
@@ -278,7 +284,7 @@ def _job_details(job: Any) -> str:
         ("job", job.id),
         ("dataset", s.dataset),
         ("state", job.state + (f": {job.error}" if job.error else "")),
-        ("teacher", f"{s.teacher} ({s.mode or 'topk'}, top_k {s.top_k})"),
+        ("teacher", f"{s.teacher} ({s.mode or 'topk'}, top_k {s.top_k}{_temperatures(s)})"),
         ("input", s.server_path or "streamed by the client"),
         ("sequences", f"{job.sequences_done:,} / {job.sequences_total:,}"),
         ("positions", f"{job.positions_done:,} / {job.positions_total:,} ({_percent(job)})"),
@@ -289,6 +295,12 @@ def _job_details(job: Any) -> str:
         ("finished", _when(job.finished_at)),
     ]
     return "\n".join(f"{k + ':':11}{v}" for k, v in lines)
+
+
+def _temperatures(spec: Any) -> str:
+    """The job details' ", temperatures 2,4" of a job that stores tails at them; "" if none."""
+    values = ",".join(f"{t:g}" for t in spec.temperatures)
+    return f", temperatures {values}" if values else ""
 
 
 def _job_summary(job: Any) -> str:
@@ -343,8 +355,9 @@ def _fetch(args: argparse.Namespace) -> int:
     records = []
     with _client(args) as client, _progress(len(sequences), args.no_progress) as bar:
         for batch in client.get_distributions_iter(
-            batches, teacher=args.teacher, top_k=args.top_k, use=use_of(args), mode=args.mode
-        ):
+            batches, teacher=args.teacher, top_k=args.top_k, use=use_of(args), mode=args.mode,
+            temperatures=args.temperatures,
+        ):  # fmt: skip
             records += batch
             bar.update(len(batch))
     lengths = np.asarray([len(r) for r in records], dtype=np.int64)
@@ -367,6 +380,7 @@ def _fetch(args: argparse.Namespace) -> int:
                 if all(r.counts is not None for r in records)
                 else {}
             ),
+            **_tempered_columns(records),
             offsets=offsets,
             keys=np.asarray([r.key for r in records]),
         )
@@ -375,6 +389,19 @@ def _fetch(args: argparse.Namespace) -> int:
         f"to {args.out}"
     )
     return 0
+
+
+def _tempered_columns(records: list[Any]) -> dict[str, Any]:
+    """``tempered_log_tails`` [P, m] and ``temperatures`` [m] where the records carry tails at
+    temperatures (one capture space: the same temperatures in every record), else none."""
+    import numpy as np
+
+    if not all(r.tempered_log_tails is not None for r in records):
+        return {}
+    return {
+        "tempered_log_tails": np.concatenate([r.tempered_log_tails for r in records]),
+        "temperatures": np.asarray(records[0].temperatures, dtype=np.float32),
+    }
 
 
 def _columns(arrays: list[Any], fill: float) -> Any:

@@ -2,7 +2,8 @@
 
 They live in the client package because the client commands (``logitcache submit``, ``jobs``,
 ``fetch``) must not import the root CLI, which reaches the server; ``logitcache.cli`` imports
-them from here. Standard library only, so building a parser stays fast.
+them from here. Standard library and the capture-space constants only (which the root CLI's
+own options load anyway), so building a parser stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 from typing import Any
+
+from logitcache.client.space import DEFAULT_DRAWS
 
 DEFAULT_SERVER = os.environ.get("LOGITCACHE_SERVER", "localhost:50051")
 OVERFLOW_POLICIES = ("error", "truncate", "split")
@@ -162,5 +165,32 @@ def add_mode_option(parser: argparse.ArgumentParser) -> None:
         metavar="MODE",
         help="capture mode: topk (default), top_p:P (adaptive: the fewest entries whose "
         "probability reaches P, at most --top-k) or sampled (--top-k draws per position from "
-        "the teacher's full distribution; default 12)",
+        f"the teacher's full distribution; default {DEFAULT_DRAWS})",
+    )
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    """``2,4`` -> (2.0, 4.0): positive, finite temperatures (an argparse ``type``)."""
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or any(not 0 < t < float("inf") for t in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be positive numbers: {text!r}")
+    return values
+
+
+def add_temperatures_option(parser: argparse.ArgumentParser) -> None:
+    """``--temperatures``: the temperatures whose tail masses a capture stores besides T = 1."""
+    parser.add_argument(
+        "--temperatures",
+        type=parse_temperatures,
+        default=(),
+        metavar="T[,T...]",
+        help="also store each position's tail mass at these temperatures (comma-separated, "
+        "e.g. 2,4; topk and top_p modes only): the mass the teacher puts outside the kept "
+        "entries under softmax(logits / T), so the trainer's losses at them "
+        "(logitcache.trainer.tempered) are exact over the top-k plus the tail instead of "
+        "renormalising the top-k. They are part of the capture space: records with other "
+        "temperatures (or none) are kept apart (default: none)",
     )

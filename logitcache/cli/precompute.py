@@ -18,6 +18,7 @@ from logitcache.client.errors import InvalidArgument
 from logitcache.client.options import (
     add_dataset_options,
     add_progress_option,
+    add_temperatures_option,
     add_use_options,
     use_of,
 )
@@ -80,13 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_dataset_options(p, license_default="the model card's 'license:'")
     add_use_options(p)
     add_capture_options(p)
-    p.add_argument(
-        "--temperatures",
-        type=_temperatures,
-        default=(),
-        help="also store each position's tail mass at these temperatures (comma-separated, "
-        "e.g. 2,4; top-k and top-p only), so the trainer's losses at them are exact",
-    )
+    add_temperatures_option(p)
     p.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -131,17 +126,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sample", type=int, default=16, help="sequences to re-run (default: 16)")
     g.add_argument("--seed", type=int, default=0, help="which sequences (default: 0)")
     p.set_defaults(handler=_inspect)
-
-
-def _temperatures(text: str) -> tuple[float, ...]:
-    """``--temperatures 2,4`` -> (2.0, 4.0)."""
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if not values or any(not 0 < t < float("inf") for t in values):
-        raise argparse.ArgumentTypeError(f"temperatures must be positive numbers: {text!r}")
-    return values
 
 
 def _input_source(text: str) -> object:

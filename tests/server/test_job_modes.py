@@ -226,7 +226,7 @@ def test_the_client_submits_and_fetches_in_every_mode(served):
             assert raised.value.details().startswith("mode ")
 
 
-def test_the_cli_submits_and_fetches_with_a_mode(served, tmp_path, capsys):
+def test_the_cli_submits_and_fetches_with_a_mode_and_temperatures(served, tmp_path, capsys):
     inputs = sequences(seed=20, count=3)
     data = tmp_path / "ids.jsonl"
     data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in inputs))
@@ -236,11 +236,16 @@ def test_the_cli_submits_and_fetches_with_a_mode(served, tmp_path, capsys):
     assert logitcache.cli.main(["submit", "--dataset", "cli-drawn", "--mode", "sampled",
                                 "--wait", *common]) == 0  # fmt: skip
     assert "completed" in capsys.readouterr().out
+    assert logitcache.cli.main(["submit", "--dataset", "cli-tempered", "--temperatures", "2",
+                                "--wait", *common]) == 0  # fmt: skip
     out = tmp_path / "x.npz"
-    assert logitcache.cli.main(["fetch", "--out", str(out), "--mode", "top_p:0.5", *common]) == 0
+    assert logitcache.cli.main(["fetch", "--out", str(out), "--mode", "top_p:0.5",
+                                "--temperatures", "2,4", *common]) == 0  # fmt: skip
     with Client(served, retries=0, timeout=60, use=CLIENT_USE) as client:
         assert client.describe_dataset("cli-drawn").space.mode == "sampled"
-        expected = client.get_distributions(inputs, mode="top_p:0.5", top_k=5)
+        assert tuple(client.describe_dataset("cli-tempered").space.temperatures) == (2.0,)
+        expected = client.get_distributions(inputs, mode="top_p:0.5", top_k=5,
+                                            temperatures=[2, 4])  # fmt: skip
     width = max(r.k for r in expected)
     with np.load(out) as z:
         assert z["token_ids"].shape == (sum(len(s) for s in inputs), width)
@@ -248,3 +253,10 @@ def test_the_cli_submits_and_fetches_with_a_mode(served, tmp_path, capsys):
         for got, want in zip(rows, expected, strict=True):
             np.testing.assert_array_equal(got[:, : want.k], want.logprobs)
             assert np.all(got[:, want.k :] == -np.inf)
+        np.testing.assert_array_equal(z["temperatures"], [2.0, 4.0])
+        np.testing.assert_array_equal(
+            z["tempered_log_tails"], np.concatenate([r.tempered_log_tails for r in expected])
+        )
+    with pytest.raises(SystemExit):  # argparse: a temperature must be positive
+        logitcache.cli.main(["fetch", "--out", str(out), "--temperatures", "0", *common])
+    assert "temperatures must be positive numbers" in capsys.readouterr().err
