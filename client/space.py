@@ -33,6 +33,11 @@ class CaptureMode(StrEnum):
     SAMPLED = "sampled"  # k draws from the full distribution, as ids with counts
 
 
+# Draws per position of a sampled capture that names no count (precompute's --samples, a job's or
+# read-through's top_k 0): about what matches full distillation (Anshumann et al., ACL 2025).
+DEFAULT_DRAWS = 12
+
+
 @dataclass(frozen=True)
 class CaptureSpace:
     """Everything that determines the numbers stored for a token sequence."""

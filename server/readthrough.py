@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from logitcache.client.errors import InvalidArgument, LogitCacheError, Unavailable
-from logitcache.client.space import CaptureMode, CaptureSpace, record_key
+from logitcache.client.space import DEFAULT_DRAWS, CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.admission import Admission, Admitted
@@ -43,7 +43,6 @@ from logitcache.server.teachers.identity import capture_space
 from logitcache.server.teachers.registry import Teacher
 
 INTERACTIVE_PRIORITY = 0
-DEFAULT_DRAWS = 12  # draws per position of a sampled request that leaves k 0 (as the CLI's)
 log = logging.getLogger(__name__)
 
 

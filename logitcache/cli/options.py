@@ -11,13 +11,12 @@ import argparse
 from typing import TYPE_CHECKING
 
 from logitcache.client.errors import InvalidArgument
-from logitcache.client.space import CaptureMode
+from logitcache.client.space import DEFAULT_DRAWS, CaptureMode
 
 if TYPE_CHECKING:
     from logitcache.server.engine.protocol import EngineOptions
 
 DEFAULT_TOP_K = 64
-DEFAULT_SAMPLES = 12
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +144,7 @@ def add_capture_options(parser: argparse.ArgumentParser) -> None:
         "--samples",
         type=int,
         default=None,
-        help=f"draws per position with --mode sampled (default {DEFAULT_SAMPLES})",
+        help=f"draws per position with --mode sampled (default {DEFAULT_DRAWS})",
     )
     group.add_argument(
         "--codec",
@@ -163,7 +162,7 @@ def capture_mode(args: argparse.Namespace) -> tuple[CaptureMode, int]:
     if args.mode == CaptureMode.SAMPLED:
         if args.top_k is not None or args.top_p is not None or args.max_k is not None:
             raise InvalidArgument("--mode sampled takes --samples, not --top-k/--top-p/--max-k")
-        return CaptureMode.SAMPLED, DEFAULT_SAMPLES if args.samples is None else args.samples
+        return CaptureMode.SAMPLED, DEFAULT_DRAWS if args.samples is None else args.samples
     if args.samples is not None:
         raise InvalidArgument("--samples needs --mode sampled")
     if args.top_p is not None:
