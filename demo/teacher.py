@@ -9,6 +9,7 @@ recipe trains on another :class:`Corpus`: the real-text teacher (:mod:`logitcach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -260,6 +261,15 @@ def build_demo_teacher(
     """
     started = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
+    with staged_build(out_dir) as staging_dir:
+        build_into(staging_dir, seed, progress, started, corpus)
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_build(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A hidden sibling of out_dir to build in, renamed into place when the block ends, on two
+    threads with deterministic kernels and the caller's random state left as it was."""
     if not is_replaceable(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a demo teacher; not replacing it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -275,10 +285,9 @@ def build_demo_teacher(
     torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng(devices=[]):
-            build_into(staging_dir, seed, progress, started, corpus)
+            yield staging_dir
         move_into_place(staging_dir, out_dir)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=deterministic_warn_only)
         shutil.rmtree(staging_dir, ignore_errors=True)
-    return out_dir

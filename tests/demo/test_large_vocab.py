@@ -1,6 +1,7 @@
-"""The large-vocabulary teacher: its lexicon fills 131,072 rows, its corpus uses most of them,
-and the builder (run on a tiny recipe) writes a teacher whose held-out texts encode back to the
-ids it generated and whose every row, the last ones included, gets probability mass."""
+"""The large-vocabulary teacher: its lexicon fills 131,072 rows and its grammar puts every word in
+one class, its text follows the class chain, its fused loss is the plain cross-entropy, and the
+builder (run on a tiny recipe) writes a teacher whose held-out texts encode back to the ids it
+generated and whose every row, the last ones included, gets probability mass."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from logitcache.demo import large_vocab
+from logitcache.demo.large_vocab import Tier
 from logitcache.demo.teacher import METADATA_FILE, SPECIAL_TOKENS
 from logitcache.server.engine.reference import TransformersReference
 
 TINY = large_vocab.Recipe(
     vocab_size=len(SPECIAL_TOKENS) + 8 * 60,
-    classes=8,
-    document_words=31,
-    train_documents=256,
-    held_out_documents=4,
-    train_steps=3,
+    tiers=(Tier(4, 8, 1.2), Tier(4, None, 0.5)),
+    successor_weights=((1, 1), (1, 0.5)),
+    train_blocks=32,
+    held_out_documents=8,
 )
+HELD_OUT_SEED = 0 + large_vocab.HELD_OUT_SEED_OFFSET
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +34,46 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return large_vocab.build_large_vocab_teacher(out, seed=0, recipe=TINY, progress=False)
 
 
-def test_default_recipe_has_128k_rows_and_its_corpus_uses_most_of_them() -> None:
+def test_default_recipe_has_128k_rows_and_its_training_text_uses_many_of_them() -> None:
     recipe = large_vocab.LARGE
     assert recipe.vocab_size >= 128 * 1024
     tokenizer = large_vocab.word_tokenizer(recipe)
     assert len(tokenizer) == recipe.vocab_size
-    words = recipe.vocab_size - len(SPECIAL_TOKENS)
-    assert words % recipe.classes == 0  # every class has the same ranks
-    ids = large_vocab.generate_word_ids(recipe, recipe.train_documents, seed=0)
-    assert ids.min() == len(SPECIAL_TOKENS) and ids.max() < recipe.vocab_size
-    assert len(np.unique(ids)) > words / 2
+    grammar = large_vocab.language(recipe)
+    first = len(SPECIAL_TOKENS)
+    assert sorted(grammar.token_of.tolist()) == list(range(first, recipe.vocab_size))
+    documents = recipe.train_blocks * recipe.block_tokens // (recipe.document_words + 1)
+    ids = large_vocab.generate_word_ids(recipe, documents, seed=0)
+    assert ids.min() >= first and ids.max() < recipe.vocab_size
+    assert len(np.unique(ids)) > (recipe.vocab_size - first) / 3
     assert large_vocab.model_config(recipe, tokenizer).head_dim in {32, 64, 80, 96, 112, 128}
+
+
+def test_text_walks_the_class_chain_and_frequent_ranks_get_low_ids() -> None:
+    grammar = large_vocab.language(TINY)
+    class_of = np.empty(TINY.vocab_size, dtype=np.int64)
+    class_of[grammar.token_of] = np.repeat(np.arange(len(grammar.class_sizes)), grammar.class_sizes)
+    ids = large_vocab.generate_word_ids(TINY, 2_000, seed=3)
+    classes = class_of[ids]
+    allowed = grammar.successors[classes[:, :-1]]
+    assert (allowed == classes[:, 1:, None]).any(axis=-1).all()
+    counts = np.bincount(ids.ravel(), minlength=TINY.vocab_size)[len(SPECIAL_TOKENS) :]
+    assert counts[:8].sum() > 2 * counts[-8:].sum()  # tier 0's first ranks lead the ids
+
+
+def test_fused_cross_entropy_is_the_plain_loss_and_its_gradients() -> None:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    fused = large_vocab.fused_cross_entropy(hidden, weight, targets, chunk=10)
+    (2 * fused).backward()
+    grads = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    (2 * plain).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(grads, (hidden.grad, weight.grad))
 
 
 def test_lexicon_words_are_distinct_and_shortest_first() -> None:
@@ -58,12 +89,13 @@ def test_built_teacher_encodes_its_held_out_texts_and_gives_the_top_ids_mass(
     assert config.vocab_size == TINY.vocab_size and config.dtype == torch.float32
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     texts = [json.loads(line)["text"] for line in (tiny_teacher / "held_out.jsonl").open()]
-    expected = large_vocab.generate_word_ids(TINY, TINY.held_out_documents, 0 + 1_000_003)
+    expected = large_vocab.generate_word_ids(TINY, TINY.held_out_documents, HELD_OUT_SEED)
     encoded = tokenizer(texts)["input_ids"]
     assert [ids[1:] for ids in encoded] == expected.tolist()
     assert all(ids[0] == tokenizer.bos_token_id for ids in encoded)
     facts = json.loads((tiny_teacher / METADATA_FILE).read_text())
     assert 0 < facts["held_out_top_64_mass"] <= 1 and facts["held_out_mean_entropy"] > 0
+    assert facts["train_tokens"] == TINY.train_blocks * TINY.block_tokens
     logprobs = TransformersReference(tiny_teacher).full_logprobs(np.asarray(encoded[0]))
     assert logprobs.shape[1] == TINY.vocab_size
     assert bool((logprobs[:, -5:].exp() > 0).all())
@@ -72,6 +104,6 @@ def test_built_teacher_encodes_its_held_out_texts_and_gives_the_top_ids_mass(
 def test_benchmark_sequences_of_the_teacher_are_its_own_held_out_texts(tiny_teacher: Path) -> None:
     from logitcache.bench.synthetic import benchmark_sequences
 
-    first = large_vocab.generate_word_ids(TINY, TINY.held_out_documents, 0 + 1_000_003)[0]
+    first = large_vocab.generate_word_ids(TINY, TINY.held_out_documents, HELD_OUT_SEED)[0]
     sequences = benchmark_sequences(str(tiny_teacher), 2, 16)
     assert np.concatenate(sequences)[1:].tolist() == first[:31].tolist()
