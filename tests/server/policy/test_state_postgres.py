@@ -41,6 +41,7 @@ def test_everything_survives_reopening(target: str) -> None:
     state.add_token(record())
     state.set_access("wiki", DatasetAccess("alice", ("bob",), ("nlp",)))
     state.set_access("wiki", DatasetAccess("alice", ("bob", "carol"), ()))  # replaced
+    state.set_access("books", DatasetAccess("alice", (), ("nlp", "ops")))
     state.set_limits("tok_1", Limits(positions_computed_per_day=10, requests_per_second=2.5))
     assert state.add_usage("tok_1", "positions_computed", "2026-12-01", 7, 10) == 7
     flag = GuardFlag("tok_1", FlagState.THROTTLED, "bulk", 5.0, {"novel_positions": 9.0})
@@ -51,8 +52,10 @@ def test_everything_survives_reopening(target: str) -> None:
     assert state.token("tok_1") == state.token_by_hash("htok_1") == record()
     assert state.token("tok_2") is None and state.token_by_hash("nope") is None
     assert state.access("wiki") == DatasetAccess("alice", ("bob", "carol"), ())
+    assert state.access("books") == DatasetAccess("alice", (), ("nlp", "ops"))
     assert state.access("other") is None
-    assert state.datasets_owned_by("alice") == ["wiki"] and state.datasets_owned_by("bob") == []
+    assert state.datasets_owned_by("alice") == ["books", "wiki"]
+    assert state.datasets_owned_by("bob") == []
     assert state.limits("tok_1") == Limits(positions_computed_per_day=10, requests_per_second=2.5)
     assert state.limits("tok_2") is None
     assert state.usage("tok_1", "positions_computed", "2026-12-01") == 7
