@@ -36,7 +36,10 @@ from logitcache.server.engine.device_capture import capture_columns, seed_tensor
 HOOK_VERSION = 1
 _DONE = "_logitcache_done"  # runner attribute: finished records waiting for this step's output
 _PARTIAL = "_logitcache_partial"  # runner attribute: records with chunks still to come
-_LOGIT_ELEMENTS = 1 << 26  # logits computed at once (float32: 256 MiB, and as much for the softmax)
+# Logits computed at once (float32: 16 MiB, and as much for the log-softmax): small enough for
+# the CPU's last-level cache and for the allocator to reuse the memory (larger buffers are mapped
+# and faulted in afresh on every call), large enough for an efficient output-layer matmul.
+_LOGIT_ELEMENTS = 1 << 22
 
 
 class CaptureWorkerExtension:
@@ -76,7 +79,7 @@ def _capture_chunks(runner: Any, hidden_states: torch.Tensor,
         if n <= 0:
             finished.add(req_id)
             continue
-        if req_id not in partial:
+        if req_id not in partial and n < length:  # a record whose prefill spans steps
             partial[req_id] = torch.empty(length, request.columns, dtype=torch.float32)
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
         chunk = _Chunk(req_id, request, state.prompt_token_ids, start, n, offset)
@@ -97,10 +100,12 @@ def _capture_chunks(runner: Any, hidden_states: torch.Tensor,
             out[a:b].copy_(columns, non_blocking=True)
         at = 0
         for c in chunks:
-            partial[c.req_id][c.start : c.start + c.n] = out[at : at + c.n]
+            rows_of_c = out[at : at + c.n]  # a view: a record prefilled in one step is not copied
             at += c.n
+            if c.req_id in partial:
+                partial[c.req_id][c.start : c.start + c.n] = rows_of_c
             if c.start + c.n >= len(c.prompt):
-                done[c.req_id] = partial.pop(c.req_id)
+                done[c.req_id] = partial.pop(c.req_id, rows_of_c)
                 finished.add(c.req_id)
     for req_id in [r for r in partial if r not in runner.requests]:  # aborted mid-prefill
         del partial[req_id]

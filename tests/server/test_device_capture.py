@@ -22,6 +22,7 @@ from logitcache.server.engine.device_capture import (
     capture_columns,
     draw_rows_for_key,
     seed_tensor,
+    top_k,
     uniforms,
 )
 from logitcache.server.engine.reference import TransformersReference
@@ -115,6 +116,22 @@ def test_log_normalisers_are_exact() -> None:
     np.testing.assert_allclose(cols.top_logprobs, top.values.numpy(), atol=1e-5)
     np.testing.assert_array_equal(cols.top_ids, top.indices.numpy())
     assert np.isnan(cols.target_logprobs[-1])
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(1785, 64), (4099, 8), (300, 64)])
+def test_top_k_in_groups_equals_torch_topk(vocab: int, k: int) -> None:
+    """Rows that are views of wider rows (vLLM's padded output layer), a vocabulary that groups
+    do not divide, and rows of ties: the values of torch.topk, ids of those values."""
+    gen = torch.Generator().manual_seed(vocab)
+    padded = torch.randn(50, vocab + 11, generator=gen) * 3
+    padded[:5] = padded[:5].round()  # many ties
+    x = padded[:, :vocab]
+    values, ids = top_k(x, k)
+    want = torch.topk(x, k, dim=1)
+    assert torch.equal(values, want.values)
+    assert torch.equal(x.gather(1, ids), want.values)
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # distinct ids
+    np.testing.assert_array_equal(ids[5:], want.indices[5:])
 
 
 @pytest.fixture(scope="module")
