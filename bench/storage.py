@@ -14,6 +14,8 @@ flat one:
     topk-v2         the default codec
     topk-v3         topk-v2 on the contract grid
     topk-v4         topk-v3 with ids stored by per-segment frequency and input-token tables
+    topk-v5         topk-v4's rows, a segment storing each row's id set and each id's value
+                    against its mean after the input token (per-segment lists and means)
     top_p:P         adaptive k with the default codec (the shortest prefix of the top k reaching P)
     sampled-v1      U draws per position from the full distribution
 
@@ -44,6 +46,7 @@ from logitcache.client.codecs import (
     DEFAULT_CODEC,
     ContractGridTopKCodec,
     FrequencyOrderTopKCodec,
+    PredictedValueTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
     TopKCodec,
@@ -87,7 +90,7 @@ class Captured:
     exact_big: TopKRows
     sampled_big: TopKRows
     lengths: list[int]
-    inputs: list[np.ndarray]  # each sequence's input tokens (topk-v4's context)
+    inputs: list[np.ndarray]  # each sequence's input tokens (topk-v4's and v5's context)
     mean_entropy: float
     top_k_mass: float
 
@@ -329,7 +332,7 @@ def _encodings(args, cap: Captured, root: str, big: bool, vocab: int) -> list[Ro
     exact, sampled = (cap.exact_big, cap.sampled_big) if big else (cap.exact, cap.sampled)
     k, repeats = args.top_k, args.repeats
     table = [_naive_row(exact, vocab, k, repeats), _distillkit_row(exact, vocab, k, repeats)]
-    topk = (TopKCodec, ContractGridTopKCodec, FrequencyOrderTopKCodec)
+    topk = (TopKCodec, ContractGridTopKCodec, FrequencyOrderTopKCodec, PredictedValueTopKCodec)
     for codec in (QuantizedTopKCodec(vocab), *(c(vocab) for c in topk)):
         table.append(_stored_row(root, codec.name, codec, exact, exact, cap, repeats))
     default = codec_for(DEFAULT_CODEC, vocab)
@@ -352,7 +355,8 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
     by_name = {(r.name, r.vocab): r for r in table}
     for vocab in sorted({r.vocab for r in table}):
         dk = by_name[DISTILLKIT, vocab]
-        for name in (TopKCodec.name, ContractGridTopKCodec.name, FrequencyOrderTopKCodec.name):
+        for name in (TopKCodec.name, ContractGridTopKCodec.name, FrequencyOrderTopKCodec.name,
+                     PredictedValueTopKCodec.name):  # fmt: skip
             r = by_name[name, vocab]
             f, at = r.fid, f"{name} (vocab {vocab:,})"
             assert f is not None and r.read_rate is not None
@@ -374,6 +378,7 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
         pairs = (
             (TopKCodec, ContractGridTopKCodec),
             (ContractGridTopKCodec, FrequencyOrderTopKCodec),
+            (FrequencyOrderTopKCodec, PredictedValueTopKCodec),
         )
         for old, new in pairs:
             a, b = by_name[old.name, vocab], by_name[new.name, vocab]

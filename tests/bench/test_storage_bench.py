@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from logitcache.bench import storage
-from logitcache.client.codecs import TopKRows, codec_for
+from logitcache.client.codecs import DEFAULT_CODEC, TopKRows, codec_for
 from logitcache.client.space import CaptureSpace
 from logitcache.demo.real_text import held_out_path
 from logitcache.server.engine.sampling import sample_rows
@@ -89,7 +89,7 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
         args, cap, str(tmp_path), True, SYNTHETIC_VOCAB
     )
     names = {"naive int32+fp32", "distillkit-style", "topk-q64-delta-v1", "topk-v2", "topk-v3",
-             "topk-v4", "top_p:0.95 (topk-v2)", "sampled U=12"}  # fmt: skip
+             "topk-v4", "topk-v5", f"top_p:0.95 ({DEFAULT_CODEC})", "sampled U=12"}  # fmt: skip
     for vocab in (2000, SYNTHETIC_VOCAB):
         assert {r.name for r in table if r.vocab == vocab} == names
     for r in table:
@@ -98,16 +98,17 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
             assert r.bytes_per_position < 8 * 64
     checks = storage._targets(table, args)
     bounds = [ok for what, _, ok in checks if "within 0.01 nats" in what]
-    assert len(bounds) == 6 and all(bounds)  # topk-v2, v3 and v4 at both vocabularies
+    assert len(bounds) == 8 and all(bounds)  # topk-v2, v3, v4 and v5 at both vocabularies
 
 
-@pytest.mark.parametrize("codec_name", ["topk-v3", "topk-v4"])
+@pytest.mark.parametrize("codec_name", ["topk-v3", "topk-v4", "topk-v5"])
 def test_a_segment_reads_back_exactly_after_reopening(
     real_text_rows: TopKRows, tmp_path: Path, codec_name: str
 ) -> None:
     """A sealed segment, read by a new backend and reader (as after a restart), decodes to
     exactly the rows of the in-memory encoding: the codec needs no state beyond its space and
-    the segment (topk-v4's tables are in the segment; the input tokens recur, so they are used)."""
+    the segment (topk-v4's and v5's tables are in the segment; the input tokens recur, so they
+    are used)."""
     space = CaptureSpace("teacher", "tokenizer", 2000, "topk", 64, "float32", codec_name)
     codec = codec_for(space.codec, space.vocab_size)
     records = [

@@ -1,0 +1,202 @@
+"""``topk-v5``: ``topk-v4``'s rows stored in a sealed segment as a set and predicted values.
+
+``topk-v4`` stores each entry's id in rank order. On a teacher of real text that costs both the
+set of ids and their order, and the order (which of 64 close log-probs belongs to which id) is
+nearly unpredictable from the input token: about 4.6 bits per entry on top of the set. Storing
+the log-prob per id instead makes the order free, because the decoder sorts by value.
+So a sealed segment stores, for each position:
+
+- the set of its ids, as places in a list of the segment's ids (the input token's list when
+  the token occurs at least :data:`CONTEXT_MIN` times in the segment, else the segment's list),
+  in ascending order and as gaps (``id_lo``/``id_hi``, small numbers: a row's ids crowd the
+  head of its list);
+- each id's log-prob code as the difference from the mean code of that id in that list
+  (``logprob_gaps``, zigzagged: small numbers of both signs).
+
+Each list is ordered by that mean code, most probable first, and stored with it (in steps of
+:data:`MEAN_STEP` codes), so the segment decodes alone and reads back exactly after a restart.
+Decoding adds each id's mean back and sorts the row by (code, id): the order of ``topk-v3``,
+whose arrays a record has in memory and on the wire (the remap is a segment's business only:
+:meth:`seal` when a segment is written, :meth:`unseal` when it is read). Entries, grid, tail,
+targets and error bounds are ``topk-v3``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from logitcache.client.codecs.base import pad_rows
+from logitcache.client.codecs.topk_v4 import FrequencyOrderTopKCodec, _join
+
+# The segment tables (see the module doc).
+ID_ORDER = "id_order"  # the segment's distinct ids by mean code, then count (descending)
+ID_MEANS = "id_means"  # uint8: each one's mean code over the segment, in MEAN_STEP steps
+CONTEXT_TOKENS = "context_tokens"  # int32: input tokens with a list of their own, ascending
+CONTEXT_LENGTHS = "context_lengths"  # uint32: each one's list length
+CONTEXT_IDS = "context_ids"  # the lists, one after the other, as places in ``id_order``
+CONTEXT_MEANS = "context_means"  # uint8: each listed id's mean code after its token
+MEAN_STEP = 4  # codes per step of a stored mean (1/13 nat above p = 1e-3; codes <= 371)
+# Positions an input token needs in a segment to have a list of its own. Measured on the
+# real-text teacher's rows (32,768 positions a segment): 97.0 B/pos at 5, 97.5 at 12, 98.0 at
+# 16, 98.9 at 24; a list costs its ids and means, so fewer and longer lists lose.
+CONTEXT_MIN = 6
+
+
+@dataclass(frozen=True)
+class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
+    """The arrays of ``topk-v4``. In a sealed segment ``id_lo``/``id_hi`` hold each row's ids
+    as ascending gaps between places in its list, and ``logprob_gaps`` each id's code minus its
+    list mean, zigzagged (0, -1, 1, -2, ... as 0, 1, 2, 3, ...), in the same order."""
+
+    name: ClassVar[str] = "topk-v5"
+    segment_tables: ClassVar[tuple[str, ...]] = (
+        ID_ORDER,
+        ID_MEANS,
+        CONTEXT_TOKENS,
+        CONTEXT_LENGTHS,
+        CONTEXT_IDS,
+        CONTEXT_MEANS,
+    )
+
+    def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A segment's arrays (``input_ids`` among them) as sets and predicted values, with the
+        tables that undo it."""
+        n = np.asarray(arrays["n"]).astype(np.int64)
+        ids = _join(arrays["id_lo"], arrays["id_hi"]).astype(np.int64)
+        codes = _within_rows_cumsum(np.asarray(arrays["logprob_gaps"]), n).astype(np.int64)
+        counts = np.bincount(ids, minlength=self.vocab_size)
+        present = np.flatnonzero(counts)
+        id_means = _mean_steps(np.bincount(ids, weights=codes, minlength=self.vocab_size)[present],
+                               counts[present])  # fmt: skip
+        by_mean = np.lexsort((-counts[present], id_means))
+        order = present[by_mean]
+        size = max(1, order.shape[0])
+        place = np.zeros(self.vocab_size, dtype=np.int64)
+        place[order] = np.arange(order.shape[0])
+        place_of = place[ids]  # the place in the segment's list, the fallback
+        pred = id_means[by_mean][place_of] * MEAN_STEP
+
+        tokens, token_of, uses = np.unique(
+            np.asarray(arrays["input_ids"]), return_inverse=True, return_counts=True
+        )
+        listed = uses >= CONTEXT_MIN
+        context = np.repeat(token_of.reshape(-1), n)
+        kept = listed[context]
+        # Every (token, id) pair of the listed tokens; a token's list: by mean code, then count.
+        pairs, pair_of, pair_count = np.unique(
+            context[kept] * size + place_of[kept], return_inverse=True, return_counts=True
+        )
+        pair_of = pair_of.reshape(-1)
+        pair_means = _mean_steps(np.bincount(pair_of, weights=codes[kept]), pair_count)
+        pair_token, pair_place = np.divmod(pairs, size)
+        by_list = np.lexsort((pair_place, -pair_count, pair_means, pair_token))
+        in_list = np.empty_like(by_list)
+        in_list[by_list] = np.arange(by_list.shape[0])
+        listed_token = pair_token[by_list]
+        within = np.arange(by_list.shape[0]) - np.searchsorted(listed_token, listed_token)
+        place_of[kept] = within[in_list[pair_of]]
+        pred[kept] = pair_means[pair_of] * MEAN_STEP
+
+        # Each row by place: its set as gaps, and each id's residual code beside it.
+        residual = codes - pred
+        zigzag = np.where(residual >= 0, 2 * residual, -2 * residual - 1)
+        key = _sorted_within_rows(place_of << 10 | zigzag, n)
+        place_sorted = key >> 10
+        return {
+            **arrays,
+            **self._split(_within_rows_diff(place_sorted, n)),
+            "logprob_gaps": (key & 0x3FF).astype(np.uint16),
+            ID_ORDER: order.astype(self.id_dtype),
+            ID_MEANS: id_means[by_mean].astype(np.uint8),
+            CONTEXT_TOKENS: tokens[listed].astype(np.int32),
+            CONTEXT_LENGTHS: np.bincount(pair_token, minlength=tokens.shape[0])[listed].astype(
+                np.uint32
+            ),
+            CONTEXT_IDS: pair_place[by_list].astype(self.id_dtype),
+            CONTEXT_MEANS: pair_means[by_list].astype(np.uint8),
+        }
+
+    def unseal(
+        self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
+        back in ``topk-v3``'s order: ids, and code gaps along each row."""
+        n = np.asarray(arrays["n"]).astype(np.int64)
+        gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
+        order = tables[ID_ORDER].astype(np.int64)
+        listed_ids = tables[CONTEXT_IDS].astype(np.int64)
+        # One table over every list (the segment's own last) of (mean code, id) packed as the
+        # sort key below: a position's list starts at ``start``.
+        shift = self.key_shift
+        means = np.concatenate([tables[CONTEXT_MEANS], tables[ID_MEANS]]).astype(np.int64)
+        ids = np.concatenate([order.take(listed_ids, mode="clip"), order])
+        packed = (means * (MEAN_STEP << shift) + ids).astype(self.key_dtype)
+        tokens, lengths = tables[CONTEXT_TOKENS], tables[CONTEXT_LENGTHS].astype(np.int64)
+        start = np.full(input_ids.shape[0], listed_ids.shape[0], dtype=np.int64)
+        if tokens.shape[0]:
+            at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
+            starts = np.cumsum(lengths) - lengths
+            start = np.where(tokens[at] == input_ids, starts[at], start)
+        at_entry = _within_rows_cumsum(gaps, n, np.repeat(start.astype(np.int32), n))
+        zigzag = np.asarray(arrays["logprob_gaps"]).astype(self.key_dtype)
+        residual = (zigzag >> 1) ^ -(zigzag & 1)
+        # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
+        key = _sorted_within_rows(packed.take(at_entry, mode="clip") + (residual << shift), n)
+        codes = key >> shift
+        return {
+            **arrays,
+            **self._split(key & ((1 << shift) - 1)),
+            "logprob_gaps": _within_rows_diff(codes, n).astype(np.uint16),
+        }
+
+    @property
+    def key_shift(self) -> int:
+        """Bits of an id in a decoding key."""
+        return max(1, int(self.vocab_size - 1).bit_length())
+
+    @property
+    def key_dtype(self) -> np.dtype:
+        """int32 while (code << shift | id) fits it (codes < 512: ids below 2**22)."""
+        return np.dtype(np.int32) if self.key_shift <= 22 else np.dtype(np.int64)
+
+
+def _mean_steps(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """int64 means of codes in :data:`MEAN_STEP` steps."""
+    return np.rint(sums / np.maximum(counts, 1) / MEAN_STEP).astype(np.int64)
+
+
+def _row_starts(n: np.ndarray) -> np.ndarray:
+    return np.cumsum(n) - n
+
+
+def _within_rows_cumsum(
+    values: np.ndarray, n: np.ndarray, offsets: np.ndarray | int = 0
+) -> np.ndarray:
+    """int32 running sums of flat entries, restarting at each row of ``n`` entries, from
+    ``offsets`` (one per entry). The sums wrap in int32 over the whole array, but each row's
+    are differences, so they are exact while a row's sum fits int32."""
+    if values.shape[0] == 0:
+        return np.zeros(0, dtype=np.int32)
+    total = np.cumsum(values, dtype=np.int32)
+    before = total - values
+    return total - np.repeat(before.take(_row_starts(n), mode="clip"), n) + offsets
+
+
+def _within_rows_diff(values: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_within_rows_cumsum`: each row's first value, then differences."""
+    out = np.diff(values, prepend=0)
+    starts = _row_starts(n)[n > 0]
+    out[starts] = values[starts]
+    return out
+
+
+def _sorted_within_rows(keys: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Flat entries sorted within each row of ``n`` entries."""
+    dtype = keys.dtype.type
+    rows = np.sort(pad_rows(keys, n, np.iinfo(dtype).max, dtype), axis=1)
+    if rows.size == keys.shape[0]:
+        return rows.reshape(-1)
+    return rows[np.arange(rows.shape[1]) < n[:, None]]
