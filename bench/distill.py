@@ -30,9 +30,17 @@ The training sequences come from :func:`token_sequences` (documents of the demo 
 with ``--data FILE`` from :func:`data_token_sequences` (the texts of a JSONL file, such as the
 real-text teacher's held-out texts: the last blocks held out, the rest for training).
 
+``--modes t`` adds two runs at ``--temperature`` T (default 2) on the top-k rows, both with the
+exact tempered loss of ``logitcache.trainer.tempered`` on full logits: (t) from a second server job
+that also stores each position's tail mass at T (``temperatures=[T]``), so the loss is exact over
+the top-k plus the tail; (u) from (c)'s cache, which has no tails at T, with the documented
+approximation (``approximate=True``: the top-k renormalised at T, the tail dropped).
+
 Each student is then scored on held-out text (documents of another seed) by the mean
 KL(teacher || student) per token over the full vocabulary, with the teacher computed by the plain
-transformers reference forward pass, and by its perplexity on the actual next tokens.
+transformers reference forward pass, by its perplexity on the actual next tokens, and by the same
+KL between the tempered distributions at T, ``softmax(logits / T)`` of both (no T^2 factor): what
+the runs at T are trained to match.
 
 (c) also reports its input side: the wall time the training loop spent waiting for data (inside
 ``next()`` on the record iterator, plus collation) against the time in forward/backward/step, so
@@ -59,7 +67,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +80,7 @@ from logitcache.trainer import losses
 from logitcache.trainer.collate import TeacherTargets, collate_records
 from logitcache.trainer.output_layer import loss_in_output_layer, output_layer
 from logitcache.trainer.stream import TeacherStream
+from logitcache.trainer.tempered import tempered_batch_loss
 
 IGNORE_INDEX = -100
 EVAL_BATCH = 32
@@ -410,43 +419,71 @@ def teacher_logprobs(teacher: torch.nn.Module, held_out: torch.Tensor) -> list[t
     ]
 
 
+class HeldOut(NamedTuple):
+    """A model's held-out scores: mean KL(teacher || model) per position over the full
+    vocabulary at T = 1, perplexity on the actual next tokens, and the KL at ``temperature``."""
+
+    kl: float
+    ppl: float
+    kl_tempered: float
+
+
+def tempered_kl(log_p: torch.Tensor, log_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-position KL(p_T || q_T) over the full vocabulary, p_T = softmax(log p / T): the
+    teacher's exact tempered distribution (log-probs at T = 1 divided by T and renormalised are
+    the logits divided by T), no T^2 factor."""
+    return dense_divergence(
+        torch.log_softmax(log_p / temperature, -1),
+        torch.log_softmax(log_q / temperature, -1),
+        "forward_kl",
+    )
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, held_out: torch.Tensor, reference: list[torch.Tensor]
-) -> tuple[float, float]:
-    """(mean KL(teacher || model) per position over the full vocabulary, perplexity)."""
+    model: torch.nn.Module,
+    held_out: torch.Tensor,
+    reference: list[torch.Tensor],
+    temperature: float,
+) -> HeldOut:
+    """The scores of ``model`` on ``held_out`` against the teacher's ``reference`` log-probs."""
     model.eval()
-    kl_sum, nll_sum, kl_n, nll_n = 0.0, 0.0, 0, 0
+    kl_sum, kl_t_sum, nll_sum, kl_n, nll_n = 0.0, 0.0, 0.0, 0, 0
     for batch, log_p in zip(held_out.split(EVAL_BATCH), reference, strict=True):
         log_q = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
-        kl = dense_divergence(pad_vocabulary(log_p, log_q.shape[-1]), log_q, "forward_kl")
+        log_p = pad_vocabulary(log_p, log_q.shape[-1])
+        kl = dense_divergence(log_p, log_q, "forward_kl")
         kl_sum += float(kl.double().sum())
+        kl_t_sum += float(tempered_kl(log_p, log_q, temperature).double().sum())
         kl_n += kl.numel()
         nll = -log_q[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
         nll_sum += float(nll.double().sum())
         nll_n += nll.numel()
-    return kl_sum / kl_n, math.exp(nll_sum / nll_n)
+    return HeldOut(kl_sum / kl_n, math.exp(nll_sum / nll_n), kl_t_sum / kl_n)
 
 
 def print_results(
-    rows: list[tuple[str, float, float, RunResult | None]],
+    rows: list[tuple[str, HeldOut, RunResult | None]],
     fused_ce: RunResult,
     ce: RunResult,
     positions: int,
+    temperature: float,
 ) -> None:
     """The results table: held-out quality, then the student's step against a CE step's."""
+    kl_t = f"KL@T{temperature:g}"
     head = (
-        f"{'method':37s} {'KL(t||s)':>9s} {'ppl':>8s} {'step ms':>8s} {'x CE':>6s} "
+        f"{'method':37s} {'KL(t||s)':>9s} {'ppl':>8s} {kl_t:>8s} {'step ms':>8s} {'x CE':>6s} "
         f"{'x CE(a)':>8s} {'peak MB':>8s} {'x CE':>6s} {'pos/s trained':>14s}"
     )
     print(head)
     print("-" * len(head))
-    for label, kl, ppl, r in rows:
+    for label, scores, r in rows:
+        quality = f"{label:37s} {scores.kl:>9.4f} {scores.ppl:>8.3f} {scores.kl_tempered:>8.4f}"
         if r is None:
-            print(f"{label:37s} {kl:>9.4f} {ppl:>8.3f}")
+            print(quality)
             continue
         print(
-            f"{label:37s} {kl:>9.4f} {ppl:>8.3f} {1000 * r.step_s:>8.1f} "
+            f"{quality} {1000 * r.step_s:>8.1f} "
             f"{r.step_s / fused_ce.step_s:>6.2f} {r.step_s / ce.step_s:>8.2f} "
             f"{r.peak_bytes / 2**20:>8.1f} {r.peak_bytes / max(fused_ce.peak_bytes, 1):>6.2f} "
             f"{positions / r.step_s:>14,.0f}"
@@ -456,7 +493,9 @@ def print_results(
         f"and teacher excluded, median of {TIMING_ROUNDS} interleaved with the other runs' "
         "(measure_steps); x CE: against (a'), a cross-entropy step computed the same fused way; "
         "x CE(a): against (a), cross-entropy on full logits; peak MB: one step above what it "
-        "starts with, from the profiler's allocation events on CPU, max_memory_allocated on GPU)"
+        "starts with, from the profiler's allocation events on CPU, max_memory_allocated on GPU; "
+        f"{kl_t}: KL(teacher || student) between their distributions at T = {temperature:g} over "
+        "the full vocabulary, no T^2 factor)"
     )
 
 
@@ -579,6 +618,9 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.train_sequences is not None and args.train_sequences < 1:
         raise InvalidArgument("--train-sequences must be at least 1")
+    if not 0.0 < args.temperature < math.inf:
+        raise InvalidArgument(f"--temperature must be positive, got {args.temperature}")
+    temperature = args.temperature
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -668,6 +710,19 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
             h, w, targets, lm_head_bias=b, kind=args.loss, alpha=args.alpha
         )
 
+    def tempered_loss(approximate: bool) -> LogitsLoss:
+        """(t)/(u): the tempered loss at ``temperature`` on the batch's top-k rows, exact with
+        the batch's tails at it, or (``approximate``) renormalised with none."""
+
+        def loss(logits: torch.Tensor, labels: torch.Tensor, extra: dict) -> torch.Tensor:
+            kd = tempered_batch_loss(logits, extra["batch"], temperature, kind=args.loss,
+                                     approximate=approximate)  # fmt: skip
+            if args.alpha == 0.0:
+                return kd
+            return (1.0 - args.alpha) * kd + args.alpha * cross_entropy(logits, labels)
+
+        return loss
+
     results: dict[str, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="logitcache-bench-distill-") as tmp:
         print("\nstarting logitcache serve on the teacher ...", flush=True)
@@ -678,7 +733,7 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         ) as server:  # fmt: skip
             print(f"server up on {server.target} in {time.perf_counter() - t:.1f} s", flush=True)
             server_cpu = _server_cpu_reader(server.pid)
-            dataset = "distill-train"
+            dataset, tempered_dataset = "distill-train", "distill-train-tempered"
             # The job declares its use (the licence policy decides on it; Apache-2.0 allows it).
             bench_use = Use("research", "distill-bench-student", "llama", "logitcache bench")
             with Client(server.target, timeout=600.0, use=bench_use) as client:
@@ -689,13 +744,27 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 final = client.wait(job, progress=False)
                 capture_s = time.perf_counter() - t
-            capture_positions = int(final.positions_done)
-            print(
-                f"(c) job {final.id}: {final.sequences_done} sequences, "
-                f"{capture_positions:,} positions captured at k={args.top_k} in {capture_s:.1f} s "
-                f"({capture_positions / capture_s:,.0f} positions/s, submit to completion)",
-                flush=True,
-            )
+                capture_positions = int(final.positions_done)
+                print(
+                    f"(c) job {final.id}: {final.sequences_done} sequences, "
+                    f"{capture_positions:,} positions captured at k={args.top_k} in "
+                    f"{capture_s:.1f} s ({capture_positions / capture_s:,.0f} positions/s, "
+                    "submit to completion)",
+                    flush=True,
+                )
+                if "t" in args.modes:
+                    t = time.perf_counter()
+                    job = client.precompute(
+                        dataset=tempered_dataset, input_ids=[row.numpy() for row in train_ids],
+                        top_k=args.top_k, temperatures=[temperature],
+                    )  # fmt: skip
+                    final = client.wait(job, progress=False)
+                    print(
+                        f"(t) job {final.id}: {int(final.positions_done):,} positions captured "
+                        f"at k={args.top_k} with the tails at T={temperature:g} in "
+                        f"{time.perf_counter() - t:.1f} s",
+                        flush=True,
+                    )
 
             print("\n(a) cross-entropy on the text (logits)", flush=True)
             results["a"] = train(
@@ -733,6 +802,20 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                     step_loss, None, args, server_cpu,
                 )  # fmt: skip
                 print(f"  ({key}) every batch's input_ids equal (a)'s ({steps} batches checked)")
+            if "t" in args.modes:
+                tempered_runs = (
+                    ("t", tempered_dataset, False, f"with the stored tails at T={temperature:g}"),
+                    ("u", dataset, True, "without tails (top-k renormalised, tail dropped)"),
+                )
+                for key, name, approximate, how in tempered_runs:
+                    print(f"({key}) top-{args.top_k} {args.loss} at T={temperature:g} {how}, "
+                          "on the logits (gRPC stream)", flush=True)  # fmt: skip
+                    stream = TeacherStream(f"grpc://{server.target}", name, seed=args.seed,
+                                           shuffle=False)  # fmt: skip
+                    results[key] = train(
+                        f"({key})", new_student, _checked_batches(stream, train_ids, bsz, key),
+                        on_logits(tempered_loss(approximate)), None, args, server_cpu,
+                    )  # fmt: skip
 
         for key, mode in (("d", "top_p"), ("e", "sampled")):
             if key not in args.modes:
@@ -757,8 +840,10 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     print("evaluating on held-out text (teacher: transformers reference forward pass) ...")
     t = time.perf_counter()
     reference = teacher_logprobs(teacher, held_out)
-    rows = [("teacher (reference)", 0.0, evaluate(teacher, held_out, reference)[1], None)]
-    rows.append(("student, untrained", *evaluate(initial, held_out, reference), None))
+    rows: list[tuple[str, HeldOut, RunResult | None]] = [
+        ("teacher (reference)", evaluate(teacher, held_out, reference, temperature), None),
+        ("student, untrained", evaluate(initial, held_out, reference, temperature), None),
+    ]
     labels = {
         "a": "(a) cross-entropy on text",
         "a'": "(a') cross-entropy, fused",
@@ -767,12 +852,13 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         "l": f"(l) KD from cache, top-{args.top_k}, logits",
         "d": f"(d) KD, adaptive top-p {args.top_p:g}, fused",
         "e": f"(e) KD, sampled U={args.samples}, fused",
+        "t": f"(t) KD T={temperature:g}, top-{args.top_k} + tails",
+        "u": f"(u) KD T={temperature:g}, top-{args.top_k}, no tails",
     }
-    scores = {}
+    scores: dict[str, HeldOut] = {}
     for key, r in results.items():
-        kl, ppl = evaluate(r.model, held_out, reference)
-        scores[key] = kl
-        rows.append((labels[key], kl, ppl, r))
+        scores[key] = evaluate(r.model, held_out, reference, temperature)
+        rows.append((labels[key], scores[key], r))
     eval_s = time.perf_counter() - t
     torch.set_num_threads(previous_threads)
 
@@ -781,11 +867,19 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"\nheld-out: {args.eval_sequences} sequences x {seq_len} tokens = {held_positions:,} "
         f"positions; KL in nats per position over the full vocabulary; evaluated in {eval_s:.1f} s"
     )
-    print_results(rows, results["a'"], results["a"], bsz * seq_len)
+    print_results(rows, results["a'"], results["a"], bsz * seq_len, temperature)
     for key in "cde":
         if key in scores:
-            print(f"({key})/(b) KL ratio: {scores[key] / scores['b']:.3f}")
-    print(f"(a) KL / (c) KL:  {scores['a'] / scores['c']:.2f}")
+            print(f"({key})/(b) KL ratio: {scores[key].kl / scores['b'].kl:.3f}")
+    print(f"(a) KL / (c) KL:  {scores['a'].kl / scores['c'].kl:.2f}")
+    if "t" in scores:
+        exact, renormalised = scores["t"], scores["u"]
+        print(
+            f"at T={temperature:g}: held-out KL@T (t) with tails {exact.kl_tempered:.4f}, (u) "
+            f"without {renormalised.kl_tempered:.4f}, (u)/(t) "
+            f"{renormalised.kl_tempered / exact.kl_tempered:.3f}; at T=1 (t) {exact.kl:.4f}, "
+            f"(u) {renormalised.kl:.4f}"
+        )
 
     c = results["c"]
     print(

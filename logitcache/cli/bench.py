@@ -85,7 +85,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--modes",
         default="de",
         help="which of the extra runs to do: d (adaptive top-p cache), e (sampled cache), "
-        "l (the top-k loss on full logits, next to (c)'s fused one); '' for none (default: de)",
+        "l (the top-k loss on full logits, next to (c)'s fused one), t (two runs at "
+        "--temperature: (t) from a cache that stores the tails at it, exact; (u) from (c)'s "
+        "cache without them, the top-k renormalised); '' for none (default: de)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=2.0,
+        help="temperature of the t runs; every run is also scored by held-out KL at it "
+        "(default: 2)",
     )
     p.add_argument(
         "--loss",

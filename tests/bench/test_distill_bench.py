@@ -85,3 +85,18 @@ def test_data_texts_give_disjoint_train_and_held_out_blocks(real_text_teacher, t
     short.write_text(json.dumps({"text": " ".join(["word"] * 200)}) + "\n")
     with pytest.raises(InvalidArgument, match="eval-sequences"):
         distill.data_token_sequences(str(real_text_teacher), str(short), 4, 100, 16)
+
+
+def test_held_out_kl_at_a_temperature_is_the_dense_tempered_kl() -> None:
+    """The T=2 score compares softmax(logits / T) of teacher and student over the whole
+    vocabulary (a padded student vocabulary included), and is the plain KL at T = 1."""
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(4, 6, generator=gen), torch.randn(4, 9, generator=gen)
+    log_p = distill.pad_vocabulary(teacher.log_softmax(-1), 9)
+    log_q = student.log_softmax(-1)
+    p_t = (teacher / 2).softmax(-1)
+    want = (p_t * (p_t.log() - (student / 2).log_softmax(-1)[:, :6])).sum(-1)
+    torch.testing.assert_close(distill.tempered_kl(log_p, log_q, 2.0), want)
+    torch.testing.assert_close(
+        distill.tempered_kl(log_p, log_q, 1.0), distill.dense_divergence(log_p, log_q, "forward_kl")
+    )
