@@ -23,6 +23,7 @@ targets and error bounds are ``topk-v3``'s.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -140,11 +141,10 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
             at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
             starts = np.cumsum(lengths) - lengths
             start = np.where(tokens[at] == input_ids, starts[at], start)
-        at_entry = _within_rows_cumsum(gaps, n, np.repeat(start.astype(np.int32), n))
-        zigzag = np.asarray(arrays["logprob_gaps"]).astype(self.key_dtype)
-        residual = (zigzag >> 1) ^ -(zigzag & 1)
+        at_entry = _within_rows_cumsum(gaps, n, start)
+        residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
         # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
-        key = _sorted_within_rows(packed.take(at_entry, mode="clip") + (residual << shift), n)
+        key = _sorted_within_rows(packed.take(at_entry, mode="clip") + residual, n)
         codes = key >> shift
         return {
             **arrays,
@@ -173,24 +173,40 @@ def _row_starts(n: np.ndarray) -> np.ndarray:
 
 
 def _within_rows_cumsum(
-    values: np.ndarray, n: np.ndarray, offsets: np.ndarray | int = 0
+    values: np.ndarray, n: np.ndarray, row_offsets: np.ndarray | None = None
 ) -> np.ndarray:
-    """int32 running sums of flat entries, restarting at each row of ``n`` entries, from
-    ``offsets`` (one per entry). The sums wrap in int32 over the whole array, but each row's
-    are differences, so they are exact while a row's sum fits int32."""
-    if values.shape[0] == 0:
-        return np.zeros(0, dtype=np.int32)
-    total = np.cumsum(values, dtype=np.int32)
-    before = total - values
-    return total - np.repeat(before.take(_row_starts(n), mode="clip"), n) + offsets
+    """int32 running sums of flat entries, restarting at each row of ``n`` entries (from the
+    row's ``row_offsets``, else 0). One cumsum over the whole array, whose entry at a row's
+    start is corrected for what came before: the sums wrap in int32, but each row's are
+    differences, so they are exact while a row's own sums fit int32."""
+    out = values.astype(np.int32)
+    nonempty = n > 0
+    starts = _row_starts(n)[nonempty]
+    if starts.shape[0] == 0:
+        return out
+    ends = np.add.reduceat(out, starts, dtype=np.int32)
+    if row_offsets is not None:
+        begins = row_offsets[nonempty].astype(np.int32)
+        ends += begins
+        out[starts] += begins
+    out[starts[1:]] -= ends[:-1]
+    return np.cumsum(out, dtype=np.int32, out=out)
 
 
 def _within_rows_diff(values: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_within_rows_cumsum`: each row's first value, then differences."""
-    out = np.diff(values, prepend=0)
+    out = np.empty_like(values)
+    np.subtract(values[1:], values[:-1], out=out[1:])
     starts = _row_starts(n)[n > 0]
     out[starts] = values[starts]
     return out
+
+
+@functools.cache
+def _residual_keys(shift: int, dtype: np.dtype) -> np.ndarray:
+    """Every stored (zigzagged, uint16) residual's value, shifted into a decoding key."""
+    zigzag = np.arange(1 << 16, dtype=np.int64)
+    return (((zigzag >> 1) ^ -(zigzag & 1)) << shift).astype(dtype)
 
 
 def _sorted_within_rows(keys: np.ndarray, n: np.ndarray) -> np.ndarray:
