@@ -32,13 +32,16 @@ import numpy as np
 from logitcache.client.codecs.base import pad_rows
 from logitcache.client.codecs.topk_v4 import FrequencyOrderTopKCodec, _join
 
-# The segment tables (see the module doc).
-ID_ORDER = "id_order"  # the segment's distinct ids by mean code, then count (descending)
-ID_MEANS = "id_means"  # uint8: each one's mean code over the segment, in MEAN_STEP steps
-CONTEXT_TOKENS = "context_tokens"  # int32: input tokens with a list of their own, ascending
-CONTEXT_LENGTHS = "context_lengths"  # uint32: each one's list length
-CONTEXT_IDS = "context_ids"  # the lists, one after the other, as places in ``id_order``
-CONTEXT_MEANS = "context_means"  # uint8: each listed id's mean code after its token
+# The segment tables (see the module doc), each two columns one after the other (a reader pays
+# per array, so three arrays, not six):
+# the segment's distinct ids by mean code, then count (descending); then each one's mean code
+# over the segment in MEAN_STEP steps.
+ID_TABLE = "id_table"
+# int32: the input tokens with a list of their own, ascending; then each one's list length.
+CONTEXT_TOKENS = "context_tokens"
+# The lists, one after the other, as places in the segment's list; then each listed id's mean
+# code after its token, in MEAN_STEP steps.
+CONTEXT_LISTS = "context_lists"
 MEAN_STEP = 4  # codes per step of a stored mean (1/13 nat above p = 1e-3; codes <= 371)
 # Positions an input token needs in a segment to have a list of its own. Measured on the
 # real-text teacher's rows (32,768 positions a segment): 97.0 B/pos at 5, 97.5 at 12, 98.0 at
@@ -53,14 +56,7 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
     list mean, zigzagged (0, -1, 1, -2, ... as 0, 1, 2, 3, ...), in the same order."""
 
     name: ClassVar[str] = "topk-v5"
-    segment_tables: ClassVar[tuple[str, ...]] = (
-        ID_ORDER,
-        ID_MEANS,
-        CONTEXT_TOKENS,
-        CONTEXT_LENGTHS,
-        CONTEXT_IDS,
-        CONTEXT_MEANS,
-    )
+    segment_tables: ClassVar[tuple[str, ...]] = (ID_TABLE, CONTEXT_TOKENS, CONTEXT_LISTS)
 
     def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A segment's arrays (``input_ids`` among them) as sets and predicted values, with the
@@ -110,14 +106,13 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
             **arrays,
             **self._split(_within_rows_diff(place_sorted, n)),
             "logprob_gaps": (key & 0x3FF).astype(np.uint16),
-            ID_ORDER: order.astype(self.id_dtype),
-            ID_MEANS: id_means[by_mean].astype(np.uint8),
-            CONTEXT_TOKENS: tokens[listed].astype(np.int32),
-            CONTEXT_LENGTHS: np.bincount(pair_token, minlength=tokens.shape[0])[listed].astype(
-                np.uint32
+            ID_TABLE: np.concatenate([order, id_means[by_mean]]).astype(self.id_dtype),
+            CONTEXT_TOKENS: np.concatenate(
+                [tokens[listed], np.bincount(pair_token, minlength=tokens.shape[0])[listed]]
+            ).astype(np.int32),
+            CONTEXT_LISTS: np.concatenate([pair_place[by_list], pair_means[by_list]]).astype(
+                self.id_dtype
             ),
-            CONTEXT_IDS: pair_place[by_list].astype(self.id_dtype),
-            CONTEXT_MEANS: pair_means[by_list].astype(np.uint8),
         }
 
     def unseal(
@@ -127,16 +122,16 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
         back in ``topk-v3``'s order: ids, and code gaps along each row."""
         n = np.asarray(arrays["n"]).astype(np.int64)
         gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
-        order = tables[ID_ORDER].astype(np.int64)
-        listed_ids = tables[CONTEXT_IDS].astype(np.int64)
+        order, order_means = halves(tables[ID_TABLE].astype(np.int64))
+        listed_places, listed_means = halves(tables[CONTEXT_LISTS].astype(np.int64))
         # One table over every list (the segment's own last) of (mean code, id) packed as the
         # sort key below: a position's list starts at ``start``.
         shift = self.key_shift
-        means = np.concatenate([tables[CONTEXT_MEANS], tables[ID_MEANS]]).astype(np.int64)
-        ids = np.concatenate([order.take(listed_ids, mode="clip"), order])
+        means = np.concatenate([listed_means, order_means])
+        ids = np.concatenate([order.take(listed_places, mode="clip"), order])
         packed = (means * (MEAN_STEP << shift) + ids).astype(self.key_dtype)
-        tokens, lengths = tables[CONTEXT_TOKENS], tables[CONTEXT_LENGTHS].astype(np.int64)
-        start = np.full(input_ids.shape[0], listed_ids.shape[0], dtype=np.int64)
+        tokens, lengths = halves(tables[CONTEXT_TOKENS].astype(np.int64))
+        start = np.full(input_ids.shape[0], listed_places.shape[0], dtype=np.int64)
         if tokens.shape[0]:
             at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
             starts = np.cumsum(lengths) - lengths
@@ -161,6 +156,12 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
     def key_dtype(self) -> np.dtype:
         """int32 while (code << shift | id) fits it (codes < 512: ids below 2**22)."""
         return np.dtype(np.int32) if self.key_shift <= 22 else np.dtype(np.int64)
+
+
+def halves(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A two-column segment table's columns."""
+    half = table.shape[0] // 2
+    return table[:half], table[half:]
 
 
 def _mean_steps(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

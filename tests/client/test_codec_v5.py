@@ -31,14 +31,12 @@ from logitcache.client.codecs import (
 )
 from logitcache.client.codecs.grid import quantize_contract
 from logitcache.client.codecs.topk_v5 import (
-    CONTEXT_IDS,
-    CONTEXT_LENGTHS,
-    CONTEXT_MEANS,
+    CONTEXT_LISTS,
     CONTEXT_MIN,
     CONTEXT_TOKENS,
-    ID_MEANS,
-    ID_ORDER,
+    ID_TABLE,
     MEAN_STEP,
+    halves,
 )
 from logitcache.client.fidelity import fidelity
 from logitcache.server.store.segments import array_names
@@ -86,7 +84,7 @@ def test_v5_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) ->
         parts.append(rows)
     reader = write_and_reopen(tmp_path, codec, parts)
     # input_tokens: token 0 on 20 of the 45 positions, token 1 on 10, the rest once each.
-    assert reader._read(CONTEXT_TOKENS).tolist() == [0, 1]
+    assert halves(reader._read(CONTEXT_TOKENS))[0].tolist() == [0, 1]
 
 
 def test_v5_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
@@ -113,21 +111,24 @@ def test_v5_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -
         return {int(i): int(np.rint(codes[where][ids[where] == i].mean() / MEAN_STEP))
                 for i in np.unique(ids[where])}  # fmt: skip
 
-    order, means = reader._read(ID_ORDER), reader._read(ID_MEANS)
+    order, means = halves(reader._read(ID_TABLE))
     assert dict(zip(order.tolist(), means.tolist(), strict=True)) == mean_steps(ids >= 0)
     assert np.all(np.diff(means.astype(int)) >= 0)
 
-    tokens, lengths = reader._read(CONTEXT_TOKENS), reader._read(CONTEXT_LENGTHS)
-    bounds = np.cumsum(lengths)[:-1]
-    lists = np.split(reader._read(CONTEXT_IDS), bounds)
-    list_means = np.split(reader._read(CONTEXT_MEANS), bounds)
+    tokens, lengths = halves(reader._read(CONTEXT_TOKENS))
+    places, steps = halves(reader._read(CONTEXT_LISTS))
+    lists, list_means = (
+        np.split(places, np.cumsum(lengths)[:-1]),
+        np.split(steps, np.cumsum(lengths)[:-1]),
+    )
     inputs = np.concatenate([input_tokens(128, i) for i in range(8)])
     used, uses = np.unique(inputs, return_counts=True)
     assert tokens.tolist() == used[uses >= CONTEXT_MIN].tolist() == [0, 1]
-    for token, places, steps in zip(tokens, lists, list_means, strict=True):
+    for token, listed, listed_steps in zip(tokens, lists, list_means, strict=True):
         after = np.repeat((inputs == token)[:, None], 64, axis=1)
-        assert dict(zip(order[places].tolist(), steps.tolist(), strict=True)) == mean_steps(after)
-        assert np.all(np.diff(steps.astype(int)) >= 0)
+        got = dict(zip(order[listed].tolist(), listed_steps.tolist(), strict=True))
+        assert got == mean_steps(after)
+        assert np.all(np.diff(listed_steps.astype(int)) >= 0)
     zigzag = reader._read("logprob_gaps")
     assert np.median(zigzag) < np.median(codes)
 
@@ -139,8 +140,8 @@ def test_older_codecs_segments_read_as_before(tmp_path, codec_name: str) -> None
     logprobs = v2_logprobs(rng, "softmax", 20, 16)
     rows = TopKRows(distinct_ids(rng, 2000, 20, 16), logprobs, make_targets(rng, logprobs))
     reader = write_and_reopen(tmp_path, codec_for(codec_name, 2000), [rows])
-    assert ID_MEANS not in array_names(reader.space)
-    assert ID_MEANS in array_names(space_for("topk-v5", 2000, 16))
+    assert CONTEXT_LISTS not in array_names(reader.space)
+    assert CONTEXT_LISTS in array_names(space_for("topk-v5", 2000, 16))
 
 
 def test_v5_refuses_vocabularies_beyond_24_bits() -> None:
