@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import threading
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +141,55 @@ def engine(demo_teacher: Path, loop_thread: LoopThread):
     eng = loop_thread.run(start())
     yield eng
     eng.shutdown()
+
+
+class SessionEngine:
+    """The session engine for code that runs its own event loop (``asyncio.run`` inside
+    ``logitcache precompute``'s command): each capture runs on the engine's loop and is awaited
+    from the caller's; ``shutdown`` leaves the engine to the session."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def capture(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_engine_loop(self._engine.capture(*args, **kwargs))
+
+    async def capture_columns(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_engine_loop(self._engine.capture_columns(*args, **kwargs))
+
+    async def _on_engine_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def precompute_in_process(engine, loop_thread: LoopThread):
+    """``logitcache precompute ARGS`` in this process, the CLI's own parser and command, on the
+    session engine instead of an engine of its own (no engine start). Returns what it printed.
+    The engine factory refuses a teacher or engine options the session engine does not serve."""
+    from logitcache.cli import build_parser
+    from logitcache.cli.precompute import precompute_command
+
+    def session_engine(info: Any, options: Any) -> SessionEngine:
+        assert info.teacher_fingerprint == engine.info.teacher_fingerprint, info.path
+        assert options.max_top_k <= engine.max_top_k, options
+        assert replace(options, max_top_k=engine.max_top_k) == engine.options, options
+        return SessionEngine(engine, loop_thread.loop)
+
+    def run(*argv: str) -> str:
+        args = build_parser().parse_args(["precompute", *argv])
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert precompute_command(args, session_engine) == 0
+        return printed.getvalue()
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """Capture modes end to end: `logitcache precompute` with --top-p, --mode sampled and the old codec.
 
-Real CLI processes write one store (datasets ``topp``, ``sampled``, ``v1``), checked against the
-session's vLLM engine (exact top-64 rows) and the transformers reference (full distributions);
-a store-only server streams every dataset to ``TeacherStream`` and ``collate_records``; bad flag
-combinations fail at once with one line and write nothing.
+`logitcache precompute` writes one store (datasets ``topp``, ``sampled``, ``v1``): ``topp`` in a
+real CLI process with its own vLLM engine, the others by the same command in this process on the
+session's engine (one engine start, not three). They are checked against the session's vLLM
+engine (exact top-64 rows) and the transformers reference (full distributions); a store-only
+server streams every dataset to ``TeacherStream`` and ``collate_records``; bad flag combinations
+fail at once with one line and write nothing.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
+def precompute_args(teacher: Path, data: Path, out: Path, dataset: str) -> list[str]:
+    return ["--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--dataset", dataset, "--no-progress", *DATASETS[dataset]]  # fmt: skip
+
+
 def precompute(teacher: Path, data: Path, out: Path, dataset: str) -> None:
-    r = cli("precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
-            "--dataset", dataset, "--no-progress", *DATASETS[dataset])  # fmt: skip
+    """A real CLI process, with a vLLM engine of its own."""
+    r = cli("precompute", *precompute_args(teacher, data, out, dataset))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"dataset {dataset}:" in r.stdout
 
@@ -80,18 +87,25 @@ def store_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("capture") / "store"
 
 
-def _dataset_fixture(name: str):
+@pytest.fixture(scope="module")
+def top_p_dataset(store_dir: Path, demo_teacher: Path, data_file: Path) -> str:
+    precompute(demo_teacher, data_file, store_dir, "topp")
+    return "topp"
+
+
+def _in_process_dataset(name: str):
     @pytest.fixture(scope="module")
-    def written(store_dir: Path, demo_teacher: Path, data_file: Path) -> str:
-        precompute(demo_teacher, data_file, store_dir, name)
+    def written(store_dir: Path, demo_teacher: Path, data_file: Path,
+                precompute_in_process) -> str:  # fmt: skip
+        printed = precompute_in_process(*precompute_args(demo_teacher, data_file, store_dir, name))
+        assert f"dataset {name}:" in printed
         return name
 
     return written
 
 
-top_p_dataset = _dataset_fixture("topp")
-sampled_dataset = _dataset_fixture("sampled")
-v1_dataset = _dataset_fixture("v1")
+sampled_dataset = _in_process_dataset("sampled")
+v1_dataset = _in_process_dataset("v1")
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +268,9 @@ def test_sampled_rows_are_draws_from_the_full_distribution(store_dir, sampled_da
 
 
 def test_sampled_capture_is_reproducible(store_dir, sampled_dataset, demo_teacher, data_file,
-                                         tmp_path):  # fmt: skip
+                                         tmp_path, precompute_in_process):  # fmt: skip
     second = tmp_path / "second"
-    precompute(demo_teacher, data_file, second, sampled_dataset)
+    precompute_in_process(*precompute_args(demo_teacher, data_file, second, sampled_dataset))
     a = logitcache.open_store(str(store_dir))
     b = logitcache.open_store(str(second))
     ds_a, ds_b = a.dataset(sampled_dataset), b.dataset(sampled_dataset)
