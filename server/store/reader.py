@@ -50,6 +50,7 @@ class SegmentReader:
         except GroupNotFoundError:
             raise Unsealed(f"segment {segment_id} in {backend.url} is not sealed") from None
         self._arrays: dict[str, zarr.Array] = {}  # opened on first use (each reads metadata)
+        self._tables: dict[str, np.ndarray] | None = None  # the codec's, read on first unseal
         self.keys = self._read("keys")
         self.offsets = self._read("offsets")
         self.entry_offsets = self._read("entry_offsets") if has_entries(self._fields) else None
@@ -105,7 +106,12 @@ class SegmentReader:
         differently, with tables of their own)."""
         if not self._codec.segment_tables:
             return arrays
-        tables = {name: self._read(name) for name in self._codec.segment_tables}
+        tables = self._tables
+        if tables is None:  # a sealed segment never changes: read its tables once, not per record
+            tables = {name: self._read(name) for name in self._codec.segment_tables}
+            for table in tables.values():
+                table.flags.writeable = False  # shared by every later read of the segment
+            self._tables = tables
         return self._codec.unseal(arrays, tables, input_ids)
 
     def _check_present(self) -> None:
