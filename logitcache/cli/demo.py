@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--large-vocab",
         action="store_true",
-        help="build the large-vocabulary teacher instead (131,072 rows, a synthetic Zipf lexicon)",
+        help="build the large-vocabulary teacher instead (131,072 rows, a class grammar over a generated lexicon)",
     )
     p.set_defaults(handler=_demo_teacher)
 
