@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -213,7 +211,7 @@ def built(stub):
 
 
 def test_read_through_equals_offline_precompute(
-    stub, server, demo_teacher, demo_sequences, tmp_path
+    stub, server, demo_teacher, demo_sequences, tmp_path, precompute_in_process
 ):
     seqs = [np.asarray(s, dtype=np.int64) for s in demo_sequences]
     assert max(len(s) for s in seqs) >= 700 and min(len(s) for s in seqs) == 1
@@ -234,13 +232,10 @@ def test_read_through_equals_offline_precompute(
     data = tmp_path / "f.jsonl"
     data.write_text("".join(json.dumps({"input_ids": s.tolist()}) + "\n" for s in seqs))
     out = tmp_path / "offline"
-    r = subprocess.run(
-        [sys.executable, "-P", "-m", "logitcache.cli", "precompute", "--teacher", str(demo_teacher),
-         "--data", str(data), "--out", str(out), "--dataset", "x", "--top-k", str(K),
-         "--no-progress"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    # `logitcache precompute` in this process, on the session engine: another engine than the
+    # server's, as an offline run's would be, without a third engine start.
+    precompute_in_process("--teacher", str(demo_teacher), "--data", str(data), "--out", str(out),
+                          "--dataset", "x", "--top-k", str(K), "--no-progress")  # fmt: skip
     offline = logitcache.open_store(str(out)).dataset("x")
     assert len(offline) == len(seqs) and offline.complete
     for i, rec in enumerate(got):
