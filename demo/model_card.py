@@ -34,8 +34,8 @@ tags: [logitcache, demo, llama]
 ---
 # {title}
 
-A ~1.3M parameter Llama and its tokenizer, trained from scratch by `logitcache.demo.teacher` so
-that demos and tests have a real teacher without a download. Trained on {data}.
+A small Llama and its tokenizer, trained from scratch by logitcache's demo kit so that demos,
+tests and benchmarks have a real teacher without a download. Trained on {data}.
 
 ## Licence
 

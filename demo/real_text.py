@@ -22,7 +22,7 @@ import sysconfig
 from functools import cache
 from pathlib import Path
 
-from logitcache.demo import teacher
+from logitcache.demo import model_card, teacher
 
 MIN_DOCSTRING_CHARS = 100  # shorter docstrings are mostly one-line summaries
 HELD_OUT_EVERY = 10  # every tenth source file (in sorted order) is held out
@@ -115,6 +115,7 @@ def real_text_teacher_path(seed: int = 0) -> Path:
     path = assets.cache_dir() / f"real-text-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
     if not (path / HELD_OUT_FILE).is_file():
         build_real_text_teacher(path, seed=seed)
+    model_card.ensure_model_card(path, "logitcache real-text teacher", model_card.REAL_TEXT_DATA)
     return path
 
 

@@ -11,6 +11,7 @@ from transformers import AutoConfig
 
 from logitcache.demo import real_text
 from logitcache.demo.teacher import METADATA_FILE, TARGET_VOCAB_SIZE
+from logitcache.server.policy.licences import model_card_licence_of
 
 VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
@@ -46,6 +47,12 @@ def test_real_text_teacher_is_servable_by_vllms_cpu_build(real_text_teacher: Pat
     config = AutoConfig.from_pretrained(str(real_text_teacher))
     assert config.head_dim in VLLM_CPU_HEAD_SIZES
     assert config.vocab_size == TARGET_VOCAB_SIZE
+
+
+def test_real_text_teacher_declares_its_licence_in_its_model_card(real_text_teacher: Path) -> None:
+    # The licence policy runs no job on a teacher that declares no licence.
+    assert model_card_licence_of(real_text_teacher) == "apache-2.0"
+    assert "Python standard library" in (real_text_teacher / "README.md").read_text()
 
 
 def test_path_is_cached_under_the_python_version_and_recipe(real_text_teacher: Path) -> None:
