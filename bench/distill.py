@@ -639,7 +639,8 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
     else:
         train_ids = token_sequences(tokenizer, n_train, seq_len, args.train_seed)
         held_out = token_sequences(tokenizer, args.eval_sequences, seq_len, args.eval_seed)
-    epochs = steps * bsz / n_train
+    distinct = int(torch.unique(train_ids, dim=0).shape[0])  # --data repeats its blocks
+    epochs = steps * bsz / distinct
 
     student_vocab = args.student_vocab or vocab
     if student_vocab < vocab:
@@ -667,11 +668,19 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
         f"tokens{' (padded beyond the teacher)' if student_vocab > vocab else ''}, "
         f"{n_params:,} parameters, init seed {args.seed}"
     )
+    if args.data:
+        source = (
+            f"{distinct} distinct training blocks x {seq_len} tokens of {args.data}, "
+            f"{args.eval_sequences} held-out (its last blocks)"
+        )
+    else:
+        source = (
+            f"{n_train} training sequences x {seq_len} tokens (documents seed "
+            f"{args.train_seed}), {args.eval_sequences} held-out (seed {args.eval_seed})"
+        )
     print(
-        f"data: {n_train} training sequences x {seq_len} tokens (documents seed "
-        f"{args.train_seed}), {args.eval_sequences} held-out (seed {args.eval_seed}); "
-        f"{steps} steps x {bsz} sequences = {epochs:.2f} epochs; AdamW lr {args.lr}, "
-        f"{args.threads} torch thread(s)"
+        f"data: {source}; {steps} steps x {bsz} sequences = {epochs:.2f} epochs; "
+        f"AdamW lr {args.lr}, {args.threads} torch thread(s)"
     )
     print(
         f"distillation: (b) dense {args.loss} over {vocab} tokens, (c) top-{args.top_k} "
