@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import logitcache
 from logitcache.cli import build_parser, command_flags, error_status, main
 from logitcache.client.commands import JobNotCompleted
 from logitcache.client.errors import InvalidArgument, NotFound
@@ -212,3 +213,14 @@ def test_the_one_mapping_from_errors_to_exit_statuses(error, status, line):
 def test_a_bug_is_not_dressed_up_as_a_user_error():
     assert error_status(RuntimeError("a bug"), {}) is None
     assert error_status(OSError("no errno"), {}) is None
+
+
+def test_python_dash_m_logitcache_is_the_command() -> None:
+    run = subprocess.run(
+        [sys.executable, "-P", "-m", "logitcache", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert logitcache.__version__ in run.stdout

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from logitcache import __version__
 from logitcache.cli import bench, datasets, demo, gc, policy, precompute, provenance, serve
 from logitcache.client import commands as client_commands
 from logitcache.client.errors import LogitCacheError
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the engine's own log lines"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"logitcache {__version__}", help="print it"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     precompute.add_commands(sub)  # precompute, inspect
