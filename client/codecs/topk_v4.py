@@ -82,12 +82,7 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
         rank = np.zeros(self.vocab_size, dtype=np.int64)
         rank[order] = np.arange(order.shape[0])
         value = rank[ids]
-        tokens, token_of, uses = np.unique(
-            np.asarray(arrays["input_ids"]), return_inverse=True, return_counts=True
-        )
-        listed = uses >= CONTEXT_MIN
-        context = np.repeat(token_of.reshape(-1), n)
-        kept = listed[context]
+        tokens, listed, context, kept = token_contexts(arrays["input_ids"], n, CONTEXT_MIN)
         # Every (token, id) pair of the listed tokens; a token's list: by count, then rank.
         pairs, pair_of, pair_count = np.unique(
             context[kept] * max(1, order.shape[0]) + value[kept],
@@ -96,11 +91,7 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
         )
         pair_token, pair_rank = np.divmod(pairs, max(1, order.shape[0]))
         by_list = np.lexsort((pair_rank, -pair_count, pair_token))
-        place = np.empty_like(by_list)
-        place[by_list] = np.arange(by_list.shape[0])
-        listed_token = pair_token[by_list]
-        within = np.arange(by_list.shape[0]) - np.searchsorted(listed_token, listed_token)
-        value[kept] = within[place[pair_of.reshape(-1)]]
+        value[kept] = places_in_lists(pair_token, by_list)[pair_of.reshape(-1)]
         return {
             **arrays,
             **self._split(value),
@@ -133,6 +124,30 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
             "id_lo": (ids & 0xFF).astype(np.uint8),
             "id_hi": (ids >> 8).astype(self.hi_dtype),
         }
+
+
+def token_contexts(
+    input_ids: np.ndarray, n: np.ndarray, minimum: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A segment's input tokens, whether each has a list of its own (it occurs ``minimum`` times
+    or more), each entry's token (an index into the tokens; ``n`` entries per position) and
+    whether that token has a list."""
+    tokens, token_of, uses = np.unique(
+        np.asarray(input_ids), return_inverse=True, return_counts=True
+    )
+    listed = uses >= minimum
+    context = np.repeat(token_of.reshape(-1), n)
+    return tokens, listed, context, listed[context]
+
+
+def places_in_lists(pair_token: np.ndarray, by_list: np.ndarray) -> np.ndarray:
+    """Each (token, id) pair's place in its token's list, given the pairs in list order
+    (``by_list``, sorted by token first)."""
+    in_list = np.empty_like(by_list)
+    in_list[by_list] = np.arange(by_list.shape[0])
+    listed_token = pair_token[by_list]
+    within = np.arange(by_list.shape[0]) - np.searchsorted(listed_token, listed_token)
+    return within[in_list]
 
 
 def _join(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -30,7 +30,12 @@ from typing import ClassVar
 import numpy as np
 
 from logitcache.client.codecs.base import pad_rows
-from logitcache.client.codecs.topk_v4 import FrequencyOrderTopKCodec, _join
+from logitcache.client.codecs.topk_v4 import (
+    FrequencyOrderTopKCodec,
+    _join,
+    places_in_lists,
+    token_contexts,
+)
 
 # The segment tables (see the module doc), each two columns one after the other (a reader pays
 # per array, so three arrays, not six):
@@ -76,12 +81,7 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
         place_of = place[ids]  # the place in the segment's list, the fallback
         pred = id_means[by_mean][place_of] * MEAN_STEP
 
-        tokens, token_of, uses = np.unique(
-            np.asarray(arrays["input_ids"]), return_inverse=True, return_counts=True
-        )
-        listed = uses >= CONTEXT_MIN
-        context = np.repeat(token_of.reshape(-1), n)
-        kept = listed[context]
+        tokens, listed, context, kept = token_contexts(arrays["input_ids"], n, CONTEXT_MIN)
         # Every (token, id) pair of the listed tokens; a token's list: by mean code, then count.
         pairs, pair_of, pair_count = np.unique(
             context[kept] * size + place_of[kept], return_inverse=True, return_counts=True
@@ -90,11 +90,7 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
         pair_means = _mean_steps(np.bincount(pair_of, weights=codes[kept]), pair_count)
         pair_token, pair_place = np.divmod(pairs, size)
         by_list = np.lexsort((pair_place, -pair_count, pair_means, pair_token))
-        in_list = np.empty_like(by_list)
-        in_list[by_list] = np.arange(by_list.shape[0])
-        listed_token = pair_token[by_list]
-        within = np.arange(by_list.shape[0]) - np.searchsorted(listed_token, listed_token)
-        place_of[kept] = within[in_list[pair_of]]
+        place_of[kept] = places_in_lists(pair_token, by_list)[pair_of]
         pred[kept] = pair_means[pair_of] * MEAN_STEP
 
         # Each row by place: its set as gaps, and each id's residual code beside it.

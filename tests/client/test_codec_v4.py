@@ -89,7 +89,11 @@ def test_v4_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKR
 def test_v4_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
     """Any rows cut into records, sealed and read back after a restart: the same encodings."""
     codec = FrequencyOrderTopKCodec(case[0].vocab_size)
-    rows = case[1]
+    cut_sealed_and_reopened(tmp_path_factory.mktemp("v4"), codec, case[1], pieces)
+
+
+def cut_sealed_and_reopened(tmp_path, codec: TopKCodec, rows: TopKRows, pieces: int) -> None:
+    """``rows`` cut into up to ``pieces`` records and checked by :func:`write_and_reopen`."""
     bounds = np.linspace(0, len(rows), pieces + 1).astype(int)
     parts = [
         TopKRows(rows.token_ids[a:b], rows.logprobs[a:b], rows.target_logprobs[a:b])
@@ -97,7 +101,7 @@ def test_v4_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: in
         if b > a
     ]
     if parts:
-        write_and_reopen(tmp_path_factory.mktemp("v4"), codec, parts)
+        write_and_reopen(tmp_path, codec, parts)
 
 
 @pytest.mark.parametrize("vocab_size", [300, 65536, 65537, 151_936])

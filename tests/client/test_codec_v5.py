@@ -20,7 +20,7 @@ from test_codec import (
     v2_logprobs,
 )
 from test_codec_v3 import V3_BOUND
-from test_codec_v4 import input_tokens, space_for, write_and_reopen
+from test_codec_v4 import cut_sealed_and_reopened, input_tokens, space_for, write_and_reopen
 
 from logitcache.client.codecs import (
     FrequencyOrderTopKCodec,
@@ -55,15 +55,7 @@ def test_v5_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKR
 def test_v5_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
     """Any rows cut into records, sealed and read back after a restart: the same encodings."""
     codec = PredictedValueTopKCodec(case[0].vocab_size)
-    rows = case[1]
-    bounds = np.linspace(0, len(rows), pieces + 1).astype(int)
-    parts = [
-        TopKRows(rows.token_ids[a:b], rows.logprobs[a:b], rows.target_logprobs[a:b])
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        if b > a
-    ]
-    if parts:
-        write_and_reopen(tmp_path_factory.mktemp("v5"), codec, parts)
+    cut_sealed_and_reopened(tmp_path_factory.mktemp("v5"), codec, case[1], pieces)
 
 
 @pytest.mark.parametrize("vocab_size", [300, 65537, 1 << 22, (1 << 22) + 1])
