@@ -12,8 +12,9 @@ Two more rows say what any capture of every position must pay on top of the pref
 dropped), and the output layer's matmul alone ([T, H] x [H, V] in torch, in this process while
 the engine is idle), with the ceiling it leaves a capture (prefill and that matmul, nothing
 else). vLLM's CPU build runs its output layer through oneDNN on prepacked weights, which can be
-faster than torch's matmul here, so these two rows are indicative, not bounds. Prefill-only computes the output layer at one position per sequence, so where the output
-layer outweighs the model (a large vocabulary on a small model) no capture comes near it.
+faster than torch's matmul here, so these two rows are indicative, not bounds. Prefill-only
+computes the output layer at one position per sequence, so where the output layer outweighs the
+model (a large vocabulary on a small model) no capture comes near it.
 """
 
 from __future__ import annotations
