@@ -31,8 +31,7 @@ from logitcache.client.errors import InvalidArgument, LogitCacheError, NotFound
 from logitcache.server.config import ServerConfig
 from logitcache.server.engine.protocol import EngineFactory
 from logitcache.server.engine.vllm_engine import VLLMEngine
-from logitcache.server.grpc.servicer import LogitCacheService
-from logitcache.server.grpc.status import service_handler
+from logitcache.server.grpc.servicer import SERVICE, LogitCacheService
 from logitcache.server.http import make_http_app, start_http_side
 from logitcache.server.jobs import JobManager
 from logitcache.server.leases import leases_for
@@ -56,10 +55,8 @@ from logitcache.server.store.store import Store, open_store
 from logitcache.server.store.summary import StoreSummaries
 from logitcache.server.streaming import DatasetStreamer
 from logitcache.server.teachers.registry import TeacherRegistry
-from logitcache.v1 import logitcache_pb2 as pb
 
 log = logging.getLogger("logitcache.server")
-SERVICE = pb.DESCRIPTOR.services_by_name["LogitCache"]
 SERVICE_NAME = SERVICE.full_name
 GRACE_SECONDS = 5.0
 
@@ -160,7 +157,7 @@ async def serve(
         service = LogitCacheService(
             config, store, teachers, readthrough, streamer, jobs, metrics, summaries, gate
         )
-        server.add_generic_rpc_handlers((service_handler(service, SERVICE),))
+        service.add_to_server(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -12,13 +12,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import grpc
 from grpc.aio import ServicerContext as Context
 
 from logitcache.client.errors import FailedPrecondition, Unavailable
 from logitcache.server.config import ServerConfig
 from logitcache.server.dataset_lifecycle import delete_dataset, finish_dataset
 from logitcache.server.grpc import auth, convert
-from logitcache.server.grpc.status import rpc
+from logitcache.server.grpc.status import rpc, service_handler
 from logitcache.server.jobs import JobManager
 from logitcache.server.leases import LeaseStore, leases_for
 from logitcache.server.metrics import ServerMetrics
@@ -41,6 +42,9 @@ from logitcache.v1 import logitcache_pb2_grpc as pb_grpc
 # ones in a thread, so one big request does not stall every other call.
 INLINE_ENCODE_POSITIONS = 1 << 15
 _Batch = TypeVar("_Batch")
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["LogitCache"]
 
 
 class LogitCacheService(pb_grpc.LogitCacheServicer):
@@ -71,6 +75,12 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
         self.jobs = jobs
         self.metrics = metrics
         self.gate = gate or PolicyGate.single_user()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve every RPC of the LogitCache service on ``server``, through
+        :func:`~logitcache.server.grpc.status.service_handler` (its request deserializers never
+        raise, unlike the generated ``add_LogitCacheServicer_to_server``'s)."""
+        server.add_generic_rpc_handlers((service_handler(self, SERVICE),))
 
     # -- teachers and datasets ------------------------------------------------------------------
 

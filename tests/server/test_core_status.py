@@ -60,7 +60,7 @@ async def store_only_service(store_dir: Path) -> AsyncIterator[pb_grpc.LogitCach
                       segment_positions=1 << 16)  # fmt: skip
     server = grpc.aio.server()
     service = LogitCacheService(config, store, teachers, readthrough, streamer, jobs, metrics)
-    pb_grpc.add_LogitCacheServicer_to_server(service, server)
+    service.add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -29,7 +29,6 @@ from logitcache.client.use import Use
 from logitcache.server.config import ServerConfig
 from logitcache.server.grpc import convert
 from logitcache.server.grpc.servicer import LogitCacheService
-from logitcache.server.grpc.status import service_handler
 from logitcache.server.jobs import JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute
@@ -183,9 +182,7 @@ def served(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[str]:
                                     DatasetStreamer(store, loaded, prefetch=2), jobs,
                                     metrics)  # fmt: skip
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
-        )
+        service.add_to_server(server)
         readthrough.start()
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

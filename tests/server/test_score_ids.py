@@ -21,7 +21,6 @@ from logitcache.client.use import Use
 from logitcache.server.config import ServerConfig
 from logitcache.server.engine.reference import TransformersReference
 from logitcache.server.grpc.servicer import LogitCacheService
-from logitcache.server.grpc.status import service_handler
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.gate import PolicyGate
@@ -76,9 +75,7 @@ def scoring(tmp_path_factory, reference_teachers, loop_thread) -> Iterator[Scori
         service = LogitCacheService(config, store, reference_teachers, readthrough, streamer,
                                     jobs, metrics, gate=gate)  # fmt: skip
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
-        )
+        service.add_to_server(server)
         readthrough.start()
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -28,7 +28,6 @@ from logitcache.client.space import record_key
 from logitcache.client.use import Use
 from logitcache.server.config import ServerConfig
 from logitcache.server.grpc.servicer import LogitCacheService
-from logitcache.server.grpc.status import service_handler
 from logitcache.server.jobs import JobManager
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.audit import AuditLog, verify
@@ -101,9 +100,7 @@ class Served:
                                     self.streamer, self.jobs, self.metrics,
                                     StoreSummaries(self.store), gate)  # fmt: skip
         self.server = grpc.aio.server()
-        self.server.add_generic_rpc_handlers(
-            (service_handler(service, pb.DESCRIPTOR.services_by_name["LogitCache"]),)
-        )
+        service.add_to_server(self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         return f"127.0.0.1:{port}"
