@@ -791,42 +791,37 @@ def run_distill_benchmark(args: argparse.Namespace) -> None:
                 server_cpu,
             )  # fmt: skip
 
-            print(f"(c) distillation from the cache over gRPC (top-{args.top_k})", flush=True)
-            stream = TeacherStream(f"grpc://{server.target}", dataset, seed=args.seed,
-                                   shuffle=False)  # fmt: skip
-            if len(stream) != n_train or stream.space.k != args.top_k:
-                raise RuntimeError(
-                    f"dataset {dataset!r} streams {len(stream)} records at k={stream.space.k}; "
-                    f"expected {n_train} at k={args.top_k}"
-                )
-            if stream.space.vocab_size != vocab:
-                raise RuntimeError(
-                    f"cache vocabulary {stream.space.vocab_size} != teacher's {vocab}"
-                )
-            variants = [("c", "fused", fused(fused_cached_loss))]
-            if "l" in args.modes:
-                variants.append(("l", "on the logits", on_logits(cached_loss)))
-            for key, path, step_loss in variants:
-                print(f"({key}) top-{args.top_k} loss {path} (gRPC stream)", flush=True)
+            def cached_run(key: str, name: str, title: str, step_loss: StepLoss) -> None:
+                """Train run ``key`` on dataset ``name`` streamed from the server, checking that
+                every batch holds (a)'s token ids."""
+                print(f"({key}) top-{args.top_k} {title} (gRPC stream)", flush=True)
+                stream = TeacherStream(f"grpc://{server.target}", name, seed=args.seed,
+                                       shuffle=False)  # fmt: skip
+                if len(stream) != n_train or stream.space.k != args.top_k:
+                    raise RuntimeError(
+                        f"dataset {name!r} streams {len(stream)} records at k={stream.space.k}; "
+                        f"expected {n_train} at k={args.top_k}"
+                    )
+                if stream.space.vocab_size != vocab:
+                    raise RuntimeError(
+                        f"cache vocabulary {stream.space.vocab_size} != teacher's {vocab}"
+                    )
                 results[key] = train(
                     f"({key})", new_student, _checked_batches(stream, train_ids, bsz, key),
                     step_loss, None, args, server_cpu,
                 )  # fmt: skip
                 print(f"  ({key}) every batch's input_ids equal (a)'s ({steps} batches checked)")
+
+            print(f"(c) distillation from the cache over gRPC (top-{args.top_k})", flush=True)
+            cached_run("c", dataset, "loss fused", fused(fused_cached_loss))
+            if "l" in args.modes:
+                cached_run("l", dataset, "loss on the logits", on_logits(cached_loss))
             if "t" in args.modes:
-                tempered_runs = (
-                    ("t", tempered_dataset, False, f"with the stored tails at T={temperature:g}"),
-                    ("u", dataset, True, "without tails (top-k renormalised, tail dropped)"),
-                )
-                for key, name, approximate, how in tempered_runs:
-                    print(f"({key}) top-{args.top_k} {args.loss} at T={temperature:g} {how}, "
-                          "on the logits (gRPC stream)", flush=True)  # fmt: skip
-                    stream = TeacherStream(f"grpc://{server.target}", name, seed=args.seed,
-                                           shuffle=False)  # fmt: skip
-                    results[key] = train(
-                        f"({key})", new_student, _checked_batches(stream, train_ids, bsz, key),
-                        on_logits(tempered_loss(approximate)), None, args, server_cpu,
-                    )  # fmt: skip
+                at = f"{args.loss} at T={temperature:g}"
+                cached_run("t", tempered_dataset, f"{at} with the stored tails, on the logits",
+                           on_logits(tempered_loss(False)))  # fmt: skip
+                cached_run("u", dataset, f"{at} without tails (top-k renormalised, tail "
+                           "dropped), on the logits", on_logits(tempered_loss(True)))  # fmt: skip
 
         for key, mode in (("d", "top_p"), ("e", "sampled")):
             if key not in args.modes:
