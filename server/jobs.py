@@ -44,6 +44,7 @@ from logitcache.client.errors import (
     LogitCacheError,
     NotFound,
 )
+from logitcache.server.engine.capture import parse_mode
 from logitcache.server.inputs import OVERFLOW_POLICIES, InputReport, input_shards, input_source
 from logitcache.server.inputs_hf import PACKAGED_BUILDERS, HFDataset
 from logitcache.server.leases import (
@@ -64,7 +65,6 @@ from logitcache.server.precompute import (
     create_dataset,
     precompute,
 )
-from logitcache.server.readthrough import parse_mode, requested_capture
 from logitcache.server.spool import adopt_upload
 from logitcache.server.store.backend import StoredObject
 from logitcache.server.store.store import Store, validate_dataset_name
@@ -322,7 +322,7 @@ class JobManager:
                       user: str | None) -> Job:  # fmt: skip
         teacher = self.teachers.get(spec.teacher)
         spec.teacher = teacher.name
-        capture = requested_capture(teacher, spec.mode, spec.top_k, spec.temperatures)
+        capture = teacher.capture(spec.mode, spec.top_k, spec.temperatures)
         spec.mode, spec.top_k = capture.space_mode, capture.k
         spec.temperatures = list(capture.temperatures)
         if spec.overflow not in OVERFLOW_POLICIES:

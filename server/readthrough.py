@@ -13,7 +13,7 @@ sealed once space returns; past the bound, requests that need a computation are 
 UNAVAILABLE instead of growing the heap (hits are still answered).
 
 Every capture mode is read through (top-k, top-p, sampled): a request names its mode and k
-(:func:`requested_capture`), its records live in that mode's capture space, and a miss is
+(``Teacher.capture``), its records live in that mode's capture space, and a miss is
 captured as precompute captures it (``engine.capture.capture_record``), so a read-through
 record equals the precompute's record of the same sequence in the same space.
 """
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from logitcache.client.errors import InvalidArgument, LogitCacheError, Unavailable
-from logitcache.client.space import DEFAULT_DRAWS, CaptureMode, CaptureSpace, record_key
+from logitcache.client.errors import LogitCacheError, Unavailable
+from logitcache.client.space import CaptureMode, CaptureSpace, record_key
 from logitcache.server.engine.capture import CaptureConfig, capture_record, stored_rows
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.policy.admission import Admission, Admitted
@@ -44,40 +44,6 @@ from logitcache.server.teachers.registry import Teacher
 
 INTERACTIVE_PRIORITY = 0
 log = logging.getLogger(__name__)
-
-
-def parse_mode(mode: str) -> tuple[CaptureMode, float | None]:
-    """A mode as a capture space spells it ("topk", "top_p:0.95", "sampled"; "" is "topk") ->
-    the mode and its top-p threshold; INVALID_ARGUMENT naming ``mode`` for one this version
-    lacks (the threshold's range is CaptureConfig's to check)."""
-    name, colon, parameter = (mode or str(CaptureMode.TOPK)).partition(":")
-    try:
-        capture_mode = CaptureMode(name)
-        if bool(colon) == (capture_mode is CaptureMode.TOP_P):
-            return capture_mode, float(parameter) if colon else None
-    except ValueError:
-        pass
-    raise InvalidArgument(
-        f"mode {mode!r} is not one of topk, top_p:P (0 < P <= 1), sampled", fields=["mode"]
-    )
-
-
-def requested_capture(
-    teacher: Teacher, mode: str, k: int, temperatures: Sequence[float] = ()
-) -> CaptureConfig:
-    """The capture a request asks ``teacher`` for: ``mode`` (:func:`parse_mode`), its k (the
-    entries, the most entries, the draws; 0: the teacher's default, or DEFAULT_DRAWS draws) and
-    the ``temperatures`` whose tails are stored too. INVALID_ARGUMENT naming ``mode`` or
-    ``top_p`` for a bad mode, ``top_k`` for a k out of its mode's range, ``temperatures``."""
-    capture_mode, top_p = parse_mode(mode)
-    if capture_mode is CaptureMode.SAMPLED:
-        k = k or DEFAULT_DRAWS
-    else:
-        k = teacher.resolve_k(k)
-    try:
-        return CaptureConfig(capture_mode, k, top_p, temperatures=tuple(temperatures))
-    except InvalidArgument as e:  # the core's k is the wire's top_k
-        raise InvalidArgument(e.worded({"k": "top_k"}), fields=["top_k", *e.fields]) from None
 
 
 class ReadThroughCache:

@@ -38,6 +38,22 @@ MAX_TOP_K = 256  # the most log-probs per position a top-k or top-p capture keep
 FULL_VOCAB = -1  # an engine width: every token of the vocabulary
 
 
+def parse_mode(mode: str) -> tuple[CaptureMode, float | None]:
+    """A mode as a capture space spells it ("topk", "top_p:0.95", "sampled"; "" is "topk") ->
+    the mode and its top-p threshold; INVALID_ARGUMENT naming ``mode`` for one this version
+    lacks (the threshold's range is CaptureConfig's to check)."""
+    name, colon, parameter = (mode or str(CaptureMode.TOPK)).partition(":")
+    try:
+        capture_mode = CaptureMode(name)
+        if bool(colon) == (capture_mode is CaptureMode.TOP_P):
+            return capture_mode, float(parameter) if colon else None
+    except ValueError:
+        pass
+    raise InvalidArgument(
+        f"mode {mode!r} is not one of topk, top_p:P (0 < P <= 1), sampled", fields=["mode"]
+    )
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """What to capture: the mode, k (top-k, the most entries for top_p, or draws for sampled),

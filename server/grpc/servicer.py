@@ -28,7 +28,7 @@ from logitcache.server.policy.decision import Verdict
 from logitcache.server.policy.gate import Call, PolicyGate
 from logitcache.server.policy.licensing import DeclaredLicence
 from logitcache.server.policy.state import DatasetAccess
-from logitcache.server.readthrough import ReadThroughCache, requested_capture
+from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.scoring import IdScorer
 from logitcache.server.spool import JobUpload, teacher_tokenize
 from logitcache.server.store.store import Store
@@ -183,9 +183,7 @@ class LogitCacheService(pb_grpc.LogitCacheServicer):
                 first = False
                 teacher = self.teachers.get(request.teacher)
                 call.target = teacher.name
-                capture = requested_capture(
-                    teacher, request.mode, request.top_k, request.temperatures
-                )
+                capture = teacher.capture(request.mode, request.top_k, request.temperatures)
                 sequences = convert.sequences(request, self.config)
                 await self.gate.may_compute(call)
                 computing: list[int] = []

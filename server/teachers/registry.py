@@ -7,14 +7,15 @@ an executor, so the event loop keeps answering health probes while a teacher loa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from logitcache.client.errors import FailedPrecondition, InvalidArgument, NotFound
-from logitcache.client.space import CaptureSpace
+from logitcache.client.space import DEFAULT_DRAWS, CaptureMode, CaptureSpace
 from logitcache.server.config import TeacherConfig
+from logitcache.server.engine.capture import CaptureConfig, parse_mode
 from logitcache.server.engine.protocol import EngineFactory, TeacherEngine
 from logitcache.server.engine.vllm_engine import VLLMEngine
 from logitcache.server.names import shown
@@ -45,6 +46,18 @@ class Teacher:
                 fields=["top_k"],
             )
         return k
+
+    def capture(self, mode: str, k: int, temperatures: Sequence[float] = ()) -> CaptureConfig:
+        """The capture a request asks of this teacher: ``mode`` (:func:`parse_mode`), its k (the
+        entries, the most entries, the draws; 0: the teacher's default, or DEFAULT_DRAWS draws)
+        and the ``temperatures`` whose tails are stored too. INVALID_ARGUMENT naming ``mode`` or
+        ``top_p`` for a bad mode, ``top_k`` for a k out of its mode's range, ``temperatures``."""
+        capture_mode, top_p = parse_mode(mode)
+        k = k or DEFAULT_DRAWS if capture_mode is CaptureMode.SAMPLED else self.resolve_k(k)
+        try:
+            return CaptureConfig(capture_mode, k, top_p, temperatures=tuple(temperatures))
+        except InvalidArgument as e:  # the core's k is the wire's top_k
+            raise InvalidArgument(e.worded({"k": "top_k"}), fields=["top_k", *e.fields]) from None
 
     def space(self, k: int) -> CaptureSpace:
         return topk_space(self.info, self.engine.dtype, k)

@@ -32,7 +32,7 @@ from logitcache.server.grpc.servicer import LogitCacheService
 from logitcache.server.jobs import JobManager, JobSpec, JobState
 from logitcache.server.metrics import ServerMetrics
 from logitcache.server.precompute import PrecomputeRequest, precompute
-from logitcache.server.readthrough import ReadThroughCache, requested_capture
+from logitcache.server.readthrough import ReadThroughCache
 from logitcache.server.store.cache import SegmentCache
 from logitcache.server.store.store import open_store
 from logitcache.server.streaming import DatasetStreamer
@@ -52,7 +52,7 @@ def offline(teacher: Teacher, inputs: list[list[int]], mode: str, k: int,
     """What ``logitcache precompute`` stores for ``inputs`` in this mode, in order."""
     data = tmp / "input.jsonl"
     data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in inputs))
-    config = requested_capture(teacher, mode, k)
+    config = teacher.capture(mode, k)
     url = str(tmp / "offline")
     req = PrecomputeRequest(teacher="demo", data=data, out=url, dataset="offline", top_k=k,
                             mode=config.mode, top_p=config.top_p, temperatures=temperatures,
@@ -81,7 +81,7 @@ def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_t
         cache = cache_on(open_store(str(tmp_path / "rt"), writable=True))
         cache.start()
         try:
-            capture = requested_capture(teacher, mode, k, temperatures)
+            capture = teacher.capture(mode, k, temperatures)
             batch = [np.asarray(s) for s in inputs]
             records, computed = await cache.get(teacher, capture, batch, use=USE)
             assert records.space.mode == mode and records.space.k == k
@@ -107,7 +107,7 @@ def test_jobs_and_read_through_store_what_precompute_stores(teacher, reference_t
 
 def test_read_through_keeps_each_mode_and_k_in_its_own_space(teacher, tmp_path):
     batch = [np.asarray(s) for s in sequences(seed=17, count=3)]
-    captures = [requested_capture(teacher, m, k) for m, k in [("", 8), ("sampled", 6),
+    captures = [teacher.capture(m, k) for m, k in [("", 8), ("sampled", 6),
                                                                ("sampled", 4), ("top_p:0.9", 8)]]  # fmt: skip
 
     async def scenario() -> list[tuple[str, int]]:
@@ -134,14 +134,14 @@ def test_read_through_keeps_each_mode_and_k_in_its_own_space(teacher, tmp_path):
 )  # fmt: skip
 def test_a_bad_mode_or_k_is_invalid_argument_naming_it(teacher, mode, k, field):
     with pytest.raises(InvalidArgument) as refused:
-        requested_capture(teacher, mode, k)
+        teacher.capture(mode, k)
     assert field in refused.value.fields
 
 
 @pytest.mark.parametrize(("mode", "temperatures"), [("sampled", (2.0,)), ("topk", (0.0,))])
 def test_bad_temperatures_are_invalid_argument_naming_them(teacher, mode, temperatures):
     with pytest.raises(InvalidArgument) as refused:
-        requested_capture(teacher, mode, 6, temperatures)
+        teacher.capture(mode, 6, temperatures)
     assert "temperatures" in refused.value.fields
 
 
