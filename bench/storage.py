@@ -16,6 +16,7 @@ flat one:
     topk-v4         topk-v3 with ids stored by per-segment frequency and input-token tables
     topk-v5         topk-v4's rows, a segment storing each row's id set and each id's value
                     against its mean after the input token (per-segment lists and means)
+    topk-v6         topk-v5 with each token's list stored as a set, on coarse mean levels
     top_p:P         adaptive k with the default codec (the shortest prefix of the top k reaching P)
     sampled-v1      U draws per position from the full distribution
 
@@ -46,6 +47,7 @@ from logitcache.client.codecs import (
     DEFAULT_CODEC,
     ContractGridTopKCodec,
     FrequencyOrderTopKCodec,
+    LevelSetTopKCodec,
     PredictedValueTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
@@ -332,7 +334,8 @@ def _encodings(args, cap: Captured, root: str, big: bool, vocab: int) -> list[Ro
     exact, sampled = (cap.exact_big, cap.sampled_big) if big else (cap.exact, cap.sampled)
     k, repeats = args.top_k, args.repeats
     table = [_naive_row(exact, vocab, k, repeats), _distillkit_row(exact, vocab, k, repeats)]
-    topk = (TopKCodec, ContractGridTopKCodec, FrequencyOrderTopKCodec, PredictedValueTopKCodec)
+    topk = (TopKCodec, ContractGridTopKCodec, FrequencyOrderTopKCodec, PredictedValueTopKCodec,
+            LevelSetTopKCodec)  # fmt: skip
     for codec in (QuantizedTopKCodec(vocab), *(c(vocab) for c in topk)):
         table.append(_stored_row(root, codec.name, codec, exact, exact, cap, repeats))
     default = codec_for(DEFAULT_CODEC, vocab)
@@ -356,7 +359,7 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
     for vocab in sorted({r.vocab for r in table}):
         dk = by_name[DISTILLKIT, vocab]
         for name in (TopKCodec.name, ContractGridTopKCodec.name, FrequencyOrderTopKCodec.name,
-                     PredictedValueTopKCodec.name):  # fmt: skip
+                     PredictedValueTopKCodec.name, LevelSetTopKCodec.name):  # fmt: skip
             r = by_name[name, vocab]
             f, at = r.fid, f"{name} (vocab {vocab:,})"
             assert f is not None and r.read_rate is not None
@@ -379,6 +382,7 @@ def _targets(table: list[Row], args: argparse.Namespace) -> list[tuple[str, str,
             (TopKCodec, ContractGridTopKCodec),
             (ContractGridTopKCodec, FrequencyOrderTopKCodec),
             (FrequencyOrderTopKCodec, PredictedValueTopKCodec),
+            (PredictedValueTopKCodec, LevelSetTopKCodec),
         )
         for old, new in pairs:
             a, b = by_name[old.name, vocab], by_name[new.name, vocab]

@@ -10,8 +10,8 @@ dimension P, one row per position) or per entry (one flat dimension E over all s
 row after row). Arrays of several records concatenate along their first dimension, which is how
 segments, wire batches and decoders handle many records at once.
 
-One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v5``, ``topk_v1``,
-``sampled``); the quantisation grids they share are in ``grid``. A space with temperatures
+One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v5``, ``topk_v6``,
+``topk_v1``, ``sampled``); the quantisation grids they share are in ``grid``. A space with temperatures
 stores per-position log tails at them beside any top-k codec's arrays (``tempered``).
 """
 
@@ -27,6 +27,7 @@ from logitcache.client.codecs.topk_v2 import TopKCodec
 from logitcache.client.codecs.topk_v3 import ContractGridTopKCodec
 from logitcache.client.codecs.topk_v4 import FrequencyOrderTopKCodec
 from logitcache.client.codecs.topk_v5 import PredictedValueTopKCodec
+from logitcache.client.codecs.topk_v6 import LevelSetTopKCodec
 
 __all__ = [
     "CODECS",
@@ -35,6 +36,7 @@ __all__ = [
     "Codec",
     "Field",
     "FrequencyOrderTopKCodec",
+    "LevelSetTopKCodec",
     "PredictedValueTopKCodec",
     "QuantizedTopKCodec",
     "SampledCodec",
@@ -56,6 +58,7 @@ CODECS: dict[str, type[Codec]] = {
         ContractGridTopKCodec,
         FrequencyOrderTopKCodec,
         PredictedValueTopKCodec,
+        LevelSetTopKCodec,
         SampledCodec,
     )
 }

@@ -89,7 +89,8 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
         args, cap, str(tmp_path), True, SYNTHETIC_VOCAB
     )
     names = {"naive int32+fp32", "distillkit-style", "topk-q64-delta-v1", "topk-v2", "topk-v3",
-             "topk-v4", "topk-v5", f"top_p:0.95 ({DEFAULT_CODEC})", "sampled U=12"}  # fmt: skip
+             "topk-v4", "topk-v5", "topk-v6", f"top_p:0.95 ({DEFAULT_CODEC})",
+             "sampled U=12"}  # fmt: skip
     for vocab in (2000, SYNTHETIC_VOCAB):
         assert {r.name for r in table if r.vocab == vocab} == names
     for r in table:
@@ -98,10 +99,10 @@ def test_every_encoding_at_both_vocabularies_from_sealed_segments(
             assert r.bytes_per_position < 8 * 64
     checks = storage._targets(table, args)
     bounds = [ok for what, _, ok in checks if "within 0.01 nats" in what]
-    assert len(bounds) == 8 and all(bounds)  # topk-v2, v3, v4 and v5 at both vocabularies
+    assert len(bounds) == 10 and all(bounds)  # topk-v2 to v6 at both vocabularies
 
 
-@pytest.mark.parametrize("codec_name", ["topk-v3", "topk-v4", "topk-v5"])
+@pytest.mark.parametrize("codec_name", ["topk-v3", "topk-v4", "topk-v5", "topk-v6"])
 def test_a_segment_reads_back_exactly_after_reopening(
     real_text_rows: TopKRows, tmp_path: Path, codec_name: str
 ) -> None:
