@@ -117,30 +117,31 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
         """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
         back in ``topk-v3``'s order: ids, and code gaps along each row."""
         n = np.asarray(arrays["n"]).astype(np.int64)
-        gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
-        order, order_means = halves(tables[ID_TABLE].astype(np.int64))
-        listed_places, listed_means = halves(tables[CONTEXT_LISTS].astype(np.int64))
+        shift, dtype = self.key_shift, self.key_dtype
+        order, order_means = halves(tables[ID_TABLE])
+        listed_places, listed_means = halves(tables[CONTEXT_LISTS])
         # One table over every list (the segment's own last) of (mean code, id) packed as the
         # sort key below: a position's list starts at ``start``.
-        shift = self.key_shift
-        means = np.concatenate([listed_means, order_means])
-        ids = np.concatenate([order.take(listed_places, mode="clip"), order])
-        packed = (means * (MEAN_STEP << shift) + ids).astype(self.key_dtype)
-        tokens, lengths = halves(tables[CONTEXT_TOKENS].astype(np.int64))
-        start = np.full(input_ids.shape[0], listed_places.shape[0], dtype=np.int64)
-        if tokens.shape[0]:
-            at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
-            starts = np.cumsum(lengths) - lengths
-            start = np.where(tokens[at] == input_ids, starts[at], start)
-        at_entry = _within_rows_cumsum(gaps, n, start)
-        residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
+        packed = np.concatenate([order.take(listed_places, mode="clip"), order]).astype(dtype)
+        means = np.concatenate([listed_means, order_means]).astype(dtype)
+        packed += means * dtype.type(MEAN_STEP << shift)
+        start = _list_starts(tables[CONTEXT_TOKENS], input_ids, listed_places.shape[0])
+        gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
+        places = _within_rows_cumsum(gaps, n, start, in_place=True).astype(np.intp)
+        key = packed.take(places, mode="clip")  # intp: take converts any other index type
         # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
-        key = _sorted_within_rows(packed.take(at_entry, mode="clip") + residual, n)
-        codes = key >> shift
+        key += _residual_keys(shift, dtype).take(np.asarray(arrays["logprob_gaps"]))
+        key = _sorted_within_rows(key, n)
+        # The id's bytes: the casts keep the low bits, the masks drop the code's among them.
+        id_lo = key.astype(np.uint8)
+        id_lo &= np.uint8((1 << min(8, shift)) - 1)
+        id_hi = (key >> 8).astype(self.hi_dtype)
+        id_hi &= self.hi_dtype.type((1 << max(0, shift - 8)) - 1)
         return {
             **arrays,
-            **self._split(key & ((1 << shift) - 1)),
-            "logprob_gaps": _within_rows_diff(codes, n).astype(np.uint16),
+            "id_lo": id_lo,
+            "id_hi": id_hi,
+            "logprob_gaps": _within_rows_diff((key >> shift).astype(np.uint16), n),
         }
 
     @property
@@ -170,13 +171,18 @@ def _row_starts(n: np.ndarray) -> np.ndarray:
 
 
 def _within_rows_cumsum(
-    values: np.ndarray, n: np.ndarray, row_offsets: np.ndarray | None = None
+    values: np.ndarray,
+    n: np.ndarray,
+    row_offsets: np.ndarray | None = None,
+    *,
+    in_place: bool = False,
 ) -> np.ndarray:
     """int32 running sums of flat entries, restarting at each row of ``n`` entries (from the
     row's ``row_offsets``, else 0). One cumsum over the whole array, whose entry at a row's
     start is corrected for what came before: the sums wrap in int32, but each row's are
-    differences, so they are exact while a row's own sums fit int32."""
-    out = values.astype(np.int32)
+    differences, so they are exact while a row's own sums fit int32. ``in_place``: into
+    ``values`` (int32), which the caller gives up."""
+    out = values if in_place else values.astype(np.int32)
     nonempty = n > 0
     starts = _row_starts(n)[nonempty]
     if starts.shape[0] == 0:
@@ -188,6 +194,26 @@ def _within_rows_cumsum(
         out[starts] += begins
     out[starts[1:]] -= ends[:-1]
     return np.cumsum(out, dtype=np.int32, out=out)
+
+
+def _list_starts(context_tokens: np.ndarray, input_ids: np.ndarray, segment: int) -> np.ndarray:
+    """Where each position's list starts in the table of lists: its input token's, else the
+    segment's (at ``segment``, after the tokens' lists). Looked up in a table over the tokens'
+    range where that is small beside the positions (a binary search per position cost more
+    than the rest of this), else searched."""
+    tokens, lengths = halves(context_tokens.astype(np.int64))
+    starts = np.append(np.cumsum(lengths) - lengths, segment)  # the last: no list of its own
+    if tokens.shape[0] == 0:
+        return np.full(input_ids.shape[0], segment, dtype=np.int64)
+    first, span = int(tokens[0]), int(tokens[-1] - tokens[0]) + 1
+    if span > 8 * input_ids.shape[0] + 4096:
+        at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
+        return np.where(tokens[at] == input_ids, starts[at], segment)
+    token_list = np.full(span + 1, tokens.shape[0], dtype=np.int32)  # the last: outside
+    token_list[tokens - first] = np.arange(tokens.shape[0], dtype=np.int32)
+    at = np.asarray(input_ids, dtype=np.int64) - first
+    at[(at < 0) | (at >= span)] = span
+    return starts[token_list[at]]
 
 
 def _within_rows_diff(values: np.ndarray, n: np.ndarray) -> np.ndarray:

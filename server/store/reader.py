@@ -2,7 +2,8 @@
 
 Keys and offsets are read when the segment is opened (the store's index needs them). The encoded
 arrays are read either one record at a time (zarr reads only the chunks it needs), or whole with
-:meth:`SegmentReader.load` for batched reads; a ``SegmentCache`` keeps loaded segments.
+:meth:`SegmentReader.load` for batched reads; a ``SegmentCache`` keeps loaded segments. Each of
+these is one read of all the arrays it needs (``arrays.GroupArrays``), not one per array.
 
 A segment without its group metadata is not sealed (on object storage segments are written in
 place and sealed by that metadata, written last): opening one is :class:`Unsealed`.
@@ -11,20 +12,20 @@ place and sealed by that metadata, written last): opening one is :class:`Unseale
 from __future__ import annotations
 
 import numpy as np
-import zarr
-from zarr.errors import GroupNotFoundError
+from zarr.errors import ArrayNotFoundError, GroupNotFoundError
 
 from logitcache.client.codecs import codec_for
 from logitcache.client.errors import NotFound, Unavailable
 from logitcache.client.record import Record
 from logitcache.client.space import CaptureSpace
+from logitcache.server.store.arrays import GroupArrays
 from logitcache.server.store.backend import StoreBackend
 from logitcache.server.store.segments import (
+    INDEX_ARRAYS,
     array_names,
     codec_fields,
     has_entries,
     segments_dir,
-    zarr_array,
 )
 from logitcache.server.store.writer import CapturedRecord
 
@@ -44,19 +45,19 @@ class SegmentReader:
         self._backend = backend
         self._codec = codec_for(space.codec, space.vocab_size, space.temperatures)
         self._fields = codec_fields(space)
-        store = backend.zarr_store(self.rel, read_only=True)
+        self._arrays = GroupArrays(backend.zarr_store(self.rel, read_only=True))
+        self._tables: dict[str, np.ndarray] | None = None  # the codec's, read on first unseal
+        index = INDEX_ARRAYS if has_entries(self._fields) else INDEX_ARRAYS[:2]
         try:
-            self._group = zarr.open_group(store=store, mode="r", zarr_format=3)
+            attributes, arrays = self._arrays.open(index)
         except GroupNotFoundError:
             raise Unsealed(f"segment {segment_id} in {backend.url} is not sealed") from None
-        self._arrays: dict[str, zarr.Array] = {}  # opened on first use (each reads metadata)
-        self._tables: dict[str, np.ndarray] | None = None  # the codec's, read on first unseal
-        self.keys = self._read("keys")
-        self.offsets = self._read("offsets")
-        self.entry_offsets = self._read("entry_offsets") if has_entries(self._fields) else None
-        stored = self._group.attrs.get("stored_bytes")  # absent in segments of older stores
+        self.keys = arrays["keys"]
+        self.offsets = arrays["offsets"]
+        self.entry_offsets = arrays.get("entry_offsets")
+        stored = attributes.get("stored_bytes")  # absent in segments of older stores
         self._stored_bytes = stored if isinstance(stored, int) else None
-        sealed = self._group.attrs.get("sealed_ns")  # absent before segments sealed in place
+        sealed = attributes.get("sealed_ns")  # absent before segments sealed in place
         self.sealed_ns = sealed if isinstance(sealed, int) else int(segment_id.split("-", 1)[0])
 
     @property
@@ -67,11 +68,26 @@ class SegmentReader:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
-    def _read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        array = self._arrays.get(name)
-        if array is None:
-            array = self._arrays[name] = zarr_array(self._group, name)
-        return np.asarray(array[start:stop])
+    def _read(self, name: str) -> np.ndarray:
+        """One array as the segment stores it, whole (what a codec's seal wrote)."""
+        return self._arrays.read((name,))[name]
+
+    def _read_all(
+        self, whole: tuple[str, ...], rows: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Arrays whole and rows of others in one read, the codec's tables with them on the
+        first (a sealed segment never changes: they are read once, not per record)."""
+        tables = self._codec.segment_tables if self._tables is None else ()
+        try:
+            arrays = self._arrays.read((*whole, *tables), rows)
+        except ArrayNotFoundError:
+            self._check_present()  # a segment collected before its first read of them
+            raise
+        if tables:
+            for name in tables:
+                arrays[name].flags.writeable = False  # shared by every later read
+            self._tables = {name: arrays.pop(name) for name in tables}
+        return arrays
 
     @property
     def positions(self) -> int:
@@ -93,8 +109,7 @@ class SegmentReader:
 
     def load(self) -> dict[str, np.ndarray]:
         """Every encoded array of the segment (``input_ids`` and the codec's), read whole."""
-        names = ("input_ids", *(f.name for f in self._fields))
-        arrays = {name: self._read(name) for name in names}
+        arrays = self._read_all(("input_ids", *(f.name for f in self._fields)))
         arrays = self._unseal(arrays, arrays["input_ids"])
         self._check_present()
         return arrays
@@ -106,13 +121,8 @@ class SegmentReader:
         differently, with tables of their own)."""
         if not self._codec.segment_tables:
             return arrays
-        tables = self._tables
-        if tables is None:  # a sealed segment never changes: read its tables once, not per record
-            tables = {name: self._read(name) for name in self._codec.segment_tables}
-            for table in tables.values():
-                table.flags.writeable = False  # shared by every later read of the segment
-            self._tables = tables
-        return self._codec.unseal(arrays, tables, input_ids)
+        assert self._tables is not None  # read with the first arrays (see _read)
+        return self._codec.unseal(arrays, self._tables, input_ids)
 
     def _check_present(self) -> None:
         """zarr reads the chunks of a removed segment as zeros, not as an error: after a read,
@@ -133,16 +143,12 @@ class SegmentReader:
     def encoded(self, i: int) -> CapturedRecord:
         """Record ``i`` in the codec's encoding, read on its own (only the chunks it needs)."""
         start, stop, entry_start, entry_stop = self.span(i)
-        input_ids = self._read("input_ids", start, stop).astype(np.int32, copy=False)
-        arrays = self._unseal(
-            {
-                f.name: self._read(f.name, entry_start, entry_stop)
-                if f.per == "entry"
-                else self._read(f.name, start, stop)
-                for f in self._fields
-            },
-            input_ids,
-        )
+        rows = {"input_ids": (start, stop)}
+        for f in self._fields:
+            rows[f.name] = (entry_start, entry_stop) if f.per == "entry" else (start, stop)
+        arrays = self._read_all((), rows)
+        input_ids = arrays.pop("input_ids").astype(np.int32, copy=False)
+        arrays = self._unseal(arrays, input_ids)
         self._check_present()
         return CapturedRecord(bytes(self.keys[i]), input_ids, arrays)
 
