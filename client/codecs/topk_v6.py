@@ -27,6 +27,7 @@ memory and on the wire.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -127,7 +128,32 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
         """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
         back in ``topk-v3``'s order: ids, and code gaps along each row."""
         n = np.asarray(arrays["n"]).astype(np.int64)
+        shift = self.key_shift
+        lists = _decoding_lists(tables, shift, self.key_dtype)
         gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
+        at_entry = _within_rows_cumsum(gaps, n, lists.starts(np.asarray(input_ids)))
+        residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
+        # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
+        key = _sorted_within_rows(lists.packed.take(at_entry, mode="clip") + residual, n)
+        return {
+            **arrays,
+            **self._split(key & ((1 << shift) - 1)),
+            "logprob_gaps": _within_rows_diff(key >> shift, n).astype(np.uint16),
+        }
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """A segment's lists as the decoder reads rows against them: one table over every list
+    (the segment's own last) of (level code << shift | id), in the order rows are coded in."""
+
+    packed: np.ndarray
+    tokens: np.ndarray  # the input tokens with a list of their own, ascending
+    token_starts: np.ndarray  # where each one's list starts in ``packed``
+    segment_start: int  # where the segment's list starts
+
+    @classmethod
+    def of(cls, tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) -> _Lists:
         order, order_levels = halves(tables[ID_TABLE].astype(np.int64))
         tokens, lengths = halves(tables[CONTEXT_TOKENS].astype(np.int64))
         listed = tables[CONTEXT_LISTS].astype(np.int64)
@@ -135,26 +161,38 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
         places = _within_rows_cumsum(listed[:size], lengths).astype(np.int64)
         levels = order_levels.take(places, mode="clip") + _unzigzag(listed[size : 2 * size])
         by_list = _list_order(lengths, levels, listed[2 * size :])
-        # One table over every list (the segment's own last) of (level code, id) packed as the
-        # sort key below: a position's list starts at ``start``.
-        shift = self.key_shift
         codes = LEVELS.take(np.concatenate([levels[by_list], order_levels]), mode="clip")
         ids = np.concatenate([order.take(places[by_list], mode="clip"), order])
-        packed = ((codes << shift) + ids).astype(self.key_dtype)
-        start = np.full(input_ids.shape[0], size, dtype=np.int64)
-        if tokens.shape[0]:
-            at = np.minimum(np.searchsorted(tokens, input_ids), tokens.shape[0] - 1)
-            starts = np.cumsum(lengths) - lengths
-            start = np.where(tokens[at] == input_ids, starts[at], start)
-        at_entry = _within_rows_cumsum(gaps, n, start)
-        residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
-        # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
-        key = _sorted_within_rows(packed.take(at_entry, mode="clip") + residual, n)
-        return {
-            **arrays,
-            **self._split(key & ((1 << shift) - 1)),
-            "logprob_gaps": _within_rows_diff(key >> shift, n).astype(np.uint16),
-        }
+        packed = ((codes << shift) + ids).astype(dtype)
+        return cls(packed, tokens, np.cumsum(lengths) - lengths, size)
+
+    def starts(self, input_ids: np.ndarray) -> np.ndarray:
+        """Where each position's list starts: its input token's, else the segment's."""
+        start = np.full(input_ids.shape[0], self.segment_start, dtype=np.int64)
+        if self.tokens.shape[0]:
+            at = np.minimum(np.searchsorted(self.tokens, input_ids), self.tokens.shape[0] - 1)
+            start = np.where(self.tokens[at] == input_ids, self.token_starts[at], start)
+        return start
+
+
+# Each segment's decoding lists, built once: a reader hands every unseal of a segment the same
+# read-only table arrays, and sorting the lists back costs a whole segment's unseal over again
+# (~5 ms at 190,000 listed ids), which a one-record read would otherwise pay each time. Keyed by
+# the arrays' identities; an entry leaves when one of its arrays is collected.
+_LISTS: dict[tuple[int, ...], _Lists] = {}
+
+
+def _decoding_lists(tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) -> _Lists:
+    arrays = [tables[name] for name in (ID_TABLE, CONTEXT_TOKENS, CONTEXT_LISTS)]
+    if not all(isinstance(a, np.ndarray) and not a.flags.writeable for a in arrays):
+        return _Lists.of(tables, shift, dtype)  # tables that may change: nothing to keep
+    key = (*(id(a) for a in arrays), shift)
+    lists = _LISTS.get(key)
+    if lists is None:
+        lists = _LISTS[key] = _Lists.of(tables, shift, dtype)
+        for a in arrays:
+            weakref.finalize(a, _LISTS.pop, key, None)
+    return lists
 
 
 def _level_of(means: np.ndarray) -> np.ndarray:
