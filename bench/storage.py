@@ -11,11 +11,12 @@ flat one:
     naive           int32 ids + float32 log-probs, k per position (the uncompressed baseline)
     distillkit      our re-implementation of DistillKit's compressed format (bench/distillkit.py)
     topk-q64-delta-v1   the first logitcache codec (fixed k, no stored tail)
-    topk-v2         the default codec
+    topk-v2         the default codec before topk-v5
     topk-v3         topk-v2 on the contract grid
     topk-v4         topk-v3 with ids stored by per-segment frequency and input-token tables
-    topk-v5         topk-v4's rows, a segment storing each row's id set and each id's value
-                    against its mean after the input token (per-segment lists and means)
+    topk-v5         the default: topk-v4's rows, a segment storing each row's id set and
+                    each id's value against its mean after the input token (per-segment lists
+                    and means)
     topk-v6         topk-v5 with each token's list stored as a set, on coarse mean levels
     top_p:P         adaptive k with the default codec (the shortest prefix of the top k reaching P)
     sampled-v1      U draws per position from the full distribution

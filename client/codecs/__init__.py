@@ -10,7 +10,7 @@ dimension P, one row per position) or per entry (one flat dimension E over all s
 row after row). Arrays of several records concatenate along their first dimension, which is how
 segments, wire batches and decoders handle many records at once.
 
-One module per codec (``topk_v2`` the default, ``topk_v3``, ``topk_v4``, ``topk_v5``, ``topk_v6``,
+One module per codec (``topk_v2``, ``topk_v3``, ``topk_v4``, ``topk_v5`` the default, ``topk_v6``,
 ``topk_v1``, ``sampled``); the quantisation grids they share are in ``grid``. A space with temperatures
 stores per-position log tails at them beside any top-k codec's arrays (``tempered``).
 """
@@ -62,7 +62,7 @@ CODECS: dict[str, type[Codec]] = {
         SampledCodec,
     )
 }
-DEFAULT_CODEC = TopKCodec.name
+DEFAULT_CODEC = PredictedValueTopKCodec.name
 
 
 def codec_for(name: str, vocab_size: int, temperatures: tuple[float, ...] = ()) -> Codec:

@@ -1,4 +1,4 @@
-"""``topk-v2``, the default codec: ragged top-k rows on the piecewise grid, with an explicit tail.
+"""``topk-v2`` (default before ``topk-v5``): ragged top-k rows on the piecewise grid, with a tail.
 
 Log-probabilities become codes on the piecewise grid (``grid.py``). Entries are stored in order
 of (code, id): descending probability, with ids ascending inside a run of equal codes. That order

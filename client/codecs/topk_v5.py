@@ -1,4 +1,4 @@
-"""``topk-v5``: ``topk-v4``'s rows stored in a sealed segment as a set and predicted values.
+"""``topk-v5``, the default codec: ``topk-v4``'s rows stored in a segment as a set and values.
 
 ``topk-v4`` stores each entry's id in rank order. On a teacher of real text that costs both the
 set of ids and their order, and the order (which of 64 close log-probs belongs to which id) is

@@ -149,8 +149,8 @@ def add_capture_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--codec",
         default=None,
-        help="storage codec (default: topk-v2, or sampled-v1 for --mode sampled); "
-        "topk-q64-delta-v1 is the older fixed-k codec",
+        help="storage codec (default: topk-v5, or sampled-v1 for --mode sampled); "
+        "topk-v2 is the previous default, topk-q64-delta-v1 the older fixed-k codec",
     )
 
 

@@ -1,6 +1,6 @@
 """Capture modes: which numbers a capture space stores, and how engine rows become them.
 
-    topk       the k most probable tokens per position (codec topk-v2; k <= 256)
+    topk       the k most probable tokens per position (codec topk-v5; k <= 256)
     top_p:P    adaptive k: per position, the shortest prefix of the top k (k = --max-k) whose
                probability reaches P (at least one entry), plus the exact tail mass
     sampled    U = k draws per position from the teacher's full distribution (codec sampled-v1)

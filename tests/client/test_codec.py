@@ -806,7 +806,7 @@ def test_codec_for_knows_every_shipped_codec() -> None:
     assert set(CODECS) == {
         "topk-q64-delta-v1", "topk-v2", "topk-v3", "topk-v4", "topk-v5", "sampled-v1"
     }  # fmt: skip
-    assert DEFAULT_CODEC == "topk-v2"
+    assert DEFAULT_CODEC == "topk-v5"
     for name, cls in [
         ("topk-q64-delta-v1", QuantizedTopKCodec),
         ("topk-v2", TopKCodec),

@@ -18,7 +18,7 @@ import logitcache
 from logitcache.demo.language import generate_documents
 
 pytestmark = pytest.mark.slow
-STEP = 1 / 64  # one quantisation step of the default codec
+STEP = 1 / 52  # one quantisation step of the default codec (topk-v5: the contract grid)
 
 
 def cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_precompute_stores_exact_teacher_rows(complete_store, data_file, demo_te
         full = reference.full_logprobs(rec.input_ids).numpy()
         at_ids = np.take_along_axis(full, rec.token_ids.astype(np.int64), axis=1)
         # The default codec's bounds (client/codec.py), plus the engine-vs-reference tolerance:
-        # 1/128 nats for p >= 1e-3, 1e-4 in probability below.
+        # 1/104 nats for p >= 1e-3, 1e-4 in probability below.
         big = at_ids >= np.log(1e-3)
         assert np.abs(rec.logprobs - at_ids)[big].max() <= STEP / 2 + 2e-3
         assert np.abs(np.exp(rec.logprobs) - np.exp(at_ids))[~big].max() <= 1e-4 + 1e-5
