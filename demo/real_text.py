@@ -104,17 +104,18 @@ def build_real_text_teacher(out_dir: str | os.PathLike[str], seed: int = 0) -> P
 def real_text_teacher_path(seed: int = 0) -> Path:
     """The real-text teacher for ``seed`` under the cache directory, built on first use.
 
-    Named after the Python version (which fixes the corpus) and a hash of the recipe's code.
+    Named after the Python version (which fixes the corpus), how the corpus is cut from it, and
+    the demo recipe's numbers.
     """
-    from logitcache.demo import assets, language
+    from logitcache.demo import assets
 
-    recipe = hashlib.sha256(platform.python_version().encode())
-    for module in (language, teacher):
-        recipe.update(Path(module.__file__).read_bytes())
-    recipe.update(Path(__file__).read_bytes())
-    path = assets.cache_dir() / f"real-text-teacher-seed{seed}-{recipe.hexdigest()[:12]}"
-    if not (path / HELD_OUT_FILE).is_file():
-        build_real_text_teacher(path, seed=seed)
+    recipe = dict(
+        python=platform.python_version(),
+        corpus=[MIN_DOCSTRING_CHARS, HELD_OUT_EVERY, sorted(_SKIPPED_DIRS)],
+        teacher=teacher.recipe(REAL_TEXT),
+    )
+    entry = f"real-text-teacher-seed{seed}-{assets.recipe_digest(recipe)}"
+    path = assets.cached_build(entry, HELD_OUT_FILE, lambda out: build_real_text_teacher(out, seed))
     model_card.ensure_model_card(path, "logitcache real-text teacher", model_card.REAL_TEXT_DATA)
     return path
 

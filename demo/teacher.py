@@ -42,6 +42,9 @@ PEAK_LEARNING_RATE = 3e-3
 FINAL_LOSS_WINDOW = 20
 # Marks a directory as a demo teacher, which is what lets a rebuild replace it.
 METADATA_FILE = "demo_teacher.json"
+# Part of the cache name (with the numbers above): bump it when this module or the demo language
+# builds something else from the same numbers (a new model shape, grammar or training step).
+RECIPE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,22 @@ def demo_language_documents(seed: int) -> tuple[list[str], list[str]]:
 
 
 DEMO_LANGUAGE = Corpus("demo", demo_language_documents)
+
+
+def recipe(corpus: Corpus) -> dict[str, object]:
+    """What a build of ``corpus`` depends on, for the cache name: the numbers and the version."""
+    return dict(
+        version=RECIPE_VERSION,
+        corpus=corpus.name,
+        train_steps=corpus.train_steps,
+        vocab_size=TARGET_VOCAB_SIZE,
+        documents=[TRAIN_DOCUMENTS, HELD_OUT_DOCUMENTS],
+        sequence_length=SEQUENCE_LENGTH,
+        max_positions=MAX_POSITIONS,
+        batch_size=BATCH_SIZE,
+        warmup_steps=WARMUP_STEPS,
+        peak_learning_rate=PEAK_LEARNING_RATE,
+    )
 
 
 @dataclass(frozen=True)

@@ -63,16 +63,19 @@ def test_text_walks_the_class_chain_and_frequent_ranks_get_low_ids() -> None:
     assert counts[:8].sum() > 2 * counts[-8:].sum()  # tier 0's first ranks lead the ids
 
 
-def test_fused_cross_entropy_is_the_plain_loss_and_its_gradients() -> None:
+def test_workspace_cross_entropy_is_the_weighted_plain_loss_and_its_gradients() -> None:
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=generator)
-    fused = large_vocab.fused_cross_entropy(hidden, weight, targets, hidden.new_empty(10, 50))
+    weights = torch.rand(37, dtype=torch.float64, generator=generator) * 3
+    workspace = hidden.new_empty(10, 50)
+    fused = large_vocab.workspace_cross_entropy(hidden, weight, targets, workspace, weights)
     (2 * fused).backward()
     grads = hidden.grad, weight.grad
     hidden.grad = weight.grad = None
-    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    per_position = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    plain = (per_position * weights).sum() / weights.sum()
     (2 * plain).backward()
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(grads, (hidden.grad, weight.grad))
