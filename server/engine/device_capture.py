@@ -18,6 +18,7 @@ The request and the column layout are in ``columns`` (free of torch).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ from logitcache.server.engine.sampling import group_draws
 
 _MASK32 = 0xFFFFFFFF
 _MIN_GROUPS_PER_K = 4  # top_k works in groups only where there are this many groups per k
+_CONTIGUOUS_WIDTH = 16  # top_k's groups are runs of ids from this width on (see top_k)
+# Entries of logits a CPU works on at once (float32: 2 MiB, the L2 caches of a few cores).
+_BLOCK_ELEMENTS = 1 << 19
+_EXPONENT_BUDGET = 96  # see _stages
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -65,10 +70,12 @@ def uniforms(seeds: torch.Tensor, rows: torch.Tensor, samples: int) -> torch.Ten
 
 
 def _block_width(vocab: int, k: int) -> int:
-    """The group size b of :func:`top_k` that minimises what its two stages select from
-    (vocab / b group maxima, then k * b candidates): about sqrt(vocab / k); 1 where groups
-    would not pay."""
+    """The group size b of :func:`top_k` that about minimises what its two stages select from
+    (vocab / b group maxima, then k * b candidates): sqrt(vocab / k), rounded up to a power of
+    two where groups are contiguous ids; 1 where groups would not pay."""
     width = int(math.sqrt(vocab / max(k, 1)))
+    if width >= _CONTIGUOUS_WIDTH:
+        width = 1 << (width - 1).bit_length()
     return width if width >= 2 and vocab // width >= _MIN_GROUPS_PER_K * k else 1
 
 
@@ -76,19 +83,28 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values per row of ``x`` [n, V] and their int64 ids, descending: equal to
     ``torch.topk`` up to the order of ties, at a fraction of its cost on a CPU.
 
-    The ids split into G groups of b (group g: ids g, g + G, g + 2G, ...; the V - G * b last ids
-    are always candidates). The k largest lie in the k groups with the largest maxima, since an
-    entry of any other group is below k group maxima; so one top-k over the G group maxima and
-    one over the k * b entries of those groups replace one over V entries.
+    The ids split into G groups of b (the V - G * b last ids are always candidates). The k
+    largest lie in the k groups with the largest maxima, since an entry of any other group is
+    below k group maxima; so one top-k over the G group maxima and one over the k * b entries of
+    those groups replace one over V entries. Groups of at least ``_CONTIGUOUS_WIDTH`` are runs of
+    b ids (their maxima a vectorised reduction over b contiguous entries); narrower ones are
+    strided (group g: ids g, g + G, g + 2G, ..., the maxima a reduction across rows of G).
     """
     n, vocab = x.shape
     width = _block_width(vocab, k)
     if width == 1:
         return torch.topk(x, k, dim=1)
     groups = vocab // width
-    maxima = x[:, : groups * width].unflatten(1, (width, groups)).amax(1)
+    grouped = x[:, : groups * width]
+    if width >= _CONTIGUOUS_WIDTH:
+        maxima = grouped.unflatten(1, (groups, width)).amax(2)
+        first, step = width, 1  # group g holds ids g * width + j
+    else:
+        maxima = grouped.unflatten(1, (width, groups)).amax(1)
+        first, step = 1, groups  # group g holds ids g + j * groups
     chosen = torch.topk(maxima, k, dim=1, sorted=False).indices
-    ids = (chosen[:, :, None] + torch.arange(0, groups * width, groups, device=x.device)).flatten(1)
+    members = torch.arange(0, width * step, step, device=x.device)
+    ids = (chosen[:, :, None] * first + members).flatten(1)
     if vocab > groups * width:
         rest = torch.arange(groups * width, vocab, device=x.device)
         ids = torch.cat([ids, rest.expand(n, -1)], dim=1)
@@ -96,55 +112,117 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top.values, ids.gather(1, top.indices)
 
 
-def draw(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """int64 [n, U]: the inverse CDF of each row's distribution at the uniforms ``u`` (float64,
-    in id order: draw j is the first id whose cumulative probability exceeds u_j).
+    in id order: draw j is the first id whose cumulative probability exceeds u_j); ``weights``
+    [n, V] are the probabilities, or any positive multiple of them per row.
 
     Two levels, so that no cumulative sum runs over the whole vocabulary: the masses of blocks
     of about sqrt(V) ids (their CDF in float64) find each draw's block and its fraction of the
     block's mass, then a cumulative sum over that block alone finds its id. A draw moves only
     where u falls within float rounding of a boundary.
     """
-    n, vocab = logprobs.shape
+    n, vocab = weights.shape
     width = max(1, math.isqrt(vocab))
-    blocks = -(-vocab // width)
-    p = torch.empty(n, blocks * width, dtype=torch.float32, device=logprobs.device)
-    torch.exp(logprobs, out=p[:, :vocab])
-    p[:, vocab:] = 0.0
-    by_block = p.view(n, blocks, width)
-    mass = by_block.sum(2).double()
-    cdf = mass.cumsum(1)
+    full = vocab // width
+    mass = weights[:, : full * width].unflatten(1, (full, width)).sum(2)
+    if vocab > full * width:  # the last, shorter block
+        mass = torch.cat([mass, weights[:, full * width :].sum(1, keepdim=True)], dim=1)
+    cdf = mass.double().cumsum(1)
     points = u * cdf[:, -1:]
+    blocks = cdf.shape[1]
     block = torch.searchsorted(cdf, points, right=True).clamp_(max=blocks - 1)
     before = cdf.gather(1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0.0)
     # The fraction of its block's mass below the draw, < 1 so that it falls on a nonzero entry.
-    fraction = ((points - before) / mass.gather(1, block)).clamp_(0.0, 1.0 - 2.0**-40)
-    inner = by_block.gather(1, block[:, :, None].expand(-1, -1, width)).double().cumsum_(2)
+    fraction = ((points - before) / (cdf.gather(1, block) - before)).clamp_(0.0, 1.0 - 2.0**-40)
+    ids = block[:, :, None] * width + torch.arange(width, device=weights.device)
+    inside = ids < vocab
+    inner = weights.gather(1, ids.clamp_(max=vocab - 1).flatten(1)).view(ids.shape)
+    inner = inner.masked_fill_(~inside, 0.0).double().cumsum_(2)
     at = torch.searchsorted(inner, fraction[:, :, None] * inner[:, :, -1:], right=True)[:, :, 0]
-    return (block * width + at.clamp_(max=width - 1)).clamp_(max=vocab - 1)
+    return (ids[:, :, 0] + at.clamp_(max=width - 1)).clamp_(max=vocab - 1)
 
 
-def log_normalisers(logprobs: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
-    """float32 [n, len(temperatures)]: log sum_i p_i^(1/T) per row.
+@dataclass(frozen=True)
+class _Stage:
+    """One temperature of a capture's pass over a row: its terms exp((x_i - max) / T), up to a
+    factor, are a softmax of x / T (``power`` 1) or the previous stage's terms squared (T is
+    half the previous T; ``power``, the T of the stage's softmax over this T, doubles)."""
 
-    The terms are (p_i / p_max)^(1/T), which neither under- nor overflow at any T. They take an
-    exp pass over the row, except at half of the previous (larger) temperature, where they are
-    the previous terms squared: 1, 2, 4 cost one exp and two multiplications per entry. One
-    buffer of the logits' size serves every T.
-    """
-    peak = logprobs.amax(dim=1, keepdim=True)
-    terms = torch.empty_like(logprobs)
-    sums: dict[float, torch.Tensor] = {}
-    previous = None
-    for t in sorted(set(temperatures), reverse=True):
-        if previous == 2 * t:
-            terms.square_()
+    temperature: float
+    power: int
+
+
+def _stages(temperatures: tuple[float, ...], vocab: int) -> tuple[_Stage, ...]:
+    """T = 1 and ``temperatures``, hottest first, squaring wherever T halves. A softmax's largest
+    term is at least 1/V; raised to ``power`` (and V terms summed) it stays far above float32's
+    smallest normal 2**-126 while (power + 1) * log2(V) <= _EXPONENT_BUDGET; beyond, a fresh
+    softmax."""
+    stages: list[_Stage] = []
+    bits = math.log2(max(vocab, 2))
+    for t in sorted(set(temperatures) | {1.0}, reverse=True):
+        doubled = 2 * stages[-1].power if stages else 0
+        if stages and stages[-1].temperature == 2 * t and (doubled + 1) * bits <= _EXPONENT_BUDGET:
+            stages.append(_Stage(t, doubled))
         else:
-            torch.add(peak * (-1.0 / t), logprobs, alpha=1.0 / t, out=terms).exp_()
-        sums[t] = terms.sum(1)
-        previous = t
-    logs = torch.stack([sums[t] for t in temperatures], dim=1).log_()
-    return logs + peak / torch.tensor(temperatures, device=peak.device)
+            stages.append(_Stage(t, 1))
+    return tuple(stages)
+
+
+def _block_rows(logits: torch.Tensor) -> int:
+    """Rows worked on at once: on a CPU, a block of logits of about ``_BLOCK_ELEMENTS`` (and a
+    row per thread at least), whose terms stay in cache while every stage passes over them;
+    elsewhere, all rows."""
+    n, vocab = logits.shape
+    if logits.device.type != "cpu":
+        return max(n, 1)
+    return max(1, torch.get_num_threads(), _BLOCK_ELEMENTS // vocab)
+
+
+def _row_pass(logits: torch.Tensor, peak_ids: torch.Tensor | None, stages: tuple[_Stage, ...],
+              u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """float64 [len(stages), n]: log sum_i exp((x_i - max) / T) per stage and row (``peak_ids``
+    [n, 1], where each row's max is, if known); and, when ``u`` is given, the draws at T = 1
+    (int64 [n, U]).
+
+    One pass over the logits in blocks of rows: per block, each stage's terms are computed in
+    one buffer (a softmax, or the previous terms squared) and summed, and the draws are made
+    from the terms at T = 1, so every row of logits is read from memory once, one exp per entry.
+    A softmax's terms sum to 1 and its largest is 1 / sum_i exp((x_i - max) / T): the sum is
+    read off that one entry (the error of the softmax's own normalisation, a float32 rounding).
+    """
+    n, vocab = logits.shape
+    rows = min(_block_rows(logits), n)
+    device = logits.device
+    fresh = [s for s, stage in enumerate(stages) if stage.power == 1]
+    sums = torch.ones(len(stages), n, dtype=torch.float32, device=device)
+    peaks = torch.empty(len(fresh), n, dtype=torch.float32, device=device)  # softmaxes' largest
+    ids = None if u is None else torch.empty(u.shape, dtype=torch.int64, device=device)
+    terms = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    offsets = torch.arange(rows, device=device)[:, None] * vocab  # of each row in ``terms``
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        block, x = terms[: b - a], logits[a:b].float()
+        for s, stage in enumerate(stages):
+            if stage.power == 1:
+                scaled = x
+                if stage.temperature != 1.0:  # x / T written where the softmax then runs
+                    scaled = torch.mul(x, 1.0 / stage.temperature, out=block)
+                torch.softmax(scaled, dim=1, out=block)
+                at = peaks[fresh.index(s), a:b]
+                if peak_ids is None:
+                    torch.amax(block, 1, out=at)
+                else:
+                    at.copy_(torch.take(block, offsets[: b - a] + peak_ids[a:b])[:, 0])
+            else:
+                block.square_()
+                torch.sum(block, 1, out=sums[s, a:b])
+            if ids is not None and u is not None and stage.temperature == 1.0:
+                ids[a:b] = draw(block, u[a:b])
+    run = torch.tensor([sum(1 for f in fresh if f <= s) - 1 for s in range(len(stages))],
+                       device=device)  # fmt: skip
+    power = torch.tensor([st.power for st in stages], dtype=torch.float64, device=device)
+    return sums.double().log_() - power[:, None] * peaks.double().log_()[run], ids
 
 
 def capture_columns(
@@ -162,28 +240,42 @@ def capture_columns(
     (-1 where there is none, the last row); ``rows`` [n] each position's index in its record
     and ``seeds`` [n] its record's seed (:func:`seed_tensor`), which fix its draws;
     ``scored_ids`` [n, request.score_width] the ids to score (< 0: none, -inf).
+
+    The log-softmax is never materialised: the top-k is taken on the logits, and every log-prob
+    stored is a logit minus the row's log-normaliser at T = 1, which the row pass computes with
+    those at the other temperatures (log Z(T) = log s_T - log s_1 / T, s_T the sum of the
+    stage's terms).
     """
-    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    n, vocab = logits.shape
+    if request.score_width and (scored_ids is None or scored_ids.shape != (n, request.score_width)):
+        raise ValueError(f"expected [{n}, {request.score_width}] ids to score")
+    top = top_k(logits, request.top_k) if request.top_k else None
+    peak_ids = None if top is None else top[1][:, :1]
+    stages = _stages(request.temperatures, vocab)
+    u = uniforms(seeds, rows, request.samples) if request.samples else None
+    log_sums, draws = _row_pass(logits, peak_ids, stages, u)
+    at = {stage.temperature: log_sums[s] for s, stage in enumerate(stages)}
+    peak = logits.amax(1, keepdim=True) if top is None else top[0][:, :1]
+    log_z = peak.double() + at[1.0][:, None]  # [n, 1]: logsumexp of each row's logits
+
+    def logprobs_of(ids: torch.Tensor) -> torch.Tensor:
+        return (logits.gather(1, ids).double() - log_z).float()
+
     parts = [
-        logprobs.gather(1, targets.clamp(min=0)[:, None]).masked_fill_(
-            targets[:, None] < 0, float("nan")
-        )
+        logprobs_of(targets.clamp(min=0)[:, None]).masked_fill_(targets[:, None] < 0, float("nan"))
     ]
-    if request.top_k:
-        values, ids = top_k(logprobs, request.top_k)
-        parts += [ids.to(torch.int32).view(torch.float32), values]
-    if request.samples:
-        ids = draw(logprobs, uniforms(seeds, rows, request.samples))
-        parts += [ids.to(torch.int32).view(torch.float32), logprobs.gather(1, ids)]
+    if top is not None:
+        parts += [top[1].to(torch.int32).view(torch.float32), logprobs_of(top[1])]
+    if draws is not None:
+        parts += [draws.to(torch.int32).view(torch.float32), logprobs_of(draws)]
     if request.temperatures:
-        parts.append(log_normalisers(logprobs, request.temperatures))
-    if request.score_width:
-        if scored_ids is None or scored_ids.shape != (logits.shape[0], request.score_width):
-            raise ValueError(f"expected [{logits.shape[0]}, {request.score_width}] ids to score")
+        parts.append(
+            torch.stack([at[t] - at[1.0] / t for t in request.temperatures], dim=1).float()
+        )
+    if request.score_width and scored_ids is not None:
         ids = scored_ids.to(torch.int64)
-        outside = (ids < 0) | (ids >= logprobs.shape[1])
-        at = logprobs.gather(1, ids.clamp(0, logprobs.shape[1] - 1))
-        parts.append(at.masked_fill_(outside, float("-inf")))
+        outside = (ids < 0) | (ids >= vocab)
+        parts.append(logprobs_of(ids.clamp(0, vocab - 1)).masked_fill_(outside, float("-inf")))
     return torch.cat(parts, dim=1)
 
 
@@ -196,5 +288,5 @@ def draw_rows_for_key(full: TopKRows, samples: int, key: bytes) -> TopKRows:
     by_id = lp.gather(1, order)  # [P, V] in id order, as the engine's softmax is
     n = by_id.shape[0]
     u = uniforms(seed_tensor(seed_of_key(key), n), torch.arange(n), samples)
-    ids = draw(by_id, u)
+    ids = draw(by_id.exp(), u)
     return group_draws(ids.numpy(), by_id.gather(1, ids).numpy(), full.target_logprobs)

@@ -36,9 +36,11 @@ from logitcache.server.engine.device_capture import capture_columns, seed_tensor
 HOOK_VERSION = 1
 _DONE = "_logitcache_done"  # runner attribute: finished records waiting for this step's output
 _PARTIAL = "_logitcache_partial"  # runner attribute: records with chunks still to come
-# Logits computed at once (float32: 16 MiB, and as much for the log-softmax): small enough for
-# the CPU's last-level cache and for the allocator to reuse the memory (larger buffers are mapped
-# and faulted in afresh on every call), large enough for an efficient output-layer matmul.
+# Logits computed at once (float32: 16 MiB; capture_columns then works on them in blocks of rows
+# with one small buffer): small enough for the CPU's last-level cache and for the allocator to
+# reuse the memory (larger buffers are mapped and faulted in afresh on every call), large enough
+# for an efficient output-layer matmul (torch, V = 131k, hidden 32, one thread: 32 rows per call
+# cost 194 us a row; 16 rows, 220; 8, 317).
 _LOGIT_ELEMENTS = 1 << 22
 
 

@@ -56,14 +56,16 @@ def chi_square_bound(df: int) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("scale", [0.5, 3.0])  # flat, and peaked with a long tail
-def test_draws_follow_the_full_distribution(scale: float) -> None:
+# Flat; and peaked with a long tail, drawn from the terms at T = 1 as the squares of T = 2's.
+@pytest.mark.parametrize(("scale", "temperatures"), [(0.5, ()), (3.0, (2.0, 4.0))])
+def test_draws_follow_the_full_distribution(scale: float, temperatures: tuple[float, ...]) -> None:
     """Pooled over 3,000 positions of one distribution x 12 draws: a chi-square test against the
     exact probabilities; the same draws fail it against the distribution at T = 2."""
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(V, generator=gen) * scale
     n, u = 3000, 12
-    cols = columns_of(logits.expand(n, V).clone(), CaptureRequest(samples=u, seed=12345))
+    request = CaptureRequest(samples=u, seed=12345, temperatures=temperatures)
+    cols = columns_of(logits.expand(n, V).clone(), request)
     counts = np.bincount(cols.draw_ids.ravel(), minlength=V)
     p = torch.softmax(logits.double(), 0).numpy()
     stat, df = chi_square(counts, p * n * u)
@@ -103,15 +105,20 @@ PINNED_UNIFORMS = [
 ]
 
 
-def test_log_normalisers_are_exact() -> None:
+@pytest.mark.parametrize(("vocab", "scale"), [(V, 4.0), (1 << 15, 12.0)])
+def test_log_normalisers_are_exact(vocab: int, scale: float) -> None:
+    """The dense float64 formula at T below, at and above 1: where T halves (the terms squared)
+    and where it does not (a softmax of its own), past the squarings one softmax allows
+    (16 -> 8 -> 4 -> 2), in several blocks of rows at the larger vocabulary, whose peaked rows'
+    tails underflow at T = 1 but not at T = 16."""
     gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(64, V, generator=gen) * 4
-    temps = (0.5, 1.0, 2.0, 4.0)
+    logits = torch.randn(40, vocab, generator=gen) * scale
+    temps = (0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     cols = columns_of(logits, CaptureRequest(top_k=8, temperatures=temps))
     lp = torch.log_softmax(logits.double(), 1)
     want = torch.stack([torch.logsumexp(lp / t, 1) for t in temps], 1).numpy()
     np.testing.assert_allclose(cols.log_normalisers, want, atol=2e-5)
-    np.testing.assert_allclose(cols.log_normalisers[:, 1], 0.0, atol=2e-5)
+    np.testing.assert_allclose(cols.log_normalisers[:, temps.index(1.0)], 0.0, atol=2e-5)
     top = torch.topk(lp, 8, 1)
     np.testing.assert_allclose(cols.top_logprobs, top.values.numpy(), atol=1e-5)
     np.testing.assert_array_equal(cols.top_ids, top.indices.numpy())
