@@ -199,6 +199,8 @@ def _row_pass(logits: torch.Tensor, peak_ids: torch.Tensor | None, stages: tuple
     peaks = torch.empty(len(fresh), n, dtype=torch.float32, device=device)  # softmaxes' largest
     ids = None if u is None else torch.empty(u.shape, dtype=torch.int64, device=device)
     terms = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    hot = any(stage.temperature != 1.0 for stage in stages)
+    scaled_terms = torch.empty_like(terms) if hot else terms  # x / T, a softmax's input
     offsets = torch.arange(rows, device=device)[:, None] * vocab  # of each row in ``terms``
     for a in range(0, n, rows):
         b = min(a + rows, n)
@@ -206,8 +208,8 @@ def _row_pass(logits: torch.Tensor, peak_ids: torch.Tensor | None, stages: tuple
         for s, stage in enumerate(stages):
             if stage.power == 1:
                 scaled = x
-                if stage.temperature != 1.0:  # x / T written where the softmax then runs
-                    scaled = torch.mul(x, 1.0 / stage.temperature, out=block)
+                if stage.temperature != 1.0:
+                    scaled = torch.mul(x, 1.0 / stage.temperature, out=scaled_terms[: b - a])
                 torch.softmax(scaled, dim=1, out=block)
                 at = peaks[fresh.index(s), a:b]
                 if peak_ids is None:
