@@ -20,6 +20,7 @@ from logitcache.client.codecs import (
     Codec,
     ContractGridTopKCodec,
     FrequencyOrderTopKCodec,
+    LevelSetTopKCodec,
     PredictedValueTopKCodec,
     QuantizedTopKCodec,
     SampledCodec,
@@ -804,7 +805,7 @@ def test_wire_batches_carry_concatenated_codec_arrays(codec_name: str, k: int) -
 
 def test_codec_for_knows_every_shipped_codec() -> None:
     assert set(CODECS) == {
-        "topk-q64-delta-v1", "topk-v2", "topk-v3", "topk-v4", "topk-v5", "sampled-v1"
+        "topk-q64-delta-v1", "topk-v2", "topk-v3", "topk-v4", "topk-v5", "topk-v6", "sampled-v1"
     }  # fmt: skip
     assert DEFAULT_CODEC == "topk-v5"
     for name, cls in [
@@ -813,6 +814,7 @@ def test_codec_for_knows_every_shipped_codec() -> None:
         ("topk-v3", ContractGridTopKCodec),
         ("topk-v4", FrequencyOrderTopKCodec),
         ("topk-v5", PredictedValueTopKCodec),
+        ("topk-v6", LevelSetTopKCodec),
         ("sampled-v1", SampledCodec),
     ]:
         codec = codec_for(name, 70_000)
