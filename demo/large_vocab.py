@@ -13,8 +13,8 @@ learns from its embeddings, and each word's class and frequency from its occurre
 
 Training is the whole cost at this vocabulary (every position's loss is over 131,072 rows), so it
 goes through :func:`workspace_cross_entropy`, which computes the loss and its gradients a chunk
-of positions at a time in a reused workspace instead of allocating every position's logits, and
-samples the positions of frequent words (:func:`train`). The held-out texts are written next to
+of positions at a time in reused workspaces instead of allocating every position's logits, its
+backward matmuls in bfloat16 where the CPU multiplies it natively. The held-out texts are written next to
 the model as ``held_out.jsonl`` (benchmarks read them, as the real-text teacher's), and the build
 prints and records their loss, mean entropy and top-64 mass, and how many of the words its
 training text used.
@@ -83,8 +83,6 @@ class Recipe:
     layers: int = 1
     batch_blocks: int = 8
     peak_learning_rate: float = 2e-2
-    # Positions whose target is more frequent than this are sampled (see :func:`train`).
-    subsample_frequency: float = 4e-3
     loss_chunk: int = 512  # positions whose logits are held at once
     train_steps: int = field(init=False)
 
@@ -238,13 +236,25 @@ def model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
     )
 
 
+def gradient_dtype() -> torch.dtype:
+    """The dtype of the gradient matmuls in training: bfloat16 where the CPU multiplies it
+    natively (there they run 2-3x faster than float32's, and they are 40% of a step), else
+    float32."""
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
 class _WorkspaceCrossEntropy(torch.autograd.Function):
-    """Weighted mean cross-entropy of ``hidden @ weight.T`` against ``targets``; its gradients are
-    made in the forward pass, a workspace of positions at a time (at 131k rows a batch's logits
-    are hundreds of MB, and a fresh allocation of that size costs more in page faults than the
-    matmul: the workspace is allocated once and reused by every step). Float32 throughout: in
-    bfloat16 (2.5x faster matmuls on an idle CPU) the rounded logits put 3-7% errors into the
-    gradient of near-certain positions, and the teacher came out 0.25 nats worse."""
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``; its gradients are made in
+    the forward pass, a workspace of positions at a time (at 131k rows a batch's logits are
+    hundreds of MB, and a fresh allocation of that size costs more in page faults than the
+    matmul: the workspaces are allocated once and reused by every step).
+
+    The logits, their softmax and its gradient ``probs - onehot(targets)`` are float32's; the
+    two matmuls that take that gradient back to ``hidden`` and ``weight`` run in the dtype of
+    ``low`` (its copy), which rounds each entry relative to itself, ``p - 1`` included. Rounding
+    the logits instead (bfloat16 all through) put 3-7% errors into near-certain positions'
+    gradients, and the teacher came out 0.25 nats worse.
+    """
 
     @staticmethod
     def forward(
@@ -253,29 +263,27 @@ class _WorkspaceCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         workspace: torch.Tensor,
-        weights: torch.Tensor,
+        low: torch.Tensor,
     ) -> torch.Tensor:
-        chunk = len(workspace)
+        count, chunk = len(hidden), len(workspace)
+        low_hidden, low_weight = hidden.to(low.dtype), weight.to(low.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight)
         total = hidden.new_zeros(())
-        for start in range(0, len(hidden), chunk):
-            part = slice(start, start + chunk)
-            h, y, w = hidden[part], targets[part], weights[part].unsqueeze(1)
+        for start in range(0, count, chunk):
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
             probs = workspace[: len(h)]
             torch.mm(h, weight.T, out=probs)
             torch.softmax(probs, dim=-1, out=probs)
             rows = torch.arange(len(h))
             # A target below float32's smallest normal counts as that: ~87 nats, never reached.
-            target = probs[rows, y].clamp_min(torch.finfo(probs.dtype).tiny)
-            total -= (w.squeeze(1) * target.log()).sum()
+            total -= probs[rows, y].clamp_min(torch.finfo(probs.dtype).tiny).log().sum()
             probs[rows, y] -= 1.0  # the gradient of the loss in the logits
-            probs.mul_(w)
-            torch.mm(probs, weight, out=grad_hidden[part])
-            grad_weight.addmm_(probs.T, h)
-        scale = 1.0 / weights.sum()
-        ctx.save_for_backward(grad_hidden * scale, grad_weight * scale)
-        return total * scale
+            grad = probs if low is workspace else low[: len(h)].copy_(probs)
+            grad_hidden[start : start + len(h)] = torch.mm(grad, low_weight)
+            grad_weight += torch.mm(grad.T, low_hidden[start : start + len(h)])
+        ctx.save_for_backward(grad_hidden / count, grad_weight / count)
+        return total / count
 
     @staticmethod
     def backward(
@@ -290,16 +298,17 @@ def workspace_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     workspace: torch.Tensor,
-    weights: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The next-token loss of (positions, hidden) states under an output layer ``weight`` (rows,
-    hidden), its mean weighted by ``weights`` (positions,) if given, differentiable in both,
-    without materialising all the logits: a (chunk, rows) ``workspace`` holds a chunk's at a
-    time. (The trainer's ``fused_cross_entropy`` serves any student, with a fresh buffer per
-    chunk and the distillation engine's passes over it: 1.5x slower on this teacher's steps.)"""
-    if weights is None:
-        weights = hidden.new_ones(len(hidden))
-    loss: torch.Tensor = _WorkspaceCrossEntropy.apply(hidden, weight, targets, workspace, weights)
+    """The mean next-token loss of (positions, hidden) states under an output layer ``weight``
+    (rows, hidden), differentiable in both, without materialising all the logits: a (chunk,
+    rows) ``workspace`` holds a chunk's at a time, and ``low`` (same shape, default
+    ``workspace``) the gradient the backward matmuls take, in its dtype. (The trainer's
+    ``fused_cross_entropy`` serves any student, with a fresh buffer per chunk and the
+    distillation engine's passes over it: 1.5x slower on this teacher's float32 steps.)"""
+    loss: torch.Tensor = _WorkspaceCrossEntropy.apply(
+        hidden, weight, targets, workspace, workspace if low is None else low
+    )
     return loss
 
 
@@ -307,18 +316,9 @@ def train(
     model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe, seed: int, progress: bool
 ) -> list[float]:
     """AdamW over the blocks in a seeded order, the demo recipe's warm-up and cosine schedule;
-    the loss through :func:`workspace_cross_entropy`. Returns the loss of every step.
-
-    Each step trains on a sample of its positions: a position whose target has a share ``f``
-    of the training text above ``recipe.subsample_frequency`` is kept with probability
-    ``subsample_frequency / f`` and weighted by its inverse, so the loss and its gradient are
-    the whole batch's in expectation. The function words are three quarters of the text and
-    learned first; every position costs a softmax over all the rows."""
+    the loss through :func:`workspace_cross_entropy`. Returns the loss of every step."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=generator)
-    targets_seen = blocks[:, 1:].reshape(-1)
-    share = torch.bincount(targets_seen, minlength=recipe.vocab_size) / len(targets_seen)
-    keep = (recipe.subsample_frequency / share).clamp_(max=1.0)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.peak_learning_rate, weight_decay=0.01
     )
@@ -327,6 +327,11 @@ def train(
     )
     weight = model.get_output_embeddings().weight
     workspace = torch.empty(recipe.loss_chunk, len(weight))
+    low = (
+        None
+        if gradient_dtype() == workspace.dtype
+        else torch.empty(recipe.loss_chunk, len(weight), dtype=gradient_dtype())
+    )
     losses: list[float] = []
     model.train()
     bar = tqdm(range(recipe.train_steps), desc="training large-vocabulary teacher",
@@ -335,10 +340,8 @@ def train(
         batch = blocks[order[step * recipe.batch_blocks : (step + 1) * recipe.batch_blocks]]
         hidden = model.model(input_ids=batch).last_hidden_state[:, :-1]
         targets = batch[:, 1:].reshape(-1)
-        rate = keep[targets]
-        kept = torch.rand(len(targets), generator=generator) < rate
         loss = workspace_cross_entropy(
-            hidden.reshape(len(targets), -1)[kept], weight, targets[kept], workspace, 1 / rate[kept]
+            hidden.reshape(len(targets), -1), weight, targets, workspace, low
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -415,6 +418,7 @@ def _build_into(staging: pathlib.Path, recipe: Recipe, seed: int, progress: bool
         held_out_top_64_mass=figures.top_64_mass,
         ids_in_training_text=round(len(np.unique(train_ids)) / (recipe.vocab_size - first), 4),
         recipe=asdict(recipe),
+        gradient_dtype=str(gradient_dtype()).removeprefix("torch."),
         build_seconds=round(time.perf_counter() - started, 1),
     )
     (staging / teacher.METADATA_FILE).write_text(json.dumps(facts, indent=2) + "\n")
