@@ -2,9 +2,7 @@
 sampled U=12 and top-64 with three temperatures, beside vLLM's prefill-only limit, one engine.
 
 Rounds alternate between the modes and the baselines, so that machine load falls on all of them
-alike; the best round of each is reported, and beside it the least CPU time the engine's
-processes spent per position (the ratio a quiet machine would show: on a shared one, wall-clock
-rates move with the load). Every mode runs precompute's pipeline end to end into
+alike; the best round of each is reported. Every mode runs precompute's pipeline end to end into
 a fresh store (capture, convert, encode, write, seal), and its bytes are the store's: top-64 with
 temperatures stores each position's log tail mass at T = 1, 2, 4 beside the top-64 arrays
 (``client.codecs.tempered``), from the engine's log-normalisers.
@@ -22,10 +20,7 @@ model (a large vocabulary on a small model) no capture comes near it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import math
-import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -81,28 +76,6 @@ async def capture_pipeline(engine: VLLMEngine, space: CaptureSpace, sequences: l
         return seconds, store.backend.stored_bytes(f"spaces/{space.space_id}/segments")
 
 
-def engine_cpu_seconds() -> float:
-    """CPU seconds so far of this process's children, the engine's processes (vLLM's engine core
-    and workers): what captures cost the engine, however busy the rest of the machine is, which
-    wall-clock rates on a shared machine are not."""
-    import psutil  # type: ignore[import-untyped]
-
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = child.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-async def engine_timed(step: Awaitable[float | tuple[float, int]]) -> tuple[float, float, int]:
-    """Wall seconds, the engine's CPU seconds and the stored bytes (0 if none) of one step."""
-    cpu = engine_cpu_seconds()
-    result = await step
-    seconds, stored = result if isinstance(result, tuple) else (result, 0)
-    return seconds, engine_cpu_seconds() - cpu, stored
-
-
 def output_layer_rate(info: TeacherInfo, positions: int) -> float:
     """Positions/s of the teacher's output layer alone: ``positions`` rows through a float32
     [H] x [H, V] matmul in torch, MATMUL_ROWS at a time (the best of three passes)."""
@@ -133,32 +106,28 @@ async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
     async def prompt_logprobs(ids: np.ndarray) -> None:
         await engine.raw_output(ids, 1)
 
-    cpu: dict[str, float] = {}  # the engine's least CPU microseconds per position
     await timed_gather(sequences[:16], in_flight, engine.prefill_only)  # warm-up (and self-check)
     await engine.capture(sequences[0], 64)
     for r in range(rounds):
-        steps = {PREFILL: await engine_timed(timed_gather(sequences, in_flight, engine.prefill_only)),
-                 PROMPT_LOGPROBS: await engine_timed(timed_gather(sequences, in_flight,
-                                                                  prompt_logprobs))}  # fmt: skip
+        seconds = {PREFILL: await timed_gather(sequences, in_flight, engine.prefill_only),
+                   PROMPT_LOGPROBS: await timed_gather(sequences, in_flight, prompt_logprobs)}  # fmt: skip
         for name, space in spaces.items():
-            steps[name] = await engine_timed(capture_pipeline(engine, space, sequences, in_flight))
-            nbytes[name] = steps[name][2] / positions
-        for name, (s, c, _) in steps.items():
+            seconds[name], stored = await capture_pipeline(engine, space, sequences, in_flight)
+            nbytes[name] = stored / positions
+        for name, s in seconds.items():
             best[name] = max(best.get(name, 0.0), positions / s)
-            cpu[name] = min(cpu.get(name, math.inf), c / positions * 1e6)
-        print(f"modes round {r + 1} (load {os.getloadavg()[0]:.1f}): "
-              + "  ".join(f"{n}: {positions / s:,.0f}" for n, (s, _, _) in steps.items()))  # fmt: skip
+        print(f"modes round {r + 1}: " + "  ".join(f"{n}: {positions / s:,.0f}"
+                                                   for n, s in seconds.items()))  # fmt: skip
     matmul = await asyncio.get_running_loop().run_in_executor(
         None, output_layer_rate, info, positions
     )
     prefill, top, floor = best[PREFILL], best["top-64"], best[PROMPT_LOGPROBS]
     print()
     print(f"{'capture mode (engine-side)':28s}{'positions/s':>13s}{'x prefill':>11s}"
-          f"{'x top-64':>10s}{'bytes/pos':>11s}{'engine CPU us/pos':>19s}")  # fmt: skip
+          f"{'x top-64':>10s}{'bytes/pos':>11s}")  # fmt: skip
     for name, rate in best.items():
         size = f"{nbytes[name]:.1f}" if name in nbytes else "-"
-        print(f"{name:28s}{rate:>13,.0f}{rate / prefill:>11.2f}{rate / top:>10.2f}{size:>11s}"
-              f"{cpu[name]:>19,.1f}")  # fmt: skip
+        print(f"{name:28s}{rate:>13,.0f}{rate / prefill:>11.2f}{rate / top:>10.2f}{size:>11s}")
     # A capture's ceiling: the prefill plus the output layer at every position, nothing else.
     ceiling = 1 / (1 / prefill + 1 / matmul)
     for name, rate in (
@@ -166,8 +135,6 @@ async def print_mode_figures(engine: VLLMEngine, info: TeacherInfo,
         ("prefill + that (ceiling)", ceiling),
     ):
         print(f"{name:28s}{rate:>13,.0f}{rate / prefill:>11.2f}{rate / top:>10.2f}{'-':>11s}")
-    top_cpu = cpu["top-64"]
     print(f"targets: top-64 >= 0.8x prefill ({top / prefill:.2f}; {top / floor:.2f}x vLLM's "
-          f"prompt_logprobs=1); sampled >= 0.5x top-64 ({best['sampled U=12'] / top:.2f}; engine "
-          f"CPU {top_cpu / cpu['sampled U=12']:.2f}); temperatures >= 0.9x top-64 "
-          f"({best[TEMPERED] / top:.2f}; engine CPU {top_cpu / cpu[TEMPERED]:.2f})")  # fmt: skip
+          f"prompt_logprobs=1); sampled >= 0.5x top-64 ({best['sampled U=12'] / top:.2f}); "
+          f"temperatures >= 0.9x top-64 ({best[TEMPERED] / top:.2f})")  # fmt: skip
