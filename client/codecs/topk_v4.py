@@ -84,14 +84,11 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
         value = rank[ids]
         tokens, listed, context, kept = token_contexts(arrays["input_ids"], n, CONTEXT_MIN)
         # Every (token, id) pair of the listed tokens; a token's list: by count, then rank.
-        pairs, pair_of, pair_count = np.unique(
-            context[kept] * max(1, order.shape[0]) + value[kept],
-            return_inverse=True,
-            return_counts=True,
+        pair_token, pair_rank, pair_of, pair_count = context_pairs(
+            context[kept], value[kept], order.shape[0]
         )
-        pair_token, pair_rank = np.divmod(pairs, max(1, order.shape[0]))
         by_list = np.lexsort((pair_rank, -pair_count, pair_token))
-        value[kept] = places_in_lists(pair_token, by_list)[pair_of.reshape(-1)]
+        value[kept] = places_in_lists(pair_token, by_list)[pair_of]
         return {
             **arrays,
             **self._split(value),
@@ -138,6 +135,32 @@ def token_contexts(
     listed = uses >= minimum
     context = np.repeat(token_of.reshape(-1), n)
     return tokens, listed, context, listed[context]
+
+
+def context_pairs(
+    context: np.ndarray, place: np.ndarray, places: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (context, place) pairs of some entries, in (context, place) order: each
+    pair's context and place, each entry's pair, and each pair's count (``np.unique`` of the
+    packed pairs, which it equals). Where both fit 16 bits (a segment's lists nearly always do),
+    two stable radix sorts order the entries, about 3x cheaper than sorting their packed keys."""
+    if context.size == 0 or max(int(context.max()), int(place.max())) >= 1 << 16:
+        pairs, pair_of, pair_count = np.unique(
+            context * max(1, places) + place, return_inverse=True, return_counts=True
+        )
+        pair_context, pair_place = np.divmod(pairs, max(1, places))
+        return pair_context, pair_place, pair_of.reshape(-1), pair_count
+    by_place = np.argsort(place.astype(np.uint16), kind="stable")
+    order = by_place[np.argsort(context.astype(np.uint16)[by_place], kind="stable")]
+    sorted_context, sorted_place = context[order], place[order]
+    first = np.empty(order.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_context[1:], sorted_context[:-1], out=first[1:])
+    first[1:] |= sorted_place[1:] != sorted_place[:-1]
+    group = np.cumsum(first) - 1
+    pair_of = np.empty_like(group)
+    pair_of[order] = group
+    return sorted_context[first], sorted_place[first], pair_of, np.bincount(group)
 
 
 def places_in_lists(pair_token: np.ndarray, by_list: np.ndarray) -> np.ndarray:

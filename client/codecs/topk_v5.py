@@ -33,6 +33,7 @@ from logitcache.client.codecs.base import pad_rows
 from logitcache.client.codecs.topk_v4 import (
     FrequencyOrderTopKCodec,
     _join,
+    context_pairs,
     places_in_lists,
     token_contexts,
 )
@@ -83,12 +84,10 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
 
         tokens, listed, context, kept = token_contexts(arrays["input_ids"], n, CONTEXT_MIN)
         # Every (token, id) pair of the listed tokens; a token's list: by mean code, then count.
-        pairs, pair_of, pair_count = np.unique(
-            context[kept] * size + place_of[kept], return_inverse=True, return_counts=True
+        pair_token, pair_place, pair_of, pair_count = context_pairs(
+            context[kept], place_of[kept], size
         )
-        pair_of = pair_of.reshape(-1)
         pair_means = _mean_steps(np.bincount(pair_of, weights=codes[kept]), pair_count)
-        pair_token, pair_place = np.divmod(pairs, size)
         by_list = np.lexsort((pair_place, -pair_count, pair_means, pair_token))
         place_of[kept] = places_in_lists(pair_token, by_list)[pair_of]
         pred[kept] = pair_means[pair_of] * MEAN_STEP

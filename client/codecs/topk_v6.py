@@ -34,7 +34,7 @@ from typing import ClassVar
 import numpy as np
 
 from logitcache.client.codecs.grid import CONTRACT_GRID, CONTRACT_NEG_INF
-from logitcache.client.codecs.topk_v4 import _join, places_in_lists, token_contexts
+from logitcache.client.codecs.topk_v4 import _join, context_pairs, places_in_lists, token_contexts
 from logitcache.client.codecs.topk_v5 import (
     CONTEXT_LISTS,
     CONTEXT_TOKENS,
@@ -94,12 +94,10 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
 
         tokens, listed, context, kept = token_contexts(arrays["input_ids"], n, CONTEXT_MIN)
         # Every (token, id) pair of the listed tokens, in (token, place) order: the lists as sets.
-        pairs, pair_of, pair_count = np.unique(
-            context[kept] * size + place_of[kept], return_inverse=True, return_counts=True
+        pair_token, pair_place, pair_of, pair_count = context_pairs(
+            context[kept], place_of[kept], size
         )
-        pair_of = pair_of.reshape(-1)
         pair_levels = _level_of(np.bincount(pair_of, weights=codes[kept]) / pair_count)
-        pair_token, pair_place = np.divmod(pairs, size)
         classes = np.minimum(np.log2(pair_count).astype(np.int64), COUNT_CLASSES - 1)
         lengths = np.bincount(pair_token, minlength=tokens.shape[0])[listed]
         by_list = _list_order(lengths, pair_levels, classes)

@@ -33,6 +33,7 @@ from logitcache.client.codecs.topk_v4 import (
     CONTEXT_MIN,
     CONTEXT_TOKENS,
     ID_ORDER,
+    context_pairs,
 )
 from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureSpace
@@ -187,3 +188,21 @@ def test_v4_refuses_vocabularies_beyond_24_bits() -> None:
     )
     with pytest.raises(ValueError, match="2\\*\\*24"):
         FrequencyOrderTopKCodec(1 << 25).encode(rows)
+
+
+@pytest.mark.parametrize("largest", [0, 3, 2000, (1 << 16) - 1, 1 << 16, 1 << 20])
+def test_context_pairs_are_numpys_unique_of_the_packed_pairs(largest: int) -> None:
+    """The radix path (both below 2**16) and the fallback give np.unique's pairs, order, inverse
+    and counts; nothing in, nothing out."""
+    rng = np.random.default_rng(largest)
+    for size in (0, 1, 5_000):
+        context = rng.integers(0, min(largest, 300) + 1, size)
+        place = rng.integers(0, largest + 1, size)
+        places = largest + 1
+        pairs, inverse, counts = np.unique(
+            context * places + place, return_inverse=True, return_counts=True
+        )
+        got = context_pairs(context, place, places)
+        want = (*np.divmod(pairs, places), inverse.reshape(-1), counts)
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g, w)
