@@ -64,14 +64,21 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
     name: ClassVar[str] = "topk-v5"
     segment_tables: ClassVar[tuple[str, ...]] = (ID_TABLE, CONTEXT_TOKENS, CONTEXT_LISTS)
 
-    def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A segment's arrays (``input_ids`` among them) as sets and predicted values, with the
-        tables that undo it."""
+    def entries(
+        self, arrays: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A segment's entries as sealing sees them: entries per position, each entry's id and
+        code, each id's count, and the ids present (ascending)."""
         n = np.asarray(arrays["n"]).astype(np.int64)
         ids = _join(arrays["id_lo"], arrays["id_hi"]).astype(np.int64)
         codes = _within_rows_cumsum(np.asarray(arrays["logprob_gaps"]), n).astype(np.int64)
         counts = np.bincount(ids, minlength=self.vocab_size)
-        present = np.flatnonzero(counts)
+        return n, ids, codes, counts, np.flatnonzero(counts)
+
+    def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A segment's arrays (``input_ids`` among them) as sets and predicted values, with the
+        tables that undo it."""
+        n, ids, codes, counts, present = self.entries(arrays)
         id_means = _mean_steps(np.bincount(ids, weights=codes, minlength=self.vocab_size)[present],
                                counts[present])  # fmt: skip
         by_mean = np.lexsort((-counts[present], id_means))

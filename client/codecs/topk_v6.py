@@ -77,11 +77,7 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
     def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A segment's arrays (``input_ids`` among them) as sets and predicted values, with the
         tables that undo it."""
-        n = np.asarray(arrays["n"]).astype(np.int64)
-        ids = _join(arrays["id_lo"], arrays["id_hi"]).astype(np.int64)
-        codes = _within_rows_cumsum(np.asarray(arrays["logprob_gaps"]), n).astype(np.int64)
-        counts = np.bincount(ids, minlength=self.vocab_size)
-        present = np.flatnonzero(counts)
+        n, ids, codes, counts, present = self.entries(arrays)
         sums = np.bincount(ids, weights=codes, minlength=self.vocab_size)[present]
         id_levels = _level_of(sums / counts[present])
         by_level = np.lexsort((-counts[present], id_levels))

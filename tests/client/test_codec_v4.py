@@ -23,6 +23,8 @@ from test_codec_v3 import V3_BOUND
 from logitcache.client.codecs import (
     ContractGridTopKCodec,
     FrequencyOrderTopKCodec,
+    LevelSetTopKCodec,
+    PredictedValueTopKCodec,
     TopKCodec,
     TopKRows,
     codec_for,
@@ -77,20 +79,26 @@ def write_and_reopen(tmp_path, codec, parts: list[TopKRows]) -> SegmentReader:
     return reader
 
 
-@settings(max_examples=100, deadline=None)
-@given(v2_cases())
-def test_v4_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKRows]) -> None:
+# The codecs whose sealed segments carry tables (topk-v4 and the ones built on it).
+TABLE_CODECS = [FrequencyOrderTopKCodec, PredictedValueTopKCodec, LevelSetTopKCodec]
+
+
+@pytest.mark.parametrize("codec_type", TABLE_CODECS)
+@settings(max_examples=40, deadline=None)
+@given(case=v2_cases())
+def test_round_trip_keeps_ids_padding_and_bounds(codec_type, case) -> None:
     """Flat, peaked, tied, spread and softmax rows; k 1..256; ragged; vocabularies on both
     sides of 65,536: the per-entry bounds of the contract hold for every stored entry."""
-    check_v2_round_trip(FrequencyOrderTopKCodec(case[0].vocab_size), case[1], V3_BOUND)
+    check_v2_round_trip(codec_type(case[0].vocab_size), case[1], V3_BOUND)
 
 
-@settings(max_examples=10, deadline=None)
-@given(v2_cases(), st.integers(1, 4))
-def test_v4_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
+@pytest.mark.parametrize("codec_type", TABLE_CODECS)
+@settings(max_examples=8, deadline=None)
+@given(case=v2_cases(), pieces=st.integers(1, 4))
+def test_sealed_segments_read_back_exactly(tmp_path_factory, codec_type, case, pieces) -> None:
     """Any rows cut into records, sealed and read back after a restart: the same encodings."""
-    codec = FrequencyOrderTopKCodec(case[0].vocab_size)
-    cut_sealed_and_reopened(tmp_path_factory.mktemp("v4"), codec, case[1], pieces)
+    codec = codec_type(case[0].vocab_size)
+    cut_sealed_and_reopened(tmp_path_factory.mktemp(codec.name), codec, case[1], pieces)
 
 
 def cut_sealed_and_reopened(tmp_path, codec: TopKCodec, rows: TopKRows, pieces: int) -> None:

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_codec import (
     V2_SHAPES,
     check_v2_round_trip,
     distinct_ids,
     make_targets,
-    v2_cases,
     v2_logprobs,
 )
 from test_codec_v3 import V3_BOUND
-from test_codec_v4 import cut_sealed_and_reopened, input_tokens, space_for, write_and_reopen
+from test_codec_v4 import input_tokens, space_for, write_and_reopen
 
 from logitcache.client.codecs import (
     FrequencyOrderTopKCodec,
     PredictedValueTopKCodec,
-    TopKCodec,
     TopKRows,
     codec_for,
 )
@@ -40,22 +36,6 @@ from logitcache.client.codecs.topk_v5 import (
 )
 from logitcache.client.fidelity import fidelity
 from logitcache.server.store.segments import array_names
-
-
-@settings(max_examples=40, deadline=None)
-@given(v2_cases())
-def test_v5_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKRows]) -> None:
-    """Flat, peaked, tied, spread and softmax rows; k 1..256; ragged; vocabularies on both
-    sides of 65,536: the per-entry bounds of the contract hold for every stored entry."""
-    check_v2_round_trip(PredictedValueTopKCodec(case[0].vocab_size), case[1], V3_BOUND)
-
-
-@settings(max_examples=8, deadline=None)
-@given(v2_cases(), st.integers(1, 4))
-def test_v5_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
-    """Any rows cut into records, sealed and read back after a restart: the same encodings."""
-    codec = PredictedValueTopKCodec(case[0].vocab_size)
-    cut_sealed_and_reopened(tmp_path_factory.mktemp("v5"), codec, case[1], pieces)
 
 
 @pytest.mark.parametrize("vocab_size", [300, 65537, 1 << 22, (1 << 22) + 1])

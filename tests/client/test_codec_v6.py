@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_codec import (
     V2_SHAPES,
     check_v2_round_trip,
     distinct_ids,
     make_targets,
-    v2_cases,
     v2_logprobs,
 )
 from test_codec_v3 import V3_BOUND
-from test_codec_v4 import cut_sealed_and_reopened, input_tokens, write_and_reopen
+from test_codec_v4 import input_tokens, write_and_reopen
 
 from logitcache.client.codecs import (
     FrequencyOrderTopKCodec,
     LevelSetTopKCodec,
-    TopKCodec,
     TopKRows,
     codec_for,
 )
@@ -33,22 +29,6 @@ from logitcache.client.codecs.grid import quantize_contract
 from logitcache.client.codecs.topk_v5 import CONTEXT_LISTS, CONTEXT_TOKENS, ID_TABLE, halves
 from logitcache.client.codecs.topk_v6 import CONTEXT_MIN, LEVELS, _list_order
 from logitcache.client.fidelity import fidelity
-
-
-@settings(max_examples=30, deadline=None)
-@given(v2_cases())
-def test_v6_round_trip_keeps_ids_padding_and_bounds(case: tuple[TopKCodec, TopKRows]) -> None:
-    """Flat, peaked, tied, spread and softmax rows; k 1..256; ragged; vocabularies on both
-    sides of 65,536: the per-entry bounds of the contract hold for every stored entry."""
-    check_v2_round_trip(LevelSetTopKCodec(case[0].vocab_size), case[1], V3_BOUND)
-
-
-@settings(max_examples=8, deadline=None)
-@given(v2_cases(), st.integers(1, 4))
-def test_v6_sealed_segments_read_back_exactly(tmp_path_factory, case, pieces: int) -> None:
-    """Any rows cut into records, sealed and read back after a restart: the same encodings."""
-    codec = LevelSetTopKCodec(case[0].vocab_size)
-    cut_sealed_and_reopened(tmp_path_factory.mktemp("v6"), codec, case[1], pieces)
 
 
 @pytest.mark.parametrize("vocab_size", [300, 65537, (1 << 22) + 1])
