@@ -21,7 +21,9 @@ from test_codec_v4 import input_tokens, space_for, write_and_reopen
 
 from logitcache.client.codecs import (
     FrequencyOrderTopKCodec,
+    LevelSetTopKCodec,
     PredictedValueTopKCodec,
+    TopKCodec,
     TopKRows,
     codec_for,
 )
@@ -35,15 +37,18 @@ from logitcache.client.codecs.topk_v5 import (
     halves,
 )
 from logitcache.client.fidelity import fidelity
+from logitcache.server.store.reader import SegmentReader
 from logitcache.server.store.segments import array_names
 
 
+@pytest.mark.parametrize("codec_type", [PredictedValueTopKCodec, LevelSetTopKCodec])
 @pytest.mark.parametrize("vocab_size", [300, 65537, 1 << 22, (1 << 22) + 1])
 @pytest.mark.parametrize("k", [1, 256])
-def test_v5_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) -> None:
-    """k = 1 and 256, ids past 16 bits, and the decoding key at its int32 edge (2**22 ids)."""
+def test_at_the_extremes_of_k_and_vocab(tmp_path, codec_type, vocab_size: int, k: int) -> None:
+    """topk-v5 and v6: k = 1 and 256, ids past 16 bits, and the decoding key at its int32 edge
+    (2**22 ids), with lists of their own (tokens 0 and 1 recur) beside the segment's list."""
     rng = np.random.default_rng(k + vocab_size)
-    codec = PredictedValueTopKCodec(vocab_size)
+    codec = codec_type(vocab_size)
     assert codec.key_dtype == (np.int32 if vocab_size <= 1 << 22 else np.int64)
     parts = []
     for shape in V2_SHAPES:
@@ -59,12 +64,12 @@ def test_v5_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) ->
     assert halves(reader._read(CONTEXT_TOKENS))[0].tolist() == [0, 1]
 
 
-def test_v5_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
-    """Bounds and KL on the rows the storage benchmark is about, decoded as topk-v4 decodes
-    them; their segment's tables: the segment's list is its distinct ids by mean code, each
-    recurring input token's list exactly the ids of its rows by their mean code there, with
-    those means; the stored residuals are small."""
-    v4, codec = FrequencyOrderTopKCodec(2000), PredictedValueTopKCodec(2000)
+def sealed_real_text_rows(
+    tmp_path, codec: TopKCodec, real_text_rows: TopKRows
+) -> tuple[SegmentReader, np.ndarray, np.ndarray]:
+    """The real-text rows through ``codec``: within the contract's bounds, KL below 1e-4, encoded
+    as topk-v4 encodes them, and sealed in one segment; its reader, the rows' codes and ids."""
+    v4 = FrequencyOrderTopKCodec(2000)
     decoded = check_v2_round_trip(codec, real_text_rows, V3_BOUND)
     assert fidelity(real_text_rows, decoded, 2000).summary()["kl_mean"] < 1e-4
     ours, theirs = codec.encode(real_text_rows), v4.encode(real_text_rows)
@@ -77,6 +82,16 @@ def test_v5_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -
 
     codes = quantize_contract(real_text_rows.logprobs)
     ids = real_text_rows.token_ids
+    return reader, codes, ids
+
+
+def test_v5_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
+    """Bounds and KL on the rows the storage benchmark is about, decoded as topk-v4 decodes
+    them; their segment's tables: the segment's list is its distinct ids by mean code, each
+    recurring input token's list exactly the ids of its rows by their mean code there, with
+    those means; the stored residuals are small."""
+    codec = PredictedValueTopKCodec(2000)
+    reader, codes, ids = sealed_real_text_rows(tmp_path, codec, real_text_rows)
 
     def mean_steps(where: np.ndarray) -> dict[int, int]:
         """Each id's mean code over the rows where ``where``, in MEAN_STEP steps."""

@@ -9,47 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_codec import (
-    V2_SHAPES,
-    check_v2_round_trip,
-    distinct_ids,
-    make_targets,
-    v2_logprobs,
-)
-from test_codec_v3 import V3_BOUND
-from test_codec_v4 import input_tokens, write_and_reopen
+from test_codec_v4 import input_tokens
+from test_codec_v5 import sealed_real_text_rows
 
 from logitcache.client.codecs import (
-    FrequencyOrderTopKCodec,
     LevelSetTopKCodec,
     TopKRows,
     codec_for,
 )
-from logitcache.client.codecs.grid import quantize_contract
 from logitcache.client.codecs.topk_v5 import CONTEXT_LISTS, CONTEXT_TOKENS, ID_TABLE, halves
 from logitcache.client.codecs.topk_v6 import CONTEXT_MIN, LEVELS, _list_order
-from logitcache.client.fidelity import fidelity
-
-
-@pytest.mark.parametrize("vocab_size", [300, 65537, (1 << 22) + 1])
-@pytest.mark.parametrize("k", [1, 256])
-def test_v6_at_the_extremes_of_k_and_vocab(tmp_path, vocab_size: int, k: int) -> None:
-    """k = 1 and 256, ids past 16 bits and past the int32 decoding key (2**22 ids), with
-    lists of their own (tokens 0 and 1 recur) beside the segment's list."""
-    rng = np.random.default_rng(k + vocab_size)
-    codec = LevelSetTopKCodec(vocab_size)
-    parts = []
-    for shape in V2_SHAPES:
-        logprobs = v2_logprobs(rng, shape, 9, k)
-        ids = distinct_ids(rng, vocab_size, 9, k)
-        if not (ids[0] == vocab_size - 1).any():
-            ids[0, 0] = vocab_size - 1  # the largest id survives the sets and the sort
-        rows = TopKRows(ids, -np.sort(-logprobs, axis=1), make_targets(rng, logprobs))
-        check_v2_round_trip(codec, rows, V3_BOUND)
-        parts.append(rows)
-    reader = write_and_reopen(tmp_path, codec, parts)
-    # input_tokens: token 0 on 20 of the 45 positions, token 1 on 10, the rest once each.
-    assert halves(reader._read(CONTEXT_TOKENS))[0].tolist() == [0, 1]
 
 
 def test_v6_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -> None:
@@ -57,19 +26,8 @@ def test_v6_on_the_real_text_teachers_rows(tmp_path, real_text_rows: TopKRows) -
     them; their segment's tables: the segment's list is its distinct ids by mean level, and
     each recurring input token's list exactly the set of ids of its rows, in ascending place,
     with each id's mean level and count class there."""
-    v4, codec = FrequencyOrderTopKCodec(2000), LevelSetTopKCodec(2000)
-    decoded = check_v2_round_trip(codec, real_text_rows, V3_BOUND)
-    assert fidelity(real_text_rows, decoded, 2000).summary()["kl_mean"] < 1e-4
-    ours, theirs = codec.encode(real_text_rows), v4.encode(real_text_rows)
-    assert ours.keys() == theirs.keys()
-    assert all(np.array_equal(ours[name], theirs[name]) for name in ours)
-    columns = (real_text_rows.token_ids, real_text_rows.logprobs,
-               real_text_rows.target_logprobs, real_text_rows.tail_logprobs)  # fmt: skip
-    parts = [TopKRows(*(a[i * 128 : (i + 1) * 128] for a in columns)) for i in range(8)]
-    reader = write_and_reopen(tmp_path, codec, parts)
-
-    codes = quantize_contract(real_text_rows.logprobs)
-    ids = real_text_rows.token_ids
+    codec = LevelSetTopKCodec(2000)
+    reader, codes, ids = sealed_real_text_rows(tmp_path, codec, real_text_rows)
 
     def levels_and_counts(where: np.ndarray) -> dict[int, tuple[int, int]]:
         """Each id's nearest level to its mean code over the rows where ``where``, and count."""
