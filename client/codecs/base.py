@@ -59,12 +59,18 @@ class Codec(ABC):
         codec models a whole segment."""
         return arrays
 
+    def decoding_tables(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A segment's :attr:`segment_tables` as :meth:`unseal` reads them. A reader calls this
+        once per segment and hands the result to every unseal of it, so a codec whose tables
+        need work before decoding (sorting lists back) does that work once."""
+        return tables
+
     def unseal(
         self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:
         """Arrays read from a sealed segment (whole, or one record's slice, whose input tokens
         are ``input_ids``) -> the encoding :meth:`decode` and the wire take; ``tables`` are the
-        segment's :attr:`segment_tables`."""
+        segment's :attr:`segment_tables`, or what :meth:`decoding_tables` made of them."""
         return arrays
 
     def check_ids(self, token_ids: np.ndarray, valid: np.ndarray) -> None:

@@ -120,6 +120,9 @@ class TemperedCodec(Codec):
     def seal(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.inner.seal(arrays)
 
+    def decoding_tables(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.decoding_tables(tables)
+
     def unseal(
         self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:

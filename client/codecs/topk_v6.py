@@ -27,7 +27,6 @@ memory and on the wire.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -117,6 +116,11 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
             ).astype(self.id_dtype),
         }
 
+    def decoding_tables(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The lists sorted back once per segment (~5 ms at 190,000 listed ids, which a
+        one-record read would otherwise pay each time)."""
+        return _Lists.of(tables, self.key_shift, self.key_dtype).tables()
+
     def unseal(
         self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:
@@ -124,7 +128,7 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
         back in ``topk-v3``'s order: ids, and code gaps along each row."""
         n = np.asarray(arrays["n"]).astype(np.int64)
         shift = self.key_shift
-        lists = _decoding_lists(tables, shift, self.key_dtype)
+        lists = _Lists.read(tables if PACKED in tables else self.decoding_tables(tables))
         gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
         at_entry = _within_rows_cumsum(gaps, n, lists.starts(np.asarray(input_ids)))
         residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
@@ -135,6 +139,10 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
             **self._split(key & ((1 << shift) - 1)),
             "logprob_gaps": _within_rows_diff(key >> shift, n).astype(np.uint16),
         }
+
+
+# The decoding tables' names (see LevelSetTopKCodec.decoding_tables; never stored).
+PACKED, TOKENS, TOKEN_STARTS, SEGMENT_START = "packed", "tokens", "token_starts", "segment_start"
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,16 @@ class _Lists:
         packed = ((codes << shift) + ids).astype(dtype)
         return cls(packed, tokens, np.cumsum(lengths) - lengths, size)
 
+    def tables(self) -> dict[str, np.ndarray]:
+        """As :meth:`read` takes them back (the form ``decoding_tables`` hands unseal)."""
+        return {PACKED: self.packed, TOKENS: self.tokens, TOKEN_STARTS: self.token_starts,
+                SEGMENT_START: np.array(self.segment_start)}  # fmt: skip
+
+    @classmethod
+    def read(cls, tables: dict[str, np.ndarray]) -> _Lists:
+        return cls(tables[PACKED], tables[TOKENS], tables[TOKEN_STARTS],
+                   int(tables[SEGMENT_START]))  # fmt: skip
+
     def starts(self, input_ids: np.ndarray) -> np.ndarray:
         """Where each position's list starts: its input token's, else the segment's."""
         start = np.full(input_ids.shape[0], self.segment_start, dtype=np.int64)
@@ -168,26 +186,6 @@ class _Lists:
             at = np.minimum(np.searchsorted(self.tokens, input_ids), self.tokens.shape[0] - 1)
             start = np.where(self.tokens[at] == input_ids, self.token_starts[at], start)
         return start
-
-
-# Each segment's decoding lists, built once: a reader hands every unseal of a segment the same
-# read-only table arrays, and sorting the lists back costs a whole segment's unseal over again
-# (~5 ms at 190,000 listed ids), which a one-record read would otherwise pay each time. Keyed by
-# the arrays' identities; an entry leaves when one of its arrays is collected.
-_LISTS: dict[tuple[int, ...], _Lists] = {}
-
-
-def _decoding_lists(tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) -> _Lists:
-    arrays = [tables[name] for name in (ID_TABLE, CONTEXT_TOKENS, CONTEXT_LISTS)]
-    if not all(isinstance(a, np.ndarray) and not a.flags.writeable for a in arrays):
-        return _Lists.of(tables, shift, dtype)  # tables that may change: nothing to keep
-    key = (*(id(a) for a in arrays), shift)
-    lists = _LISTS.get(key)
-    if lists is None:
-        lists = _LISTS[key] = _Lists.of(tables, shift, dtype)
-        for a in arrays:
-            weakref.finalize(a, _LISTS.pop, key, None)
-    return lists
 
 
 def _level_of(means: np.ndarray) -> np.ndarray:

@@ -46,7 +46,8 @@ class SegmentReader:
         self._codec = codec_for(space.codec, space.vocab_size, space.temperatures)
         self._fields = codec_fields(space)
         self._arrays = GroupArrays(backend.zarr_store(self.rel, read_only=True))
-        self._tables: dict[str, np.ndarray] | None = None  # the codec's, read on first unseal
+        # The codec's tables as its unseal reads them, read (and prepared) with the first arrays.
+        self._tables: dict[str, np.ndarray] | None = None
         index = INDEX_ARRAYS if has_entries(self._fields) else INDEX_ARRAYS[:2]
         try:
             attributes, arrays = self._arrays.open(index)
@@ -86,7 +87,7 @@ class SegmentReader:
         if tables:
             for name in tables:
                 arrays[name].flags.writeable = False  # shared by every later read
-            self._tables = {name: arrays.pop(name) for name in tables}
+            self._tables = self._codec.decoding_tables({name: arrays.pop(name) for name in tables})
         return arrays
 
     @property
