@@ -132,6 +132,15 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
         means = np.concatenate([listed_means, order_means]).astype(dtype)
         packed += means * dtype.type(MEAN_STEP << shift)
         start = _list_starts(tables[CONTEXT_TOKENS], input_ids, listed_places.shape[0])
+        return self._unseal_against(arrays, n, packed, start)
+
+    def _unseal_against(
+        self, arrays: dict[str, np.ndarray], n: np.ndarray, packed: np.ndarray, start: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The rows of ``arrays`` decoded against the table of lists ``packed`` ((mean code <<
+        shift | id), the form v5 and v6 both unpack their tables into), each position's list
+        starting at ``start``: ids and code gaps in ``topk-v3``'s order."""
+        shift, dtype = self.key_shift, self.key_dtype
         gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
         places = _within_rows_cumsum(gaps, n, start, in_place=True).astype(np.intp)
         key = packed.take(places, mode="clip")  # intp: take converts any other index type

@@ -33,13 +33,13 @@ from typing import ClassVar
 import numpy as np
 
 from logitcache.client.codecs.grid import CONTRACT_GRID, CONTRACT_NEG_INF
-from logitcache.client.codecs.topk_v4 import _join, context_pairs, places_in_lists, token_contexts
+from logitcache.client.codecs.topk_v4 import context_pairs, places_in_lists, token_contexts
 from logitcache.client.codecs.topk_v5 import (
     CONTEXT_LISTS,
     CONTEXT_TOKENS,
     ID_TABLE,
     PredictedValueTopKCodec,
-    _residual_keys,
+    _list_starts,
     _sorted_within_rows,
     _within_rows_cumsum,
     _within_rows_diff,
@@ -119,73 +119,41 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
     def decoding_tables(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The lists sorted back once per segment (~5 ms at 190,000 listed ids, which a
         one-record read would otherwise pay each time)."""
-        return _Lists.of(tables, self.key_shift, self.key_dtype).tables()
+        packed = _packed_lists(tables, self.key_shift, self.key_dtype)
+        size = tables[CONTEXT_LISTS].shape[0] // 3
+        return {CONTEXT_TOKENS: tables[CONTEXT_TOKENS], PACKED: packed,
+                SEGMENT_START: np.array(size)}  # fmt: skip
 
     def unseal(
         self, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray], input_ids: np.ndarray
     ) -> dict[str, np.ndarray]:
         """Arrays read from a segment (all of it, or a record's slice, with its input tokens)
         back in ``topk-v3``'s order: ids, and code gaps along each row."""
-        n = np.asarray(arrays["n"]).astype(np.int64)
-        shift = self.key_shift
-        lists = _Lists.read(tables if PACKED in tables else self.decoding_tables(tables))
-        gaps = _join(np.asarray(arrays["id_lo"]), np.asarray(arrays["id_hi"]))
-        at_entry = _within_rows_cumsum(gaps, n, lists.starts(np.asarray(input_ids)))
-        residual = _residual_keys(shift, self.key_dtype).take(np.asarray(arrays["logprob_gaps"]))
-        # Key (code << shift | id): sorting it gives the canonical order, by code, then id.
-        key = _sorted_within_rows(lists.packed.take(at_entry, mode="clip") + residual, n)
-        return {
-            **arrays,
-            **self._split(key & ((1 << shift) - 1)),
-            "logprob_gaps": _within_rows_diff(key >> shift, n).astype(np.uint16),
-        }
+        if PACKED not in tables:  # the stored tables, not decoding_tables' (a reader's)
+            tables = self.decoding_tables(tables)
+        start = _list_starts(tables[CONTEXT_TOKENS], input_ids, int(tables[SEGMENT_START]))
+        return self._unseal_against(arrays, np.asarray(arrays["n"]).astype(np.int64),
+                                    tables[PACKED], start)  # fmt: skip
 
 
-# The decoding tables' names (see LevelSetTopKCodec.decoding_tables; never stored).
-PACKED, TOKENS, TOKEN_STARTS, SEGMENT_START = "packed", "tokens", "token_starts", "segment_start"
+# The decoding tables' own names (LevelSetTopKCodec.decoding_tables; never stored): the lists
+# sorted back and packed as v5's unseal reads them, and where the segment's list starts.
+PACKED, SEGMENT_START = "packed", "segment_start"
 
 
-@dataclass(frozen=True)
-class _Lists:
+def _packed_lists(tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) -> np.ndarray:
     """A segment's lists as the decoder reads rows against them: one table over every list
     (the segment's own last) of (level code << shift | id), in the order rows are coded in."""
-
-    packed: np.ndarray
-    tokens: np.ndarray  # the input tokens with a list of their own, ascending
-    token_starts: np.ndarray  # where each one's list starts in ``packed``
-    segment_start: int  # where the segment's list starts
-
-    @classmethod
-    def of(cls, tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) -> _Lists:
-        order, order_levels = halves(tables[ID_TABLE].astype(np.int64))
-        tokens, lengths = halves(tables[CONTEXT_TOKENS].astype(np.int64))
-        listed = tables[CONTEXT_LISTS].astype(np.int64)
-        size = listed.shape[0] // 3
-        places = _within_rows_cumsum(listed[:size], lengths).astype(np.int64)
-        levels = order_levels.take(places, mode="clip") + _unzigzag(listed[size : 2 * size])
-        by_list = _list_order(lengths, levels, listed[2 * size :])
-        codes = LEVELS.take(np.concatenate([levels[by_list], order_levels]), mode="clip")
-        ids = np.concatenate([order.take(places[by_list], mode="clip"), order])
-        packed = ((codes << shift) + ids).astype(dtype)
-        return cls(packed, tokens, np.cumsum(lengths) - lengths, size)
-
-    def tables(self) -> dict[str, np.ndarray]:
-        """As :meth:`read` takes them back (the form ``decoding_tables`` hands unseal)."""
-        return {PACKED: self.packed, TOKENS: self.tokens, TOKEN_STARTS: self.token_starts,
-                SEGMENT_START: np.array(self.segment_start)}  # fmt: skip
-
-    @classmethod
-    def read(cls, tables: dict[str, np.ndarray]) -> _Lists:
-        return cls(tables[PACKED], tables[TOKENS], tables[TOKEN_STARTS],
-                   int(tables[SEGMENT_START]))  # fmt: skip
-
-    def starts(self, input_ids: np.ndarray) -> np.ndarray:
-        """Where each position's list starts: its input token's, else the segment's."""
-        start = np.full(input_ids.shape[0], self.segment_start, dtype=np.int64)
-        if self.tokens.shape[0]:
-            at = np.minimum(np.searchsorted(self.tokens, input_ids), self.tokens.shape[0] - 1)
-            start = np.where(self.tokens[at] == input_ids, self.token_starts[at], start)
-        return start
+    order, order_levels = halves(tables[ID_TABLE].astype(np.int64))
+    lengths = halves(tables[CONTEXT_TOKENS].astype(np.int64))[1]
+    listed = tables[CONTEXT_LISTS].astype(np.int64)
+    size = listed.shape[0] // 3
+    places = _within_rows_cumsum(listed[:size], lengths).astype(np.int64)
+    levels = order_levels.take(places, mode="clip") + _unzigzag(listed[size : 2 * size])
+    by_list = _list_order(lengths, levels, listed[2 * size :])
+    codes = LEVELS.take(np.concatenate([levels[by_list], order_levels]), mode="clip")
+    ids = np.concatenate([order.take(places[by_list], mode="clip"), order])
+    return ((codes << shift) + ids).astype(dtype)
 
 
 def _level_of(means: np.ndarray) -> np.ndarray:

@@ -122,7 +122,7 @@ class SegmentReader:
         differently, with tables of their own)."""
         if not self._codec.segment_tables:
             return arrays
-        assert self._tables is not None  # read with the first arrays (see _read)
+        assert self._tables is not None  # read with the first arrays (see _read_all)
         return self._codec.unseal(arrays, self._tables, input_ids)
 
     def _check_present(self) -> None:
