@@ -87,7 +87,7 @@ class FrequencyOrderTopKCodec(ContractGridTopKCodec):
         pair_token, pair_rank, pair_of, pair_count = context_pairs(
             context[kept], value[kept], order.shape[0]
         )
-        by_list = np.lexsort((pair_rank, -pair_count, pair_token))
+        by_list = lexsort_ints((pair_rank, -pair_count, pair_token))
         value[kept] = places_in_lists(pair_token, by_list)[pair_of]
         return {
             **arrays,
@@ -142,13 +142,26 @@ def context_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The distinct (context, place) pairs of some entries, in (context, place) order: each
     pair's context and place, each entry's pair, and each pair's count (``np.unique`` of the
-    packed pairs, which it equals). Where both fit 16 bits (a segment's lists nearly always do),
-    two stable radix sorts order the entries, about 3x cheaper than sorting their packed keys."""
+    packed pairs, which it equals).
+
+    A segment's pairs nearly always span a small grid (a few thousand input tokens by the ids
+    of their lists), and then one count over the grid finds them with no sort, 3-9x cheaper
+    than the sorts on the real-text and demo teachers' segments. Where the grid is large beside
+    the entries but both fit 16 bits, two stable radix sorts order the entries, about 3x
+    cheaper than sorting their packed keys; else ``np.unique``."""
+    width = max(1, places)
+    if context.size and (int(context.max()) + 1) * width <= 2 * context.size + (1 << 20):
+        key = context.astype(np.int64) * width + place
+        counts = np.bincount(key)
+        present = counts > 0
+        pairs = np.flatnonzero(present)
+        pair_context, pair_place = np.divmod(pairs, width)
+        return pair_context, pair_place, (np.cumsum(present) - 1)[key], counts[pairs]
     if context.size == 0 or max(int(context.max()), int(place.max())) >= 1 << 16:
         pairs, pair_of, pair_count = np.unique(
-            context * max(1, places) + place, return_inverse=True, return_counts=True
+            context * width + place, return_inverse=True, return_counts=True
         )
-        pair_context, pair_place = np.divmod(pairs, max(1, places))
+        pair_context, pair_place = np.divmod(pairs, width)
         return pair_context, pair_place, pair_of.reshape(-1), pair_count
     by_place = np.argsort(place.astype(np.uint16), kind="stable")
     order = by_place[np.argsort(context.astype(np.uint16)[by_place], kind="stable")]
@@ -161,6 +174,24 @@ def context_pairs(
     pair_of = np.empty_like(group)
     pair_of[order] = group
     return sorted_context[first], sorted_place[first], pair_of, np.bincount(group)
+
+
+def lexsort_ints(columns: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``np.lexsort(columns)`` of integer columns (the last is the primary key), as one stable
+    sort of the columns packed into int64 keys where their ranges fit 63 bits, else by
+    ``np.lexsort``. On a segment's 190,000 (token, id) pairs the packed sort takes 5 ms, the
+    lexsort of four columns 37 ms."""
+    if columns[0].size == 0:
+        return np.zeros(0, dtype=np.intp)
+    shifted = [np.asarray(c, dtype=np.int64) - int(np.min(c)) for c in columns]
+    bits = [max(1, int(c.max()).bit_length()) for c in shifted]
+    if sum(bits) > 63:
+        return np.lexsort(columns)
+    key = shifted[-1].copy()
+    for column, width in zip(shifted[-2::-1], bits[-2::-1], strict=True):
+        key <<= width
+        key |= column
+    return np.argsort(key, kind="stable")
 
 
 def places_in_lists(pair_token: np.ndarray, by_list: np.ndarray) -> np.ndarray:

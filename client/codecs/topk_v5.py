@@ -34,6 +34,7 @@ from logitcache.client.codecs.topk_v4 import (
     FrequencyOrderTopKCodec,
     _join,
     context_pairs,
+    lexsort_ints,
     places_in_lists,
     token_contexts,
 )
@@ -95,14 +96,12 @@ class PredictedValueTopKCodec(FrequencyOrderTopKCodec):
             context[kept], place_of[kept], size
         )
         pair_means = _mean_steps(np.bincount(pair_of, weights=codes[kept]), pair_count)
-        by_list = np.lexsort((pair_place, -pair_count, pair_means, pair_token))
+        by_list = lexsort_ints((pair_place, -pair_count, pair_means, pair_token))
         place_of[kept] = places_in_lists(pair_token, by_list)[pair_of]
         pred[kept] = pair_means[pair_of] * MEAN_STEP
 
         # Each row by place: its set as gaps, and each id's residual code beside it.
-        residual = codes - pred
-        zigzag = np.where(residual >= 0, 2 * residual, -2 * residual - 1)
-        key = _sorted_within_rows(place_of << 10 | zigzag, n)
+        key = _sorted_within_rows(place_of << 10 | zigzag(codes - pred), n)
         place_sorted = key >> 10
         return {
             **arrays,
@@ -231,6 +230,17 @@ def _list_starts(context_tokens: np.ndarray, input_ids: np.ndarray, segment: int
     return starts[token_list[at]]
 
 
+def zigzag(values: np.ndarray) -> np.ndarray:
+    """Signed integers as 0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (small numbers of both signs as
+    small non-negative ones)."""
+    return (values << 1) ^ (values >> (8 * values.dtype.itemsize - 1))
+
+
+def unzigzag(values: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`zigzag`."""
+    return (values >> 1) ^ -(values & 1)
+
+
 def _within_rows_diff(values: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_within_rows_cumsum`: each row's first value, then differences."""
     out = np.empty_like(values)
@@ -243,8 +253,7 @@ def _within_rows_diff(values: np.ndarray, n: np.ndarray) -> np.ndarray:
 @functools.cache
 def _residual_keys(shift: int, dtype: np.dtype) -> np.ndarray:
     """Every stored (zigzagged, uint16) residual's value, shifted into a decoding key."""
-    zigzag = np.arange(1 << 16, dtype=np.int64)
-    return (((zigzag >> 1) ^ -(zigzag & 1)) << shift).astype(dtype)
+    return (unzigzag(np.arange(1 << 16, dtype=np.int64)) << shift).astype(dtype)
 
 
 def _sorted_within_rows(keys: np.ndarray, n: np.ndarray) -> np.ndarray:

@@ -44,6 +44,8 @@ from logitcache.client.codecs.topk_v5 import (
     _within_rows_cumsum,
     _within_rows_diff,
     halves,
+    unzigzag,
+    zigzag,
 )
 
 # The tables keep topk-v5's names and its first two layouts:
@@ -100,7 +102,7 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
         pred[kept] = LEVELS[pair_levels][pair_of]
 
         # Each row by place: its set as gaps, and each id's residual code beside it.
-        key = _sorted_within_rows(place_of << 10 | _zigzag(codes - pred), n)
+        key = _sorted_within_rows(place_of << 10 | zigzag(codes - pred), n)
         return {
             **arrays,
             **self._split(_within_rows_diff(key >> 10, n)),
@@ -110,7 +112,7 @@ class LevelSetTopKCodec(PredictedValueTopKCodec):
             CONTEXT_LISTS: np.concatenate(
                 [
                     _within_rows_diff(pair_place, lengths),
-                    _zigzag(pair_levels - order_levels[pair_place]),
+                    zigzag(pair_levels - order_levels[pair_place]),
                     classes,
                 ]
             ).astype(self.id_dtype),
@@ -149,7 +151,7 @@ def _packed_lists(tables: dict[str, np.ndarray], shift: int, dtype: np.dtype) ->
     listed = tables[CONTEXT_LISTS].astype(np.int64)
     size = listed.shape[0] // 3
     places = _within_rows_cumsum(listed[:size], lengths).astype(np.int64)
-    levels = order_levels.take(places, mode="clip") + _unzigzag(listed[size : 2 * size])
+    levels = order_levels.take(places, mode="clip") + unzigzag(listed[size : 2 * size])
     by_list = _list_order(lengths, levels, listed[2 * size :])
     codes = LEVELS.take(np.concatenate([levels[by_list], order_levels]), mode="clip")
     ids = np.concatenate([order.take(places[by_list], mode="clip"), order])
@@ -171,12 +173,3 @@ def _list_order(lengths: np.ndarray, levels: np.ndarray, classes: np.ndarray) ->
     lists = np.repeat(np.arange(lengths.shape[0]), lengths)[by_key]
     small = np.uint16 if lengths.shape[0] <= 1 << 16 else np.int64
     return by_key[np.argsort(lists.astype(small), kind="stable")]
-
-
-def _zigzag(values: np.ndarray) -> np.ndarray:
-    """0, -1, 1, -2, ... as 0, 1, 2, 3, ..."""
-    return np.where(values >= 0, 2 * values, -2 * values - 1)
-
-
-def _unzigzag(values: np.ndarray) -> np.ndarray:
-    return (values >> 1) ^ -(values & 1)

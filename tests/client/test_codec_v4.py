@@ -200,8 +200,9 @@ def test_v4_refuses_vocabularies_beyond_24_bits() -> None:
 
 @pytest.mark.parametrize("largest", [0, 3, 2000, (1 << 16) - 1, 1 << 16, 1 << 20])
 def test_context_pairs_are_numpys_unique_of_the_packed_pairs(largest: int) -> None:
-    """The radix path (both below 2**16) and the fallback give np.unique's pairs, order, inverse
-    and counts; nothing in, nothing out."""
+    """The count over a small grid (up to 2,000 places here), the radix path (a larger grid,
+    both below 2**16) and the fallback give np.unique's pairs, order, inverse and counts;
+    nothing in, nothing out."""
     rng = np.random.default_rng(largest)
     for size in (0, 1, 5_000):
         context = rng.integers(0, min(largest, 300) + 1, size)
