@@ -36,6 +36,7 @@ from logitcache.client.codecs.topk_v4 import (
     CONTEXT_TOKENS,
     ID_ORDER,
     context_pairs,
+    lexsort_ints,
 )
 from logitcache.client.fidelity import fidelity
 from logitcache.client.space import CaptureSpace
@@ -215,3 +216,17 @@ def test_context_pairs_are_numpys_unique_of_the_packed_pairs(largest: int) -> No
         want = (*np.divmod(pairs, places), inverse.reshape(-1), counts)
         for g, w in zip(got, want, strict=True):
             assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("largest", [0, 7, 1 << 20, 1 << 40])
+def test_lexsort_ints_is_numpys_lexsort(largest: int) -> None:
+    """Packed (columns whose ranges fit 63 bits, negative ones included) or not (two columns
+    of 2**40 do not fit), ties kept in input order as lexsort keeps them; nothing in."""
+    rng = np.random.default_rng(largest)
+    for size in (0, 1, 3_000):
+        columns = (
+            rng.integers(-largest, largest + 1, size),
+            rng.integers(0, 4, size),  # many ties
+            rng.integers(0, largest + 1, size),
+        )
+        assert np.array_equal(lexsort_ints(columns), np.lexsort(columns))
