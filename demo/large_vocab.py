@@ -11,18 +11,24 @@ nearly all of the lexicon, each word Zipf-distributed by rank, and make their po
 The class of the next word follows a sparse Markov chain over the classes, which the model
 learns from its embeddings, and each word's class and frequency from its occurrences.
 
-Training is the whole cost at this vocabulary (every position's loss is over 131,072 rows), so it
-goes through :func:`workspace_cross_entropy`, which computes the loss and its gradients a chunk
-of positions at a time in reused workspaces instead of allocating every position's logits, its
-backward matmuls in bfloat16 where the CPU multiplies it natively. The held-out texts are written next to
-the model as ``held_out.jsonl`` (benchmarks read them, as the real-text teacher's), and the build
-prints and records their loss, mean entropy and top-64 mass, and how many of the words its
-training text used.
+Training is the whole cost at this vocabulary, and a full softmax at every position would be
+nearly all of it (93% of a step over 131,072 rows). So training uses a sampled softmax
+(:func:`sampled_rows`): a step scores its batch's distinct targets and 4,096 rows drawn uniformly
+from the others, weighted so that the sampled normaliser estimates the full one, through
+:func:`workspace_cross_entropy` (the loss and its gradients a chunk of positions at a time in
+reused workspaces, the backward matmuls in bfloat16 where the CPU multiplies it natively). Every
+row is drawn now and then, so the rows of words the training text never uses are pushed down as
+the full softmax pushes them; the teacher it makes is as peaked, and its held-out loss under the
+full softmax as low, as the full softmax's. The held-out texts are written next to the model as
+``held_out.jsonl`` (benchmarks read them, as the real-text teacher's), and the build prints and
+records their loss, mean entropy and top-64 mass (over the full softmax), and how many of the
+words its training text used.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import time
@@ -51,7 +57,7 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 STRUCTURE_SEED = 0  # the language itself does not depend on the build's seed
 # Part of the cache name (with the Recipe): bump it when this module builds something else from
 # the same Recipe (a new grammar, model shape or training step).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class Recipe:
     batch_blocks: int = 8
     peak_learning_rate: float = 2e-2
     loss_chunk: int = 512  # positions whose logits are held at once
+    negatives: int = 4_096  # rows drawn per step for the sampled softmax, besides the targets
     train_steps: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,22 +245,21 @@ def model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
 
 def gradient_dtype() -> torch.dtype:
     """The dtype of the gradient matmuls in training: bfloat16 where the CPU multiplies it
-    natively (there they run 2-3x faster than float32's, and they are 40% of a step), else
-    float32."""
+    natively, else float32."""
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
 class _WorkspaceCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``; its gradients are made in
-    the forward pass, a workspace of positions at a time (at 131k rows a batch's logits are
-    hundreds of MB, and a fresh allocation of that size costs more in page faults than the
-    matmul: the workspaces are allocated once and reused by every step).
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``targets``; its gradients are
+    made in the forward pass, a workspace of positions at a time (a fresh allocation of a step's
+    logits costs more in page faults than the matmul: the workspaces are allocated once and reused
+    by every step, whatever number of rows the step scores).
 
     The logits, their softmax and its gradient ``probs - onehot(targets)`` are float32's; the
     two matmuls that take that gradient back to ``hidden`` and ``weight`` run in the dtype of
     ``low`` (its copy), which rounds each entry relative to itself, ``p - 1`` included. Rounding
     the logits instead (bfloat16 all through) put 3-7% errors into near-certain positions'
-    gradients, and the teacher came out 0.25 nats worse.
+    gradients.
     """
 
     @staticmethod
@@ -261,25 +267,29 @@ class _WorkspaceCrossEntropy(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
+        bias: torch.Tensor,
         targets: torch.Tensor,
         workspace: torch.Tensor,
         low: torch.Tensor,
     ) -> torch.Tensor:
-        count, chunk = len(hidden), len(workspace)
+        count, chunk, rows = len(hidden), len(workspace), len(weight)
         low_hidden, low_weight = hidden.to(low.dtype), weight.to(low.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight)
         total = hidden.new_zeros(())
         for start in range(0, count, chunk):
             h, y = hidden[start : start + chunk], targets[start : start + chunk]
-            probs = workspace[: len(h)]
-            torch.mm(h, weight.T, out=probs)
+            probs = workspace.view(-1)[: len(h) * rows].view(len(h), rows)
+            torch.addmm(bias, h, weight.T, out=probs)
             torch.softmax(probs, dim=-1, out=probs)
-            rows = torch.arange(len(h))
+            positions = torch.arange(len(h))
             # A target below float32's smallest normal counts as that: ~87 nats, never reached.
-            total -= probs[rows, y].clamp_min(torch.finfo(probs.dtype).tiny).log().sum()
-            probs[rows, y] -= 1.0  # the gradient of the loss in the logits
-            grad = probs if low is workspace else low[: len(h)].copy_(probs)
+            total -= probs[positions, y].clamp_min(torch.finfo(probs.dtype).tiny).log().sum()
+            probs[positions, y] -= 1.0  # the gradient of the loss in the logits
+            grad = (
+                probs if low is workspace
+                else low.view(-1)[: len(h) * rows].view(len(h), rows).copy_(probs)
+            )  # fmt: skip
             grad_hidden[start : start + len(h)] = torch.mm(grad, low_weight)
             grad_weight += torch.mm(grad.T, low_hidden[start : start + len(h)])
         ctx.save_for_backward(grad_hidden / count, grad_weight / count)
@@ -288,9 +298,9 @@ class _WorkspaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad_hidden * grad, grad_weight * grad, None, None, None
+        return grad_hidden * grad, grad_weight * grad, None, None, None, None
 
 
 def workspace_cross_entropy(
@@ -299,39 +309,75 @@ def workspace_cross_entropy(
     targets: torch.Tensor,
     workspace: torch.Tensor,
     low: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mean next-token loss of (positions, hidden) states under an output layer ``weight``
-    (rows, hidden), differentiable in both, without materialising all the logits: a (chunk,
-    rows) ``workspace`` holds a chunk's at a time, and ``low`` (same shape, default
-    ``workspace``) the gradient the backward matmuls take, in its dtype. (The trainer's
-    ``fused_cross_entropy`` serves any student, with a fresh buffer per chunk and the
-    distillation engine's passes over it: 1.5x slower on this teacher's float32 steps.)"""
+    (rows, hidden) plus a per-row ``bias`` (default none), differentiable in ``hidden`` and
+    ``weight``, without materialising all the logits: a (chunk, at least rows) ``workspace`` holds
+    a chunk's at a time, and ``low`` (same shape, default ``workspace``) the gradient the backward
+    matmuls take, in its dtype. (The trainer's ``fused_cross_entropy`` serves any student, with a
+    fresh buffer per chunk and the distillation engine's passes over it: 1.5x slower on this
+    teacher's float32 steps.)"""
     loss: torch.Tensor = _WorkspaceCrossEntropy.apply(
-        hidden, weight, targets, workspace, workspace if low is None else low
+        hidden,
+        weight,
+        weight.new_zeros(len(weight)) if bias is None else bias,
+        targets,
+        workspace,
+        workspace if low is None else low,
     )
     return loss
+
+
+def sampled_rows(
+    targets: torch.Tensor, rows: int, negatives: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows a sampled softmax over ``rows`` rows scores for ``targets``: every distinct
+    target, then ``negatives`` of the other rows drawn uniformly without replacement. Returns
+    them, each target's index among them, and each one's log-weight to add to its logit: 0 for a
+    target, ``log(others / negatives)`` for a drawn row, which stands for that many of the
+    ``others`` non-target rows, so that the sampled normaliser is an unbiased estimate of the
+    full one (all the others are drawn, with weight 1, when there are no more of them)."""
+    distinct, target_index = torch.unique(targets, return_inverse=True)
+    others = rows - len(distinct)
+    drawn_count = min(negatives, others)
+    is_other = torch.ones(rows, dtype=torch.bool)
+    is_other[distinct] = False
+    shuffled = torch.randperm(rows, generator=generator)
+    drawn = shuffled[is_other[shuffled]][:drawn_count]
+    log_weight = torch.zeros(len(distinct) + drawn_count)
+    log_weight[len(distinct) :] = math.log(others / max(drawn_count, 1))
+    return torch.cat([distinct, drawn]), target_index, log_weight
 
 
 def train(
     model: LlamaForCausalLM, blocks: torch.Tensor, recipe: Recipe, seed: int, progress: bool
 ) -> list[float]:
     """AdamW over the blocks in a seeded order, the demo recipe's warm-up and cosine schedule;
-    the loss through :func:`workspace_cross_entropy`. Returns the loss of every step."""
+    the loss a sampled softmax (:func:`sampled_rows`) through :func:`workspace_cross_entropy`.
+    Returns the (sampled) loss of every step."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=generator)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.peak_learning_rate, weight_decay=0.01
+        model.parameters(), lr=recipe.peak_learning_rate, weight_decay=0.01, fused=True
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: teacher.learning_rate_factor(s, recipe.train_steps)
     )
     weight = model.get_output_embeddings().weight
-    workspace = torch.empty(recipe.loss_chunk, len(weight))
+    width = min(len(weight), recipe.batch_blocks * (recipe.block_tokens - 1) + recipe.negatives)
+    workspace = torch.empty(recipe.loss_chunk, width)
     low = (
         None
         if gradient_dtype() == workspace.dtype
-        else torch.empty(recipe.loss_chunk, len(weight), dtype=gradient_dtype())
+        else torch.empty(recipe.loss_chunk, width, dtype=gradient_dtype())
     )
+    # A step touches a few thousand of each embedding matrix's 131k rows: their gradients come
+    # as sparse ones, added into dense .grad buffers kept (and zeroed) across steps, never as a
+    # fresh 16 MB dense gradient per matrix and step (whose page faults cost more than the step).
+    model.get_input_embeddings().sparse = True
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(recipe.train_steps), desc="training large-vocabulary teacher",
@@ -339,15 +385,18 @@ def train(
     for step in bar:
         batch = blocks[order[step * recipe.batch_blocks : (step + 1) * recipe.batch_blocks]]
         hidden = model.model(input_ids=batch).last_hidden_state[:, :-1]
-        targets = batch[:, 1:].reshape(-1)
+        rows, targets, log_weight = sampled_rows(
+            batch[:, 1:].reshape(-1), len(weight), recipe.negatives, generator
+        )
+        scored = torch.nn.functional.embedding(rows, weight, sparse=True)
         loss = workspace_cross_entropy(
-            hidden.reshape(len(targets), -1), weight, targets, workspace, low
+            hidden.reshape(len(targets), -1), scored, targets, workspace, low, log_weight
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
@@ -437,9 +486,12 @@ def build_large_vocab_teacher(
     out_dir: str | os.PathLike[str], seed: int = 0, recipe: Recipe = LARGE, *, progress: bool = True
 ) -> pathlib.Path:
     """Build the teacher into out_dir (replacing only an earlier demo teacher) and return it,
-    in the demo teacher's staged, thread-pinned, deterministic frame."""
+    in the demo teacher's staged, deterministic frame, on one thread: a step's operations are
+    small (32-wide matmuls, a softmax over a few thousand rows), and on two cores shared with
+    other work a second thread's synchronisation made the build 7x slower."""
     out_dir = pathlib.Path(out_dir)
     with teacher.staged_build(out_dir) as staging:
+        torch.set_num_threads(1)  # the frame puts the caller's count back when it ends
         _build_into(staging, recipe, seed, progress)
     model_card.ensure_model_card(out_dir, "logitcache large-vocabulary demo teacher", DATA)
     return out_dir

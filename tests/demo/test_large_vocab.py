@@ -1,7 +1,8 @@
 """The large-vocabulary teacher: its lexicon fills 131,072 rows and its grammar puts every word in
-one class, its text follows the class chain, its fused loss is the plain cross-entropy, and the
-builder (run on a tiny recipe) writes a teacher whose held-out texts encode back to the ids it
-generated and whose every row, the last ones included, gets probability mass."""
+one class, its text follows the class chain, its fused loss is the plain cross-entropy, its sampled
+softmax's normaliser is the full one's on average, and the builder (run on a tiny recipe) writes a
+teacher whose held-out texts encode back to the ids it generated and whose every row, the last
+ones included, gets probability mass."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ TINY = large_vocab.Recipe(
     successor_weights=((1, 1), (1, 0.5)),
     train_blocks=32,
     held_out_documents=8,
+    negatives=64,  # of 480 rows: the build trains through a sampled softmax
 )
 HELD_OUT_SEED = 0 + large_vocab.HELD_OUT_SEED_OFFSET
 
@@ -63,19 +65,53 @@ def test_text_walks_the_class_chain_and_frequent_ranks_get_low_ids() -> None:
     assert counts[:8].sum() > 2 * counts[-8:].sum()  # tier 0's first ranks lead the ids
 
 
-def test_workspace_cross_entropy_is_the_plain_loss_and_its_gradients() -> None:
+def test_workspace_cross_entropy_is_the_plain_loss_and_its_gradients_with_a_bias() -> None:
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=generator)
-    fused = large_vocab.workspace_cross_entropy(hidden, weight, targets, hidden.new_empty(10, 50))
+    bias = torch.randn(50, dtype=torch.float64, generator=generator)
+    workspace = hidden.new_empty(10, 60)  # wider than the rows: a step may score fewer
+    fused = large_vocab.workspace_cross_entropy(hidden, weight, targets, workspace, bias=bias)
     (2 * fused).backward()
     grads = hidden.grad, weight.grad
     hidden.grad = weight.grad = None
-    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets)
     (2 * plain).backward()
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(grads, (hidden.grad, weight.grad))
+
+
+def test_sampled_rows_hold_every_target_and_distinct_others_weighted_for_the_rest() -> None:
+    generator = torch.Generator().manual_seed(2)
+    targets = torch.tensor([7, 3, 7, 41, 3, 0])
+    rows, target_index, log_weight = large_vocab.sampled_rows(targets, 50, 9, generator)
+    assert rows[target_index].tolist() == targets.tolist()
+    assert len(rows) == 4 + 9 and len(set(rows.tolist())) == len(rows)
+    assert log_weight[:4].tolist() == [0.0] * 4
+    torch.testing.assert_close(log_weight[4:], torch.full((9,), float(np.log(46 / 9))))
+
+
+def test_sampled_normaliser_is_the_full_one_on_average_and_exactly_with_every_row() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, dtype=torch.float64, generator=generator) / 2
+    targets = torch.tensor([1, 5, 5, 9])
+    sampled = []
+    for _ in range(1_000):  # standard error 0.5%; weights of 50/6 (not 46/6) would be 8% off
+        rows, _, log_weight = large_vocab.sampled_rows(targets, 50, 6, generator)
+        sampled.append(float((logits[rows] + log_weight).exp().sum()))
+    full = float(logits.exp().sum())
+    assert abs(np.mean(sampled) / full - 1) < 0.02
+    rows, target_index, log_weight = large_vocab.sampled_rows(targets, 50, 100, generator)
+    assert sorted(rows.tolist()) == list(range(50)) and not log_weight.any()
+    hidden = torch.randn(4, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=generator)
+    sampled_loss = large_vocab.workspace_cross_entropy(
+        hidden, weight[rows], target_index, hidden.new_empty(3, 50), bias=log_weight.double()
+    )
+    torch.testing.assert_close(
+        sampled_loss, torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    )
 
 
 def test_bfloat16_gradient_matmuls_stay_near_the_exact_gradient_at_near_certain_positions() -> None:
