@@ -179,22 +179,31 @@ def _block_rows(logits: torch.Tensor) -> int:
     return max(1, torch.get_num_threads(), _BLOCK_ELEMENTS // vocab)
 
 
-def _row_pass(logits: torch.Tensor, peaks: torch.Tensor, stages: tuple[_Stage, ...],
-              u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def _row_pass(logits: torch.Tensor, peaks: torch.Tensor, peak_ids: torch.Tensor | None,
+              stages: tuple[_Stage, ...], u: torch.Tensor | None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """float64 [len(stages), n]: log sum_i exp((x_i - max) / T) per stage and row (``peaks``
-    [n, 1] float32, each row's max); and, when ``u`` is given, the draws at T = 1 (int64
-    [n, U]).
+    [n, 1] float32, each row's max; ``peak_ids`` [n, 1], where it is, if known); and, when
+    ``u`` is given, the draws at T = 1 (int64 [n, U]).
 
     One pass over the logits in blocks of rows: per block, each stage's terms are computed in
     one buffer and summed, and the draws are made from the terms at T = 1, so every row of
-    logits is read from memory once. A fresh stage's terms are 2 ** ((x - max) * log2(e) / T):
-    eager ``exp2`` costs a third of ``exp`` on a CPU and less than a softmax, which would also
-    take a max and normalise; the shift comes first, so the exponent's rounding is relative
-    to x - max, not to x. A chain of squares then serves every halved T with one pass each.
+    logits is read from memory once.
+
+    T = 1 alone is a softmax, the kernel of vLLM's own log-probs: its sum, 1 / its peak term,
+    is then vLLM's to float rounding, which the start-up check holds the capture to. That sum
+    is a float32 accumulation that at V = 131,072 is off by up to 1.4e-4 (relative) on rows
+    with one large term, beyond the check's 1e-4. With other temperatures, a fresh stage's
+    terms are 2 ** ((x - max) * log2(e) / T), the shift first so that the exponent's rounding
+    is relative to x - max, summed by ``torch.sum`` (within 3e-7 of float64 there); eager
+    ``exp2`` takes a third of ``exp``'s time on a CPU and less than a softmax, which would also
+    take a max and normalise. A chain of squares then serves every halved T with one pass
+    each.
     """
     n, vocab = logits.shape
     rows = min(_block_rows(logits), n)
     device = logits.device
+    softmax = stages == (_Stage(1.0, 1),)
     sums = torch.empty(len(stages), n, dtype=torch.float32, device=device)
     ids = None if u is None else torch.empty(u.shape, dtype=torch.int64, device=device)
     terms = torch.empty(rows, vocab, dtype=torch.float32, device=device)
@@ -202,12 +211,21 @@ def _row_pass(logits: torch.Tensor, peaks: torch.Tensor, stages: tuple[_Stage, .
         b = min(a + rows, n)
         block = terms[: b - a]
         for s, stage in enumerate(stages):
-            if stage.power == 1:
-                torch.sub(logits[a:b], peaks[a:b], out=block)  # float32, any logits
-                block.mul_(_LOG2_E / stage.temperature).exp2_()
+            if softmax:
+                torch.softmax(logits[a:b].float(), dim=1, out=block)
+                at = (
+                    block.amax(1, keepdim=True)
+                    if peak_ids is None
+                    else block.gather(1, peak_ids[a:b])
+                )
+                torch.reciprocal(at[:, 0], out=sums[s, a:b])
             else:
-                block.square_()
-            torch.sum(block, 1, out=sums[s, a:b])
+                if stage.power == 1:
+                    torch.sub(logits[a:b], peaks[a:b], out=block)  # float32, any logits
+                    block.mul_(_LOG2_E / stage.temperature).exp2_()
+                else:
+                    block.square_()
+                torch.sum(block, 1, out=sums[s, a:b])
             if ids is not None and u is not None and stage.temperature == 1.0:
                 ids[a:b] = draw(block, u[a:b])
     return sums.double().log_(), ids
@@ -239,9 +257,10 @@ def capture_columns(
         raise ValueError(f"expected [{n}, {request.score_width}] ids to score")
     top = top_k(logits, request.top_k) if request.top_k else None
     peak = (logits.amax(1, keepdim=True) if top is None else top[0][:, :1]).float()
+    peak_ids = None if top is None else top[1][:, :1]
     stages = _stages(request.temperatures)
     u = uniforms(seeds, rows, request.samples) if request.samples else None
-    log_sums, draws = _row_pass(logits, peak, stages, u)
+    log_sums, draws = _row_pass(logits, peak, peak_ids, stages, u)
     at = {stage.temperature: log_sums[s] for s, stage in enumerate(stages)}
     log_z = peak.double() + at[1.0][:, None]  # [n, 1]: logsumexp of each row's logits
 

@@ -125,6 +125,24 @@ def test_log_normalisers_are_exact(vocab: int, scale: float) -> None:
     assert np.isnan(cols.target_logprobs[-1])
 
 
+def test_t1_alone_stays_on_vllms_softmax_and_temperatures_are_exact() -> None:
+    """Rows of one large logit and a flat tail at V = 131,072, where float32 softmax (vLLM's
+    log-probs) normalises with an error above the start-up check's 1e-4: T = 1 alone gives
+    vLLM's values, and with temperatures the log-probs and normalisers are float64's."""
+    logits = torch.full((4, 1 << 17), -12.0) + torch.arange(4.0)[:, None] * 0.25
+    logits[:, 0] = 0.0
+    exact = torch.log_softmax(logits.double(), 1)
+    vllm = torch.log_softmax(logits, 1).double()
+    assert (vllm - exact).abs().max() > 1e-4  # the premise: float32's own error
+    plain = columns_of(logits, CaptureRequest(top_k=4))
+    np.testing.assert_allclose(plain.top_logprobs, vllm.topk(4, 1).values.numpy(), atol=1e-6)
+    temps = (1.0, 2.0, 4.0)
+    tempered = columns_of(logits, CaptureRequest(top_k=4, temperatures=temps))
+    np.testing.assert_allclose(tempered.top_logprobs, exact.topk(4, 1).values.numpy(), atol=3e-6)
+    want = torch.stack([torch.logsumexp(exact / t, 1) for t in temps], 1).numpy()
+    np.testing.assert_allclose(tempered.log_normalisers, want, atol=3e-6)
+
+
 @pytest.mark.parametrize(("vocab", "k"), [(1785, 64), (4099, 8), (300, 64)])
 def test_top_k_in_groups_equals_torch_topk(vocab: int, k: int) -> None:
     """Rows that are views of wider rows (vLLM's padded output layer), a vocabulary that groups
