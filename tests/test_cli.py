@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import logitcache
-from logitcache.cli import build_parser, command_flags, error_status, main
+from logitcache.cli import build_parser, command_flags, error_status, main, small_pages_for_numpy
 from logitcache.client.commands import JobNotCompleted
 from logitcache.client.errors import InvalidArgument, NotFound
 
@@ -224,3 +224,18 @@ def test_python_dash_m_logitcache_is_the_command() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert logitcache.__version__ in run.stdout
+
+
+def test_commands_turn_numpys_huge_pages_off_unless_the_user_chose(monkeypatch) -> None:
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    before = _set_madvise_hugepage(True)
+    try:
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        small_pages_for_numpy()
+        assert _set_madvise_hugepage(True) is True  # the user's choice stands
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
+        small_pages_for_numpy()
+        assert _set_madvise_hugepage(True) is False
+    finally:
+        _set_madvise_hugepage(before)
