@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from logitcache.cli import small_pages_for_numpy
 from logitcache.server.launcher import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LOGITCACHE_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+small_pages_for_numpy()  # in-process engines and stores run as the commands run them
 ENGINE_TOP_K = 64
 
 
